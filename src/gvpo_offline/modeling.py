@@ -1,0 +1,184 @@
+"""Models: loading, device/dtype choice, fingerprints, and the one sequence log-prob function.
+
+``sequence_logps`` is shared by precompute-ref, train and eval so that reference and policy log-probs
+are computed the same way: Σ over response tokens only (prompt and padding masked), log-softmax in
+float32, and never the full [batch, time, vocab] logits — only response positions, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from gvpo_offline.errors import GvpoError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+# ---- device, dtype, loading ----------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GvpoError(f"--device {device} was asked for but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on a GPU that supports it, float32 otherwise."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise GvpoError(f"unknown --dtype {dtype!r}: use auto, float32 or bfloat16")
+    return table[dtype]
+
+
+def _check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise GvpoError(f"{path}: not a model folder (no config.json); give a local save_pretrained folder")
+    return path
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_check_model_dir(path), trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
+    """AutoModelForCausalLM from a local folder, on ``device``, in eval mode (no dropout)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        _check_model_dir(path), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()
+
+
+# ---- fingerprints --------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 over the model folder's config.json and weight files (content, not names or dates)."""
+    path = _check_model_dir(path)
+    h = hashlib.sha256()
+    config = json.loads((path / "config.json").read_text())
+    config.pop("transformers_version", None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not weights:
+        raise GvpoError(f"{path}: no weight files (*.safetensors, *.bin) in the model folder")
+    for p in weights:
+        h.update(p.name.encode())
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
+# ---- batching ------------------------------------------------------------------------------------
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length whose padded size (rows × longest) ≤ batch_tokens.
+
+    Longest first, so an out-of-memory batch shows up at once. A sequence longer than the budget gets
+    a batch of its own. Deterministic (stable sort).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ---- log-probs -----------------------------------------------------------------------------------
+
+
+def _token_logps(lm_head, hidden: Tensor, targets: Tensor, softcap: float | None) -> Tensor:
+    """log p(target) for each row: hidden [M, d], targets [M] -> [M] float32. Logits only for M rows."""
+    logits = lm_head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def sequence_logps(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    chunk_tokens: int = 2048,
+) -> Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each response's tokens: [B] float32 on the model's device.
+
+    prompt_ids, response_ids: B lists of token ids (from gvpo_offline.tokenize). The pairs are
+    concatenated and right-padded; only the positions that predict response tokens go through the LM
+    head, ``chunk_tokens`` at a time, so memory is O(chunk_tokens × vocab), not O(batch × time × vocab).
+    With grad enabled, each chunk is recomputed in the backward pass (activation checkpointing) so its
+    logits are not kept either. Differentiable; call under torch.no_grad() for the reference.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    if any(len(r) == 0 for r in response_ids):
+        raise ValueError("every response needs at least one token")
+    batch, width = len(lengths), max(lengths)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    rows, positions, targets = [], [], []
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[b, : lengths[b]] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attention_mask[b, : lengths[b]] = 1
+        rows += [b] * len(r)
+        positions += range(len(p) - 1, len(p) + len(r) - 1)  # hidden state at t-1 predicts token t
+        targets += r
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    rows_t = torch.tensor(rows, device=device)
+    positions_t = torch.tensor(positions, device=device)
+    targets_t = torch.tensor(targets, device=device)
+
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    picked = hidden[rows_t, positions_t]  # [M, d]
+    lm_head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    pieces = []
+    for start in range(0, picked.shape[0], chunk_tokens):
+        h, t = picked[start : start + chunk_tokens], targets_t[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_token_logps, lm_head, h, t, softcap, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(lm_head, h, t, softcap))
+    token_logps = torch.cat(pieces)
+    return torch.zeros(batch, dtype=torch.float32, device=device).index_add(0, rows_t, token_logps)

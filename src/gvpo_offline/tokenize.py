@@ -1,0 +1,144 @@
+"""The one tokenization used everywhere: precompute-ref, train, eval, inspect and sample.
+
+A prompt becomes the tokenizer's ids *with* its special tokens (chat messages go through the chat
+template with ``add_generation_prompt=True``); a response becomes ids *without* special tokens, then EOS.
+Prompts are truncated from the left (the end of the conversation is kept), responses from the right.
+Reference and policy log-probs are only comparable because they share this function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gvpo_offline.errors import GvpoError
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Tokenization settings; recorded in the manifest, so changing any of them invalidates the cache.
+
+    max_length: prompt + response tokens (clamped to the model's max_position_embeddings).
+    max_prompt_length: prompt tokens kept (from the end).
+    add_eos: append the tokenizer's EOS id to every response.
+    prompt_template: a Jinja chat template used for message prompts when the tokenizer has none.
+    """
+
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    add_eos: bool = True
+    prompt_template: str | None = None
+
+    def __post_init__(self):
+        if self.max_prompt_length < 1 or self.max_length < 2:
+            raise GvpoError("--max-length must be >= 2 and --max-prompt-length >= 1")
+        if self.max_prompt_length >= self.max_length:
+            raise GvpoError(
+                f"--max-prompt-length ({self.max_prompt_length}) must be smaller than "
+                f"--max-length ({self.max_length}) so that every response keeps at least one token"
+            )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """Token ids of one (prompt, response); ``n_tokens`` = len(response_ids) is what log-probs sum over."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    prompt_truncated: bool
+    response_truncated: bool
+
+
+def load_prompt_template(value: str | None) -> str | None:
+    """``--prompt-template``: a Jinja chat-template string, or the path of a file holding one."""
+    if value is None:
+        return None
+    path = Path(value)
+    if len(value) < 4096 and path.is_file():
+        return path.read_text(encoding="utf-8")
+    return value
+
+
+def clamp_to_model(cfg: TokenizeConfig, max_position_embeddings: int | None) -> tuple[TokenizeConfig, bool]:
+    """Return ``cfg`` with max_length no larger than the model's context, and whether it was clamped."""
+    if max_position_embeddings and cfg.max_length > max_position_embeddings:
+        prompt_len = min(cfg.max_prompt_length, max_position_embeddings - 1)
+        return (
+            TokenizeConfig(max_position_embeddings, prompt_len, cfg.add_eos, cfg.prompt_template),
+            True,
+        )
+    return cfg, False
+
+
+def _prompt_text(tokenizer, messages: list[dict[str, str]], cfg: TokenizeConfig) -> str:
+    template = cfg.prompt_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise GvpoError(
+            "the prompts are chat messages but the tokenizer has no chat template: "
+            "pass --prompt-template (a Jinja chat template or a file holding one)"
+        )
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode_prompt(tokenizer, prompt: Prompt, cfg: TokenizeConfig) -> tuple[list[int], bool]:
+    """Prompt -> (ids truncated from the left to ``cfg.max_prompt_length``, was it truncated)."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        # The chat template writes BOS and friends itself: don't add them twice.
+        ids = tokenizer(_prompt_text(tokenizer, prompt, cfg), add_special_tokens=False)["input_ids"]
+    if len(ids) > cfg.max_prompt_length:
+        return list(ids[-cfg.max_prompt_length :]), True
+    return list(ids), False
+
+
+def encode_response(tokenizer, response: str, cfg: TokenizeConfig) -> list[int]:
+    """Response -> ids without special tokens, plus EOS unless ``cfg.add_eos`` is off. Not truncated."""
+    ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if cfg.add_eos:
+        if tokenizer.eos_token_id is None:
+            raise GvpoError("the tokenizer has no EOS token: pass --no-eos")
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_pair(tokenizer, prompt: Prompt, response: str, cfg: TokenizeConfig) -> EncodedPair:
+    """Tokenize and truncate one (prompt, response): prompt from the left, response from the right."""
+    prompt_ids, prompt_cut = encode_prompt(tokenizer, prompt, cfg)
+    return truncate_response(prompt_ids, prompt_cut, encode_response(tokenizer, response, cfg), cfg)
+
+
+def truncate_response(
+    prompt_ids: list[int], prompt_cut: bool, response_ids: list[int], cfg: TokenizeConfig
+) -> EncodedPair:
+    """Cut ``response_ids`` from the right so that prompt + response fits in ``cfg.max_length``."""
+    room = cfg.max_length - len(prompt_ids)
+    return EncodedPair(prompt_ids, response_ids[:room], prompt_cut, len(response_ids) > room)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides token ids: the vocabulary/merges, special tokens and chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizer: the vocabulary is what we can see
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(
+        {
+            "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "class": type(tokenizer).__name__,
+        },
+        sort_keys=True,
+    ).encode())
+    return h.hexdigest()

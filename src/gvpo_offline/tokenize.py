@@ -125,19 +125,30 @@ def truncate_response(
     return EncodedPair(prompt_ids, response_ids[:room], prompt_cut, len(response_ids) > room)
 
 
+# Probe texts for the fingerprint: spaces, case, digits, unicode, special-looking text, a chat turn.
+_PROBES = (
+    "Once upon a time, there was a little dog named Max.",
+    "  Leading spaces,\ttabs\nand newlines  ",
+    "UPPER lower 12345 3.14159 e=mc^2 <s> </s> <|im_start|> [INST]",
+    "Ünïcödé — naïve café, 東京, emoji 🙂, Ωμέγα",
+)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of what decides token ids: the vocabulary/merges, special tokens and chat template."""
+    """sha256 of what decides token ids: vocabulary, special tokens, chat template and the ids of probe texts.
+
+    Semantic rather than file-based, so a tokenizer saved and reloaded with ``save_pretrained`` (which may
+    rewrite harmless settings in tokenizer.json) keeps its fingerprint.
+    """
     h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:  # slow tokenizer: the vocabulary is what we can see
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    probes = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in _PROBES]
     h.update(json.dumps(
         {
             "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            "eos": tokenizer.eos_token_id,
             "chat_template": getattr(tokenizer, "chat_template", None),
-            "class": type(tokenizer).__name__,
+            "probes": probes,
         },
         sort_keys=True,
     ).encode())

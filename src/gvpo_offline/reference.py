@@ -14,21 +14,50 @@ CACHE FORMAT (``WORKDIR``, default ``gvpo-run/``):
         ref_logp        float64  Σ over response tokens of log πref(token | prompt, earlier tokens)
         n_tokens        int32    len(response_ids)
 All files are written atomically (temp file, then rename).
+
+CACHE SEMANTICS (:func:`precompute`):
+    Manifest.inputs holds everything that decides the content (data files' sha256, layout, columns, model
+    and tokenizer fingerprints, tokenize settings after clamping, dtype, eval_fraction, shard_groups, tool
+    version); Manifest.key = sha256 of it. Same key and complete -> cache hit (no model loaded). Same key,
+    incomplete -> resume: shards already on disk (each carries the key in its Parquet metadata) are kept.
+    Other key -> recompute (or refuse with overwrite=False, naming what changed).
+    Split: a group is 'eval' iff split_value(prompt JSON) < eval_fraction, split_value = the first 53
+    bits of sha256(prompt JSON from the data table) / 2**53, uniform in [0, 1);
+    with --eval-data, DATA is all 'train' and the --eval-data groups all 'eval'.
+    Shard s holds groups [s·shard_groups, (s+1)·shard_groups) in data order (DATA, then --eval-data).
+    Other files' reference log-probs for eval: :func:`precompute_extra` -> WORKDIR/extra/<hash>/.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
+import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
+from gvpo_offline import __version__, modeling
+from gvpo_offline.data import DataConfig, fingerprint, load_groups
 from gvpo_offline.errors import GvpoError
-from gvpo_offline.tokenize import TokenizeConfig
+from gvpo_offline.tokenize import (
+    TokenizeConfig,
+    clamp_to_model,
+    encode_prompt,
+    encode_response,
+    tokenizer_fingerprint,
+    truncate_response,
+)
 
 MANIFEST = "manifest.json"
 REF_DIR = "ref"
@@ -75,6 +104,9 @@ class Manifest:
     truncated_responses: int = 0
     shards: list[str] = field(default_factory=list)
     complete: bool = False
+    shard_groups: int = 0
+    inputs: dict = field(default_factory=dict)  # everything that decides the content (hashed into key)
+    key: str = ""  # sha256 of ``inputs``: same key -> same cache, so a rerun is a hit or a resume
 
     @property
     def tokenize_config(self) -> TokenizeConfig:
@@ -140,3 +172,417 @@ def load_split(workdir: str | Path, split: str) -> pa.Table:
     tables = [pq.read_table(p, memory_map=True, filters=[("split", "=", split)]) for p in paths]
     table = pa.concat_tables(tables) if tables else REF_SCHEMA.empty_table()
     return table.sort_by([("group_id", "ascending"), ("response_index", "ascending")])
+
+
+# ---- precompute-ref ------------------------------------------------------------------------------
+
+# Logit elements per LM-head chunk when chunk_tokens is None: 64 MiB of fp32 (x2 with the log-softmax),
+# e.g. 130 positions at a 128k vocabulary. Measured on CPU: 64-512 positions run at the same speed, and
+# blocks above glibc's 32 MiB mmap threshold go back to the OS when freed (smaller ones fragment the heap).
+LOGIT_BUDGET = 1 << 24
+_KEY_META = b"gvpo.key"  # shard Parquet metadata: the cache key it was computed under, truncation counts
+_TRUNC_META = (b"gvpo.truncated_prompts", b"gvpo.truncated_responses")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Options of ``precompute-ref``.
+
+    data: the training data (DATA...), read by data.load_groups.
+    model: local folder of the reference model (save_pretrained layout).
+    tokenize: the settings used by every stage; max_length is clamped to the model's context.
+    eval_fraction: share of DATA's groups held out as 'eval', by a stable hash of the prompt; ignored
+        (recorded as 0) when ``eval_data`` gives the held-out groups instead. 1.0 puts everything in eval.
+    shard_groups: groups per shard file (a resumed run redoes at most one shard).
+    batch_tokens: padded tokens (rows × longest) per forward pass; None = 16384 on a GPU, 2048 on CPU
+        (measured on CPU: small batches stay in cache and run ~25% faster than 16384).
+    chunk_tokens: response positions per LM-head chunk; None = LOGIT_BUDGET // vocab.
+    overwrite: False refuses to replace a cache made from other inputs (``--no-overwrite``).
+    require_*_fingerprint: refuse unless the model/tokenizer at ``model`` has this fingerprint
+        (used by :func:`precompute_extra` to guarantee the same reference as the main cache).
+    """
+
+    data: DataConfig
+    model: str
+    workdir: Path = Path("gvpo-run")
+    tokenize: TokenizeConfig = TokenizeConfig()
+    eval_fraction: float = 0.1
+    eval_data: tuple[str, ...] = ()
+    shard_groups: int = 1000
+    batch_tokens: int | None = None
+    chunk_tokens: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    overwrite: bool = True
+    progress: bool = True
+    require_model_fingerprint: str | None = None
+    require_tokenizer_fingerprint: str | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.eval_fraction <= 1.0:
+            raise GvpoError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
+        if self.shard_groups < 1 or any(n is not None and n < 1 for n in (self.batch_tokens, self.chunk_tokens)):
+            raise GvpoError("--shard-groups, --batch-tokens and chunk_tokens must be positive")
+
+
+def split_value(prompt_json: str) -> float:
+    """Stable hash of a prompt (the data table's canonical JSON string) -> uniform in [0, 1)."""
+    digest = hashlib.sha256(prompt_json.encode("utf-8")).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2.0**53  # 53 bits: exact in a float, never 1.0
+
+
+def assign_split(prompt_json: str, eval_fraction: float) -> str:
+    """'eval' for a stable ``eval_fraction`` of prompts, else 'train'. Same prompt -> same split, always."""
+    return "eval" if split_value(prompt_json) < eval_fraction else "train"
+
+
+def file_infos(paths) -> list[dict]:
+    """[{"path" (absolute), "size" (bytes), "sha256"}] of the data inputs, in order, like data.load_groups
+    sees them: a file; a folder (all its files, one entry); a glob (its sorted matches)."""
+    infos = []
+    for raw in map(str, paths):
+        matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) and not os.path.exists(raw) else [raw]
+        if not matches:
+            raise GvpoError(f"{raw}: the pattern matches no data files")
+        for p in map(Path, matches):
+            if p.is_file():
+                infos.append({**asdict(fingerprint(p)), "path": str(p.resolve())})
+            elif p.is_dir():
+                h, size = hashlib.sha256(), 0
+                for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                    info = fingerprint(f)
+                    h.update(f"{f.relative_to(p).as_posix()}\0{info.sha256}\n".encode())
+                    size += info.size
+                infos.append({"path": str(p.resolve()), "size": size, "sha256": h.hexdigest()})
+            else:
+                raise GvpoError(f"{p}: no such file or directory")
+    return infos
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+_LABELS = {
+    "tool_version": "tool version",
+    "data_files": "data file content",
+    "eval_data_files": "--eval-data file content",
+    "layout": "--layout",
+    "columns": "column mapping",
+    "model_fingerprint": "model fingerprint",
+    "tokenizer_fingerprint": "tokenizer fingerprint",
+    "dtype": "dtype",
+    "eval_fraction": "eval fraction",
+    "shard_groups": "--shard-groups",
+}
+
+
+def describe_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two manifests' ``inputs``, in words: ["model fingerprint changed", ...]."""
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if a == b:
+            continue
+        if name == "tokenize" and isinstance(a, dict) and isinstance(b, dict):
+            changes += [
+                f"tokenize setting {k} changed ({a.get(k)!r} -> {b.get(k)!r})"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            ]
+        elif name.endswith("fingerprint") or name.endswith("files"):
+            changes.append(f"{_LABELS[name]} changed")
+        else:
+            changes.append(f"{_LABELS.get(name, name)} changed ({a!r} -> {b!r})")
+    return changes
+
+
+def _read_any_manifest(workdir: Path) -> Manifest | None:
+    """The workdir's manifest even if incomplete; None when absent or unreadable (e.g. an old format)."""
+    try:
+        return Manifest.from_json(json.loads((workdir / MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _shard_meta(path: Path) -> dict[bytes, bytes]:
+    """A finished shard's Parquet key/value metadata ({} when the file is missing or unreadable)."""
+    try:
+        return pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return {}
+
+
+def _encode_groups(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig) -> tuple[dict, int, int]:
+    """Tokenize one shard's groups -> (REF_SCHEMA columns but ref_logp, truncated prompts, truncated
+    responses). The prompt is encoded once per group; the pieces are those of tokenize.encode_pair."""
+    cols: dict[str, list] = {name: [] for name in REF_SCHEMA.names if name != "ref_logp"}
+    cut_prompts = cut_responses = 0
+    for g, split in zip(groups.to_pylist(), splits):
+        prompt_ids, prompt_cut = encode_prompt(tokenizer, json.loads(g["prompt"]), cfg)
+        cut_prompts += prompt_cut
+        for i, (response, reward) in enumerate(zip(g["responses"], g["rewards"])):
+            pair = truncate_response(prompt_ids, prompt_cut, encode_response(tokenizer, response, cfg), cfg)
+            if not pair.response_ids:
+                raise GvpoError(f"group {g['group_id']}: response {i} has no tokens (blank, and --no-eos)")
+            cut_responses += pair.response_truncated
+            row = (g["group_id"], split, i, pair.prompt_ids, pair.response_ids, float(reward), len(pair.response_ids))
+            for name, value in zip(cols, row):
+                cols[name].append(value)
+    return cols, cut_prompts, cut_responses
+
+
+def reference_logps(
+    model,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    batch_tokens: int,
+    chunk_tokens: int | None = None,
+    on_batch=None,
+) -> np.ndarray:
+    """Σ log π(response | prompt) for each pair, [N] float64 (computed in fp32), under torch.no_grad().
+
+    Pairs are batched by length (modeling.length_batches) so that rows × longest ≤ ``batch_tokens``;
+    the LM head runs ``chunk_tokens`` response positions at a time (None: LOGIT_BUDGET // vocab).
+    ``on_batch(n_pairs, n_tokens)`` is called after each batch (progress). Deterministic for given inputs.
+    """
+    import torch
+
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOGIT_BUDGET // model.get_output_embeddings().weight.shape[0])
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    out = np.zeros(len(lengths), dtype=np.float64)
+    with torch.no_grad():
+        for batch in modeling.length_batches(lengths, batch_tokens):
+            logps = modeling.sequence_logps(
+                model, [prompt_ids[i] for i in batch], [response_ids[i] for i in batch], chunk_tokens
+            )
+            out[batch] = logps.double().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(batch), sum(lengths[i] for i in batch))
+    return out
+
+
+class _RateColumn(ProgressColumn):
+    """Responses/s and tokens/s (prompt + response tokens through the model) since the start."""
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if elapsed <= 0:
+            return Text("")
+        return Text(f"{task.completed / elapsed:,.1f} resp/s {task.fields['tokens'] / elapsed:,.0f} tok/s")
+
+
+def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _say(console: Console, message: str) -> None:
+    """One message on the console: not wrapped, no rich markup (paths may hold [])."""
+    console.print(message, soft_wrap=True, highlight=False, markup=False)
+
+
+def precompute(config: PrecomputeConfig, console: Console | None = None) -> Manifest:
+    """Compute and cache Σ log πref(y|x) of every response (see CACHE FORMAT); return the manifest.
+
+    The same inputs again (data content, model and tokenizer fingerprints, settings: ``Manifest.inputs``)
+    are a cache hit that loads no model; an unfinished cache with the same inputs is resumed from its
+    finished shards; other inputs recompute it (or raise with ``overwrite=False``, naming the change).
+    """
+    console = console or Console(stderr=True)
+    workdir = Path(config.workdir)
+    device = modeling.resolve_device(config.device)
+    dtype = modeling.resolve_dtype(config.dtype, device)
+    model_path = str(Path(config.model).resolve())
+    tokenizer = modeling.load_tokenizer(model_path, config.trust_remote_code)
+    tok_cfg, clamped = clamp_to_model(config.tokenize, _max_positions(model_path, config.trust_remote_code))
+    if clamped:
+        _say(console, f"note: --max-length {config.tokenize.max_length} clamped to the model's context "
+                      f"({tok_cfg.max_length} tokens; prompts keep at most {tok_cfg.max_prompt_length})")
+    data_files, eval_files = file_infos(config.data.paths), file_infos(config.eval_data)
+    inputs = {
+        "tool_version": __version__,
+        "data_files": [f["sha256"] for f in data_files],
+        "eval_data_files": [f["sha256"] for f in eval_files],
+        "layout": config.data.layout,
+        "columns": asdict(config.data.columns),
+        "model_fingerprint": modeling.model_fingerprint(model_path),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenize": tok_cfg.to_json(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "eval_fraction": 0.0 if config.eval_data else float(config.eval_fraction),
+        "shard_groups": config.shard_groups,
+    }
+    for name, expected in (
+        ("model_fingerprint", config.require_model_fingerprint),
+        ("tokenizer_fingerprint", config.require_tokenizer_fingerprint),
+    ):
+        if expected is not None and inputs[name] != expected:
+            raise GvpoError(f"{model_path}: the reference {_LABELS[name]} changed since the cache was made")
+    key = _sha256_json(inputs)
+
+    old = _read_any_manifest(workdir)
+    if old is not None and old.key == key and old.complete and all((workdir / s).is_file() for s in old.shards):
+        moved = replace(old, model_path=model_path, data_files=data_files, eval_data_files=eval_files)
+        if moved != old:  # the same content at other paths: record where it is now
+            old = moved
+            atomic_write_json(workdir / MANIFEST, old.to_json())
+        _say(console, f"cache hit: {workdir / MANIFEST} matches the data, model, tokenizer and settings; "
+                      f"nothing to compute (no model loaded). {_summary(old)}")
+        return old
+    if (workdir / MANIFEST).exists() and (old is None or old.key != key):
+        changes = describe_changes(old.inputs, inputs) if old and old.inputs else ["unreadable/old manifest"]
+        if not config.overwrite:
+            raise GvpoError(
+                f"{workdir}: the cached reference log-probs were made from other inputs "
+                f"({'; '.join(changes)}); not overwriting them (--no-overwrite). "
+                "Use another --workdir or drop --no-overwrite."
+            )
+        _say(console, f"recomputing the reference cache: {'; '.join(changes)}")
+
+    groups, splits, layout = _plan(config, console)
+    manifest = Manifest(
+        tool_version=__version__, data_files=data_files, eval_data_files=eval_files, layout=layout,
+        columns=inputs["columns"], model_path=model_path, model_fingerprint=inputs["model_fingerprint"],
+        tokenizer_fingerprint=inputs["tokenizer_fingerprint"], tokenize=inputs["tokenize"],
+        dtype=inputs["dtype"], eval_fraction=inputs["eval_fraction"],
+        shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(math.ceil(groups.num_rows / config.shard_groups))],
+        shard_groups=config.shard_groups, inputs=inputs, key=key,
+    )
+    atomic_write_json(workdir / MANIFEST, manifest.to_json())  # complete=false: a rerun resumes
+    todo = _clean_shards(workdir, manifest)
+    if len(todo) < len(manifest.shards):
+        _say(console, f"resuming: {len(manifest.shards) - len(todo)} of {len(manifest.shards)} shards already computed")
+    if todo:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        model = modeling.load_model(model_path, device, dtype, config.trust_remote_code)
+        batch_tokens = config.batch_tokens or (16384 if device.type == "cuda" else 2048)
+        _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, config, console)
+    _finish(workdir, manifest)
+    _say(console, f"reference log-probs cached in {workdir}: {_summary(manifest)}")
+    return manifest
+
+
+def _plan(config: PrecomputeConfig, console: Console) -> tuple[pa.Table, list[str], str]:
+    """The groups to cache, in order (DATA, then --eval-data), their splits, and the data layout.
+    Shard s holds groups [s·shard_groups, (s+1)·shard_groups): the same on every run of the same inputs."""
+    data = load_groups(config.data)
+    table = data.table.select(["group_id", "prompt", "responses", "rewards"])
+    if not config.eval_data:
+        return table, [assign_split(p, config.eval_fraction) for p in table["prompt"].to_pylist()], data.layout
+    held = load_groups(DataConfig(tuple(config.eval_data), config.data.layout, config.data.columns))
+    overlap = pc.sum(pc.is_in(held.table["prompt"], value_set=table["prompt"])).as_py() or 0
+    if overlap:
+        _say(console, f"warning: {overlap} --eval-data prompts also appear in the training data")
+    groups = pa.concat_tables([table, held.table.select(table.column_names)], promote_options="default")
+    return groups.combine_chunks(), ["train"] * table.num_rows + ["eval"] * held.table.num_rows, data.layout
+
+
+def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, config, console):
+    """Tokenize, score and write (atomically) the shards ``todo``, under a progress bar on ``console``."""
+    size, tok_cfg = config.shard_groups, manifest.tokenize_config
+    k = pc.list_value_length(groups["responses"]).to_numpy()
+    columns = [TextColumn("reference log-probs"), BarColumn(bar_width=24), MofNCompleteColumn(), _RateColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not config.progress) as progress:
+        task = progress.add_task("ref", total=int(sum(k[s * size : (s + 1) * size].sum() for s in todo)), tokens=0)
+        tokens_done = 0
+
+        def advance(n_pairs: int, n_tokens: int) -> None:
+            nonlocal tokens_done
+            tokens_done += n_tokens
+            progress.update(task, advance=n_pairs, tokens=tokens_done)
+
+        for done, s in enumerate(todo):
+            lo = s * size
+            try:
+                cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], tok_cfg)
+                cols["ref_logp"] = reference_logps(
+                    model, cols["prompt_ids"], cols["response_ids"], batch_tokens, config.chunk_tokens, advance
+                )
+            except KeyboardInterrupt:
+                finished = len(manifest.shards) - len(todo) + done
+                _say(console, f"stopped after {finished} of {len(manifest.shards)} shards; rerun to resume")
+                raise
+            meta = {_KEY_META: manifest.key.encode(), _TRUNC_META[0]: b"%d" % cut_p, _TRUNC_META[1]: b"%d" % cut_r}
+            atomic_write_table(workdir / manifest.shards[s], pa.table(cols, schema=REF_SCHEMA.with_metadata(meta)))
+
+
+def _clean_shards(workdir: Path, manifest: Manifest) -> list[int]:
+    """Delete temp files and shards not made under ``manifest.key``; return the shards still to compute."""
+    ref = workdir / REF_DIR
+    planned = set(manifest.shards)
+    if ref.is_dir():
+        for path in ref.iterdir():
+            name = f"{REF_DIR}/{path.name}"
+            stale = path.name.startswith(".shard-") and path.name.endswith(".tmp")
+            if path.name.startswith("shard-") and path.suffix == ".parquet":
+                stale = name not in planned or _shard_meta(path).get(_KEY_META) != manifest.key.encode()
+            if stale:
+                path.unlink(missing_ok=True)
+    return [s for s, name in enumerate(manifest.shards) if not (workdir / name).is_file()]
+
+
+def _finish(workdir: Path, manifest: Manifest) -> None:
+    """Fill the counts from the shards on disk, set complete=true and write the manifest (atomically)."""
+    paths = [workdir / name for name in manifest.shards]
+    metas = [_shard_meta(p) for p in paths]
+    manifest.truncated_prompts = sum(int(m[_TRUNC_META[0]]) for m in metas)
+    manifest.truncated_responses = sum(int(m[_TRUNC_META[1]]) for m in metas)
+    rows = pa.concat_tables([pq.read_table(p, columns=["split", "response_index", "n_tokens"]) for p in paths])
+    manifest.counts = {}
+    for split in SPLITS:
+        mine = rows.filter(pc.equal(rows["split"], split))
+        manifest.counts[split] = SplitCounts(
+            groups=pc.sum(pc.equal(mine["response_index"], 0)).as_py() or 0,
+            responses=mine.num_rows,
+            tokens=pc.sum(mine["n_tokens"]).as_py() or 0,
+        )
+    manifest.complete = True
+    atomic_write_json(workdir / MANIFEST, manifest.to_json())
+
+
+def _summary(m: Manifest) -> str:
+    parts = [f"{s} {c.groups} groups / {c.responses} responses / {c.tokens} response tokens" for s, c in m.counts.items()]
+    t = m.tokenize_config
+    return (
+        f"{'; '.join(parts)}; truncated {m.truncated_prompts} prompts (> {t.max_prompt_length} tokens) "
+        f"and {m.truncated_responses} responses (prompt + response > {t.max_length} tokens)"
+    )
+
+
+def precompute_extra(
+    workdir: str | Path,
+    data: DataConfig,
+    *,
+    device: str = "auto",
+    batch_tokens: int | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> Path:
+    """Reference log-probs of other files (``eval --data FILE``) with WORKDIR's reference model and
+    tokenization, every row split='eval'. Cached like the main cache in its own workdir,
+    WORKDIR/extra/<sha256 of the files' content and data options, 16 hex>/, which is returned: read it
+    with ``load_split(path, "eval")``. Raises if the model or tokenizer changed since WORKDIR was made.
+    """
+    main = read_manifest(workdir)
+    name = _sha256_json({
+        "files": [f["sha256"] for f in file_infos(data.paths)],
+        "layout": data.layout,
+        "columns": asdict(data.columns),
+    })[:16]
+    sub = Path(workdir) / "extra" / name
+    config = PrecomputeConfig(
+        data=data, model=main.model_path, workdir=sub, tokenize=main.tokenize_config, eval_fraction=1.0,
+        shard_groups=main.shard_groups or 1000, batch_tokens=batch_tokens, device=device, dtype=main.dtype,
+        trust_remote_code=trust_remote_code, progress=progress,
+        require_model_fingerprint=main.model_fingerprint, require_tokenizer_fingerprint=main.tokenizer_fingerprint,
+    )
+    precompute(config, console)
+    return sub

@@ -1,0 +1,616 @@
+"""The `train` stage: GVPO on the cached `train` split, readable top to bottom.
+
+``train(TrainConfig) -> TrainResult`` does, in order:
+
+1. **Check** the workdir's reference cache (complete manifest) against the model we train from: the
+   reference model must be unchanged since precompute-ref, the tokenizer must be the cached one.
+2. **Set up** the policy (float32 master weights; bf16 autocast on GPU), AdamW and a linear-warmup +
+   cosine schedule; with ``resume`` reload all of it from the latest complete checkpoint.
+3. **Loop**: a step takes ``groups_per_step`` whole groups in the epoch's seeded shuffle order, computes
+   the exact GVPO gradient (one pass, or micro-batch by micro-batch with :func:`loss.gvpo_grad_weights`
+   when the step does not fit in ``micro_batch_tokens``), clips, steps, writes a line of
+   ``metrics.jsonl`` and every ``save_every`` steps an atomic checkpoint.
+4. **Save** the final model, tokenizer and ``train_config.json`` to ``WORKDIR/model/`` atomically.
+
+Model mode: the policy stays in **eval mode** (no dropout) while it trains. Gradients flow the same,
+and the policy's log-probs are the same function as the reference's, so at step 0 ℓ = 0 exactly (up to
+float rounding; dropout would make ℓ random) and the first loss is the rewards' within-group variance.
+With ``gradient_checkpointing`` only the decoder-layer wrappers are flagged as training (that is what
+makes HF recompute them); their dropouts stay off.
+
+Loss scale: our loss is paper eq. 16 (gradient 2β·c_i/((k−1)·G)); the authors' verl code scales it
+by ½, so their learning rate corresponds to half our gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+import transformers
+from torch import Tensor
+
+from gvpo_offline import reference
+from gvpo_offline.errors import GvpoError
+from gvpo_offline.loss import gvpo_grad_weights, gvpo_loss
+from gvpo_offline.modeling import (
+    length_batches,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+    sequence_logps,
+)
+from gvpo_offline.tokenize import tokenizer_fingerprint
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+FINAL_MODEL = "model"
+TRAIN_CONFIG = "train_config.json"
+STATE = "trainer_state.json"
+
+# Fields that decide the trajectory: a resumed run must use the same values as the run it continues.
+TRAJECTORY_FIELDS = (
+    "beta", "init_model", "groups_per_step", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+    "epochs", "max_steps", "seed",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `gvpo-offline train` needs. Units: learning rate per step, tokens = token ids."""
+
+    workdir: Path = Path("gvpo-run")
+    beta: float = 0.1
+    init_model: str | None = None  # None = the reference model recorded in the manifest
+    groups_per_step: int = 8  # whole groups (prompts) per optimizer step
+    micro_batch_tokens: int = 8192  # padded tokens (rows × longest) per forward pass
+    lr: float = 1e-6  # peak AdamW lr; verl's GVPO loss is ½ ours, so its lr means half our gradient
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1  # fraction of the steps with linear warmup, then cosine to 0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    epochs: int = 1
+    max_steps: int | None = None  # when set, overrides epochs (epochs keep cycling until it)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # compute dtype: float32 on CPU, bf16 autocast on GPU by default
+    gradient_checkpointing: bool = False
+    save_every: int = 500  # steps between checkpoints; 0 = never
+    keep_checkpoints: int = 2
+    resume: bool = False
+    trust_remote_code: bool = False
+    logits_chunk_tokens: int | None = None  # positions per LM-head chunk; None = logits_chunk_for(vocab)
+    progress: bool = True  # live progress on stderr
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir)
+        if not self.beta > 0:
+            raise GvpoError(f"--beta must be > 0, got {self.beta}")
+        for name in ("groups_per_step", "micro_batch_tokens", "epochs", "keep_checkpoints", "logits_chunk_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise GvpoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise GvpoError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise GvpoError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.save_every < 0:
+            raise GvpoError("--lr must be > 0 and --weight-decay, --max-grad-norm, --save-every >= 0")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "workdir": str(self.workdir)}
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path  # WORKDIR/model
+    steps: int  # optimizer steps done in total (including those before a resume)
+    resumed_from: int | None  # checkpoint step, or None
+    final_loss: float | None  # loss of the last step, None when no step ran in this call
+    metrics_path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- 1. the cache and the model we train from -----------------------------------------------------
+
+
+def check_start(manifest: reference.Manifest, init_model: str | None, trust_remote_code: bool):
+    """Refuse a start whose reference cache does not match the model/tokenizer being trained.
+
+    Returns (init path, tokenizer, notes). Raises GvpoError naming the mismatch.
+    """
+    notes: list[str] = []
+    ref_path = Path(manifest.model_path)
+    if init_model is None:
+        if not (ref_path / "config.json").is_file():
+            raise GvpoError(f"the reference model at {ref_path} (from the manifest) is missing; pass --init-model")
+        if model_fingerprint(ref_path) != manifest.model_fingerprint:
+            raise GvpoError(
+                f"the reference model at {ref_path} changed since precompute-ref "
+                "(its weights/config fingerprint differs from the manifest's); rerun precompute-ref"
+            )
+        init_path = ref_path
+    else:
+        init_path = Path(init_model)
+        if model_fingerprint(init_path) != manifest.model_fingerprint:
+            notes.append(
+                f"--init-model {init_path} is not the reference model ({ref_path}): "
+                "the policy starts away from πref, so ℓ ≠ 0 and the loss ≠ 0 at step 0"
+            )
+    tokenizer = load_tokenizer(init_path, trust_remote_code=trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != manifest.tokenizer_fingerprint:
+        raise GvpoError(
+            f"the tokenizer at {init_path} differs from the one precompute-ref used for the cache "
+            f"(reference {ref_path}); the cached token ids would mean something else"
+        )
+    return init_path, tokenizer, notes
+
+
+# ---- data: whole groups from the cached train split -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class CachedGroups:
+    """The cached train split. Group g is rows ``offsets[g]:offsets[g+1]`` of ``table``."""
+
+    table: pa.Table  # REF_SCHEMA rows sorted by (group_id, response_index)
+    offsets: list[int]  # [G+1]
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.offsets) - 1
+
+
+def load_train_groups(workdir: Path) -> CachedGroups:
+    table = reference.load_split(workdir, "train")
+    ids = table.column("group_id").to_pylist()
+    offsets = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]] + [len(ids)]
+    if not ids:
+        raise GvpoError(f"{workdir}: the cached train split is empty")
+    for g in range(len(offsets) - 1):
+        if offsets[g + 1] - offsets[g] < 2:
+            raise GvpoError(f"{workdir}: group {ids[offsets[g]]!r} has a single response; GVPO needs k >= 2")
+    return CachedGroups(table, offsets)
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_order(n_groups: int, seed: int, epoch: int) -> list[int]:
+    """The groups' order in one epoch: a permutation seeded by (seed, epoch), the same on every run."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_groups, generator=generator).tolist()
+
+
+@dataclass
+class StepBatch:
+    """The N responses of a step's G groups."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    rewards: Tensor  # [N] float64
+    ref_logps: Tensor  # [N] float64, Σ over response tokens of log πref
+    group_index: Tensor  # [N] long in 0..G-1
+    n_groups: int
+
+    @property
+    def tokens(self) -> int:
+        """Prompt + response token ids processed (unpadded)."""
+        return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids))
+
+
+def make_batch(groups: CachedGroups, chosen: list[int]) -> StepBatch:
+    rows, group_index = [], []
+    for j, g in enumerate(chosen):
+        span = range(groups.offsets[g], groups.offsets[g + 1])
+        rows += span
+        group_index += [j] * len(span)
+    sub = groups.table.take(pa.array(rows, type=pa.int64()))
+    return StepBatch(
+        prompt_ids=sub.column("prompt_ids").to_pylist(),
+        response_ids=sub.column("response_ids").to_pylist(),
+        rewards=torch.tensor(sub.column("reward").to_pylist(), dtype=torch.float64),
+        ref_logps=torch.tensor(sub.column("ref_logp").to_pylist(), dtype=torch.float64),
+        group_index=torch.tensor(group_index, dtype=torch.long),
+        n_groups=len(chosen),
+    )
+
+
+# ---- the GVPO gradient of one step -----------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    loss: float  # GVPO loss (eq. 16) of the step, before the update
+    implicit_reward: float  # mean β·ℓ over the step's responses
+    log_ratio: float  # mean ℓ = log πθ − log πref
+    log_ratio_absmax: float  # max |ℓ|
+    tokens: int
+    micro_batches: int
+
+
+def gvpo_backward(
+    model,
+    batch: StepBatch,
+    beta: float,
+    micro_batch_tokens: int,
+    chunk_tokens: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepStats:
+    """Accumulate ∇θ gvpo_loss over the step into ``param.grad``; the loss is over all the step's groups.
+
+    If every response fits in one micro-batch: one pass, ``gvpo_loss(...).backward()``. Otherwise the
+    exact same gradient in two phases: (a) the current policy log-probs of every response without grad,
+    hence the weights w_i = ∂L/∂log πθ(y_i|x) = 2β·c_i/((k−1)·G); (b) backward of Σ w_i·log πθ(y_i|x)
+    micro-batch by micro-batch. Raises GvpoError when the loss is not finite (before any backward).
+    ``chunk_tokens``: response positions per LM-head chunk (None: :func:`logits_chunk_for` the vocab).
+    """
+    device = next(model.parameters()).device
+    chunk_tokens = chunk_tokens or logits_chunk_for(model.get_output_embeddings().weight.shape[0])
+    mixed = autocast_dtype not in (None, torch.float32)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if mixed else nullcontext()
+    ref, rewards, gid = (t.to(device) for t in (batch.ref_logps, batch.rewards, batch.group_index))
+    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+    micro = length_batches(lengths, micro_batch_tokens)
+
+    def logps(rows: list[int]) -> Tensor:
+        with autocast:
+            return sequence_logps(
+                model, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows], chunk_tokens
+            )
+
+    if len(micro) == 1:
+        policy = logps(list(range(len(lengths))))
+        loss = gvpo_loss(policy, ref, rewards, gid, beta)
+        _check_finite_loss(loss)
+        loss.backward()
+        policy = policy.detach()
+    else:
+        policy = torch.empty(len(lengths), dtype=torch.float32, device=device)
+        with torch.no_grad():
+            for rows in micro:
+                policy[rows] = logps(rows)
+        loss = gvpo_loss(policy, ref, rewards, gid, beta)
+        _check_finite_loss(loss)
+        weights = gvpo_grad_weights(policy, ref, rewards, gid, beta, n_groups=batch.n_groups)
+        for rows in micro:
+            (logps(rows).double() * weights[rows]).sum().backward()
+    ratio = policy.double() - ref
+    return StepStats(
+        loss=loss.item(),
+        implicit_reward=beta * ratio.mean().item(),
+        log_ratio=ratio.mean().item(),
+        log_ratio_absmax=ratio.abs().max().item(),
+        tokens=batch.tokens,
+        micro_batches=len(micro),
+    )
+
+
+def logits_chunk_for(vocab_size: int, budget: int = 1 << 26) -> int:
+    """LM-head chunk so that one [chunk, vocab] float32 tensor is ≤ 256 MiB: 2048 up to a 32k vocab,
+    523 for 128k. The backward of a chunk holds ~4 such tensors (logits, log-softmax, their grads)."""
+    return max(128, min(2048, budget // vocab_size))
+
+
+class NonFiniteError(GvpoError):
+    pass
+
+
+def _check_finite_loss(loss: Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss is not finite ({loss.item()})")
+
+
+# ---- learning-rate schedule ------------------------------------------------------------------------
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier for step s (0-based): (s+1)/warmup during warmup, then cosine from 1 towards 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where the run is: ``step`` optimizer steps done; the next step starts at ``position`` in epoch
+    ``epoch``'s group order."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+
+def checkpoint_dirs(workdir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first. Temp dirs (``.tmp-*``) are never listed."""
+    root = workdir / CHECKPOINTS
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else []:
+        suffix = p.name[len("step-"):]
+        if suffix.isdigit() and (p / STATE).is_file():
+            found.append((int(suffix), p))
+    return sorted(found)
+
+
+def save_checkpoint(workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig) -> Path:
+    """WORKDIR/checkpoints/step-N/: weights (safetensors), optimizer, scheduler, RNG states, position.
+
+    Written into a temp dir, then renamed (atomic); only the newest ``config.keep_checkpoints`` stay.
+    """
+    root = workdir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    reference.atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json()})
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, optimizer, scheduler) -> TrainState:
+    """Restore optimizer, scheduler and RNG states from ``path`` (the weights are loaded by the caller)."""
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: python's RNG state is a tuple
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    saved = json.loads((path / STATE).read_text())
+    return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
+
+
+def _check_resume_config(path: Path, config: TrainConfig) -> None:
+    saved = json.loads((path / STATE).read_text())["config"]
+    now = config.to_json()
+    changed = [
+        f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]
+    ]
+    if changed:
+        raise GvpoError(f"--resume from {path} with different settings: {', '.join(changed)}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- metrics.jsonl ---------------------------------------------------------------------------------
+
+
+def truncate_metrics(path: Path, keep_through_step: int) -> None:
+    """Keep only the complete lines with step <= keep_through_step (a resumed run redoes the rest)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= keep_through_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash
+    reference.atomic_write_bytes(path, "".join(kept).encode())
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+# ---- the final model ---------------------------------------------------------------------------------
+
+
+def save_final(workdir: Path, model, tokenizer, train_config: dict) -> Path:
+    """WORKDIR/model/: save_pretrained (safetensors) + tokenizer + train_config.json, swapped in by rename."""
+    final = workdir / FINAL_MODEL
+    tmp = workdir / f".{FINAL_MODEL}.tmp-{os.getpid()}"
+    old = workdir / f".{FINAL_MODEL}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    reference.atomic_write_json(tmp / TRAIN_CONFIG, train_config)
+    _fsync_dir(tmp)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ---- progress --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[..., None]]:
+    """Live rich progress on stderr; yields ``update(step, loss=, grad_norm=, lr=, tok_s=)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4g}  |g| {task.fields[grad_norm]:.3g}  lr {task.fields[lr]:.2e}"),
+        TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
+        task = bar.add_task("train", total=total, completed=start, loss=float("nan"), grad_norm=float("nan"),
+                            lr=0.0, tok_s=0.0)
+        yield lambda step, **fields: bar.update(task, completed=step, **fields)
+
+
+# ---- the recipe ------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train the policy with GVPO on WORKDIR's cached train split; see the module docstring."""
+    cfg, workdir = config, config.workdir
+
+    # 1. check the cache against the model we train from
+    manifest = reference.read_manifest(workdir)
+    init_path, tokenizer, notes = check_start(manifest, cfg.init_model, cfg.trust_remote_code)
+    groups = load_train_groups(workdir)
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    if compute_dtype == torch.float16:
+        raise GvpoError("--dtype float16 is not supported for training: use bfloat16 or float32")
+    if str(manifest.dtype).removeprefix("torch.") != str(compute_dtype).removeprefix("torch."):
+        notes.append(f"the reference log-probs were computed in {manifest.dtype}, training computes in "
+                     f"{str(compute_dtype).removeprefix('torch.')}: ℓ is not exactly 0 at step 0")
+    for note in notes:
+        log(f"note: {note}")
+
+    # 2. plan the steps; find the checkpoint to resume from
+    steps_per_epoch = math.ceil(groups.n_groups / cfg.groups_per_step)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    checkpoints = checkpoint_dirs(workdir)
+    if checkpoints and not cfg.resume:
+        raise GvpoError(f"{workdir / CHECKPOINTS} holds checkpoints of an earlier run: pass --resume to "
+                        "continue it, or delete that folder to start over")
+    resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
+    if resume_from:
+        _check_resume_config(resume_from[1], cfg)
+    elif cfg.resume:
+        log(f"note: --resume: no checkpoint in {workdir / CHECKPOINTS}, starting from step 0")
+    for stale in (workdir / CHECKPOINTS).glob(".tmp-*"):  # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+
+    # 3. the policy (fp32 master weights, eval mode = no dropout), optimizer, schedule, state
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
+    model = load_model(resume_from[1] if resume_from else init_path, device, torch.float32, cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    state = TrainState()
+    metrics_path = workdir / METRICS
+    if resume_from:
+        state = load_checkpoint(resume_from[1], optimizer, scheduler)
+        log(f"resuming from {resume_from[1]} (step {state.step}/{total_steps})")
+    truncate_metrics(metrics_path, keep_through_step=state.step)
+
+    # 4. the loop
+    last_loss = None
+    last_good = str(resume_from[1]) if resume_from else None
+    started, tokens_seen = time.perf_counter(), 0
+    with progress_bar(cfg.progress, total_steps, state.step) as update:
+        while state.step < total_steps:
+            if state.position >= groups.n_groups:
+                state.epoch, state.position = state.epoch + 1, 0
+            order = epoch_order(groups.n_groups, cfg.seed, state.epoch)
+            chosen = order[state.position : state.position + cfg.groups_per_step]
+            batch = make_batch(groups, chosen)
+
+            step_start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            where = f"step {state.step + 1} (epoch {state.epoch})"
+            stop = f"stopped without updating the model; last good checkpoint: {last_good or 'none yet'}"
+            try:
+                stats = gvpo_backward(model, batch, cfg.beta, cfg.micro_batch_tokens, cfg.logits_chunk_tokens,
+                                      compute_dtype)
+            except NonFiniteError as err:
+                raise GvpoError(f"{where}: {err}; {stop}. Check the cached rewards/ref_logp or lower --lr") from None
+            grad_norm = _clip(params, cfg.max_grad_norm)
+            if not math.isfinite(grad_norm):
+                raise GvpoError(f"{where}: the gradient is not finite (norm {grad_norm}); {stop}. Lower --lr")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            state.position += len(chosen)
+            seconds = time.perf_counter() - step_start
+
+            append_metrics(metrics_path, {
+                "step": state.step, "epoch": state.epoch, "loss": stats.loss,
+                "implicit_reward": stats.implicit_reward, "log_ratio": stats.log_ratio,
+                "log_ratio_absmax": stats.log_ratio_absmax, "grad_norm": grad_norm, "lr": lr,
+                "groups": batch.n_groups, "responses": len(batch.response_ids), "tokens": stats.tokens,
+                "micro_batches": stats.micro_batches, "seconds": seconds,
+            })
+            last_loss, tokens_seen = stats.loss, tokens_seen + stats.tokens
+            update(state.step, loss=stats.loss, grad_norm=grad_norm, lr=lr,
+                   tok_s=tokens_seen / max(1e-9, time.perf_counter() - started))
+            if cfg.save_every and state.step % cfg.save_every == 0:
+                last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg))
+
+    # 5. the final model
+    train_config = {
+        **cfg.to_json(), "init_model_path": str(init_path), "total_steps": total_steps,
+        "warmup_steps": warmup_steps, "reference_model_path": manifest.model_path,
+        "reference_model_fingerprint": manifest.model_fingerprint,
+        "tokenizer_fingerprint": manifest.tokenizer_fingerprint,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "loss": "GVPO eq. 16: 1/G Σ_x 1/(k-1) Σ_i c_i²  (verl's code uses ½ of this)",
+    }
+    model_dir = save_final(workdir, model, tokenizer, train_config)
+    log(f"saved {model_dir} after {state.step} steps")
+    return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes)
+
+
+def _clip(params: list[Tensor], max_norm: float) -> float:
+    """Clip the gradient to ``max_norm`` (0 = don't clip); return its norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """HF activation checkpointing while the model stays in eval mode (no dropout).
+
+    HF only recomputes a decoder layer when that layer is in training mode, so only the layer wrappers
+    get ``training = True``; their submodules (attention, MLP, dropout) stay in eval mode.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True

@@ -27,6 +27,227 @@ console = Console(stderr=True)
 # Each command parses options into the stage's config dataclass and calls the stage. Keep them thin.
 
 
+@app.command("sample")
+def sample_cmd(
+    prompts: Annotated[str, typer.Argument(help="Prompts: .txt (one per line) or JSONL with \"prompt\" and optional \"id\".")],
+    model: Annotated[str, typer.Option("--model", help="Local model folder to sample from.")],
+    reward: Annotated[str, typer.Option("--reward", help="module:function or path/to/file.py:function, (prompt, response) -> float.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Grouped JSONL to append to (resumes if it exists).")],
+    k: Annotated[Optional[int], typer.Option("--k", help="Responses per prompt.")] = None,
+    k_range: Annotated[Optional[str], typer.Option("--k-range", help="A:B, k per prompt drawn from [A, B] by seed and index.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and for k per prompt.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per generate call.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16.")] = "auto",
+    max_length: Annotated[int, typer.Option("--max-length", help="Prompt + response tokens.")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", help="Prompt tokens kept (from the end).")] = 512,
+    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="Jinja chat template (or file) for message prompts.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """Generate k responses per prompt, score them with a reward and write grouped JSONL."""
+    from gvpo_offline.sample import SampleConfig, SamplingConfig, parse_k_range, sample
+    from gvpo_offline.tokenize import TokenizeConfig, load_prompt_template
+
+    config = SampleConfig(
+        prompts_path=prompts, model_path=model, reward=reward, output=output, k=k,
+        k_range=parse_k_range(k_range) if k_range is not None else None,
+        sampling=SamplingConfig(temperature, top_p, max_new_tokens, seed, batch_size),
+        tokenize=TokenizeConfig(max_length, max_prompt_length, True, load_prompt_template(prompt_template)),
+        device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+    )
+    result = sample(config, progress_console=console)
+    note = f" ({result.skipped} already there)" if result.skipped else ""
+    dropped = f"; {result.empty_responses} empty responses dropped" if result.empty_responses else ""
+    console.print(f"wrote {result.written} groups to {output}{note}{dropped}", highlight=False, soft_wrap=True)
+
+
+@app.command("precompute-ref")
+def precompute_ref_cmd(
+    data: Annotated[list[str], typer.Argument(help="Data: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="Local folder of the reference model.")],
+    workdir: Annotated[str, typer.Option("--workdir", help="Where the cache goes.")] = "gvpo-run",
+    layout: Annotated[str, typer.Option("--layout", help="auto (from the columns), grouped (prompt, responses, rewards, id) or flat (prompt, response, reward, group_id).")] = "auto",
+    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", help="Prompt column (default: prompt).")] = None,
+    response_col: Annotated[Optional[str], typer.Option("--response-col", help="Response column: the list of responses (grouped) or one response (flat).")] = None,
+    reward_col: Annotated[Optional[str], typer.Option("--reward-col", help="Reward column: the list of rewards (grouped) or one reward (flat).")] = None,
+    group_col: Annotated[Optional[str], typer.Option("--group-col", help="Group id column (default: id for grouped, group_id for flat; else derived from the prompt).")] = None,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Groups held out as eval, by a stable hash of the prompt.")] = 0.1,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out data instead of --eval-fraction (repeat for several files).")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Prompt + response tokens (clamped to the model's context).")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", help="Prompt tokens kept (from the end).")] = 512,
+    no_eos: Annotated[bool, typer.Option("--no-eos", help="Do not append EOS to responses.")] = False,
+    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="Jinja chat template (or file) for message prompts.")] = None,
+    shard_groups: Annotated[int, typer.Option("--shard-groups", help="Groups per cache shard.")] = 1000,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Padded tokens per forward pass [default: 16384 on GPU, 2048 on CPU].")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16.")] = "auto",
+    no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """Compute log pi_ref(y|x) of every response once and cache it in WORKDIR (train and eval read it)."""
+    from pathlib import Path
+
+    from gvpo_offline.data import ColumnMap, DataConfig
+    from gvpo_offline.reference import PrecomputeConfig, precompute
+    from gvpo_offline.tokenize import TokenizeConfig, load_prompt_template
+
+    config = PrecomputeConfig(
+        data=DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col)),
+        model=model, workdir=Path(workdir),
+        tokenize=TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template)),
+        eval_fraction=eval_fraction, eval_data=tuple(eval_data or ()), shard_groups=shard_groups,
+        batch_tokens=batch_tokens, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        overwrite=not no_overwrite,
+    )
+    precompute(config, console)
+
+
+@app.command("train")
+def train_cmd(
+    beta: Annotated[float, typer.Option("--beta", help="KL strength β > 0 (implicit reward β·log πθ/πref).")],
+    workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
+    init_model: Annotated[Optional[str], typer.Option("--init-model", help="Start from this model folder (e.g. an SFT checkpoint) instead of the reference; same tokenizer required.")] = None,
+    groups_per_step: Annotated[int, typer.Option("--groups-per-step", help="Prompts (whole groups) per optimizer step.")] = 8,
+    micro_batch_tokens: Annotated[int, typer.Option("--micro-batch-tokens", help="Padded tokens per forward pass (memory bound); a step that does not fit is split with the exact same gradient.")] = 8192,
+    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate. Our loss is paper eq. 16; the authors' verl code scales the loss by 1/2, i.e. half our gradient at the same learning rate.")] = 1e-6,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Fraction of steps with linear warmup; cosine decay after.")] = 0.1,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0 = off).")] = 1.0,
+    epochs: Annotated[int, typer.Option("--epochs")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Total optimizer steps; overrides --epochs.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the per-epoch shuffle of the groups.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float32 on CPU, bf16 autocast on GPU), float32, bfloat16. Weights stay float32.")] = "auto",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute decoder layers in the backward pass (less memory, slower).")] = False,
+    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="How many of the newest checkpoints to keep.")] = 2,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """Train the policy with GVPO on the cached train split; the final model goes to WORKDIR/model/."""
+    from pathlib import Path
+
+    from gvpo_offline.train import TrainConfig, train
+
+    config = TrainConfig(
+        workdir=Path(workdir), beta=beta, init_model=init_model, groups_per_step=groups_per_step,
+        micro_batch_tokens=micro_batch_tokens, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing, save_every=save_every, keep_checkpoints=keep_checkpoints,
+        resume=resume, trust_remote_code=trust_remote_code,
+    )
+    train(config, log=lambda msg: console.print(msg, highlight=False, markup=False))
+
+
+@app.command("eval")
+def eval_cmd(
+    workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref/train workdir.")] = "gvpo-run",
+    model: Annotated[Optional[str], typer.Option("--model", help="Checkpoint to evaluate (default WORKDIR/model; the reference itself gives the neutral baseline).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Evaluate these files instead of the cached eval split (reference log-probs computed once and cached in WORKDIR/extra/). Repeatable.")] = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics as JSON (stable key names) to this file.")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="β; default: MODEL/train_config.json's (required when there is none).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples over groups for the 95% intervals (0 = none).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed for the bootstrap and for sampling.")] = 0,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward pass.")] = 8192,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, auto (default: the dtype of the cached reference log-probs).")] = None,
+    layout: Annotated[str, typer.Option("--layout", help="--data layout: auto, grouped or flat.")] = "auto",
+    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col")] = None,
+    response_col: Annotated[Optional[str], typer.Option("--response-col")] = None,
+    reward_col: Annotated[Optional[str], typer.Option("--reward-col")] = None,
+    group_col: Annotated[Optional[str], typer.Option("--group-col")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Generation eval: .txt (one prompt per line) or JSONL with a \"prompt\" field (data files work).")] = None,
+    reward: Annotated[Optional[str], typer.Option("--reward", help="Generation eval: module:function or file.py:function, (prompt, response) -> float.")] = None,
+    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt")] = 4,
+    temperature: Annotated[float, typer.Option(help="Generation eval: sampling temperature (0 = greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
+    from rich.console import Console as _Console
+
+    from gvpo_offline.evaluate import EvalConfig, GenerationEvalConfig, evaluate, report_table
+
+    if (prompts is None) != (reward is None):
+        raise GvpoError("the generation eval needs both --prompts and --reward")
+    generation = None
+    if prompts is not None:
+        generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, temperature, top_p, max_new_tokens)
+    columns = {"prompt": prompt_col, "response": response_col, "reward": reward_col, "group": group_col}
+    config = EvalConfig(
+        workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,
+        batch_tokens=batch_tokens, device=device, dtype=dtype, bootstrap=bootstrap, seed=seed,
+        generation=generation, layout=layout, columns=columns, trust_remote_code=trust_remote_code,
+    )
+    report = evaluate(config, console)
+    _Console().print(report_table(report))
+    if json_path:
+        console.print(f"wrote {json_path}", highlight=False)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    data: Annotated[list[str], typer.Argument(help="Data: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.", show_default=False)],
+    layout: Annotated[str, typer.Option("--layout", help="auto (from the columns), grouped (prompt, responses, rewards, id) or flat (prompt, response, reward, group_id).")] = "auto",
+    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", help="Prompt column (default: prompt).")] = None,
+    response_col: Annotated[Optional[str], typer.Option("--response-col", help="Response column: the list of responses (grouped) or one response (flat).")] = None,
+    reward_col: Annotated[Optional[str], typer.Option("--reward-col", help="Reward column: the list of rewards (grouped) or one reward (flat).")] = None,
+    group_col: Annotated[Optional[str], typer.Option("--group-col", help="Group id column (default: id for grouped, group_id for flat; else derived from the prompt).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Local model folder: load only its tokenizer and report token lengths.")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="With --model: prompt + response tokens, for the truncation counts.")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", help="With --model: prompt tokens kept, for the truncation counts.")] = 512,
+    no_eos: Annotated[bool, typer.Option("--no-eos", help="With --model: do not count an EOS token per response.")] = False,
+    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="With --model: Jinja chat template (or file) for message prompts.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout (and nothing else).")] = False,
+) -> None:
+    """Validate data and summarise it: groups, k per prompt, rewards, duplicates, token lengths."""
+    from gvpo_offline.data import ColumnMap, DataConfig, load_groups, load_tokenizer, summarize, summary_tables, token_stats
+
+    config = DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col))
+    tokens = None
+    if model is not None:
+        from gvpo_offline.tokenize import TokenizeConfig, load_prompt_template
+
+        cfg = TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template))
+        tokenizer = load_tokenizer(model)
+    grouped = load_groups(config)
+    if model is not None:
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("tokenizing", total=grouped.stats.n_responses)
+            tokens = token_stats(grouped, tokenizer, cfg, lambda n: progress.advance(task, n))
+    summary = summarize(grouped, tokens)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(summary.to_json()))
+    else:
+        out = Console()
+        for table in summary_tables(summary):
+            out.print(table)
+
+
+@app.command("convert")
+def convert_cmd(
+    source: Annotated[str, typer.Argument(help="oasst (OpenAssistant message trees, reward = -rank) or gsm8k (example_model_solutions.jsonl, reward = is_correct).", show_default=False)],
+    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="The dataset's JSONL file.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Grouped-layout JSONL to write (atomically).", show_default=False)],
+) -> None:
+    """Convert a public dataset to grouped-layout JSONL (prompt, responses, rewards, id)."""
+    from gvpo_offline.convert import SOURCES, convert
+
+    if source not in SOURCES:
+        raise GvpoError(f"unknown source {source!r}: expected one of {', '.join(SOURCES)}")
+    result = convert(source, input_path, output)
+    skipped = f"; skipped {result.skipped} {result.skipped_reason}" if result.skipped else ""
+    console.print(f"wrote {result.groups} groups ({result.responses} responses) to {result.output}{skipped}", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning user errors into one line and exit code 2."""
     try:

@@ -1,0 +1,809 @@
+"""The `eval` stage: how much closer is a trained policy to the GVPO target than the reference?
+
+METRICS (stable names; the JSON report uses exactly these keys). Per response i of group x (k = k(x)):
+ℓ_i = log πθ(y_i|x) − log πref(y_i|x) (sequence log-probs) and the implicit reward Rθ_i = β·ℓ_i.
+
+    gvpo_loss                   the unbiased GVPO loss of eq. 16 (loss.gvpo_loss), mean over groups.
+    pairwise_accuracy           over ordered response pairs of a group with different rewards (pooled over
+                                all groups), the share where β·ℓ orders them as the rewards do; a tie in ℓ
+                                counts ½, so the reference (ℓ ≡ 0) scores exactly 0.5.
+    spearman                    Spearman rank correlation of β·ℓ and R within each group (average ranks for
+                                ties), averaged over the ranked groups. A group whose ℓ is constant counts 0.
+    top1_agreement              the share of ranked groups where the response with the highest β·ℓ is one
+                                of the highest-reward ones; ties for the highest β·ℓ are averaged over the
+                                tied set, so the reference scores the chance rate |argmax R| / k.
+    mean_log_ratio              Σℓ / responses: how far the policy moved from the reference, per response.
+    mean_log_ratio_per_token    Σℓ / Σ response tokens (token-weighted).
+    implicit_reward_variance    within-group unbiased (1/(k−1)) variance of β·ℓ, mean over groups.
+    implicit_reward_covariance  within-group unbiased covariance of β·ℓ with R, mean over groups.
+    reward_variance             within-group unbiased variance of R, mean over groups (the data's; the same
+                                for every model). Eq. 17 decomposition, exact per group and on average:
+                                gvpo_loss = implicit_reward_variance + reward_variance − 2·covariance.
+
+"Ranked groups" are the groups whose rewards are not all equal; groups with all-equal rewards are
+skipped by pairwise_accuracy, spearman and top1_agreement (counted in ``counts.skipped_groups``) but
+still enter the loss, the variance terms and the ℓ means.
+
+COUNTS: groups, responses, tokens, ranked_groups, skipped_groups, pairs (ordered pairs with different
+rewards, i.e. each unordered pair once).
+
+INTERVALS: 95% percentile bootstrap over groups (resample G groups with replacement; every metric is a
+ratio Σ_g num_g / Σ_g den_g of per-group sums, so a replicate is a weighted sum). ``intervals.model``
+holds the model's interval and ``intervals.delta`` the interval of (model − reference) on the same
+resamples.
+
+GENERATION (optional, ``--prompts FILE --reward module:function``): responses sampled from the model and
+from the reference with the same seed and decoding settings; keys: prompts, samples_per_prompt,
+model_mean_reward, reference_mean_reward, mean_reward_difference, difference_interval (bootstrap over
+prompts). The PROMPTS file is ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line
+with a ``prompt`` field: a string or a list of {"role", "content"} messages; grouped and flat data files
+qualify, their repeated prompts are deduplicated in order).
+
+INPUTS. Data: the workdir's cached ``eval`` split, or ``--data FILE...`` whose reference log-probs are
+computed once with the manifest's reference model, tokenization and dtype (reference.precompute_extra)
+and cached under ``WORKDIR/extra/<content hash>/``. Model: ``WORKDIR/model`` or ``--model``; a model
+whose content fingerprint is the reference's gets ℓ ≡ 0 by definition (no forward pass), so it scores
+exactly the reference row. β: ``--beta`` if given, else the ``beta`` of the model's ``train_config.json``
+(a train checkpoint's ``trainer_state.json``). Policy log-probs run in the dtype of the cached reference
+log-probs unless ``--dtype`` says otherwise. A model whose train_config.json names another reference or
+tokenizer than the workdir's manifest is refused.
+
+JSON (``--json FILE``, written atomically): {"model": {metric: value}, "reference": {...}, "delta":
+{...}, "intervals": {"model": {metric: [lo, hi]}, "delta": {...}}, "counts": {...}, "generation": {...}
+or null, "meta": {model_path, data, beta, beta_source, model_is_reference, bootstrap, seed,
+confidence}}. Undefined values (NaN, e.g. no ranked group) are written as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gvpo_offline.errors import GvpoError
+
+METRICS = (
+    "gvpo_loss",
+    "pairwise_accuracy",
+    "spearman",
+    "top1_agreement",
+    "mean_log_ratio",
+    "mean_log_ratio_per_token",
+    "implicit_reward_variance",
+    "implicit_reward_covariance",
+    "reward_variance",
+)
+COUNTS = ("groups", "responses", "tokens", "ranked_groups", "skipped_groups", "pairs")
+GENERATION_KEYS = (
+    "prompts",
+    "samples_per_prompt",
+    "model_mean_reward",
+    "reference_mean_reward",
+    "mean_reward_difference",
+    "difference_interval",
+)
+
+# ---- pure metric math (numpy) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupIndex:
+    """Responses grouped: ``index`` [N] in 0..G-1, ``sizes`` [G] = k per group, and ``blocks``: for every
+    distinct k, (group numbers [n], response positions [n, k]) so per-group math is batched by size."""
+
+    index: np.ndarray
+    sizes: np.ndarray
+    blocks: tuple[tuple[np.ndarray, np.ndarray], ...]
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.sizes.shape[0])
+
+
+def group_index(group_ids, max_block_cells: int = 1 << 22) -> GroupIndex:
+    """Any per-response group labels (any order, any sortable numpy dtype) -> :class:`GroupIndex`.
+
+    Blocks are split so that no block's [n, k, k] pairwise arrays exceed ``max_block_cells`` elements.
+    """
+    group_ids = np.asarray(group_ids)
+    if group_ids.ndim != 1 or group_ids.shape[0] == 0:
+        raise ValueError("group_ids must be a non-empty 1-d array")
+    _, index, sizes = np.unique(group_ids, return_inverse=True, return_counts=True)
+    index = index.reshape(-1)
+    if (sizes < 2).any():
+        raise ValueError("every group needs k >= 2 responses")
+    order = np.argsort(index, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    blocks = []
+    for k in np.unique(sizes):
+        groups = np.flatnonzero(sizes == k)
+        positions = order[starts[groups][:, None] + np.arange(k)[None, :]]
+        step = max(1, max_block_cells // int(k * k))  # the pairwise math holds [n, k, k] arrays
+        for lo in range(0, groups.shape[0], step):
+            blocks.append((groups[lo : lo + step], positions[lo : lo + step]))
+    return GroupIndex(index, sizes, tuple(blocks))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks along the last axis, ties get the average of their ranks: [.., k] -> [.., k]."""
+    less = (x[..., None, :] < x[..., :, None]).sum(-1)
+    equal = (x[..., None, :] == x[..., :, None]).sum(-1)
+    return less + (equal + 1) / 2.0
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-group statistics, each [G] float64. NaN marks "undefined for this group" (all-equal rewards)."""
+
+    size: np.ndarray  # k
+    tokens: np.ndarray  # Σ response tokens
+    log_ratio_sum: np.ndarray  # Σ ℓ
+    loss: np.ndarray  # 1/(k−1) Σ c_i²
+    implicit_var: np.ndarray  # 1/(k−1) Σ (βℓ − mean)²
+    implicit_cov: np.ndarray  # 1/(k−1) Σ (βℓ − mean)(R − mean)
+    reward_var: np.ndarray  # 1/(k−1) Σ (R − mean)²
+    pairs: np.ndarray  # pairs with different rewards
+    pairs_correct: np.ndarray  # of those, ordered the same way by ℓ (ties ½)
+    spearman: np.ndarray  # NaN where R is constant
+    top1: np.ndarray  # NaN where R is constant
+    ranked: np.ndarray  # 1.0 where R is not constant, else 0.0
+
+
+def group_statistics(log_ratio, rewards, group_ids, beta: float, n_tokens=None) -> GroupStats:
+    """Per-group statistics from per-response arrays: ℓ [N], R [N], group labels [N], tokens [N].
+
+    ``group_ids`` may also be a prebuilt :class:`GroupIndex`. ``n_tokens`` defaults to 1 per response.
+    """
+    if beta <= 0:
+        raise ValueError("beta must be > 0")
+    gi = group_ids if isinstance(group_ids, GroupIndex) else group_index(group_ids)
+    ell = np.asarray(log_ratio, dtype=np.float64)
+    rew = np.asarray(rewards, dtype=np.float64)
+    tok = np.ones_like(ell) if n_tokens is None else np.asarray(n_tokens, dtype=np.float64)
+    if not (ell.shape == rew.shape == tok.shape == gi.index.shape):
+        raise ValueError("log_ratio, rewards, n_tokens and group_ids must have the same length")
+    if not (np.isfinite(ell).all() and np.isfinite(rew).all()):
+        raise ValueError("log-ratios and rewards must be finite")
+
+    G = gi.n_groups
+    out = {name: np.full(G, np.nan) for name in GroupStats.__dataclass_fields__}
+    out["size"] = gi.sizes.astype(np.float64)
+    out["tokens"] = np.bincount(gi.index, weights=tok, minlength=G)
+    out["log_ratio_sum"] = np.bincount(gi.index, weights=ell, minlength=G)
+    for groups, pos in gi.blocks:
+        k = pos.shape[1]
+        L, R = ell[pos], rew[pos]  # [n, k]
+        imp = beta * L
+        imp_c = imp - imp.mean(1, keepdims=True)
+        rew_c = R - R.mean(1, keepdims=True)
+        out["loss"][groups] = ((imp_c - rew_c) ** 2).sum(1) / (k - 1)
+        out["implicit_var"][groups] = (imp_c**2).sum(1) / (k - 1)
+        out["implicit_cov"][groups] = (imp_c * rew_c).sum(1) / (k - 1)
+        out["reward_var"][groups] = (rew_c**2).sum(1) / (k - 1)
+
+        d_rew = R[:, :, None] - R[:, None, :]  # [n, k, k]; each unordered pair once as d_rew > 0
+        d_imp = L[:, :, None] - L[:, None, :]  # β > 0 leaves the order of β·ℓ that of ℓ
+        better = d_rew > 0
+        out["pairs"][groups] = better.sum((1, 2))
+        out["pairs_correct"][groups] = (better & (d_imp > 0)).sum((1, 2)) + 0.5 * (better & (d_imp == 0)).sum((1, 2))
+
+        ranked = R.max(1) > R.min(1)
+        out["ranked"][groups] = ranked.astype(np.float64)
+
+        rank_l, rank_r = average_ranks(L), average_ranks(R)
+        rank_l -= rank_l.mean(1, keepdims=True)
+        rank_r -= rank_r.mean(1, keepdims=True)
+        num = (rank_l * rank_r).sum(1)
+        den = np.sqrt((rank_l**2).sum(1) * (rank_r**2).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+        out["spearman"][groups] = np.where(ranked, rho, np.nan)
+
+        top_imp = L == L.max(1, keepdims=True)
+        top_rew = R == R.max(1, keepdims=True)
+        agree = (top_imp & top_rew).sum(1) / top_imp.sum(1)
+        out["top1"][groups] = np.where(ranked, agree, np.nan)
+    return GroupStats(**out)
+
+
+def _ratio_parts(s: GroupStats) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """metric -> (per-group numerator, per-group denominator); metric = Σ num / Σ den over groups."""
+    ones = np.ones_like(s.size)
+    ranked = s.ranked
+    return {
+        "gvpo_loss": (s.loss, ones),
+        "pairwise_accuracy": (s.pairs_correct, s.pairs),
+        "spearman": (np.nan_to_num(s.spearman) * ranked, ranked),
+        "top1_agreement": (np.nan_to_num(s.top1) * ranked, ranked),
+        "mean_log_ratio": (s.log_ratio_sum, s.size),
+        "mean_log_ratio_per_token": (s.log_ratio_sum, s.tokens),
+        "implicit_reward_variance": (s.implicit_var, ones),
+        "implicit_reward_covariance": (s.implicit_cov, ones),
+        "reward_variance": (s.reward_var, ones),
+    }
+
+
+def _weighted_metrics(s: GroupStats, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """weights [B, G] (group multiplicities) -> metric -> [B]; NaN where the denominator is 0."""
+    out = {}
+    for name, (num, den) in _ratio_parts(s).items():
+        n, d = weights @ num, weights @ den
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[name] = np.where(d > 0, n / np.where(d > 0, d, 1.0), np.nan)
+    return out
+
+
+def aggregate_metrics(s: GroupStats) -> dict[str, float]:
+    """Point estimates of every metric in :data:`METRICS` (NaN where undefined, e.g. no ranked group)."""
+    return {k: float(v[0]) for k, v in _weighted_metrics(s, np.ones((1, s.size.shape[0]))).items()}
+
+
+def count_stats(s: GroupStats) -> dict[str, int]:
+    ranked = int(s.ranked.sum())
+    return {
+        "groups": int(s.size.shape[0]),
+        "responses": int(s.size.sum()),
+        "tokens": int(s.tokens.sum()),
+        "ranked_groups": ranked,
+        "skipped_groups": int(s.size.shape[0]) - ranked,
+        "pairs": int(s.pairs.sum()),
+    }
+
+
+def bootstrap_weights(n_groups: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot, n_groups] multiplicities of each group in each resample (G draws with replacement)."""
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    flat = (draws + (np.arange(n_boot) * n_groups)[:, None]).ravel()
+    return np.bincount(flat, minlength=n_boot * n_groups).reshape(n_boot, n_groups).astype(np.float64)
+
+
+def _percentile_interval(reps: np.ndarray, level: float) -> list[float] | None:
+    reps = reps[np.isfinite(reps)]
+    if reps.size == 0:
+        return None
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.percentile(reps, [100 * alpha, 100 * (1 - alpha)])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_intervals(
+    model: GroupStats,
+    reference: GroupStats,
+    n_boot: int,
+    seed: int = 0,
+    level: float = 0.95,
+    chunk_cells: int = 1 << 22,
+) -> dict[str, dict[str, list[float] | None]]:
+    """Percentile bootstrap over groups: {"model": {metric: [lo, hi]}, "delta": {metric: [lo, hi]}}.
+
+    Both sides are evaluated on the same resamples, so ``delta`` is the interval of model − reference.
+    Vectorised: per-group numerators/denominators are precomputed and each chunk of replicates is one
+    matrix product; ``chunk_cells`` bounds the [replicates, groups] weight matrix held at once.
+    """
+    G = int(model.size.shape[0])
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, chunk_cells // max(G, 1))
+    model_reps: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    delta_reps: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    done = 0
+    while done < n_boot:
+        b = min(per_chunk, n_boot - done)
+        w = bootstrap_weights(G, b, rng)
+        mm, rr = _weighted_metrics(model, w), _weighted_metrics(reference, w)
+        for m in METRICS:
+            model_reps[m].append(mm[m])
+            delta_reps[m].append(mm[m] - rr[m])
+        done += b
+    return {
+        "model": {m: _percentile_interval(np.concatenate(model_reps[m]), level) for m in METRICS},
+        "delta": {m: _percentile_interval(np.concatenate(delta_reps[m]), level) for m in METRICS},
+    }
+
+
+def mean_difference_interval(
+    model_values, reference_values, n_boot: int, seed: int = 0, level: float = 0.95
+) -> list[float] | None:
+    """Percentile bootstrap interval of mean(model − reference) over paired units (e.g. prompts)."""
+    diff = np.asarray(model_values, dtype=np.float64) - np.asarray(reference_values, dtype=np.float64)
+    if n_boot <= 0 or diff.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    w = bootstrap_weights(diff.size, n_boot, rng)
+    return _percentile_interval(w @ diff / diff.size, level)
+
+
+# ---- the `eval` stage ----------------------------------------------------------------------------
+
+TRAIN_CONFIG = "train_config.json"  # train.py writes it next to the final model
+TRAINER_STATE = "trainer_state.json"  # in train checkpoints: {"config": {...}}
+
+
+@dataclass(frozen=True)
+class GenerationEvalConfig:
+    """``--prompts FILE --reward module:function``: sample from the model and the reference alike."""
+
+    prompts_path: str
+    reward: str
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if self.samples_per_prompt < 1:
+            raise GvpoError("--samples-per-prompt must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of ``gvpo-offline eval``.
+
+    model_path: the checkpoint to evaluate (default ``WORKDIR/model``); may be the reference itself.
+    data_paths: files to evaluate instead of the workdir's ``eval`` split; their reference log-probs
+        are computed with the manifest's model and tokenization and cached in the workdir.
+    beta: β; overrides the ``beta`` of ``MODEL/train_config.json``; required when there is none.
+    dtype: None = the dtype the reference log-probs were computed in (the manifest's).
+    bootstrap: resamples for the 95% intervals (0 = no intervals).
+    """
+
+    workdir: str = "gvpo-run"
+    model_path: str | None = None
+    data_paths: tuple[str, ...] = ()
+    json_path: str | None = None
+    beta: float | None = None
+    batch_tokens: int = 8192
+    device: str = "auto"
+    dtype: str | None = None
+    bootstrap: int = 1000
+    seed: int = 0
+    generation: GenerationEvalConfig | None = None
+    layout: str = "auto"
+    columns: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.beta is not None and not self.beta > 0:
+            raise GvpoError(f"--beta must be > 0, got {self.beta}")
+        if self.bootstrap < 0:
+            raise GvpoError("--bootstrap must be >= 0")
+        if self.batch_tokens < 1:
+            raise GvpoError("--batch-tokens must be >= 1")
+
+
+@dataclass
+class EvalReport:
+    """What ``eval`` found; :meth:`to_json` is the stable JSON layout (see the module docstring)."""
+
+    model_path: str
+    data: list[str]  # ["WORKDIR:eval"] or the --data files
+    beta: float
+    beta_source: str  # "--beta" or the train_config.json path
+    model_is_reference: bool
+    model: dict[str, float]
+    reference: dict[str, float]
+    delta: dict[str, float]
+    intervals: dict  # {"model": {metric: [lo, hi] | None}, "delta": {...}}; all None with bootstrap=0
+    counts: dict[str, int]
+    bootstrap: int
+    seed: int
+    generation: dict | None = None
+
+    def to_json(self) -> dict:
+        return _finite(
+            {
+                "model": self.model,
+                "reference": self.reference,
+                "delta": self.delta,
+                "intervals": self.intervals,
+                "counts": self.counts,
+                "generation": self.generation,
+                "meta": {
+                    "model_path": self.model_path,
+                    "data": self.data,
+                    "beta": self.beta,
+                    "beta_source": self.beta_source,
+                    "model_is_reference": self.model_is_reference,
+                    "bootstrap": self.bootstrap,
+                    "seed": self.seed,
+                    "confidence": 0.95,
+                },
+            }
+        )
+
+
+def _finite(obj):
+    """NaN/inf -> None, recursively, so the report is valid JSON (NaN = undefined, e.g. no ranked group)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def metrics_from_arrays(
+    log_ratio, rewards, group_ids, beta: float, n_tokens=None, bootstrap: int = 1000, seed: int = 0
+) -> tuple[dict, dict, dict, dict, dict]:
+    """(model, reference, delta, intervals, counts) for per-response arrays; the reference row uses ℓ ≡ 0.
+
+    The loss point estimates come from :func:`gvpo_offline.loss.gvpo_loss` (the training loss itself).
+    """
+    import torch
+
+    from gvpo_offline.loss import gvpo_loss
+
+    gi = group_index(group_ids)
+    ell = np.asarray(log_ratio, dtype=np.float64)
+    rew = np.asarray(rewards, dtype=np.float64)
+    model_stats = group_statistics(ell, rew, gi, beta, n_tokens)
+    ref_stats = group_statistics(np.zeros_like(ell), rew, gi, beta, n_tokens)
+    model, reference = aggregate_metrics(model_stats), aggregate_metrics(ref_stats)
+    ids_t, rew_t = torch.from_numpy(gi.index.astype(np.int64)), torch.from_numpy(rew)
+    zeros = torch.zeros_like(rew_t)
+    model["gvpo_loss"] = float(gvpo_loss(torch.from_numpy(ell), zeros, rew_t, ids_t, beta))
+    reference["gvpo_loss"] = float(gvpo_loss(zeros, zeros, rew_t, ids_t, beta))
+    delta = {m: model[m] - reference[m] for m in METRICS}
+    if bootstrap > 0:
+        intervals = bootstrap_intervals(model_stats, ref_stats, bootstrap, seed)
+    else:
+        intervals = {"model": dict.fromkeys(METRICS), "delta": dict.fromkeys(METRICS)}
+    return model, reference, delta, intervals, count_stats(model_stats)
+
+
+def resolve_beta(config: EvalConfig, model_path: Path, console=None) -> tuple[float, str]:
+    """β and where it came from: ``--beta`` if given, else the training config saved with the model
+    (``MODEL/train_config.json`` of a final model, ``trainer_state.json`` of a train checkpoint)."""
+    train_cfg, source = _read_train_config(model_path)
+    from_file = train_cfg.get("beta") if train_cfg else None
+    if config.beta is not None:
+        if from_file is not None and float(from_file) != config.beta and console is not None:
+            console.print(f"note: --beta {config.beta} overrides β = {from_file} of {source}")
+        return float(config.beta), "--beta"
+    if from_file is None:
+        raise GvpoError(
+            f"{model_path}: no {TRAIN_CONFIG} with the training β (not a model saved by `train`); pass --beta"
+        )
+    try:
+        beta = float(from_file)
+    except (TypeError, ValueError):
+        beta = float("nan")
+    if not beta > 0:
+        raise GvpoError(f"{source}: beta must be a number > 0, got {from_file!r}")
+    return beta, str(source)
+
+
+def _read_train_config(model_path: Path) -> tuple[dict | None, Path | None]:
+    """The training config saved with a model: train_config.json, or a checkpoint's trainer_state.json."""
+    for name, pick in ((TRAIN_CONFIG, lambda o: o), (TRAINER_STATE, lambda o: o.get("config"))):
+        path = model_path / name
+        if not path.is_file():
+            continue
+        try:
+            obj = json.loads(path.read_text())
+        except ValueError as err:
+            raise GvpoError(f"{path}: not valid JSON ({err})") from None
+        cfg = pick(obj) if isinstance(obj, dict) else None
+        if isinstance(cfg, dict):
+            return cfg, path
+    return None, None
+
+
+def _weight_signature(path: Path) -> list[tuple[str, int]]:
+    from gvpo_offline.modeling import WEIGHT_SUFFIXES
+
+    return sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def is_reference_model(model_path: Path, manifest) -> bool:
+    """Is ``model_path`` the cached reference (same content fingerprint)? A model saved by ``train``
+    (it has a training config) is not; otherwise the weights are hashed only when their file names and
+    sizes match the reference folder's."""
+    from gvpo_offline.modeling import model_fingerprint
+
+    if _read_train_config(model_path)[0] is not None:
+        return False
+    ref = Path(manifest.model_path)
+    if ref.is_dir() and _weight_signature(model_path) != _weight_signature(ref):
+        return False
+    return model_fingerprint(model_path) == manifest.model_fingerprint
+
+
+def _progress(console, label: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+    )
+
+
+def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, console=None) -> np.ndarray:
+    """Σ log πθ(response | prompt) per pair, [N] float64, under no_grad, batched by length under
+    ``batch_tokens`` (rows × longest); a rich progress bar on ``console`` (default stderr)."""
+    import torch
+
+    from gvpo_offline.modeling import length_batches, sequence_logps
+
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    out = np.zeros(len(lengths), dtype=np.float64)
+    with _progress(console, "policy log-probs") as bar, torch.no_grad():
+        task = bar.add_task("logps", total=len(lengths))
+        for batch in length_batches(lengths, batch_tokens):
+            logps = sequence_logps(model, [prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
+            out[batch] = logps.double().cpu().numpy()
+            bar.advance(task, len(batch))
+    return out
+
+
+def read_eval_prompts(path: str | Path) -> list:
+    """Prompts for the generation eval, deduplicated in order.
+
+    ``.txt``: one prompt per non-empty line. ``.jsonl``/``.json``: one object per line with a ``prompt``
+    field (a string, or a list of {"role", "content"} messages); other fields are ignored, so grouped and
+    flat data files work as they are.
+    """
+    from gvpo_offline.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GvpoError(f"{path}: no such prompts file")
+    prompts, seen = [], set()
+    jsonl = path.suffix in (".jsonl", ".json")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                prompt = line.rstrip("\r\n")
+            else:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(str(path), f"invalid JSON ({err.msg})", line=line_no) from None
+                prompt = obj.get("prompt") if isinstance(obj, dict) else None
+                ok_messages = isinstance(prompt, list) and prompt and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in prompt
+                )
+                if not (isinstance(prompt, str) and prompt.strip()) and not ok_messages:
+                    raise DataError(
+                        str(path), "expected a non-empty string or a list of {\"role\", \"content\"} messages",
+                        line=line_no, field="prompt",
+                    )
+            key = json.dumps(prompt, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(prompt)
+    if not prompts:
+        raise GvpoError(f"{path}: no prompts")
+    return prompts
+
+
+def _score_all(fn, prompts, responses) -> np.ndarray:
+    """[P, n] rewards of the sampled responses; a failing reward names the prompt."""
+    from gvpo_offline.rewards import score
+
+    out = np.zeros((len(prompts), max(len(r) for r in responses)))
+    for i, (prompt, group) in enumerate(zip(prompts, responses)):
+        for j, response in enumerate(group):
+            try:
+                out[i, j] = score(fn, prompt, response)
+            except GvpoError as err:
+                raise GvpoError(f"prompt {i + 1}: {err}") from None
+            except Exception as err:  # the user's code failed: one line, where
+                raise GvpoError(f"the reward function failed on prompt {i + 1}: {type(err).__name__}: {err}") from None
+    return out
+
+
+def generation_eval(
+    gen: GenerationEvalConfig,
+    model,
+    model_is_reference: bool,
+    manifest,
+    device,
+    dtype,
+    seed: int,
+    bootstrap: int,
+    console=None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Sample ``samples_per_prompt`` responses per prompt from ``model`` and from the reference with the
+    same seeds and decoding settings (sample.generate_responses: each (prompt, j) has its own seeded
+    generator, so both models see the same noise), score them, and compare mean rewards."""
+    import torch
+
+    from gvpo_offline.modeling import load_model, load_tokenizer
+    from gvpo_offline.rewards import load_reward_fn
+    from gvpo_offline.sample import SamplingConfig, generate_responses
+
+    prompts = read_eval_prompts(gen.prompts_path)
+    reward_fn = load_reward_fn(gen.reward)
+    tokenizer = load_tokenizer(manifest.model_path, trust_remote_code)  # the cache's tokenization
+    sampling = SamplingConfig(gen.temperature, gen.top_p, gen.max_new_tokens, seed, gen.batch_size)
+    tok_cfg = manifest.tokenize_config
+    n, keys = gen.samples_per_prompt, list(range(len(prompts)))
+
+    def run(m, label: str) -> np.ndarray:
+        with _progress(console, label) as bar:
+            task = bar.add_task(label, total=len(prompts) * n)
+            texts = generate_responses(
+                m, tokenizer, prompts, n, sampling, tok_cfg, seed_keys=keys, progress=lambda k: bar.advance(task, k)
+            )
+        return _score_all(reward_fn, prompts, texts)
+
+    model_rewards = run(model, "sampling (model)")
+    if model_is_reference:
+        ref_rewards = model_rewards
+    else:
+        ref_model = load_model(manifest.model_path, device, dtype, trust_remote_code)
+        ref_rewards = run(ref_model, "sampling (reference)")
+        del ref_model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    per_prompt_m, per_prompt_r = model_rewards.mean(1), ref_rewards.mean(1)
+    return {
+        "prompts": len(prompts),
+        "samples_per_prompt": n,
+        "model_mean_reward": float(per_prompt_m.mean()),
+        "reference_mean_reward": float(per_prompt_r.mean()),
+        "mean_reward_difference": float((per_prompt_m - per_prompt_r).mean()),
+        "difference_interval": mean_difference_interval(per_prompt_m, per_prompt_r, bootstrap, seed),
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "max_new_tokens": gen.max_new_tokens,
+    }
+
+
+def _load_rows(config: EvalConfig, console=None):
+    """The rows to evaluate (REF_SCHEMA table) and a description of where they came from."""
+    from gvpo_offline import reference
+
+    if not config.data_paths:
+        table = reference.load_split(config.workdir, "eval")
+        if table.num_rows == 0:
+            raise GvpoError(
+                f"{config.workdir}: the cached eval split is empty (precompute-ref with --eval-fraction > 0 "
+                "or --eval-data), or pass --data FILE"
+            )
+        return table, [f"{config.workdir}:eval"]
+    from gvpo_offline.data import ColumnMap, DataConfig
+
+    data = DataConfig(tuple(config.data_paths), config.layout, ColumnMap(**config.columns))
+    sub = reference.precompute_extra(
+        config.workdir, data, device=config.device, batch_tokens=config.batch_tokens,
+        trust_remote_code=config.trust_remote_code, console=console,
+    )
+    return reference.load_split(sub, "eval"), [str(Path(p)) for p in config.data_paths]
+
+
+def evaluate(config: EvalConfig, console=None) -> EvalReport:
+    """Run the ``eval`` stage (see the module docstring); ``console``: where progress and notes go."""
+    from rich.console import Console
+
+    from gvpo_offline import reference
+    from gvpo_offline.modeling import load_model, resolve_device, resolve_dtype
+
+    console = console or Console(stderr=True)
+    manifest = reference.read_manifest(config.workdir)
+    model_path = Path(config.model_path) if config.model_path else Path(config.workdir) / "model"
+    if not (model_path / "config.json").is_file():
+        hint = " (run `gvpo-offline train` first, or pass --model)" if config.model_path is None else ""
+        raise GvpoError(f"{model_path}: no model here{hint}")
+    beta, beta_source = resolve_beta(config, model_path, console)
+    train_cfg = _read_train_config(model_path)[0] or {}
+    for key in ("reference_model_fingerprint", "tokenizer_fingerprint"):
+        if train_cfg.get(key) and train_cfg[key] != getattr(manifest, key.removeprefix("reference_")):
+            raise GvpoError(
+                f"{model_path} was trained against another reference cache ({key.replace('_', ' ')} differs "
+                f"from {Path(config.workdir) / reference.MANIFEST}); evaluate it with its own --workdir"
+            )
+
+    table, data_desc = _load_rows(config, console)
+    rewards = table.column("reward").to_numpy().astype(np.float64)
+    ref_logp = table.column("ref_logp").to_numpy().astype(np.float64)
+    n_tokens = table.column("n_tokens").to_numpy().astype(np.float64)
+    group_ids = np.asarray(table.column("group_id").to_pylist())
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype or str(manifest.dtype).removeprefix("torch."), device)
+    model_is_ref = is_reference_model(model_path, manifest)
+    model = None
+    if model_is_ref:
+        console.print(f"note: {model_path} is the reference model: ℓ = 0 by definition (no forward pass)")
+        log_ratio = np.zeros_like(ref_logp)
+    else:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        model = load_model(model_path, device, dtype, config.trust_remote_code)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        prompt_ids = table.column("prompt_ids").to_pylist()
+        response_ids = table.column("response_ids").to_pylist()
+        top = max(max(max(p, default=0), max(r)) for p, r in zip(prompt_ids, response_ids))
+        if top >= vocab:
+            raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
+        log_ratio = policy_log_probs(model, prompt_ids, response_ids, config.batch_tokens, console) - ref_logp
+        if not np.isfinite(log_ratio).all():
+            raise GvpoError(f"{model_path}: non-finite log-probs on the evaluation data")
+
+    model_m, ref_m, delta, intervals, counts = metrics_from_arrays(
+        log_ratio, rewards, group_ids, beta, n_tokens, config.bootstrap, config.seed
+    )
+    generation = None
+    if config.generation is not None:
+        if model is None:
+            model = load_model(model_path, device, dtype, config.trust_remote_code)
+        generation = generation_eval(
+            config.generation, model, model_is_ref, manifest, device, dtype, config.seed, config.bootstrap,
+            console, config.trust_remote_code,
+        )
+    del model
+    report = EvalReport(
+        model_path=str(model_path), data=data_desc, beta=beta, beta_source=beta_source,
+        model_is_reference=model_is_ref, model=model_m, reference=ref_m, delta=delta, intervals=intervals,
+        counts=counts, bootstrap=config.bootstrap, seed=config.seed, generation=generation,
+    )
+    if config.json_path:
+        reference.atomic_write_json(Path(config.json_path), report.to_json())
+    return report
+
+
+# ---- display -------------------------------------------------------------------------------------
+
+_LABELS = {
+    "gvpo_loss": "GVPO loss (eq. 16)",
+    "pairwise_accuracy": "pairwise ranking accuracy",
+    "spearman": "Spearman ρ (within groups)",
+    "top1_agreement": "top-1 agreement",
+    "mean_log_ratio": "mean ℓ per response",
+    "mean_log_ratio_per_token": "mean ℓ per token",
+    "implicit_reward_variance": "Var(β·ℓ) (eq. 17)",
+    "implicit_reward_covariance": "Cov(β·ℓ, R) (eq. 17)",
+    "reward_variance": "Var(R)",
+}
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.4g}"
+
+
+def _fmt_interval(iv) -> str:
+    return "—" if not iv else f"[{_fmt(iv[0])}, {_fmt(iv[1])}]"
+
+
+def report_table(report: EvalReport):
+    """The report as a rich Table: metric, model, reference, Δ, and the 95% bootstrap intervals."""
+    from rich.table import Table
+
+    c = report.counts
+    table = Table(
+        title=f"eval of {report.model_path} (β = {report.beta:g})",
+        caption=(
+            f"{c['groups']} groups, {c['responses']} responses, {c['tokens']} tokens; "
+            f"{c['skipped_groups']} groups with all-equal rewards skipped by the ranking metrics "
+            f"({c['pairs']} pairs). Intervals: 95% bootstrap over groups"
+            + (f", {report.bootstrap} resamples." if report.bootstrap else " (off).")
+        ),
+    )
+    for name, justify in (("metric", "left"), ("model", "right"), ("reference", "right"), ("Δ", "right"),
+                          ("model 95% CI", "right"), ("Δ 95% CI", "right")):
+        table.add_column(name, justify=justify)
+    iv_m, iv_d = report.intervals.get("model", {}), report.intervals.get("delta", {})
+    for m in METRICS:
+        table.add_row(_LABELS[m], _fmt(report.model[m]), _fmt(report.reference[m]), _fmt(report.delta[m]),
+                      _fmt_interval(iv_m.get(m)), _fmt_interval(iv_d.get(m)))
+    g = report.generation
+    if g:
+        table.add_section()
+        table.add_row(f"mean sampled reward ({g['prompts']} prompts × {g['samples_per_prompt']})",
+                      _fmt(g["model_mean_reward"]), _fmt(g["reference_mean_reward"]),
+                      _fmt(g["mean_reward_difference"]), "", _fmt_interval(g["difference_interval"]))
+    return table

@@ -1,0 +1,460 @@
+"""Sampling: generate k responses per prompt with a model and score them into grouped GVPO data.
+
+Two layers:
+
+* :func:`generate_responses` — batched sampling from a loaded model (also used by ``eval`` for its
+  generation eval). Prompts are tokenized with :func:`gvpo_offline.tokenize.encode_prompt`, exactly as
+  every other stage does.
+* :func:`sample` — the ``gvpo-offline sample`` stage: read prompts, generate, score with the user's
+  reward, append one grouped JSON line per prompt (``{"id", "prompt", "responses", "rewards"}``),
+  resumable after an interruption.
+
+Determinism: every sampled row (prompt, sample j) draws its randomness from its own generator, seeded
+from ``(seed, key of the prompt, j)``, through the Gumbel-max trick (argmax of logits/T + Gumbel
+noise is a draw from softmax(logits/T)). A response therefore does not depend on which other prompts
+share its batch, on the batch size, or on ``n`` (asking for more samples only adds new ones), up to
+floating-point differences between padded batches, which can flip a near-tie token in rare cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor
+
+from gvpo_offline.errors import DataError, GvpoError
+from gvpo_offline.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample.
+
+    temperature: softmax temperature; 0 means greedy decoding.
+    top_p: nucleus sampling mass (1.0 = off).
+    max_new_tokens: at most this many new tokens per response (also clamped so that prompt + response
+        fits in ``TokenizeConfig.max_length``).
+    seed: the seed every row's generator is derived from.
+    batch_size: rows (prompt × sample) per ``model.generate`` call.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GvpoError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GvpoError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise GvpoError("--max-new-tokens and --batch-size must be >= 1")
+
+
+def stable_int(*parts: object) -> int:
+    """A 63-bit integer from ``parts``, identical across runs and machines (unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+
+class _RowSampler(LogitsProcessor):
+    """Logits processor that turns greedy decoding into per-row seeded sampling (Gumbel-max).
+
+    Applies temperature and top-p, forbids EOS as the first new token (so no response is empty), and
+    adds Gumbel noise drawn from each row's own generator; ``generate`` then takes the argmax.
+    """
+
+    def __init__(self, generators, temperature: float, top_p: float, eos_id: int | None, prompt_width: int):
+        self.generators, self.temperature, self.top_p = generators, temperature, top_p
+        self.eos_id, self.prompt_width = eos_id, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        if self.eos_id is not None and input_ids.shape[1] == self.prompt_width:
+            scores[:, self.eos_id] = -float("inf")
+        if self.temperature == 0:
+            return scores
+        scores = scores / self.temperature
+        if self.top_p < 1:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            cum = sorted_scores.softmax(-1).cumsum(-1)
+            drop_sorted = cum - sorted_scores.softmax(-1) >= self.top_p  # keep the first token always
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, -float("inf"))
+        vocab = scores.shape[-1]
+        uniform = torch.stack(
+            [torch.rand(vocab, generator=g, device=g.device, dtype=torch.float64) for g in self.generators]
+        ).to(scores.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-12)))
+        return scores + gumbel.float()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings (generation flags, pad tokens) and progress bars for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    n: Sequence[int] | int,
+    cfg: SamplingConfig,
+    tokenize_cfg: TokenizeConfig,
+    *,
+    seed_keys: Sequence[object] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[str]]:
+    """Sample ``n[i]`` responses for each prompt: a list (per prompt) of lists of decoded strings.
+
+    prompts: strings or chat-message lists, tokenized with :func:`encode_prompt` (truncated from the
+        left to ``tokenize_cfg.max_prompt_length``).
+    n: samples per prompt, one int for all or one per prompt.
+    Rows are left-padded (attention mask; pad = the tokenizer's pad, else unk, else EOS), sorted by
+    prompt length and generated ``cfg.batch_size`` at a time; generation stops at EOS or after
+    min(cfg.max_new_tokens, tokenize_cfg.max_length − prompt length) tokens. Only the new tokens are
+    decoded, special tokens skipped. EOS is never the first new token, so responses are not empty
+    (bar the odd whitespace-only token).
+    seed_keys: a stable identity per prompt for seeding (default: its position in ``prompts``). Give
+        the prompt's id or file position when the same prompt may come in different calls (resuming).
+    progress: called with the number of rows finished after each batch.
+    Deterministic for the same seed, inputs and keys; see the module docstring for batch independence.
+    """
+    counts = [n] * len(prompts) if isinstance(n, int) else list(n)
+    if len(counts) != len(prompts):
+        raise ValueError(f"n has {len(counts)} entries for {len(prompts)} prompts")
+    keys = list(range(len(prompts))) if seed_keys is None else list(seed_keys)
+    tokenize_cfg, _ = clamp_to_model(tokenize_cfg, getattr(model.config, "max_position_embeddings", None))
+    device = next(model.parameters()).device
+    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
+
+    encoded = [encode_prompt(tokenizer, p, tokenize_cfg)[0] for p in prompts]
+    rows = [(i, j) for i, k in enumerate(counts) for j in range(k)]
+    rows.sort(key=lambda r: -len(encoded[r[0]]))  # similar lengths together: less padding
+    results: list[list[str]] = [[""] * k for k in counts]
+
+    was_training = model.training
+    model.eval()
+    try:
+        with _quiet_transformers():
+            for start in range(0, len(rows), cfg.batch_size):
+                batch = rows[start : start + cfg.batch_size]
+                texts = _generate_batch(model, tokenizer, [encoded[i] for i, _ in batch],
+                                        [(cfg.seed, keys[i], j) for i, j in batch],
+                                        cfg, tokenize_cfg, pad_id, eos_id, device)
+                for (i, j), text in zip(batch, texts):
+                    results[i][j] = text
+                if progress is not None:
+                    progress(len(batch))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _generate_batch(model, tokenizer, prompt_ids, seeds, cfg, tokenize_cfg, pad_id, eos_id, device) -> list[str]:
+    """One ``model.generate`` call over left-padded rows; returns the decoded new tokens per row."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, ids in enumerate(prompt_ids):
+        input_ids[b, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, width - len(ids) :] = 1
+    rooms = [max(1, min(cfg.max_new_tokens, tokenize_cfg.max_length - len(p))) for p in prompt_ids]
+
+    generators = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(stable_int(*s))
+        generators.append(g)
+    sampler = _RowSampler(generators, cfg.temperature, cfg.top_p, eos_id, width)
+    gen_cfg = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max(rooms), pad_token_id=pad_id,
+        eos_token_id=eos_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        generation_config=gen_cfg, logits_processor=LogitsProcessorList([sampler]),
+    )
+    texts = []
+    for b, room in enumerate(rooms):
+        new = out[b, width : width + room].tolist()
+        if eos_id is not None and eos_id in new:
+            new = new[: new.index(eos_id)]
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return texts
+
+
+# ---- the `sample` stage --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Settings of ``gvpo-offline sample``.
+
+    k: responses per prompt (when k_range is None). k_range: (low, high) inclusive; each prompt's k
+    is drawn from it deterministically from the seed and the prompt's position in the file.
+    """
+
+    prompts_path: str
+    model_path: str
+    reward: str
+    output: str
+    k: int | None = None
+    k_range: tuple[int, int] | None = None
+    sampling: SamplingConfig = SamplingConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if (self.k is None) == (self.k_range is None):
+            raise GvpoError("give exactly one of --k and --k-range")
+        if self.k is not None and self.k < 2:
+            raise GvpoError(f"--k must be >= 2 (GVPO compares responses within a group), got {self.k}")
+        if self.k_range is not None:
+            low, high = self.k_range
+            if low < 2 or high < low:
+                raise GvpoError(f"--k-range {low}:{high}: need 2 <= A <= B")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt to sample for: its id, its position in the file (for seeding) and the prompt."""
+
+    id: str
+    index: int
+    prompt: Prompt
+
+
+@dataclass
+class SampleResult:
+    written: int  # groups written by this run
+    skipped: int  # prompts already in the output (resumed)
+    total: int  # prompts in the input
+    empty_responses: int  # responses dropped because they decoded to whitespace (groups left with
+    # fewer than two are not written)
+
+
+def parse_k_range(value: str) -> tuple[int, int]:
+    """``"2:6"`` -> (2, 6)."""
+    low, sep, high = value.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(low), int(high)
+    except ValueError:
+        raise GvpoError(f"--k-range {value!r}: expected A:B, e.g. 2:6") from None
+
+
+def k_for(config: SampleConfig, index: int) -> int:
+    """The number of responses for the prompt at ``index``: fixed, or drawn from the seed and index."""
+    if config.k is not None:
+        return config.k
+    low, high = config.k_range
+    return random.Random(stable_int("k", config.sampling.seed, index)).randint(low, high)
+
+
+def _check_prompt(path: str, line: int, prompt: object) -> Prompt:
+    if isinstance(prompt, str) and prompt.strip():
+        return prompt
+    if (
+        isinstance(prompt, list) and prompt
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in prompt)
+    ):
+        return prompt
+    raise DataError(path, "expected a non-empty string or a list of {\"role\", \"content\"} messages",
+                    line=line, field="prompt")
+
+
+def read_prompts(path: str | Path) -> list[PromptRecord]:
+    """Prompts from a ``.txt`` file (one per line, blank lines skipped) or JSONL with a ``prompt`` field
+    and an optional ``id``. Ids default to the 1-based line number; they must be unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise GvpoError(f"{path}: no such prompts file")
+    records: list[PromptRecord] = []
+    is_jsonl = path.suffix in (".jsonl", ".json")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not is_jsonl:
+                records.append(PromptRecord(str(line_no), len(records), line.rstrip("\r\n")))
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(str(path), f"invalid JSON ({err.msg})", line=line_no) from None
+            if not isinstance(obj, dict) or "prompt" not in obj:
+                raise DataError(str(path), "expected an object with a \"prompt\" field", line=line_no)
+            raw_id = obj.get("id", line_no)
+            if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
+                raise DataError(str(path), f"expected a string or integer, got {raw_id!r}", line=line_no, field="id")
+            prompt = _check_prompt(str(path), line_no, obj["prompt"])
+            records.append(PromptRecord(str(raw_id), len(records), prompt))
+    if not records:
+        raise GvpoError(f"{path}: no prompts")
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise GvpoError(f"{path}: duplicate prompt id {r.id!r}")
+        seen.add(r.id)
+    return records
+
+
+def read_done_ids(path: str | Path) -> set[str]:
+    """Ids already in an output file, for resuming. A partial last line (an interrupted write) is cut
+    off the file; a bad line elsewhere is an error (the file is not ours to repair)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    done: set[str] = set()
+    good_end = 0
+    lines = data.split(b"\n")
+    for line_no, raw in enumerate(lines, 1):
+        last = line_no == len(lines)
+        if not raw.strip():
+            if not last:
+                good_end += len(raw) + 1
+            continue
+        try:
+            obj = json.loads(raw)
+            if last:  # complete JSON but no newline yet: treat as partial too
+                raise ValueError
+            done.add(str(obj["id"]))
+        except (ValueError, KeyError, TypeError):
+            if last:
+                break
+            raise DataError(str(path), "not a complete group line; fix or remove the output file to resume",
+                            line=line_no) from None
+        good_end += len(raw) + 1
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return done
+
+
+def _score_group(fn, record: PromptRecord, responses: list[str]) -> list[float]:
+    from gvpo_offline.rewards import score
+
+    rewards = []
+    for response in responses:
+        try:
+            rewards.append(score(fn, record.prompt, response))
+        except GvpoError as err:
+            raise GvpoError(f"prompt id {record.id!r}: {err}") from None
+        except Exception as err:  # the user's code failed: say where, in one line
+            raise GvpoError(
+                f"the reward function failed on prompt id {record.id!r}: {type(err).__name__}: {err}"
+            ) from None
+    return rewards
+
+
+def sample(config: SampleConfig, progress_console=None) -> SampleResult:
+    """Run the ``sample`` stage: generate, score and append groups to ``config.output``.
+
+    progress_console: the rich Console for the progress bar (default: a new one on stderr).
+
+    Groups are appended in prompt order, one JSON line each, flushed and fsynced after every batch,
+    so an interrupted run resumes where it stopped (prompts whose id is already in the output are
+    skipped; resuming assumes the same settings). Each prompt's samples are seeded by its position in
+    the prompts file, so a resumed run writes what an uninterrupted one would have.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from gvpo_offline.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from gvpo_offline.rewards import load_reward_fn
+
+    records = read_prompts(config.prompts_path)
+    reward_fn = load_reward_fn(config.reward)
+    output = Path(config.output)
+    done = read_done_ids(output)
+    todo = [r for r in records if r.id not in done]
+    result = SampleResult(0, len(records) - len(todo), len(records), 0)
+    if not todo:
+        return result
+
+    device = resolve_device(config.device)
+    with _quiet_transformers():
+        tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
+        model = load_model(config.model_path, device, resolve_dtype(config.dtype, device), config.trust_remote_code)
+
+    # Blocks of whole prompts with about batch_size rows: written (and fsynced) one block at a time.
+    blocks: list[list[PromptRecord]] = [[]]
+    rows_in_block = 0
+    for r in todo:
+        if blocks[-1] and rows_in_block + k_for(config, r.index) > config.sampling.batch_size:
+            blocks.append([])
+            rows_in_block = 0
+        blocks[-1].append(r)
+        rows_in_block += k_for(config, r.index)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    columns = (TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("responses"),
+               TimeRemainingColumn())
+    console = progress_console if progress_console is not None else Console(stderr=True)
+    with Progress(*columns, console=console) as bar, open(output, "a", encoding="utf-8") as out:
+        task = bar.add_task("sample", total=sum(k_for(config, r.index) for r in todo))
+        for block in blocks:
+            counts = [k_for(config, r.index) for r in block]
+            responses = generate_responses(
+                model, tokenizer, [r.prompt for r in block], counts, config.sampling, config.tokenize,
+                seed_keys=[r.index for r in block], progress=lambda m: bar.advance(task, m),
+            )
+            lines = []
+            for record, group in zip(block, responses):
+                kept = [t for t in group if t.strip()]
+                result.empty_responses += len(group) - len(kept)
+                if len(kept) < 2:  # rare: not a GVPO group any more (a resumed run retries it)
+                    continue
+                rewards = _score_group(reward_fn, record, kept)
+                lines.append(json.dumps(
+                    {"id": record.id, "prompt": record.prompt, "responses": kept, "rewards": rewards},
+                    ensure_ascii=False,
+                ) + "\n")
+            out.write("".join(lines))
+            out.flush()
+            os.fsync(out.fileno())
+            result.written += len(lines)
+    return result

@@ -1,0 +1,146 @@
+"""`gvpo-offline sample` and sample.generate_responses, on the real stories260K model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, write_jsonl
+from gvpo_offline.data import DataConfig, load_groups
+
+MODEL = REPO / "sample_data" / "stories260K"
+PROMPTS = [
+    "Once upon a time, there was a little cat named Tom.",
+    "One day, Lily went to the park with her mom.",
+    "Ben had a red ball. He loved to play outside.",
+    "Once upon a time, there was a happy dog named Max.",
+    "Sue found a shiny rock in the garden.",
+]
+FAST = ("--max-new-tokens", "12", "--device", "cpu", "--batch-size", "4")
+
+pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="sample_data/stories260K is missing")
+
+
+@pytest.fixture
+def prompts_txt(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture
+def reward_py(tmp_path: Path) -> Path:
+    path = tmp_path / "reward.py"
+    path.write_text(
+        "def length(prompt, response):\n    return float(len(response.split()))\n\n"
+        "def boom(prompt, response):\n    raise ValueError('no reward today')\n\n"
+        "def text(prompt, response):\n    return 'high'\n"
+    )
+    return path
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sample_writes_valid_groups_within_k_range(run_cli, prompts_txt, reward_py, tmp_path):
+    out = tmp_path / "groups.jsonl"
+    res = run_cli("sample", prompts_txt, "--model", MODEL, "--k-range", "2:4",
+                  "--reward", f"{reward_py}:length", "-o", out, *FAST)
+    assert res.code == 0, res.err
+    rows = read_lines(out)
+    assert [r["id"] for r in rows] == ["1", "2", "3", "4", "5"]  # ids default to line numbers
+    assert [r["prompt"] for r in rows] == PROMPTS
+    for r in rows:
+        assert set(r) == {"id", "prompt", "responses", "rewards"}
+        assert 2 <= len(r["responses"]) <= 4 and len(r["rewards"]) == len(r["responses"])
+        assert all(resp.strip() for resp in r["responses"])
+        assert r["rewards"] == [float(len(resp.split())) for resp in r["responses"]]
+    assert len({len(r["responses"]) for r in rows}) > 1  # k really varies
+    data = load_groups(DataConfig((str(out),)))
+    assert data.stats.n_groups == 5 and data.stats.dropped_k1_groups == 0
+
+
+def test_sample_is_deterministic_and_resumes_without_duplicates(run_cli, prompts_txt, reward_py, tmp_path):
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    args = ("--k", "3", "--reward", f"{reward_py}:length", *FAST)
+    assert run_cli("sample", prompts_txt, "--model", MODEL, "-o", full, *args).code == 0
+    lines = full.read_text().splitlines(keepends=True)
+    # An interrupted run: two complete groups and half a line.
+    part.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    res = run_cli("sample", prompts_txt, "--model", MODEL, "-o", part, *args)
+    assert res.code == 0, res.err
+    assert "2 already there" in res.err
+    assert part.read_text() == full.read_text()  # same groups, same order, nothing duplicated
+    res = run_cli("sample", prompts_txt, "--model", MODEL, "-o", part, *args)  # nothing left to do
+    assert res.code == 0 and part.read_text() == full.read_text()
+
+
+def test_sample_jsonl_prompts_with_ids(run_cli, reward_py, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": PROMPTS[0]}, {"prompt": PROMPTS[1], "id": 7}])
+    out = tmp_path / "g.jsonl"
+    res = run_cli("sample", prompts, "--model", MODEL, "--k", "2", "--reward", f"{reward_py}:length", "-o", out, *FAST)
+    assert res.code == 0, res.err
+    assert [r["id"] for r in read_lines(out)] == ["a", "7"]
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [("boom", "the reward function failed on prompt id '1': ValueError: no reward today"),
+     ("text", "not a number"),
+     ("missing", "has no callable 'missing'")],
+)
+def test_sample_reward_errors_are_one_line(run_cli, prompts_txt, reward_py, tmp_path, fn, message):
+    res = run_cli("sample", prompts_txt, "--model", MODEL, "--k", "2", "--reward", f"{reward_py}:{fn}",
+                  "-o", tmp_path / "g.jsonl", *FAST)
+    assert res.code == 2
+    assert message in res.err and "Traceback" not in res.err
+    assert len(res.err.strip().splitlines()) <= 2  # progress line at most, then the error
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [(("--k", "1"), "--k must be >= 2"),
+     (("--k-range", "3:2"), "need 2 <= A <= B"),
+     (("--k-range", "two"), "expected A:B"),
+     (("--k", "2", "--k-range", "2:3"), "exactly one of --k and --k-range"),
+     ((), "exactly one of --k and --k-range")],
+)
+def test_sample_option_errors(run_cli, prompts_txt, reward_py, tmp_path, opts, message):
+    res = run_cli("sample", prompts_txt, "--model", MODEL, "--reward", f"{reward_py}:length",
+                  "-o", tmp_path / "g.jsonl", *opts, *FAST)
+    assert res.code == 2 and message in res.err
+
+
+def test_sample_bad_prompts_file(run_cli, reward_py, tmp_path):
+    bad = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"text": "no prompt field"}])
+    res = run_cli("sample", bad, "--model", MODEL, "--k", "2", "--reward", f"{reward_py}:length",
+                  "-o", tmp_path / "g.jsonl", *FAST)
+    assert res.code == 2 and "p.jsonl: line 2" in res.err
+
+
+def test_generate_responses_independent_of_batching():
+    from gvpo_offline.modeling import load_model, load_tokenizer
+    from gvpo_offline.sample import SamplingConfig, generate_responses
+    from gvpo_offline.tokenize import TokenizeConfig
+
+    tokenizer = load_tokenizer(MODEL)
+    model = load_model(MODEL, torch.device("cpu"))
+    tok_cfg = TokenizeConfig(max_length=512, max_prompt_length=64)
+    a = generate_responses(model, tokenizer, PROMPTS, [2, 3, 2, 2, 3], SamplingConfig(max_new_tokens=16, batch_size=5), tok_cfg)
+    b = generate_responses(model, tokenizer, PROMPTS[2:], 3, SamplingConfig(max_new_tokens=16, batch_size=2), tok_cfg,
+                           seed_keys=[2, 3, 4])
+    assert [g[:2] for g in b] == [g[:2] for g in a[2:]]  # same (seed, key, j) -> same response
+    assert a[0][0] != a[0][1]  # but the samples of one prompt differ
+    c = generate_responses(model, tokenizer, PROMPTS, 2, SamplingConfig(max_new_tokens=16, seed=1), tok_cfg)
+    assert c != [g[:2] for g in a]  # another seed, other samples
+    greedy = generate_responses(model, tokenizer, PROMPTS[:1], 2, SamplingConfig(temperature=0, max_new_tokens=16), tok_cfg)
+    assert greedy[0][0] == greedy[0][1]
+    # prompt + response never exceeds max_length
+    short = TokenizeConfig(max_length=20, max_prompt_length=16)
+    out = generate_responses(model, tokenizer, PROMPTS[:1], 1, SamplingConfig(max_new_tokens=50), short)
+    prompt_len = len(tokenizer(PROMPTS[0])["input_ids"])
+    assert len(tokenizer(out[0][0], add_special_tokens=False)["input_ids"]) <= 20 - prompt_len + 1

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from gvpo_offline.files import atomic_write_json, atomic_write_table
 from gvpo_offline import reference
 from gvpo_offline.modeling import load_model, load_tokenizer, model_fingerprint, sequence_logps
 from gvpo_offline.tokenize import TokenizeConfig, encode_pair, tokenizer_fingerprint
@@ -59,7 +60,7 @@ def build_cache(
                     "response_ids": resp, "reward": float(reward), "ref_logp": ref[i], "n_tokens": len(resp),
                 })
     shard = f"{reference.REF_DIR}/shard-00000.parquet"
-    reference.atomic_write_table(workdir / shard, pa.Table.from_pylist(rows, schema=reference.REF_SCHEMA))
+    atomic_write_table(workdir / shard, pa.Table.from_pylist(rows, schema=reference.REF_SCHEMA))
     counts = {}
     for split in reference.SPLITS:
         mine = [g for g in groups if g.split == split]
@@ -75,7 +76,7 @@ def build_cache(
         tokenize=TokenizeConfig().to_json(), dtype="float32", eval_fraction=0.0, counts=counts,
         shards=[shard], complete=complete,
     )
-    reference.atomic_write_json(workdir / reference.MANIFEST, manifest.to_json())
+    atomic_write_json(workdir / reference.MANIFEST, manifest.to_json())
     return manifest
 
 

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from gvpo_offline.data import ColumnMap, DataConfig, content_group_id, fingerprint, load_groups
+from gvpo_offline.data import ColumnMap, DataConfig, content_group_id, load_groups
+from gvpo_offline.files import sha256_file
 from gvpo_offline.errors import DataError
 
 GROUPED = [
@@ -71,7 +72,7 @@ def test_file_info_is_size_and_sha256(tmp_path):
     (info,) = load(path).files
     assert info.size == path.stat().st_size
     assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert fingerprint(path, chunk_bytes=7) == info  # chunked streaming gives the same digest
+    assert sha256_file(path, chunk_bytes=7) == info.sha256  # chunked streaming gives the same digest
 
 
 def test_jsonl_gz_json_array_and_json_lines_read_the_same(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -296,7 +297,7 @@ def test_cli_clamps_to_the_model_context_and_reads_a_template_file(tmp_path, run
     manifest = reference.read_manifest(tmp_path / "w")
     assert manifest.tokenize == {"max_length": 512, "max_prompt_length": 511, "add_eos": False, "prompt_template": TEMPLATE}
     assert manifest.layout == "grouped" and manifest.model_path == str(STORIES)
-    assert manifest.data_files[0]["sha256"] == modeling.file_sha256(data)
+    assert manifest.data_files[0]["sha256"] == hashlib.sha256(Path(data).read_bytes()).hexdigest()
     assert manifest.model_fingerprint == modeling.model_fingerprint(STORIES)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cachefixture import STORIES, STORY_GROUPS, IdGroup, build_cache, text_groups
+from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
 from gvpo_offline import cli
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.loss import gvpo_loss

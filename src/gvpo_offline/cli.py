@@ -205,7 +205,8 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout (and nothing else).")] = False,
 ) -> None:
     """Validate data and summarise it: groups, k per prompt, rewards, duplicates, token lengths."""
-    from gvpo_offline.data import ColumnMap, DataConfig, load_groups, load_tokenizer, summarize, summary_tables, token_stats
+    from gvpo_offline.data import ColumnMap, DataConfig, load_groups, summarize, summary_tables, token_stats
+    from gvpo_offline.modeling import load_tokenizer
 
     config = DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col))
     tokens = None

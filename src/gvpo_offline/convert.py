@@ -17,15 +17,14 @@ failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from gvpo_offline.errors import DataError
+from gvpo_offline.files import atomic_write_jsonl
 
 GSM8K_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -65,7 +64,7 @@ def convert(source: Source | str, input_path: str | Path, output_path: str | Pat
             counts["responses"] += len(row["responses"])
             yield row
 
-    write_jsonl_atomic(output_path, rows())
+    atomic_write_jsonl(output_path, rows())
     reason = "prompter messages with fewer than 2 ranked replies" if source is Source.oasst else "questions"
     return ConvertResult(str(output_path), counts["groups"], counts["responses"], counts["skipped"], reason)
 
@@ -147,20 +146,3 @@ def gsm8k_groups(path: str | Path) -> Iterator[dict]:
             responses.append(solution)
             rewards.append(1.0 if correct else 0.0)
         yield {"id": f"gsm8k-{index}", "prompt": question, "responses": responses, "rewards": rewards}
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write one JSON object per line to a temporary file next to ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

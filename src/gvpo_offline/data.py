@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from gvpo_offline.files import sha256_file
 from gvpo_offline.errors import DataError, GvpoError
 
 Message = dict[str, str]
@@ -183,13 +184,15 @@ def load_groups(config: DataConfig) -> GroupedData:
     return GroupedData(out, files, layout, stats)
 
 
-def fingerprint(path: str | Path, chunk_bytes: int = 1 << 20) -> FileInfo:
-    """Size (bytes) and sha256 of a file's content, streamed in ``chunk_bytes`` chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            h.update(chunk)
-    return FileInfo(str(path), os.path.getsize(path), h.hexdigest())
+def fingerprint(path: str | Path) -> FileInfo:
+    """Size (bytes) and sha256 of a file's content."""
+    return FileInfo(str(path), os.path.getsize(path), sha256_file(path))
+
+
+def input_files(paths: tuple[str, ...]) -> list[FileInfo]:
+    """The files that :func:`load_groups` reads for ``paths`` (files, folders, globs, save_to_disk
+    folders), in order, fingerprinted. Cheap next to parsing: used to decide cache hits."""
+    return [fingerprint(path) for src in _resolve(tuple(paths)) for path in src.files] if paths else []
 
 
 def compute_stats(table: pa.Table) -> DataStats:
@@ -1139,25 +1142,6 @@ def token_stats(
         _length_stats(prompt_lengths, prompts_cut),
         _length_stats(response_lengths, responses_cut),
     )
-
-
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
-def load_tokenizer(path: str | Path):
-    """The tokenizer of a local model folder (transformers.AutoTokenizer); GvpoError if there is none."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise GvpoError(f"--model {path}: not a folder (expected a local Hugging Face model folder)")
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise GvpoError(f"--model {path}: not a model folder (no {', '.join(_TOKENIZER_FILES)})")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not a usable model folder"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GvpoError(f"--model {path}: cannot load a tokenizer from this folder ({reason})") from None
 
 
 def summarize(data: GroupedData, tokens: TokenStats | None = None) -> Summary:

@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from gvpo_offline.errors import GvpoError
+from gvpo_offline.files import atomic_write_json
 
 METRICS = (
     "gvpo_loss",
@@ -750,7 +751,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
         counts=counts, bootstrap=config.bootstrap, seed=config.seed, generation=generation,
     )
     if config.json_path:
-        reference.atomic_write_json(Path(config.json_path), report.to_json())
+        atomic_write_json(Path(config.json_path), report.to_json())
     return report
 
 

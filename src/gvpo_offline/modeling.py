@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from gvpo_offline.errors import GvpoError
+from gvpo_offline.files import sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -47,15 +48,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def _check_model_dir(path: str | Path) -> Path:
     path = Path(path)
+    if not path.is_dir():
+        raise GvpoError(f"{path}: not a folder (expected a local Hugging Face model folder; hub names are not loaded)")
     if not (path / "config.json").is_file():
         raise GvpoError(f"{path}: not a model folder (no config.json); give a local save_pretrained folder")
     return path
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a local model folder; a one-line GvpoError when it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_check_model_dir(path), trust_remote_code=trust_remote_code)
+    folder = _check_model_dir(path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a usable tokenizer folder"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GvpoError(f"{folder}: cannot load a tokenizer from this folder ({reason})") from None
 
 
 def load_model(
@@ -76,14 +85,6 @@ def load_model(
 # ---- fingerprints --------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(path: str | Path) -> str:
     """sha256 over the model folder's config.json and weight files (content, not names or dates)."""
     path = _check_model_dir(path)
@@ -96,7 +97,7 @@ def model_fingerprint(path: str | Path) -> str:
         raise GvpoError(f"{path}: no weight files (*.safetensors, *.bin) in the model folder")
     for p in weights:
         h.update(p.name.encode())
-        h.update(file_sha256(p).encode())
+        h.update(sha256_file(p).encode())
     return h.hexdigest()
 
 

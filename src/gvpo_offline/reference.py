@@ -30,12 +30,9 @@ CACHE SEMANTICS (:func:`precompute`):
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -48,7 +45,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from gvpo_offline import __version__, modeling
-from gvpo_offline.data import DataConfig, fingerprint, load_groups
+from gvpo_offline.data import DataConfig, input_files, load_groups
+from gvpo_offline.files import atomic_write_json, atomic_write_table
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.tokenize import (
     TokenizeConfig,
@@ -120,38 +118,6 @@ class Manifest:
         obj = dict(obj)
         obj["counts"] = {k: SplitCounts(**v) for k, v in obj.get("counts", {}).items()}
         return cls(**obj)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    """Write a Parquet file atomically (temp + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(workdir: str | Path) -> Manifest:
@@ -238,26 +204,8 @@ def assign_split(prompt_json: str, eval_fraction: float) -> str:
 
 
 def file_infos(paths) -> list[dict]:
-    """[{"path" (absolute), "size" (bytes), "sha256"}] of the data inputs, in order, like data.load_groups
-    sees them: a file; a folder (all its files, one entry); a glob (its sorted matches)."""
-    infos = []
-    for raw in map(str, paths):
-        matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) and not os.path.exists(raw) else [raw]
-        if not matches:
-            raise GvpoError(f"{raw}: the pattern matches no data files")
-        for p in map(Path, matches):
-            if p.is_file():
-                infos.append({**asdict(fingerprint(p)), "path": str(p.resolve())})
-            elif p.is_dir():
-                h, size = hashlib.sha256(), 0
-                for f in sorted(q for q in p.rglob("*") if q.is_file()):
-                    info = fingerprint(f)
-                    h.update(f"{f.relative_to(p).as_posix()}\0{info.sha256}\n".encode())
-                    size += info.size
-                infos.append({"path": str(p.resolve()), "size": size, "sha256": h.hexdigest()})
-            else:
-                raise GvpoError(f"{p}: no such file or directory")
-    return infos
+    """[{"path" (absolute), "size" (bytes), "sha256"}] of the files data.load_groups reads for ``paths``."""
+    return [{**asdict(f), "path": str(Path(f.path).resolve())} for f in input_files(tuple(paths))]
 
 
 def _sha256_json(obj) -> str:

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from gvpo_offline import reference
 from gvpo_offline.errors import GvpoError
+from gvpo_offline.files import atomic_write_bytes, atomic_write_json
 from gvpo_offline.loss import gvpo_grad_weights, gvpo_loss
 from gvpo_offline.modeling import (
     length_batches,
@@ -366,7 +367,7 @@ def save_checkpoint(workdir: Path, model, optimizer, scheduler, state: TrainStat
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
-    reference.atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json()})
+    atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json()})
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -427,7 +428,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # a line cut by a crash
-    reference.atomic_write_bytes(path, "".join(kept).encode())
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -447,7 +448,7 @@ def save_final(workdir: Path, model, tokenizer, train_config: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    reference.atomic_write_json(tmp / TRAIN_CONFIG, train_config)
+    atomic_write_json(tmp / TRAIN_CONFIG, train_config)
     _fsync_dir(tmp)
     if final.exists():
         os.rename(final, old)

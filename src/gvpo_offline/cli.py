@@ -170,14 +170,17 @@ def eval_cmd(
     """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
     from rich.console import Console as _Console
 
+    from gvpo_offline.data import ColumnMap
     from gvpo_offline.evaluate import EvalConfig, GenerationEvalConfig, evaluate, report_table
+    from gvpo_offline.sample import SamplingConfig
 
     if (prompts is None) != (reward is None):
         raise GvpoError("the generation eval needs both --prompts and --reward")
     generation = None
     if prompts is not None:
-        generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, temperature, top_p, max_new_tokens)
-    columns = {"prompt": prompt_col, "response": response_col, "reward": reward_col, "group": group_col}
+        sampling = SamplingConfig(temperature, top_p, max_new_tokens, seed)
+        generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, sampling)
+    columns = ColumnMap(prompt_col, response_col, reward_col, group_col)
     config = EvalConfig(
         workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,
         batch_tokens=batch_tokens, device=device, dtype=dtype, bootstrap=bootstrap, seed=seed,

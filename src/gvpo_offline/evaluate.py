@@ -58,13 +58,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gvpo_offline.data import ColumnMap
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.files import atomic_write_json
+from gvpo_offline.sample import SamplingConfig
 
 METRICS = (
     "gvpo_loss",
@@ -329,10 +331,7 @@ class GenerationEvalConfig:
     prompts_path: str
     reward: str
     samples_per_prompt: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    batch_size: int = 32
+    sampling: SamplingConfig = SamplingConfig()  # its seed is the one both models sample with
 
     def __post_init__(self):
         if self.samples_per_prompt < 1:
@@ -363,7 +362,7 @@ class EvalConfig:
     seed: int = 0
     generation: GenerationEvalConfig | None = None
     layout: str = "auto"
-    columns: dict = field(default_factory=dict)
+    columns: ColumnMap = ColumnMap()
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -543,64 +542,27 @@ def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, console
 
 
 def read_eval_prompts(path: str | Path) -> list:
-    """Prompts for the generation eval, deduplicated in order.
+    """Prompts for the generation eval, deduplicated in order (sample.read_prompts' formats: ``.txt``, one
+    per line, or JSONL with a ``prompt`` field — grouped and flat data files work as they are)."""
+    from gvpo_offline.sample import read_prompts
 
-    ``.txt``: one prompt per non-empty line. ``.jsonl``/``.json``: one object per line with a ``prompt``
-    field (a string, or a list of {"role", "content"} messages); other fields are ignored, so grouped and
-    flat data files work as they are.
-    """
-    from gvpo_offline.errors import DataError
-
-    path = Path(path)
-    if not path.is_file():
-        raise GvpoError(f"{path}: no such prompts file")
     prompts, seen = [], set()
-    jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not jsonl:
-                prompt = line.rstrip("\r\n")
-            else:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(str(path), f"invalid JSON ({err.msg})", line=line_no) from None
-                prompt = obj.get("prompt") if isinstance(obj, dict) else None
-                ok_messages = isinstance(prompt, list) and prompt and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in prompt
-                )
-                if not (isinstance(prompt, str) and prompt.strip()) and not ok_messages:
-                    raise DataError(
-                        str(path), "expected a non-empty string or a list of {\"role\", \"content\"} messages",
-                        line=line_no, field="prompt",
-                    )
-            key = json.dumps(prompt, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                prompts.append(prompt)
-    if not prompts:
-        raise GvpoError(f"{path}: no prompts")
+    for record in read_prompts(path, unique_ids=False):
+        key = json.dumps(record.prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(record.prompt)
     return prompts
 
 
 def _score_all(fn, prompts, responses) -> np.ndarray:
     """[P, n] rewards of the sampled responses; a failing reward names the prompt."""
-    from gvpo_offline.rewards import score
+    from gvpo_offline.rewards import score_responses
 
     out = np.zeros((len(prompts), max(len(r) for r in responses)))
     for i, (prompt, group) in enumerate(zip(prompts, responses)):
-        for j, response in enumerate(group):
-            try:
-                out[i, j] = score(fn, prompt, response)
-            except GvpoError as err:
-                raise GvpoError(f"prompt {i + 1}: {err}") from None
-            except Exception as err:  # the user's code failed: one line, where
-                raise GvpoError(f"the reward function failed on prompt {i + 1}: {type(err).__name__}: {err}") from None
+        out[i, : len(group)] = score_responses(fn, prompt, group, f"prompt {i + 1}")
     return out
-
 
 def generation_eval(
     gen: GenerationEvalConfig,
@@ -621,12 +583,12 @@ def generation_eval(
 
     from gvpo_offline.modeling import load_model, load_tokenizer
     from gvpo_offline.rewards import load_reward_fn
-    from gvpo_offline.sample import SamplingConfig, generate_responses
+    from gvpo_offline.sample import generate_responses
 
     prompts = read_eval_prompts(gen.prompts_path)
     reward_fn = load_reward_fn(gen.reward)
     tokenizer = load_tokenizer(manifest.model_path, trust_remote_code)  # the cache's tokenization
-    sampling = SamplingConfig(gen.temperature, gen.top_p, gen.max_new_tokens, seed, gen.batch_size)
+    sampling = gen.sampling
     tok_cfg = manifest.tokenize_config
     n, keys = gen.samples_per_prompt, list(range(len(prompts)))
 
@@ -655,9 +617,9 @@ def generation_eval(
         "reference_mean_reward": float(per_prompt_r.mean()),
         "mean_reward_difference": float((per_prompt_m - per_prompt_r).mean()),
         "difference_interval": mean_difference_interval(per_prompt_m, per_prompt_r, bootstrap, seed),
-        "temperature": gen.temperature,
-        "top_p": gen.top_p,
-        "max_new_tokens": gen.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_new_tokens": sampling.max_new_tokens,
     }
 
 
@@ -673,9 +635,9 @@ def _load_rows(config: EvalConfig, console=None):
                 "or --eval-data), or pass --data FILE"
             )
         return table, [f"{config.workdir}:eval"]
-    from gvpo_offline.data import ColumnMap, DataConfig
+    from gvpo_offline.data import DataConfig
 
-    data = DataConfig(tuple(config.data_paths), config.layout, ColumnMap(**config.columns))
+    data = DataConfig(tuple(config.data_paths), config.layout, config.columns)
     sub = reference.precompute_extra(
         config.workdir, data, device=config.device, batch_tokens=config.batch_tokens,
         trust_remote_code=config.trust_remote_code, console=console,

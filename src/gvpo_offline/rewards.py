@@ -50,3 +50,17 @@ def score(fn: RewardFn, prompt, response: str) -> float:
     if not math.isfinite(value):
         raise GvpoError(f"the reward function returned {value}, not a finite number")
     return value
+
+
+def score_responses(fn: RewardFn, prompt, responses: list[str], where: str) -> list[float]:
+    """Rewards of ``responses`` to ``prompt``. Any failure of the user's function becomes one GvpoError
+    that names ``where`` (e.g. "prompt id '7'") instead of a traceback."""
+    rewards = []
+    for response in responses:
+        try:
+            rewards.append(score(fn, prompt, response))
+        except GvpoError as err:
+            raise GvpoError(f"{where}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - the user's code failed: one line, and where
+            raise GvpoError(f"the reward function failed on {where}: {type(err).__name__}: {err}") from None
+    return rewards

@@ -305,9 +305,11 @@ def _check_prompt(path: str, line: int, prompt: object) -> Prompt:
                     line=line, field="prompt")
 
 
-def read_prompts(path: str | Path) -> list[PromptRecord]:
+def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord]:
     """Prompts from a ``.txt`` file (one per line, blank lines skipped) or JSONL with a ``prompt`` field
-    and an optional ``id``. Ids default to the 1-based line number; they must be unique."""
+    (a string or chat messages) and an optional ``id``; other fields are ignored, so grouped and flat
+    data files work as they are. Ids default to the 1-based line number; with ``unique_ids`` they must
+    be unique."""
     path = Path(path)
     if not path.is_file():
         raise GvpoError(f"{path}: no such prompts file")
@@ -334,7 +336,7 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
     if not records:
         raise GvpoError(f"{path}: no prompts")
     seen: set[str] = set()
-    for r in records:
+    for r in records if unique_ids else ():
         if r.id in seen:
             raise GvpoError(f"{path}: duplicate prompt id {r.id!r}")
         seen.add(r.id)
@@ -374,22 +376,6 @@ def read_done_ids(path: str | Path) -> set[str]:
     return done
 
 
-def _score_group(fn, record: PromptRecord, responses: list[str]) -> list[float]:
-    from gvpo_offline.rewards import score
-
-    rewards = []
-    for response in responses:
-        try:
-            rewards.append(score(fn, record.prompt, response))
-        except GvpoError as err:
-            raise GvpoError(f"prompt id {record.id!r}: {err}") from None
-        except Exception as err:  # the user's code failed: say where, in one line
-            raise GvpoError(
-                f"the reward function failed on prompt id {record.id!r}: {type(err).__name__}: {err}"
-            ) from None
-    return rewards
-
-
 def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     """Run the ``sample`` stage: generate, score and append groups to ``config.output``.
 
@@ -404,7 +390,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gvpo_offline.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from gvpo_offline.rewards import load_reward_fn
+    from gvpo_offline.rewards import load_reward_fn, score_responses
 
     records = read_prompts(config.prompts_path)
     reward_fn = load_reward_fn(config.reward)
@@ -448,7 +434,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
                 result.empty_responses += len(group) - len(kept)
                 if len(kept) < 2:  # rare: not a GVPO group any more (a resumed run retries it)
                     continue
-                rewards = _score_group(reward_fn, record, kept)
+                rewards = score_responses(reward_fn, record.prompt, kept, f"prompt id {record.id!r}")
                 lines.append(json.dumps(
                     {"id": record.id, "prompt": record.prompt, "responses": kept, "rewards": rewards},
                     ensure_ascii=False,

@@ -27,6 +27,7 @@ from gvpo_offline.train import (
     TrainConfig,
     epoch_order,
     gvpo_backward,
+    pack_groups,
     load_train_groups,
     make_batch,
     train,
@@ -159,6 +160,29 @@ def test_split_micro_batches_give_the_one_pass_gradient():
         scale = g_naive[name].abs().max().item() + 1e-12
         assert (g_split[name] - g_one[name]).abs().max().item() <= 1e-5 * scale, name
         assert (g_naive[name] - g_one[name]).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_whole_groups_go_in_one_pass_and_only_oversized_groups_are_split():
+    model, batch, beta = tiny_llama(), random_batch(ks=(2, 2, 3, 6)), 0.3
+    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+    rows = [[i for i, g in enumerate(batch.group_index.tolist()) if g == j] for j in range(batch.n_groups)]
+    padded = [len(r) * max(lengths[i] for i in r) for r in rows]
+    budget = sorted(padded)[-2]  # every group fits but the largest one
+    packs, split = pack_groups(lengths, rows, budget)
+    assert split == [padded.index(max(padded))]
+    assert sorted(g for pack in packs for g in pack) == sorted(set(range(batch.n_groups)) - set(split))
+    for pack in packs:
+        assert sum(len(rows[g]) for g in pack) * max(lengths[i] for g in pack for i in rows[g]) <= budget
+
+    one = gvpo_backward(model, batch, beta, micro_batch_tokens=100_000)
+    g_one = grads(model)
+    mixed = gvpo_backward(model, batch, beta, micro_batch_tokens=budget)
+    g_mixed = grads(model)
+    assert one.micro_batches == 1 and mixed.micro_batches >= len(packs) + 2
+    assert mixed.loss == pytest.approx(one.loss, rel=1e-6)
+    for name in g_one:
+        scale = g_one[name].abs().max().item() + 1e-12
+        assert (g_mixed[name] - g_one[name]).abs().max().item() <= 1e-5 * scale, name
 
 
 def test_gradient_checkpointing_keeps_the_gradient():

@@ -239,6 +239,25 @@ class StepStats:
     micro_batches: int
 
 
+def pack_groups(lengths: list[int], group_rows: list[list[int]], budget: int) -> tuple[list[list[int]], list[int]]:
+    """Plan a step's forward passes: (packs, split). A pack is a list of whole groups whose responses fit
+    together in one micro-batch (rows × longest ≤ ``budget``), longest groups first; ``split`` are the
+    groups that do not fit on their own and must be cut across micro-batches."""
+
+    def padded(rows: list[int]) -> int:
+        return len(rows) * max(lengths[i] for i in rows)
+
+    fitting = [g for g, rows in enumerate(group_rows) if padded(rows) <= budget]
+    split = [g for g, rows in enumerate(group_rows) if padded(rows) > budget]
+    packs: list[list[int]] = []
+    for g in sorted(fitting, key=lambda g: -max(lengths[i] for i in group_rows[g])):
+        if packs and padded([i for h in packs[-1] + [g] for i in group_rows[h]]) <= budget:
+            packs[-1].append(g)
+        else:
+            packs.append([g])
+    return packs, split
+
+
 def gvpo_backward(
     model,
     batch: StepBatch,
@@ -247,13 +266,14 @@ def gvpo_backward(
     chunk_tokens: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> StepStats:
-    """Accumulate ∇θ gvpo_loss over the step into ``param.grad``; the loss is over all the step's groups.
+    """Accumulate ∇θ gvpo_loss over the step into ``param.grad``; the loss is over all the step's G groups.
 
-    If every response fits in one micro-batch: one pass, ``gvpo_loss(...).backward()``. Otherwise the
-    exact same gradient in two phases: (a) the current policy log-probs of every response without grad,
-    hence the weights w_i = ∂L/∂log πθ(y_i|x) = 2β·c_i/((k−1)·G); (b) backward of Σ w_i·log πθ(y_i|x)
-    micro-batch by micro-batch. Raises GvpoError when the loss is not finite (before any backward).
-    ``chunk_tokens``: response positions per LM-head chunk (None: :func:`logits_chunk_for` the vocab).
+    Groups that fit in ``micro_batch_tokens`` are packed whole into micro-batches and go in one pass each:
+    ``gvpo_loss(pack) · |pack|/G`` is exactly their share of the step's loss. A group too large for one
+    micro-batch gets the exact same gradient in two phases: (a) its current policy log-probs without
+    grad, hence the weights w_i = ∂L/∂log πθ(y_i|x) = 2β·c_i/((k−1)·G); (b) backward of
+    Σ w_i·log πθ(y_i|x) micro-batch by micro-batch. Raises GvpoError when a loss is not finite (before
+    its backward). ``chunk_tokens``: response positions per LM-head chunk (None: :func:`logits_chunk_for`).
     """
     device = next(model.parameters()).device
     chunk_tokens = chunk_tokens or logits_chunk_for(model.get_output_embeddings().weight.shape[0])
@@ -261,7 +281,10 @@ def gvpo_backward(
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if mixed else nullcontext()
     ref, rewards, gid = (t.to(device) for t in (batch.ref_logps, batch.rewards, batch.group_index))
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
-    micro = length_batches(lengths, micro_batch_tokens)
+    group_rows: list[list[int]] = [[] for _ in range(batch.n_groups)]
+    for i, g in enumerate(batch.group_index.tolist()):
+        group_rows[g].append(i)
+    packs, split = pack_groups(lengths, group_rows, micro_batch_tokens)
 
     def logps(rows: list[int]) -> Tensor:
         with autocast:
@@ -269,22 +292,29 @@ def gvpo_backward(
                 model, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows], chunk_tokens
             )
 
-    if len(micro) == 1:
-        policy = logps(list(range(len(lengths))))
-        loss = gvpo_loss(policy, ref, rewards, gid, beta)
-        _check_finite_loss(loss)
-        loss.backward()
-        policy = policy.detach()
-    else:
-        policy = torch.empty(len(lengths), dtype=torch.float32, device=device)
+    policy = torch.empty(len(lengths), dtype=torch.float32, device=device)
+    passes = 0
+    for pack in packs:  # whole groups: one pass
+        rows = [i for g in pack for i in group_rows[g]]
+        pack_logps = logps(rows)
+        part = gvpo_loss(pack_logps, ref[rows], rewards[rows], gid[rows], beta) * (len(pack) / batch.n_groups)
+        _check_finite_loss(part)
+        part.backward()
+        policy[rows] = pack_logps.detach()
+        passes += 1
+    for g in split:  # a group cut across micro-batches: weights first, then Σ w·log π piece by piece
+        rows = group_rows[g]
+        micro = [[rows[j] for j in mb] for mb in length_batches([lengths[i] for i in rows], micro_batch_tokens)]
         with torch.no_grad():
-            for rows in micro:
-                policy[rows] = logps(rows)
-        loss = gvpo_loss(policy, ref, rewards, gid, beta)
-        _check_finite_loss(loss)
-        weights = gvpo_grad_weights(policy, ref, rewards, gid, beta, n_groups=batch.n_groups)
-        for rows in micro:
-            (logps(rows).double() * weights[rows]).sum().backward()
+            for mb in micro:
+                policy[mb] = logps(mb)
+        _check_finite_loss(gvpo_loss(policy[rows], ref[rows], rewards[rows], gid[rows], beta))
+        weights = torch.zeros(len(lengths), dtype=torch.float64, device=device)
+        weights[rows] = gvpo_grad_weights(policy[rows], ref[rows], rewards[rows], gid[rows], beta, batch.n_groups)
+        for mb in micro:
+            (logps(mb).double() * weights[mb]).sum().backward()
+            passes += 1
+    loss = gvpo_loss(policy, ref, rewards, gid, beta)  # the step's loss, for the record (= Σ parts)
     ratio = policy.double() - ref
     return StepStats(
         loss=loss.item(),
@@ -292,7 +322,7 @@ def gvpo_backward(
         log_ratio=ratio.mean().item(),
         log_ratio_absmax=ratio.abs().max().item(),
         tokens=batch.tokens,
-        micro_batches=len(micro),
+        micro_batches=passes,
     )
 
 

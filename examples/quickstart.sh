@@ -12,6 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# `python -m gvpo_offline` is the `gvpo-offline` command, found even where pip's script folder is not on PATH.
+gvpo-offline() { "${PYTHON:-python3}" -m gvpo_offline "$@"; }
+
 DATA=sample_data
 WORKDIR="${WORKDIR:-gvpo-run/quickstart}"
 rm -rf "$WORKDIR"
@@ -33,7 +36,7 @@ gvpo-offline eval --workdir "$WORKDIR" --json "$WORKDIR/eval.json" \
     --samples-per-prompt 4 --max-new-tokens 128 >"$WORKDIR/eval_table.txt"
 echo "(full eval table: $WORKDIR/eval_table.txt)"
 
-python - "$WORKDIR/eval.json" <<'PY'
+"${PYTHON:-python3}" - "$WORKDIR/eval.json" <<'PY'
 import json, sys
 
 r = json.load(open(sys.argv[1]))

@@ -111,7 +111,7 @@ def train_cmd(
     workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
     init_model: Annotated[Optional[str], typer.Option("--init-model", help="Start from this model folder (e.g. an SFT checkpoint) instead of the reference; same tokenizer required.")] = None,
     groups_per_step: Annotated[int, typer.Option("--groups-per-step", help="Prompts (whole groups) per optimizer step.")] = 8,
-    micro_batch_tokens: Annotated[int, typer.Option("--micro-batch-tokens", help="Padded tokens per forward pass (memory bound); a step that does not fit is split with the exact same gradient.")] = 8192,
+    micro_batch_tokens: Annotated[Optional[int], typer.Option("--micro-batch-tokens", help="Padded tokens per forward pass (memory bound; default 8192 on GPU, 2048 on CPU, where small batches run faster); a step that does not fit is split with the exact same gradient.", show_default=False)] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate. Our loss is paper eq. 16; the authors' verl code scales the loss by 1/2, i.e. half our gradient at the same learning rate.")] = 1e-6,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
     warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Fraction of steps with linear warmup; cosine decay after.")] = 0.1,

@@ -77,7 +77,7 @@ class TrainConfig:
     beta: float = 0.1
     init_model: str | None = None  # None = the reference model recorded in the manifest
     groups_per_step: int = 8  # whole groups (prompts) per optimizer step
-    micro_batch_tokens: int = 8192  # padded tokens (rows × longest) per forward pass
+    micro_batch_tokens: int | None = None  # padded tokens (rows × longest) per pass; None = 8192 GPU, 2048 CPU
     lr: float = 1e-6  # peak AdamW lr; verl's GVPO loss is ½ ours, so its lr means half our gradient
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1  # fraction of the steps with linear warmup, then cosine to 0
@@ -522,6 +522,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     groups = load_train_groups(workdir)
     device = resolve_device(cfg.device)
     compute_dtype = resolve_dtype(cfg.dtype, device)
+    micro_batch_tokens = cfg.micro_batch_tokens or (8192 if device.type == "cuda" else 2048)
     if compute_dtype == torch.float16:
         raise GvpoError("--dtype float16 is not supported for training: use bfloat16 or float32")
     if str(manifest.dtype).removeprefix("torch.") != str(compute_dtype).removeprefix("torch."):
@@ -580,7 +581,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             where = f"step {state.step + 1} (epoch {state.epoch})"
             stop = f"stopped without updating the model; last good checkpoint: {last_good or 'none yet'}"
             try:
-                stats = gvpo_backward(model, batch, cfg.beta, cfg.micro_batch_tokens, cfg.logits_chunk_tokens,
+                stats = gvpo_backward(model, batch, cfg.beta, micro_batch_tokens, cfg.logits_chunk_tokens,
                                       compute_dtype)
             except NonFiniteError as err:
                 raise GvpoError(f"{where}: {err}; {stop}. Check the cached rewards/ref_logp or lower --lr") from None

@@ -379,3 +379,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert kept == ["step-1", "step-2"]
     assert len(read_metrics(tmp_path / "run")) == 2
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_resume_refuses_a_reference_cache_that_changed(workdir):
+    train(config(workdir, max_steps=2, save_every=1), log=quiet)
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    (workdir / "manifest.json").write_text(json.dumps({**manifest, "key": "made-from-other-inputs"}))
+    with pytest.raises(GvpoError, match="reference cache changed since this checkpoint"):
+        train(config(workdir, max_steps=2, save_every=1, resume=True), log=quiet)
+    (workdir / "manifest.json").write_text(json.dumps(manifest))  # the same cache again: resumes
+    assert train(config(workdir, max_steps=2, save_every=1, resume=True), log=quiet).resumed_from == 2

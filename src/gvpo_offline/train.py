@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -380,8 +379,11 @@ def checkpoint_dirs(workdir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig) -> Path:
-    """WORKDIR/checkpoints/step-N/: weights (safetensors), optimizer, scheduler, RNG states, position.
+def save_checkpoint(
+    workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig, cache_key: str
+) -> Path:
+    """WORKDIR/checkpoints/step-N/: weights (safetensors), optimizer, scheduler, torch RNG states, position,
+    and the reference cache's key (a resume on another cache would continue a different data order).
 
     Written into a temp dir, then renamed (atomic); only the newest ``config.keep_checkpoints`` stay.
     """
@@ -393,11 +395,11 @@ def save_checkpoint(workdir: Path, model, optimizer, scheduler, state: TrainStat
     model.save_pretrained(tmp, safe_serialization=True)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
-    atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json()})
+    atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key})
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -412,8 +414,7 @@ def load_checkpoint(path: Path, optimizer, scheduler) -> TrainState:
     """Restore optimizer, scheduler and RNG states from ``path`` (the weights are loaded by the caller)."""
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: python's RNG state is a tuple
-    random.setstate(rng["python"])
+    rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -421,8 +422,12 @@ def load_checkpoint(path: Path, optimizer, scheduler) -> TrainState:
     return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
 
 
-def _check_resume_config(path: Path, config: TrainConfig) -> None:
-    saved = json.loads((path / STATE).read_text())["config"]
+def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> None:
+    state = json.loads((path / STATE).read_text())
+    if state.get("cache_key") != cache_key:
+        raise GvpoError(f"--resume from {path}: the reference cache changed since this checkpoint (precompute-ref "
+                        "was rerun on other inputs); start a new run (delete the checkpoints folder)")
+    saved = state["config"]
     now = config.to_json()
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]
@@ -541,14 +546,13 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
                         "continue it, or delete that folder to start over")
     resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
     if resume_from:
-        _check_resume_config(resume_from[1], cfg)
+        _check_resume_config(resume_from[1], cfg, manifest.key)
     elif cfg.resume:
         log(f"note: --resume: no checkpoint in {workdir / CHECKPOINTS}, starting from step 0")
     for stale in (workdir / CHECKPOINTS).glob(".tmp-*"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
 
     # 3. the policy (fp32 master weights, eval mode = no dropout), optimizer, schedule, state
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
     model = load_model(resume_from[1] if resume_from else init_path, device, torch.float32, cfg.trust_remote_code)
@@ -606,7 +610,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             update(state.step, loss=stats.loss, grad_norm=grad_norm, lr=lr,
                    tok_s=tokens_seen / max(1e-9, time.perf_counter() - started))
             if cfg.save_every and state.step % cfg.save_every == 0:
-                last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg))
+                last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg, manifest.key))
 
     # 5. the final model
     train_config = {

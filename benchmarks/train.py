@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--groups-per-step", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
-    parser.add_argument("--chunk-tokens", type=int, default=None, help="LM-head chunk (default: train.logits_chunk_for(vocab))")
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="LM-head chunk (default: modeling.logits_chunk_for(vocab))")
     parser.add_argument("--small-budget", type=int, default=1024, help="--micro-batch-tokens of the 3rd variant")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")

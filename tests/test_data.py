@@ -112,7 +112,7 @@ def test_parquet_messages_and_assistant_responses(tmp_path):
 def test_prompt_json_is_identical_from_jsonl_and_parquet(tmp_path, prompt_kind):
     """The vectorised JSON encoding of Parquet prompts must equal json.dumps byte for byte."""
     nasty = 'q\\"\x00\x01\x07\b\t\n\x0b\f\r\x1f\x7f é 🙂 \u2028 end'
-    prompts = [nasty, "plain", ""] if prompt_kind == "string" else [
+    prompts = [nasty, "plain", " x "] if prompt_kind == "string" else [
         [{"role": "user", "content": nasty}], [{"role": "sys\ntem", "content": ""}, {"role": "user", "content": "x"}]
     ]
     rows = [{"prompt": p, "responses": ["a", "b"], "rewards": [1, 0]} for p in prompts]
@@ -388,3 +388,12 @@ def test_lone_surrogate_is_a_located_error(tmp_path):
     with pytest.raises(DataError) as err:
         load(path)
     assert err.value.line == 2 and "surrogate" in str(err.value)
+
+
+def test_empty_prompt_is_an_error_in_json_and_parquet(tmp_path):
+    rows = [{"prompt": "ok", "responses": ["a", "b"], "rewards": [0, 1]},
+            {"prompt": "  ", "responses": ["a", "b"], "rewards": [0, 1]}]
+    with pytest.raises(DataError, match=r"d\.jsonl: line 2: field 'prompt': the prompt is empty"):
+        load(write_jsonl(tmp_path / "d.jsonl", rows))
+    with pytest.raises(DataError, match=r"d\.parquet: row 1: field 'prompt': the prompt is empty"):
+        load(to_parquet(tmp_path / "d.parquet", rows))

@@ -330,8 +330,8 @@ def test_a_forward_pass_of_the_reference_reproduces_the_cached_log_probs(workdir
 def test_data_files_are_scored_once_and_cached(workdir, tmp_path, capsys, monkeypatch):
     new = write_jsonl(tmp_path / "new.jsonl", story_groups(10, NAMES[10:], seed=3))
     calls = []
-    real = reference.reference_logps
-    monkeypatch.setattr(reference, "reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = reference._compute_shards  # the reference forward passes of precompute
+    monkeypatch.setattr(reference, "_compute_shards", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     first = run_eval(capsys, "--workdir", str(workdir), "--data", str(new))
     assert calls, "the first eval --data must compute the reference log-probs"

@@ -51,3 +51,14 @@ def test_length_batches_respect_budget_and_cover_everything():
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 48
     assert batches[0] == [5]  # longest first, alone when over budget
     assert length_batches(lengths, 48) == batches  # deterministic
+
+
+def test_empty_prompt_or_response_is_refused():
+    model = tiny_llama()
+    for prompts, responses in (([[]], [[5, 6]]), ([[5]], [[]])):
+        try:
+            sequence_logps(model, prompts, responses)
+        except ValueError as err:
+            assert "at least one token" in str(err)
+        else:
+            raise AssertionError("an empty prompt/response must not be scored")

@@ -254,7 +254,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_cache(tmp_path):
 def test_ctrl_c_keeps_finished_shards_and_the_rerun_resumes(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", make_groups(12))
     clean, _ = run(tmp_path / "clean", [data], shard_groups=3)
-    calls, real = [], reference.reference_logps
+    calls, real = [], modeling.batched_logps
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -262,12 +262,12 @@ def test_ctrl_c_keeps_finished_shards_and_the_rerun_resumes(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reference, "reference_logps", interrupted)
+    monkeypatch.setattr(modeling, "batched_logps", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "w", [data], shard_groups=3)
     assert not json.loads((tmp_path / "w" / "manifest.json").read_text())["complete"]
     assert sorted(p.name for p in (tmp_path / "w" / "ref").iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
-    monkeypatch.setattr(reference, "reference_logps", real)
+    monkeypatch.setattr(modeling, "batched_logps", real)
     resumed, out = run(tmp_path / "w", [data], shard_groups=3)
     assert "resuming: 2 of 4 shards" in out
     assert resumed.to_json() == clean.to_json()

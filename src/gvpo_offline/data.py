@@ -557,6 +557,8 @@ def _describe(value: Any) -> str:
 def _prompt_json(value: Any, name: str) -> str:
     """A prompt (string or chat messages) -> its canonical JSON (messages keep only role and content)."""
     if isinstance(value, str):
+        if not value.strip():
+            raise _RowError(name, "the prompt is empty")
         return encode_basestring(value)  # == json.dumps(value, ensure_ascii=False)
     if not isinstance(value, list) or not value:
         raise _RowError(
@@ -832,6 +834,7 @@ def _prompt_column(col: pa.ChunkedArray, where: _Column) -> pa.ChunkedArray:
     """A string or list<struct<role, content>> column -> the canonical prompt JSON strings."""
     if pa.types.is_dictionary(col.type) and _is_str(col.type.value_type):  # quote each prompt once
         where.check(pc.is_null(col), "expected a prompt, got null")
+        where.check(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col.cast(pa.string()))), 0), "the prompt is empty")
         col = col.unify_dictionaries()
         quoted = _json_quote(col.chunk(0).dictionary) if col.num_chunks else pa.array([], pa.string())
         chunks = [pa.DictionaryArray.from_arrays(c.indices, quoted) for c in col.chunks]
@@ -840,6 +843,7 @@ def _prompt_column(col: pa.ChunkedArray, where: _Column) -> pa.ChunkedArray:
         col = col.cast(col.type.value_type)
     if _is_str(col.type):
         where.check(pc.is_null(col), "expected a prompt, got null")
+        where.check(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), "the prompt is empty")
         return _json_quote(col)
     if _is_list(col.type) and pa.types.is_struct(col.type.value_type):
         where.check(pc.is_null(col), "expected a prompt, got null")

@@ -523,22 +523,17 @@ def _progress(console, label: str):
     )
 
 
-def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, console=None) -> np.ndarray:
-    """Σ log πθ(response | prompt) per pair, [N] float64, under no_grad, batched by length under
-    ``batch_tokens`` (rows × longest); a rich progress bar on ``console`` (default stderr)."""
+def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=None, console=None) -> np.ndarray:
+    """Σ log πθ(response | prompt) per pair, [N] float64 (modeling.batched_logps: no grad, batched by
+    length under ``batch_tokens``, the shared numeric regime for ``dtype``), with a progress bar."""
     import torch
 
-    from gvpo_offline.modeling import length_batches, sequence_logps
+    from gvpo_offline.modeling import batched_logps
 
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    out = np.zeros(len(lengths), dtype=np.float64)
-    with _progress(console, "policy log-probs") as bar, torch.no_grad():
-        task = bar.add_task("logps", total=len(lengths))
-        for batch in length_batches(lengths, batch_tokens):
-            logps = sequence_logps(model, [prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
-            out[batch] = logps.double().cpu().numpy()
-            bar.advance(task, len(batch))
-    return out
+    with _progress(console, "policy log-probs") as bar:
+        task = bar.add_task("logps", total=len(prompt_ids))
+        return batched_logps(model, prompt_ids, response_ids, batch_tokens, dtype or torch.float32,
+                             on_batch=lambda n, _tokens: bar.advance(task, n))
 
 
 def read_eval_prompts(path: str | Path) -> list:
@@ -604,7 +599,7 @@ def generation_eval(
     if model_is_reference:
         ref_rewards = model_rewards
     else:
-        ref_model = load_model(manifest.model_path, device, dtype, trust_remote_code)
+        ref_model = load_model(manifest.model_path, device, next(model.parameters()).dtype, trust_remote_code)
         ref_rewards = run(ref_model, "sampling (reference)")
         del ref_model
         if torch.cuda.is_available():
@@ -651,6 +646,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
 
     from gvpo_offline import reference
     from gvpo_offline.modeling import load_model, resolve_device, resolve_dtype
+    import torch
 
     console = console or Console(stderr=True)
     manifest = reference.read_manifest(config.workdir)
@@ -684,14 +680,14 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        model = load_model(model_path, device, dtype, config.trust_remote_code)
+        model = load_model(model_path, device, torch.float32, config.trust_remote_code)  # + autocast(dtype)
         vocab = model.get_output_embeddings().weight.shape[0]
         prompt_ids = table.column("prompt_ids").to_pylist()
         response_ids = table.column("response_ids").to_pylist()
         top = max(max(max(p, default=0), max(r)) for p, r in zip(prompt_ids, response_ids))
         if top >= vocab:
             raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
-        log_ratio = policy_log_probs(model, prompt_ids, response_ids, config.batch_tokens, console) - ref_logp
+        log_ratio = policy_log_probs(model, prompt_ids, response_ids, config.batch_tokens, dtype, console) - ref_logp
         if not np.isfinite(log_ratio).all():
             raise GvpoError(f"{model_path}: non-finite log-probs on the evaluation data")
 
@@ -701,7 +697,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
     generation = None
     if config.generation is not None:
         if model is None:
-            model = load_model(model_path, device, dtype, config.trust_remote_code)
+            model = load_model(model_path, device, torch.float32, config.trust_remote_code)
         generation = generation_eval(
             config.generation, model, model_is_ref, manifest, device, dtype, config.seed, config.bootstrap,
             console, config.trust_remote_code,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -126,12 +128,46 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
 
 # ---- log-probs -----------------------------------------------------------------------------------
 
+# Logit elements per LM-head chunk: 32M fp32 = 128 MiB (twice that with the log-softmax), e.g. 2048
+# positions up to a 16k vocabulary, 261 at 128k. Blocks above glibc's 32 MiB mmap threshold go back to
+# the OS when freed; smaller ones fragment the heap (measured on CPU).
+LOGIT_BUDGET = 1 << 25
 
-def _token_logps(lm_head, hidden: Tensor, targets: Tensor, softcap: float | None) -> Tensor:
+
+def logits_chunk_for(vocab_size: int, budget: int = LOGIT_BUDGET) -> int:
+    """Response positions per LM-head chunk so that one [chunk, vocab] fp32 block is ≤ ``budget`` elements."""
+    return max(1, min(4096, budget // vocab_size))
+
+
+def compute_context(device: torch.device, dtype: torch.dtype):
+    """The one numeric regime of every log-prob: float32 weights, and autocast to ``dtype`` when it is
+    lower precision (bf16 on GPU). Reference, policy and eval all use it, so ℓ = 0 at step 0."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
+    return nullcontext()
+
+
+def _logit_postprocess(config):
+    """What some architectures do to the LM head's output before the softmax (applied in fp32)."""
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    scale = getattr(config, "logit_scale", None)  # Cohere: logits × scale
+    divisor = getattr(config, "logits_scaling", None)  # Granite: logits / scaling
+
+    def apply(logits: Tensor) -> Tensor:
+        if scale:
+            logits = logits * scale
+        if divisor:
+            logits = logits / divisor
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return apply
+
+
+def _token_logps(lm_head, hidden: Tensor, targets: Tensor, postprocess) -> Tensor:
     """log p(target) for each row: hidden [M, d], targets [M] -> [M] float32. Logits only for M rows."""
-    logits = lm_head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = postprocess(lm_head(hidden).float())
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
@@ -139,20 +175,24 @@ def sequence_logps(
     model,
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
-    chunk_tokens: int = 2048,
+    chunk_tokens: int | None = None,
 ) -> Tensor:
     """Σ_t log π(y_t | x, y_<t) over each response's tokens: [B] float32 on the model's device.
 
-    prompt_ids, response_ids: B lists of token ids (from gvpo_offline.tokenize). The pairs are
-    concatenated and right-padded; only the positions that predict response tokens go through the LM
-    head, ``chunk_tokens`` at a time, so memory is O(chunk_tokens × vocab), not O(batch × time × vocab).
-    With grad enabled, each chunk is recomputed in the backward pass (activation checkpointing) so its
-    logits are not kept either. Differentiable; call under torch.no_grad() for the reference.
+    prompt_ids, response_ids: B lists of token ids (from gvpo_offline.tokenize); every prompt and every
+    response needs at least one token. The pairs are concatenated and right-padded; only the positions
+    that predict response tokens go through the LM head, ``chunk_tokens`` at a time (None:
+    :func:`logits_chunk_for` the vocabulary), so memory is O(chunk_tokens × vocab), not
+    O(batch × time × vocab). With grad enabled, each chunk is recomputed in the backward pass (activation
+    checkpointing) so its logits are not kept either. Differentiable; call under torch.no_grad() for the
+    reference. Run it inside :func:`compute_context` for the shared numeric regime.
     """
     device = next(model.parameters()).device
+    if any(len(p) == 0 for p in prompt_ids) or any(len(r) == 0 for r in response_ids):
+        raise ValueError("every prompt and every response needs at least one token")
+    lm_head = model.get_output_embeddings()
+    chunk_tokens = chunk_tokens or logits_chunk_for(lm_head.weight.shape[0])
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    if any(len(r) == 0 for r in response_ids):
-        raise ValueError("every response needs at least one token")
     batch, width = len(lengths), max(lengths)
     input_ids = torch.zeros(batch, width, dtype=torch.long)
     attention_mask = torch.zeros(batch, width, dtype=torch.long)
@@ -172,14 +212,41 @@ def sequence_logps(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
     picked = hidden[rows_t, positions_t]  # [M, d]
-    lm_head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    postprocess = _logit_postprocess(model.config)
     pieces = []
     for start in range(0, picked.shape[0], chunk_tokens):
         h, t = picked[start : start + chunk_tokens], targets_t[start : start + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_token_logps, lm_head, h, t, softcap, use_reentrant=False))
+            pieces.append(checkpoint(_token_logps, lm_head, h, t, postprocess, use_reentrant=False))
         else:
-            pieces.append(_token_logps(lm_head, h, t, softcap))
+            pieces.append(_token_logps(lm_head, h, t, postprocess))
     token_logps = torch.cat(pieces)
     return torch.zeros(batch, dtype=torch.float32, device=device).index_add(0, rows_t, token_logps)
+
+
+def batched_logps(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    batch_tokens: int,
+    dtype: torch.dtype = torch.float32,
+    chunk_tokens: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """:func:`sequence_logps` of many pairs without grad: [N] float64 (summed in fp32), in input order.
+
+    Pairs are batched by length (:func:`length_batches`, rows × longest ≤ ``batch_tokens``) and run in
+    :func:`compute_context` for ``dtype``. ``on_batch(n_pairs, n_tokens)`` after each batch (progress).
+    """
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    out = np.zeros(len(lengths), dtype=np.float64)
+    with torch.no_grad(), compute_context(device, dtype):
+        for batch in length_batches(lengths, batch_tokens):
+            logps = sequence_logps(
+                model, [prompt_ids[i] for i in batch], [response_ids[i] for i in batch], chunk_tokens
+            )
+            out[batch] = logps.double().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(batch), sum(lengths[i] for i in batch))
+    return out

@@ -36,8 +36,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
+import torch
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.console import Console
@@ -142,10 +142,6 @@ def load_split(workdir: str | Path, split: str) -> pa.Table:
 
 # ---- precompute-ref ------------------------------------------------------------------------------
 
-# Logit elements per LM-head chunk when chunk_tokens is None: 64 MiB of fp32 (x2 with the log-softmax),
-# e.g. 130 positions at a 128k vocabulary. Measured on CPU: 64-512 positions run at the same speed, and
-# blocks above glibc's 32 MiB mmap threshold go back to the OS when freed (smaller ones fragment the heap).
-LOGIT_BUDGET = 1 << 24
 _KEY_META = b"gvpo.key"  # shard Parquet metadata: the cache key it was computed under, truncation counts
 _TRUNC_META = (b"gvpo.truncated_prompts", b"gvpo.truncated_responses")
 
@@ -162,7 +158,7 @@ class PrecomputeConfig:
     shard_groups: groups per shard file (a resumed run redoes at most one shard).
     batch_tokens: padded tokens (rows × longest) per forward pass; None = 16384 on a GPU, 2048 on CPU
         (measured on CPU: small batches stay in cache and run ~25% faster than 16384).
-    chunk_tokens: response positions per LM-head chunk; None = LOGIT_BUDGET // vocab.
+    chunk_tokens: response positions per LM-head chunk; None = modeling.logits_chunk_for(vocab).
     overwrite: False refuses to replace a cache made from other inputs (``--no-overwrite``).
     require_*_fingerprint: refuse unless the model/tokenizer at ``model`` has this fingerprint
         (used by :func:`precompute_extra` to guarantee the same reference as the main cache).
@@ -280,37 +276,6 @@ def _encode_groups(tokenizer, groups: pa.Table, splits: list[str], cfg: Tokenize
     return cols, cut_prompts, cut_responses
 
 
-def reference_logps(
-    model,
-    prompt_ids: list[list[int]],
-    response_ids: list[list[int]],
-    batch_tokens: int,
-    chunk_tokens: int | None = None,
-    on_batch=None,
-) -> np.ndarray:
-    """Σ log π(response | prompt) for each pair, [N] float64 (computed in fp32), under torch.no_grad().
-
-    Pairs are batched by length (modeling.length_batches) so that rows × longest ≤ ``batch_tokens``;
-    the LM head runs ``chunk_tokens`` response positions at a time (None: LOGIT_BUDGET // vocab).
-    ``on_batch(n_pairs, n_tokens)`` is called after each batch (progress). Deterministic for given inputs.
-    """
-    import torch
-
-    if chunk_tokens is None:
-        chunk_tokens = max(1, LOGIT_BUDGET // model.get_output_embeddings().weight.shape[0])
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    out = np.zeros(len(lengths), dtype=np.float64)
-    with torch.no_grad():
-        for batch in modeling.length_batches(lengths, batch_tokens):
-            logps = modeling.sequence_logps(
-                model, [prompt_ids[i] for i in batch], [response_ids[i] for i in batch], chunk_tokens
-            )
-            out[batch] = logps.double().cpu().numpy()
-            if on_batch is not None:
-                on_batch(len(batch), sum(lengths[i] for i in batch))
-    return out
-
-
 class _RateColumn(ProgressColumn):
     """Responses/s and tokens/s (prompt + response tokens through the model) since the start."""
 
@@ -408,9 +373,11 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        model = modeling.load_model(model_path, device, dtype, config.trust_remote_code)
+        # float32 weights, autocast to ``dtype``: the numeric regime train and eval use too (ℓ = 0 at step 0)
+        model = modeling.load_model(model_path, device, torch.float32, config.trust_remote_code)
         batch_tokens = config.batch_tokens or (16384 if device.type == "cuda" else 2048)
-        _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, config, console)
+        _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config,
+                        console)
     _finish(workdir, manifest)
     _say(console, f"reference log-probs cached in {workdir}: {_summary(manifest)}")
     return manifest
@@ -431,7 +398,7 @@ def _plan(config: PrecomputeConfig, console: Console) -> tuple[pa.Table, list[st
     return groups.combine_chunks(), ["train"] * table.num_rows + ["eval"] * held.table.num_rows, data.layout
 
 
-def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, config, console):
+def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config, console):
     """Tokenize, score and write (atomically) the shards ``todo``, under a progress bar on ``console``."""
     size, tok_cfg = config.shard_groups, manifest.tokenize_config
     k = pc.list_value_length(groups["responses"]).to_numpy()
@@ -450,8 +417,8 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
             lo = s * size
             try:
                 cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], tok_cfg)
-                cols["ref_logp"] = reference_logps(
-                    model, cols["prompt_ids"], cols["response_ids"], batch_tokens, config.chunk_tokens, advance
+                cols["ref_logp"] = modeling.batched_logps(
+                    model, cols["prompt_ids"], cols["response_ids"], batch_tokens, dtype, config.chunk_tokens, advance
                 )
             except KeyboardInterrupt:
                 finished = len(manifest.shards) - len(todo) + done

@@ -96,6 +96,8 @@ def encode_prompt(tokenizer, prompt: Prompt, cfg: TokenizeConfig) -> tuple[list[
     else:
         # The chat template writes BOS and friends itself: don't add them twice.
         ids = tokenizer(_prompt_text(tokenizer, prompt, cfg), add_special_tokens=False)["input_ids"]
+    if not ids:  # a tokenizer without BOS and an empty prompt: nothing to condition the response on
+        raise GvpoError(f"the prompt {prompt!r} has no tokens; give a non-empty prompt")
     if len(ids) > cfg.max_prompt_length:
         return list(ids[-cfg.max_prompt_length :]), True
     return list(ids), False

@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from gvpo_offline.errors import GvpoError
 from gvpo_offline.files import atomic_write_bytes, atomic_write_json
 from gvpo_offline.loss import gvpo_grad_weights, gvpo_loss
 from gvpo_offline.modeling import (
+    compute_context,
     length_batches,
     load_model,
     load_tokenizer,
@@ -91,7 +92,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     trust_remote_code: bool = False
-    logits_chunk_tokens: int | None = None  # positions per LM-head chunk; None = logits_chunk_for(vocab)
+    logits_chunk_tokens: int | None = None  # positions per LM-head chunk; None = modeling.logits_chunk_for
     progress: bool = True  # live progress on stderr
 
     def __post_init__(self):
@@ -272,12 +273,9 @@ def gvpo_backward(
     micro-batch gets the exact same gradient in two phases: (a) its current policy log-probs without
     grad, hence the weights w_i = ∂L/∂log πθ(y_i|x) = 2β·c_i/((k−1)·G); (b) backward of
     Σ w_i·log πθ(y_i|x) micro-batch by micro-batch. Raises GvpoError when a loss is not finite (before
-    its backward). ``chunk_tokens``: response positions per LM-head chunk (None: :func:`logits_chunk_for`).
+    its backward). ``chunk_tokens``: response positions per LM-head chunk (None: modeling.logits_chunk_for).
     """
     device = next(model.parameters()).device
-    chunk_tokens = chunk_tokens or logits_chunk_for(model.get_output_embeddings().weight.shape[0])
-    mixed = autocast_dtype not in (None, torch.float32)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if mixed else nullcontext()
     ref, rewards, gid = (t.to(device) for t in (batch.ref_logps, batch.rewards, batch.group_index))
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
     group_rows: list[list[int]] = [[] for _ in range(batch.n_groups)]
@@ -286,7 +284,7 @@ def gvpo_backward(
     packs, split = pack_groups(lengths, group_rows, micro_batch_tokens)
 
     def logps(rows: list[int]) -> Tensor:
-        with autocast:
+        with compute_context(device, autocast_dtype or torch.float32):
             return sequence_logps(
                 model, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows], chunk_tokens
             )
@@ -323,12 +321,6 @@ def gvpo_backward(
         tokens=batch.tokens,
         micro_batches=passes,
     )
-
-
-def logits_chunk_for(vocab_size: int, budget: int = 1 << 26) -> int:
-    """LM-head chunk so that one [chunk, vocab] float32 tensor is ≤ 256 MiB: 2048 up to a 32k vocab,
-    523 for 128k. The backward of a chunk holds ~4 such tensors (logits, log-softmax, their grads)."""
-    return max(128, min(2048, budget // vocab_size))
 
 
 class NonFiniteError(GvpoError):

@@ -83,7 +83,7 @@ def precompute_ref_cmd(
     shard_groups: Annotated[int, typer.Option("--shard-groups", help="Groups per cache shard.")] = 1000,
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Padded tokens per forward pass [default: 16384 on GPU, 2048 on CPU].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float32 on CPU, bf16 autocast on a GPU that supports it), float32, bfloat16. Weights stay float32, as in train, so that ℓ = 0 at step 0.")] = "auto",
     no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:

@@ -151,7 +151,7 @@ def eval_cmd(
     beta: Annotated[Optional[float], typer.Option("--beta", help="β; default: MODEL/train_config.json's (required when there is none).")] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples over groups for the 95% intervals (0 = none).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed for the bootstrap and for sampling.")] = 0,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward pass.")] = 8192,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Padded tokens per forward pass (default 16384 on GPU, 2048 on CPU).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, auto (default: the dtype of the cached reference log-probs).")] = None,
     layout: Annotated[str, typer.Option("--layout", help="--data layout: auto, grouped or flat.")] = "auto",

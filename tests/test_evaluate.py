@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -370,6 +372,10 @@ def test_read_eval_prompts(tmp_path):
     write_jsonl(flat, [{"prompt": "a", "response": "x", "reward": 1}, {"prompt": "a", "response": "y", "reward": 0},
                        {"prompt": [{"role": "user", "content": "hi"}], "response": "z", "reward": 0}])
     assert ev.read_eval_prompts(flat) == ["a", [{"role": "user", "content": "hi"}]]
+    parquet = tmp_path / "groups.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "b", "responses": ["x", "y"], "rewards": [1, 0]},
+                                         {"prompt": "c", "responses": ["x", "y"], "rewards": [0, 1]}]), parquet)
+    assert ev.read_eval_prompts(parquet) == ["b", "c"]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}])
     with pytest.raises(ev.GvpoError, match="line 1"):
         ev.read_eval_prompts(bad)

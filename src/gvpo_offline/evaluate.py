@@ -537,16 +537,22 @@ def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=N
 
 
 def read_eval_prompts(path: str | Path) -> list:
-    """Prompts for the generation eval, deduplicated in order (sample.read_prompts' formats: ``.txt``, one
-    per line, or JSONL with a ``prompt`` field — grouped and flat data files work as they are)."""
+    """Prompts for the generation eval, deduplicated in order. ``.txt`` (one per line) and ``.jsonl``/
+    ``.json`` with a ``prompt`` field are read by sample.read_prompts; any other data file (Parquet,
+    ``.jsonl.gz``, a folder) by the data layer, whose ``prompt`` column is taken."""
+    from gvpo_offline.data import DataConfig, load_groups
     from gvpo_offline.sample import read_prompts
 
+    if Path(path).suffix in (".txt", ".jsonl", ".json"):
+        candidates = [record.prompt for record in read_prompts(path, unique_ids=False)]
+    else:
+        candidates = [json.loads(p) for p in load_groups(DataConfig((str(path),))).table["prompt"].to_pylist()]
     prompts, seen = [], set()
-    for record in read_prompts(path, unique_ids=False):
-        key = json.dumps(record.prompt, sort_keys=True)
+    for prompt in candidates:
+        key = json.dumps(prompt, sort_keys=True)
         if key not in seen:
             seen.add(key)
-            prompts.append(record.prompt)
+            prompts.append(prompt)
     return prompts
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -65,3 +66,48 @@ def atomic_write_table(path: str | Path, table: pa.Table) -> None:
     """A Parquet file, atomically."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temp folder ``.tmp-NAME-PID`` beside ``path`` to fill; on success fsync it and swap
+    it in by renames (an existing ``path`` is first renamed to ``.old-NAME-PID``, then deleted), so
+    ``path`` is always either the old folder or the complete new one. On failure the temp folder goes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    old = path.parent / f".old-{path.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(folder: str | Path) -> None:
+    """Delete what an interrupted :func:`atomic_dir` left in ``folder`` (``.tmp-*`` and ``.old-*``)."""
+    for pattern in (".tmp-*", ".old-*"):
+        for stale in Path(folder).glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)

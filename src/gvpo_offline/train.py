@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +41,7 @@ from torch import Tensor
 
 from gvpo_offline import reference
 from gvpo_offline.errors import GvpoError
-from gvpo_offline.files import atomic_write_bytes, atomic_write_json
+from gvpo_offline.files import atomic_dir, atomic_write_bytes, atomic_write_json, remove_stale
 from gvpo_offline.loss import gvpo_grad_weights, gvpo_loss
 from gvpo_offline.modeling import (
     compute_context,
@@ -379,24 +378,16 @@ def save_checkpoint(
 
     Written into a temp dir, then renamed (atomic); only the newest ``config.keep_checkpoints`` stay.
     """
-    root = workdir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key})
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
+    final = workdir / CHECKPOINTS / f"step-{state.step}"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key})
     for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -428,19 +419,6 @@ def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> Non
         raise GvpoError(f"--resume from {path} with different settings: {', '.join(changed)}")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # ---- metrics.jsonl ---------------------------------------------------------------------------------
 
 
@@ -470,17 +448,10 @@ def append_metrics(path: Path, record: dict) -> None:
 def save_final(workdir: Path, model, tokenizer, train_config: dict) -> Path:
     """WORKDIR/model/: save_pretrained (safetensors) + tokenizer + train_config.json, swapped in by rename."""
     final = workdir / FINAL_MODEL
-    tmp = workdir / f".{FINAL_MODEL}.tmp-{os.getpid()}"
-    old = workdir / f".{FINAL_MODEL}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    atomic_write_json(tmp / TRAIN_CONFIG, train_config)
-    _fsync_dir(tmp)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / TRAIN_CONFIG, train_config)
     return final
 
 
@@ -541,8 +512,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         _check_resume_config(resume_from[1], cfg, manifest.key)
     elif cfg.resume:
         log(f"note: --resume: no checkpoint in {workdir / CHECKPOINTS}, starting from step 0")
-    for stale in (workdir / CHECKPOINTS).glob(".tmp-*"):  # left by a crash mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(workdir / CHECKPOINTS)  # left by a crash mid-save
+    remove_stale(workdir)
 
     # 3. the policy (fp32 master weights, eval mode = no dropout), optimizer, schedule, state
     torch.manual_seed(cfg.seed)

@@ -7,6 +7,7 @@ float32, and never the full [batch, time, vocab] logits — only response positi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -88,18 +89,27 @@ def load_model(
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """sha256 over the model folder's config.json and weight files (content, not names or dates)."""
+    """sha256 over the model folder's config.json and weight files (content, not names or dates).
+
+    Memoised within the process by the files' (name, size, mtime): a command that checks the same model
+    twice hashes its weights once, and a file that changes is hashed again."""
     path = _check_model_dir(path)
-    h = hashlib.sha256()
-    config = json.loads((path / "config.json").read_text())
-    config.pop("transformers_version", None)
-    h.update(json.dumps(config, sort_keys=True).encode())
     weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if not weights:
         raise GvpoError(f"{path}: no weight files (*.safetensors, *.bin) in the model folder")
-    for p in weights:
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in [path / "config.json", *weights])
+    return _content_fingerprint(str(path.resolve()), stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _content_fingerprint(folder: str, stats: tuple) -> str:
+    h = hashlib.sha256()
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config.pop("transformers_version", None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name, _size, _mtime in stats[1:]:
+        h.update(name.encode())
+        h.update(sha256_file(Path(folder) / name).encode())
     return h.hexdigest()
 
 

@@ -431,22 +431,15 @@ def metrics_from_arrays(
 ) -> tuple[dict, dict, dict, dict, dict]:
     """(model, reference, delta, intervals, counts) for per-response arrays; the reference row uses ℓ ≡ 0.
 
-    The loss point estimates come from :func:`gvpo_offline.loss.gvpo_loss` (the training loss itself).
+    The loss is the per-group statistic whose mean equals :func:`gvpo_offline.loss.gvpo_loss` (tested),
+    so the point estimate and its bootstrap interval come from the same numbers.
     """
-    import torch
-
-    from gvpo_offline.loss import gvpo_loss
-
     gi = group_index(group_ids)
     ell = np.asarray(log_ratio, dtype=np.float64)
     rew = np.asarray(rewards, dtype=np.float64)
     model_stats = group_statistics(ell, rew, gi, beta, n_tokens)
     ref_stats = group_statistics(np.zeros_like(ell), rew, gi, beta, n_tokens)
     model, reference = aggregate_metrics(model_stats), aggregate_metrics(ref_stats)
-    ids_t, rew_t = torch.from_numpy(gi.index.astype(np.int64)), torch.from_numpy(rew)
-    zeros = torch.zeros_like(rew_t)
-    model["gvpo_loss"] = float(gvpo_loss(torch.from_numpy(ell), zeros, rew_t, ids_t, beta))
-    reference["gvpo_loss"] = float(gvpo_loss(zeros, zeros, rew_t, ids_t, beta))
     delta = {m: model[m] - reference[m] for m in METRICS}
     if bootstrap > 0:
         intervals = bootstrap_intervals(model_stats, ref_stats, bootstrap, seed)

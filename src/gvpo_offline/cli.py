@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from gvpo_offline.config_file import ConfigCommand
 from gvpo_offline.errors import GvpoError
 
 app = typer.Typer(
@@ -27,7 +28,7 @@ console = Console(stderr=True)
 # Each command parses options into the stage's config dataclass and calls the stage. Keep them thin.
 
 
-@app.command("sample")
+@app.command("sample", cls=ConfigCommand)
 def sample_cmd(
     prompts: Annotated[str, typer.Argument(help="Prompts: .txt (one per line) or JSONL with \"prompt\" and optional \"id\".")],
     model: Annotated[str, typer.Option("--model", help="Local model folder to sample from.")],
@@ -64,7 +65,7 @@ def sample_cmd(
     console.print(f"wrote {result.written} groups to {output}{note}{dropped}", highlight=False, soft_wrap=True)
 
 
-@app.command("precompute-ref")
+@app.command("precompute-ref", cls=ConfigCommand)
 def precompute_ref_cmd(
     data: Annotated[list[str], typer.Argument(help="Data: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.", show_default=False)],
     model: Annotated[str, typer.Option("--model", help="Local folder of the reference model.")],
@@ -105,7 +106,7 @@ def precompute_ref_cmd(
     precompute(config, console)
 
 
-@app.command("train")
+@app.command("train", cls=ConfigCommand)
 def train_cmd(
     beta: Annotated[float, typer.Option("--beta", help="KL strength β > 0 (implicit reward β·log πθ/πref).")],
     workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
@@ -122,6 +123,7 @@ def train_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float32 on CPU, bf16 autocast on GPU), float32, bfloat16. Weights stay float32.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute decoder layers in the backward pass (less memory, slower).")] = False,
+    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", help="none, tensorboard (WORKDIR/tb/), wandb; repeat or comma-separate for several.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="How many of the newest checkpoints to keep.")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
@@ -130,6 +132,7 @@ def train_cmd(
     """Train the policy with GVPO on the cached train split; the final model goes to WORKDIR/model/."""
     from pathlib import Path
 
+    from gvpo_offline import config_file, tracking
     from gvpo_offline.train import TrainConfig, train
 
     config = TrainConfig(
@@ -139,10 +142,12 @@ def train_cmd(
         gradient_checkpointing=gradient_checkpointing, save_every=save_every, keep_checkpoints=keep_checkpoints,
         resume=resume, trust_remote_code=trust_remote_code,
     )
-    train(config, log=lambda msg: console.print(msg, highlight=False, markup=False))
+    with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
+        train(config, log=lambda msg: console.print(msg, highlight=False, markup=False), on_step=tracker)
+    config_file.write_resolved(config.workdir / "train_config.json")  # the full run, reusable as --config
 
 
-@app.command("eval")
+@app.command("eval", cls=ConfigCommand)
 def eval_cmd(
     workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref/train workdir.")] = "gvpo-run",
     model: Annotated[Optional[str], typer.Option("--model", help="Checkpoint to evaluate (default WORKDIR/model; the reference itself gives the neutral baseline).")] = None,
@@ -192,7 +197,7 @@ def eval_cmd(
         console.print(f"wrote {json_path}", highlight=False)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=ConfigCommand)
 def inspect_cmd(
     data: Annotated[list[str], typer.Argument(help="Data: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.", show_default=False)],
     layout: Annotated[str, typer.Option("--layout", help="auto (from the columns), grouped (prompt, responses, rewards, id) or flat (prompt, response, reward, group_id).")] = "auto",
@@ -236,20 +241,27 @@ def inspect_cmd(
             out.print(table)
 
 
-@app.command("convert")
+@app.command("convert", cls=ConfigCommand)
 def convert_cmd(
-    source: Annotated[str, typer.Argument(help="oasst (OpenAssistant message trees, reward = -rank) or gsm8k (example_model_solutions.jsonl, reward = is_correct).", show_default=False)],
-    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="The dataset's JSONL file.", show_default=False)],
+    source: Annotated[str, typer.Argument(help="oasst (OpenAssistant trees, reward = -rank), gsm8k (example_model_solutions.jsonl, reward = is_correct), ultrafeedback (reward = --score-field), helpsteer2 (reward = weighted attributes), nectar (reward = -rank).", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="Grouped-layout JSONL to write (atomically).", show_default=False)],
+    input_path: Annotated[Optional[str], typer.Argument(metavar="INPUT", help="The dataset's .jsonl, .jsonl.gz or .parquet file (or use --from-hub).", show_default=False)] = None,
+    from_hub: Annotated[Optional[str], typer.Option("--from-hub", metavar="NAME", help="Read a Hugging Face datasets name (offline: from the local HF datasets cache) or a local dataset folder instead of INPUT.")] = None,
+    split: Annotated[str, typer.Option("--split", help="With --from-hub: the split to read.")] = "train",
+    score_field: Annotated[str, typer.Option("--score-field", help="ultrafeedback: overall_score, fine-grained_score, helpfulness, honesty, instruction_following or truthfulness.")] = "overall_score",
+    weights: Annotated[Optional[str], typer.Option("--weights", help="helpsteer2: attribute=weight pairs, e.g. helpfulness=1 (others 0) [default: helpfulness=0.3,correctness=0.74,coherence=0.46,complexity=0.47,verbosity=-0.33].", show_default=False)] = None,
 ) -> None:
     """Convert a public dataset to grouped-layout JSONL (prompt, responses, rewards, id)."""
-    from gvpo_offline.convert import SOURCES, convert
+    from gvpo_offline.convert import SOURCES, ConvertOptions, convert, parse_weights
 
     if source not in SOURCES:
         raise GvpoError(f"unknown source {source!r}: expected one of {', '.join(SOURCES)}")
-    result = convert(source, input_path, output)
+    if (input_path is None) == (from_hub is None):
+        raise GvpoError("convert needs either an INPUT file or --from-hub NAME (not both)")
+    options = ConvertOptions(score_field, parse_weights(weights) if weights else None)
+    result = convert(source, from_hub or input_path, output, options, from_hub=from_hub is not None, split=split)
     skipped = f"; skipped {result.skipped} {result.skipped_reason}" if result.skipped else ""
-    console.print(f"wrote {result.groups} groups ({result.responses} responses) to {result.output}{skipped}", highlight=False)
+    console.print(f"wrote {result.groups} groups ({result.responses} responses) to {result.output}{skipped}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,3 +83,34 @@ def gvpo_grad_weights(
         c = gvpo_centered_residuals(policy_logps, ref_logps, rewards, group_ids, beta)
         index, counts = _groups(group_ids)
         return 2.0 * beta * c / ((counts[index].to(c.dtype) - 1) * n_groups)
+
+
+def gvpo_loss_terms(
+    policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, group_ids: Tensor, beta: float
+) -> dict[str, float]:
+    """The three within-group statistics the loss is made of (eq. 16–17), each averaged over the G groups:
+
+        implicit_reward_variance   = 1/G Σ_x 1/(k−1) Σ_i (Rθ_i − mean Rθ)²          (Rθ = β·ℓ)
+        implicit_reward_covariance = 1/G Σ_x 1/(k−1) Σ_i (Rθ_i − mean Rθ)(R_i − mean R)
+        reward_variance            = 1/G Σ_x 1/(k−1) Σ_i (R_i − mean R)²
+
+    so that gvpo_loss = implicit_reward_variance − 2·implicit_reward_covariance + reward_variance. Training drives the
+    covariance up towards var_reward (the implicit reward learns the reward's ordering) while keeping the
+    implicit-reward variance in check. Shapes as in :func:`gvpo_loss`; returns Python floats.
+    """
+    with torch.no_grad():
+        policy_logps, ref_logps, rewards = _as_float(policy_logps, ref_logps, rewards)
+        index, counts = _groups(group_ids)
+        implicit = beta * (policy_logps - ref_logps)
+        a = implicit - _group_mean(implicit, index, counts)
+        r = rewards - _group_mean(rewards, index, counts)
+
+        def mean_over_groups(values: Tensor) -> float:
+            sums = torch.zeros(counts.shape[0], dtype=values.dtype, device=values.device).index_add(0, index, values)
+            return (sums / (counts.to(values.dtype) - 1)).mean().item()
+
+        return {
+            "implicit_reward_variance": mean_over_groups(a * a),
+            "implicit_reward_covariance": mean_over_groups(a * r),
+            "reward_variance": mean_over_groups(r * r),
+        }

@@ -42,7 +42,7 @@ from torch import Tensor
 from gvpo_offline import reference
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.files import atomic_dir, atomic_write_bytes, atomic_write_json, remove_stale
-from gvpo_offline.loss import gvpo_grad_weights, gvpo_loss
+from gvpo_offline.loss import gvpo_grad_weights, gvpo_loss, gvpo_loss_terms
 from gvpo_offline.modeling import (
     compute_context,
     length_batches,
@@ -236,6 +236,8 @@ class StepStats:
     log_ratio_absmax: float  # max |ℓ|
     tokens: int
     micro_batches: int
+    log_ratio_per_token: float = 0.0  # Σℓ / Σ response tokens (drift)
+    terms: dict[str, float] = field(default_factory=dict)  # loss.gvpo_loss_terms: the loss's three parts
 
 
 def pack_groups(lengths: list[int], group_rows: list[list[int]], budget: int) -> tuple[list[list[int]], list[int]]:
@@ -319,6 +321,8 @@ def gvpo_backward(
         log_ratio_absmax=ratio.abs().max().item(),
         tokens=batch.tokens,
         micro_batches=passes,
+        log_ratio_per_token=ratio.sum().item() / max(1, sum(len(r) for r in batch.response_ids)),
+        terms=gvpo_loss_terms(policy, ref, rewards, gid, beta),
     )
 
 
@@ -480,8 +484,10 @@ def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[...
 # ---- the recipe ------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Train the policy with GVPO on WORKDIR's cached train split; see the module docstring."""
+def train(config: TrainConfig, log: Callable[[str], None] = print,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train the policy with GVPO on WORKDIR's cached train split; see the module docstring.
+    ``on_step`` gets each metrics.jsonl record once it is written (tracking.Tracker)."""
     cfg, workdir = config, config.workdir
 
     # 1. check the cache against the model we train from
@@ -562,13 +568,17 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             state.position += len(chosen)
             seconds = time.perf_counter() - step_start
 
-            append_metrics(metrics_path, {
+            record = {
                 "step": state.step, "epoch": state.epoch, "loss": stats.loss,
                 "implicit_reward": stats.implicit_reward, "log_ratio": stats.log_ratio,
                 "log_ratio_absmax": stats.log_ratio_absmax, "grad_norm": grad_norm, "lr": lr,
                 "groups": batch.n_groups, "responses": len(batch.response_ids), "tokens": stats.tokens,
                 "micro_batches": stats.micro_batches, "seconds": seconds,
-            })
+                "log_ratio_per_token": stats.log_ratio_per_token, **stats.terms,
+            }
+            append_metrics(metrics_path, record)
+            if on_step is not None:
+                on_step(record)
             last_loss, tokens_seen = stats.loss, tokens_seen + stats.tokens
             update(state.step, loss=stats.loss, grad_norm=grad_norm, lr=lr,
                    tok_s=tokens_seen / max(1e-9, time.perf_counter() - started))

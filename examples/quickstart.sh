@@ -54,3 +54,10 @@ c = r["counts"]
 print(f"\n{c['groups']} held-out groups ({c['pairs']} ranked pairs); generation: {g['prompts']} held-out prompts × "
       f"{g['samples_per_prompt']} samples, same seeds for both models. ℓ = log πθ/πref of a response.")
 PY
+
+# Figures (needs matplotlib: pip install 'gvpo-offline[plot]'): loss and its eq. 17 terms, drift, eval.
+if "${PYTHON:-python3}" -c "import matplotlib" 2>/dev/null; then
+    gvpo-offline plot "$WORKDIR"
+else
+    echo "(skipping the figures: pip install 'gvpo-offline[plot]' for matplotlib)"
+fi

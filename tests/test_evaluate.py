@@ -361,6 +361,10 @@ def test_generation_eval(workdir, tmp_path, capsys):
     assert g["prompts"] == 2 and g["samples_per_prompt"] == 2
     assert g["mean_reward_difference"] == pytest.approx(g["model_mean_reward"] - g["reference_mean_reward"])
     assert len(g["difference_interval"]) == 2
+    for side in ("model", "reference"):  # every sample's reward, [prompt][sample], averaging to the mean
+        rewards = g[f"{side}_rewards"]
+        assert [len(row) for row in rewards] == [2, 2]
+        assert sum(map(sum, rewards)) / 4 == pytest.approx(g[f"{side}_mean_reward"])
     # the reference against itself: same seeds, same samples, no difference
     rep = run_eval(capsys, "--workdir", str(workdir), "--model", str(STORIES), "--beta", "1", *common)
     g = rep["generation"]

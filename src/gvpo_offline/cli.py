@@ -264,6 +264,19 @@ def convert_cmd(
     console.print(f"wrote {result.groups} groups ({result.responses} responses) to {result.output}{skipped}", highlight=False, soft_wrap=True)
 
 
+@app.command("plot", cls=ConfigCommand)
+def plot_cmd(
+    workdir: Annotated[str, typer.Argument(help="The train workdir (reads metrics.jsonl, and eval.json when there is one).")] = "gvpo-run",
+    eval_json: Annotated[Optional[str], typer.Option("--eval", help="The `eval --json` file to plot [default: WORKDIR/eval.json if present].", show_default=False)] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out-dir", help="Where the PNGs go [default: WORKDIR/plots].", show_default=False)] = None,
+) -> None:
+    """Plot a run: loss and its eq. 17 terms, drift per token, and the eval results (PNG, needs matplotlib)."""
+    from gvpo_offline.plot import plot_run
+
+    for path in plot_run(workdir, eval_json, out_dir):
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning user errors into one line and exit code 2."""
     try:

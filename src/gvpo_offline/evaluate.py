@@ -35,9 +35,10 @@ resamples.
 GENERATION (optional, ``--prompts FILE --reward module:function``): responses sampled from the model and
 from the reference with the same seed and decoding settings; keys: prompts, samples_per_prompt,
 model_mean_reward, reference_mean_reward, mean_reward_difference, difference_interval (bootstrap over
-prompts). The PROMPTS file is ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line
-with a ``prompt`` field: a string or a list of {"role", "content"} messages; grouped and flat data files
-qualify, their repeated prompts are deduplicated in order).
+prompts), and every sample's reward: model_rewards, reference_rewards ([prompt][sample]). The PROMPTS
+file is ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line with a ``prompt``
+field: a string or a list of {"role", "content"} messages; grouped and flat data files qualify, their
+repeated prompts are deduplicated in order).
 
 INPUTS. Data: the workdir's cached ``eval`` split, or ``--data FILE...`` whose reference log-probs are
 computed once with the manifest's reference model, tokenization and dtype (reference.precompute_extra)
@@ -614,6 +615,8 @@ def generation_eval(
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "max_new_tokens": sampling.max_new_tokens,
+        "model_rewards": model_rewards.tolist(),  # [prompts][samples_per_prompt], for plots/analysis
+        "reference_rewards": ref_rewards.tolist(),
     }
 
 

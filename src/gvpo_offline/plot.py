@@ -1,0 +1,180 @@
+"""`gvpo-offline plot WORKDIR`: PNG figures of a run (matplotlib, optional extra ``[plot]``, Agg backend).
+
+Reads WORKDIR/metrics.jsonl (train) and, when present, the eval JSON (``eval --json``; default
+WORKDIR/eval.json) and writes, atomically, into ``out_dir`` (default WORKDIR/plots/):
+
+    loss.png        the GVPO loss per step and its eq. 16–17 parts: implicit-reward variance,
+                    2 × implicit-reward/reward covariance, reward variance (loss = var − 2·cov + var_R)
+    drift.png       mean ℓ = log πθ/πref per response token, per step (how far the policy moved)
+    eval.png        held-out metrics, model vs reference, the model's 95% bootstrap interval as error bar
+                    and the Δ interval in each title                                     (eval JSON only)
+    rewards.png     the rewards of generated samples, model vs reference        (eval JSON with generation)
+
+Raw per-step values are drawn thin, with a moving average (window ≈ steps/20) on top when there are
+more than 20 steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gvpo_offline.errors import GvpoError
+from gvpo_offline.files import atomic_path
+
+EVAL_METRICS = (  # eval JSON key, panel title
+    ("pairwise_accuracy", "pairwise accuracy"),
+    ("spearman", "Spearman ρ (implicit vs true reward)"),
+    ("top1_agreement", "top-1 agreement"),
+    ("gvpo_loss", "GVPO loss (eq. 16)"),
+)
+TERMS = (  # metrics.jsonl key, scale, label
+    ("implicit_reward_variance", 1.0, "Var(β·ℓ)"),
+    ("implicit_reward_covariance", 2.0, "2·Cov(β·ℓ, R)"),
+    ("reward_variance", 1.0, "Var(R)"),
+)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise GvpoError("plot needs matplotlib: pip install 'gvpo-offline[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The complete lines of metrics.jsonl (a line cut by a crash is skipped)."""
+    if not path.is_file():
+        raise GvpoError(f"{path}: no such file; run `gvpo-offline train` first")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    if not records:
+        raise GvpoError(f"{path}: no training steps logged")
+    return records
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _series(ax, steps, values, label, color=None):
+    """Raw values thin; their moving average on top when there are many steps."""
+    if len(values) > 20:
+        ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
+        ax.plot(steps, _moving_average(values, max(2, len(values) // 20)), color=color, label=label, linewidth=1.6)
+    else:
+        ax.plot(steps, values, color=color, label=label, marker="o", markersize=3)
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training(records: list[dict], out_dir: Path, plt) -> list[Path]:
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_terms) = plt.subplots(1, 2, figsize=(10, 3.8))
+    _series(ax_loss, steps, [r["loss"] for r in records], "loss", "C0")
+    ax_loss.set(title="GVPO loss per step", xlabel="optimizer step", ylabel="loss")
+    if all(key in records[0] for key, _, _ in TERMS):
+        for n, (key, scale, label) in enumerate(TERMS):
+            _series(ax_terms, steps, [scale * r[key] for r in records], label, f"C{n + 1}")
+        ax_terms.set(title="eq. 17 terms: loss = Var(β·ℓ) − 2·Cov + Var(R)", xlabel="optimizer step")
+        ax_terms.legend(fontsize=8)
+    else:
+        ax_terms.text(0.5, 0.5, "this run's metrics.jsonl has no\nimplicit-reward variance/covariance",
+                      ha="center", va="center", transform=ax_terms.transAxes)
+        ax_terms.set_axis_off()
+    written = [_save(fig, out_dir / "loss.png", plt)]
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    if "log_ratio_per_token" in records[0]:
+        _series(ax, steps, [r["log_ratio_per_token"] for r in records], "mean ℓ per token", "C4")
+        ax.set(title="drift: mean ℓ = log πθ/πref per response token", ylabel="ℓ per token")
+    else:  # metrics of an older run: per sequence only
+        _series(ax, steps, [r["log_ratio"] for r in records], "mean ℓ per response", "C4")
+        ax.set(title="drift: mean ℓ = log πθ/πref per response", ylabel="ℓ per response")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("optimizer step")
+    written.append(_save(fig, out_dir / "drift.png", plt))
+    return written
+
+
+def plot_eval(report: dict, out_dir: Path, plt) -> list[Path]:
+    """eval.png (held-out metrics with intervals) and, with a generation eval, rewards.png."""
+    model, ref = report.get("model") or {}, report.get("reference") or {}
+    intervals = report.get("intervals") or {}
+    fig, axes = plt.subplots(1, len(EVAL_METRICS), figsize=(3.2 * len(EVAL_METRICS), 3.6))
+    for ax, (key, title) in zip(axes, EVAL_METRICS):
+        m, r = model.get(key), ref.get(key)
+        ax.bar([0, 1], [r if r is not None else 0.0, m if m is not None else 0.0], color=["C7", "C0"], width=0.6)
+        ax.set_xticks([0, 1], ["reference", "model"])
+        ci = (intervals.get("model") or {}).get(key)
+        if ci is not None and m is not None:
+            ax.errorbar([1], [m], yerr=[[m - ci[0]], [ci[1] - m]], color="black", capsize=6, linewidth=1.2)
+        delta = (intervals.get("delta") or {}).get(key)
+        note = f"\nΔ 95% CI [{delta[0]:.3g}, {delta[1]:.3g}]" if delta else ""
+        ax.set_title(f"{title}{note}", fontsize=9)
+    counts = report.get("counts") or {}
+    fig.suptitle(f"held-out groups: {counts.get('groups', '?')} (error bar: model's 95% bootstrap interval)",
+                 fontsize=10)
+    written = [_save(fig, out_dir / "eval.png", plt)]
+
+    gen = report.get("generation") or {}
+    if gen.get("model_rewards") is not None and gen.get("reference_rewards") is not None:
+        flat = lambda rows: [x for row in rows for x in row]  # noqa: E731
+        m_rewards, r_rewards = flat(gen["model_rewards"]), flat(gen["reference_rewards"])
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        lo, hi = min(m_rewards + r_rewards), max(m_rewards + r_rewards)
+        bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+        ax.hist(r_rewards, bins=bins, alpha=0.55, color="C7",
+                label=f"reference (mean {gen['reference_mean_reward']:.3g})")
+        ax.hist(m_rewards, bins=bins, alpha=0.55, color="C0", label=f"model (mean {gen['model_mean_reward']:.3g})")
+        d = gen.get("difference_interval")
+        ci = f", Δ 95% CI [{d[0]:.3g}, {d[1]:.3g}]" if d else ""
+        ax.set(title=f"rewards of generated samples: {gen['prompts']} prompts × {gen['samples_per_prompt']}{ci}",
+               xlabel="reward", ylabel="samples")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / "rewards.png", plt))
+    return written
+
+
+def plot_run(workdir: str | Path, eval_path: str | Path | None = None, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the run's PNGs (see the module docstring); returns their paths."""
+    workdir = Path(workdir)
+    out_dir = Path(out_dir) if out_dir is not None else workdir / "plots"
+    records = read_metrics(workdir / "metrics.jsonl")
+    report = None
+    if eval_path is not None or (workdir / "eval.json").is_file():
+        path = Path(eval_path) if eval_path is not None else workdir / "eval.json"
+        if not path.is_file():
+            raise GvpoError(f"--eval {path}: no such file")
+        try:
+            report = json.loads(path.read_text())
+        except ValueError as exc:
+            raise GvpoError(f"{path}: not an eval JSON ({exc})") from None
+        if not isinstance(report, dict) or "model" not in report:
+            raise GvpoError(f"{path}: not an eval JSON (written by `gvpo-offline eval --json`)")
+    plt = _pyplot()
+    written = plot_training(records, out_dir, plt)
+    if report is not None:
+        written += plot_eval(report, out_dir, plt)
+    return written

@@ -99,6 +99,21 @@ def test_inspect_from_yaml_and_toml(tmp_path, run_cli):
     assert result.code == 0 and json.loads(result.out)["stats"]["n_groups"] == 1
 
 
+def test_precompute_ref_model_and_data_from_the_file(tmp_path, run_cli):
+    from gvpo_offline import reference
+
+    data = write_jsonl(tmp_path / "g.jsonl", [{"prompt": p, "responses": r, "rewards": w} for p, r, w in STORY_GROUPS[:2]])
+    cfg = tmp_path / "pre.yaml"
+    cfg.write_text(yaml.safe_dump({"workdir": str(tmp_path / "run"), "precompute-ref": {
+        "data": str(data), "model": str(STORIES), "eval-fraction": 0.0, "max_length": 64, "max_prompt_length": 32,
+        "device": "cpu"}}))
+    result = run_cli("precompute-ref", "--config", cfg)  # DATA and the required --model from the file
+    assert result.code == 0, result.err
+    manifest = reference.read_manifest(tmp_path / "run")
+    assert Path(manifest.model_path) == STORIES and manifest.counts["train"].groups == 2
+    assert manifest.tokenize_config.max_length == 64
+
+
 @pytest.mark.parametrize("text, message", [
     ("bta: 1\n", "unknown key 'bta' (did you mean 'beta'?)"),
     ("inspect:\n  jsn: true\n", "unknown key 'jsn' in section 'inspect' (did you mean 'json'?)"),

@@ -166,6 +166,9 @@ def test_wandb_offline_run_gets_metrics_and_config(tmp_path, monkeypatch):
     with Tracker(parse_report_to(["none,wandb"]), tmp_path / "run", {"beta": 0.375, "lr": 1e-4}) as tracker:
         for record in records:
             tracker(record)
+    import wandb
+
+    wandb.teardown()  # stop wandb's background service: the run file is complete after it
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     log = run_file.read_bytes()  # protobuf records: keys and JSON values are stored as plain strings
     for record in records:

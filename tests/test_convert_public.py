@@ -168,3 +168,17 @@ def test_from_hub_local_folders(tmp_path, run_cli):
     assert result.code == 2 and "--from-hub" in result.err and "test" in result.err
     result = run_cli("convert", "helpsteer2", folder / "train.jsonl", "--from-hub", folder, "-o", out)
     assert result.code == 2 and "either an INPUT file or --from-hub" in result.err
+
+
+def test_from_hub_offline_without_a_cached_copy_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "gvpo_offline", "convert", "nectar", "--from-hub",
+                           "berkeley-nest/Nectar", "-o", str(tmp_path / "out.jsonl")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --from-hub berkeley-nest/Nectar (split train): cannot load it")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.jsonl").exists()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from gvpo_offline.files import atomic_write_json, atomic_write_table
-from gvpo_offline import reference
+from gvpo_offline.files import atomic_write_json, atomic_write_table, sha256_file
+from gvpo_offline import reference, workdir as workdirs
 from gvpo_offline.modeling import load_model, load_tokenizer, model_fingerprint, sequence_logps
 from gvpo_offline.tokenize import TokenizeConfig, encode_pair, tokenizer_fingerprint
 
@@ -49,6 +49,7 @@ def build_cache(
 ) -> reference.Manifest:
     """Write WORKDIR/manifest.json + WORKDIR/ref/shard-00000.parquet for ``groups`` scored by ``model_path``."""
     workdir, model_path = Path(workdir), Path(model_path)
+    workdirs.claim(workdir)
     model = load_model(model_path, torch.device("cpu"), torch.float32)
     rows = []
     with torch.no_grad():
@@ -75,6 +76,7 @@ def build_cache(
         tokenizer_fingerprint=tokenizer_fingerprint(load_tokenizer(model_path)),
         tokenize=TokenizeConfig().to_json(), dtype="float32", eval_fraction=0.0, counts=counts,
         shards=[shard], complete=complete,
+        shard_sizes=[(workdir / shard).stat().st_size], shard_sha256=[sha256_file(workdir / shard)],
     )
     atomic_write_json(workdir / reference.MANIFEST, manifest.to_json())
     return manifest

@@ -38,7 +38,7 @@ def test_atomic_dir_swaps_whole_folders(tmp_path):
         (tmp / "weights").write_text("v2")
     assert (target / "weights").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    (tmp_path / ".tmp-model-123").mkdir()  # what a kill -9 mid-save leaves
+    (tmp_path / ".gvpo-tmp-model-123").mkdir()  # what a kill -9 mid-save leaves
     remove_stale(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

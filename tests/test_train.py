@@ -300,7 +300,7 @@ def test_kill9_then_resume_equals_uninterrupted(workdir, tmp_path):
     assert strip(read_metrics(workdir)) == strip(read_metrics(straight))
     kept = sorted(int(p.name.split("-")[1]) for p in (workdir / "checkpoints").glob("step-*"))
     assert kept == [56, 60]
-    assert not list((workdir / "checkpoints").glob(".tmp-*"))
+    assert not list((workdir / "checkpoints").glob(".gvpo-tmp-*"))
 
     # a resume with other trajectory settings is refused
     with pytest.raises(GvpoError, match="--lr"):

@@ -283,7 +283,8 @@ def _folder_sources(folder: str) -> list[_Source]:
         return [_dataset_source(folder)]
     found: list[_Source] = []
     for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        # hidden folders and gvpo-offline workdirs (their manifest and shards are never data) are skipped
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.isfile(os.path.join(root, d, ".gvpo-offline")))
         for name in sorted(names):
             path = os.path.join(root, name)
             kind = _file_kind(name)

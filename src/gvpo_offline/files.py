@@ -1,7 +1,10 @@
 """File plumbing shared by the stages: content hashes and atomic writes (temp file, then rename).
 
 A reader never sees a half-written file: every writer goes through :func:`atomic_path`, which hands out
-a temp name in the target's folder (``.NAME.XXXX.tmp``), fsyncs it and renames it over the target.
+a temp name in the target's folder (``.gvpo-tmp-NAME.XXXX``), fsyncs it and renames it over the target.
+Temp names always start with ``.gvpo-tmp-`` or ``.gvpo-old-`` (:data:`TMP_PREFIX`, :data:`OLD_PREFIX`),
+so cleaning up after a crash never touches a file the tool did not write. Files get the mode any other
+tool would give them (0666 minus the umask), not mkstemp's 0600.
 """
 
 from __future__ import annotations
@@ -18,6 +21,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+TMP_PREFIX = ".gvpo-tmp-"
+OLD_PREFIX = ".gvpo-old-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file's content, streamed in ``chunk_bytes`` chunks."""
@@ -33,8 +48,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success fsync it and rename it over ``path``, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
     os.close(fd)
+    os.chmod(tmp, FILE_MODE)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
@@ -80,13 +96,13 @@ def _fsync_dir(path: Path) -> None:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temp folder ``.tmp-NAME-PID`` beside ``path`` to fill; on success fsync it and swap
-    it in by renames (an existing ``path`` is first renamed to ``.old-NAME-PID``, then deleted), so
+    """Yield an empty temp folder ``.gvpo-tmp-NAME-PID`` beside ``path`` to fill; on success fsync it and
+    swap it in by renames (an existing ``path`` is first renamed to ``.gvpo-old-NAME-PID``, then deleted), so
     ``path`` is always either the old folder or the complete new one. On failure the temp folder goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    old = path.parent / f".old-{path.name}-{os.getpid()}"
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}"
+    old = path.parent / f"{OLD_PREFIX}{path.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -107,7 +123,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def remove_stale(folder: str | Path) -> None:
-    """Delete what an interrupted :func:`atomic_dir` left in ``folder`` (``.tmp-*`` and ``.old-*``)."""
-    for pattern in (".tmp-*", ".old-*"):
+    """Delete what an interrupted writer left in ``folder`` (``.gvpo-tmp-*`` and ``.gvpo-old-*`` only)."""
+    for pattern in (f"{TMP_PREFIX}*", f"{OLD_PREFIX}*"):
         for stale in Path(folder).glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)

@@ -13,14 +13,19 @@ CACHE FORMAT (``WORKDIR``, default ``gvpo-run/``):
         reward          float64  R(x, y)
         ref_logp        float64  Σ over response tokens of log πref(token | prompt, earlier tokens)
         n_tokens        int32    len(response_ids)
-All files are written atomically (temp file, then rename).
+    .gvpo-offline     the workdir marker (workdir.py): the tool writes only into folders it made.
+All files are written atomically (temp file, then rename). The manifest records each shard's size and
+sha256 (``shard_sizes``, ``shard_sha256``): sizes are checked whenever the manifest is read, checksums
+whenever a shard is loaded; shard paths must lie inside WORKDIR/ref/.
 
 CACHE SEMANTICS (:func:`precompute`):
     Manifest.inputs holds everything that decides the content (data files' sha256, layout, columns, model
     and tokenizer fingerprints, tokenize settings after clamping, dtype, eval_fraction, shard_groups, tool
     version); Manifest.key = sha256 of it. Same key and complete -> cache hit (no model loaded). Same key,
     incomplete -> resume: shards already on disk (each carries the key in its Parquet metadata) are kept.
-    Other key -> recompute (or refuse with overwrite=False, naming what changed).
+    Other key -> recompute (or refuse with overwrite=False, naming what changed). Everything (data,
+    tokenization and templates of every group) is validated before an existing cache is touched. A
+    complete cache with a missing or corrupt shard is repaired (that shard is recomputed).
     Split: a group is 'eval' iff split_value(prompt JSON) < eval_fraction, split_value = the first 53
     bits of sha256(prompt JSON from the data table) / 2**53, uniform in [0, 1);
     with --eval-data, DATA is all 'train' and the --eval-data groups all 'eval'.
@@ -33,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -44,9 +50,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from gvpo_offline import __version__, modeling
+from gvpo_offline import __version__, modeling, workdir as workdirs
 from gvpo_offline.data import DataConfig, input_files, load_groups
-from gvpo_offline.files import atomic_write_json, atomic_write_table
+from gvpo_offline.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.tokenize import (
     TokenizeConfig,
@@ -105,6 +111,8 @@ class Manifest:
     shard_groups: int = 0
     inputs: dict = field(default_factory=dict)  # everything that decides the content (hashed into key)
     key: str = ""  # sha256 of ``inputs``: same key -> same cache, so a rerun is a hit or a resume
+    shard_sizes: list[int] = field(default_factory=list)  # bytes of each finished shard (complete only)
+    shard_sha256: list[str] = field(default_factory=list)  # hex sha256 of each finished shard
 
     @property
     def tokenize_config(self) -> TokenizeConfig:
@@ -114,27 +122,82 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict) -> Manifest:
+    def from_json(cls, obj) -> Manifest:
+        """Parse ``manifest.json``'s object; ValueError (one line) when it is not a manifest of ours."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise ValueError(f"unknown keys {', '.join(map(repr, unknown))}")
         obj = dict(obj)
-        obj["counts"] = {k: SplitCounts(**v) for k, v in obj.get("counts", {}).items()}
-        return cls(**obj)
+        try:
+            obj["counts"] = {str(k): SplitCounts(**v) for k, v in (obj.get("counts") or {}).items()}
+            manifest = cls(**obj)
+        except (TypeError, AttributeError) as err:
+            raise ValueError(str(err)) from None
+        lists = (manifest.shards, manifest.shard_sizes, manifest.shard_sha256, manifest.data_files)
+        if not all(isinstance(x, list) for x in lists) or not all(isinstance(s, str) for s in manifest.shards):
+            raise ValueError("shards, shard_sizes, shard_sha256 and data_files must be lists")
+        for name in manifest.shards:  # never trust a path from a file: shards live in WORKDIR/ref/
+            if not SHARD_NAME.fullmatch(name):
+                raise ValueError(f"shard path {name!r} is not {REF_DIR}/shard-NNNNN.parquet")
+        return manifest
+
+
+SHARD_NAME = re.compile(rf"{REF_DIR}/shard-[0-9]{{5,}}\.parquet")
+RERUN = "rerun `gvpo-offline precompute-ref` with the same arguments to repair it"
+
+
+def parse_manifest(path: Path) -> Manifest:
+    """``path`` (a manifest.json) parsed and validated, or GvpoError in one line."""
+    try:
+        return Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError) as err:
+        message = " ".join(str(err).split())
+        raise GvpoError(f"{path}: not a valid gvpo-offline manifest ({message})") from None
 
 
 def read_manifest(workdir: str | Path) -> Manifest:
-    """The manifest of a workdir; a clear error when there is none or it is incomplete."""
+    """The manifest of a workdir; a clear error when there is none, it is incomplete, or a shard is
+    missing or has another size than recorded (cheap: no content is read)."""
     path = Path(workdir) / MANIFEST
     if not path.is_file():
         raise GvpoError(f"{path}: no reference cache here; run `gvpo-offline precompute-ref` first")
-    manifest = Manifest.from_json(json.loads(path.read_text()))
+    manifest = parse_manifest(path)
     if not manifest.complete:
         raise GvpoError(f"{path}: the reference cache is incomplete; rerun `gvpo-offline precompute-ref` to finish it")
+    if len(manifest.shard_sizes) != len(manifest.shards) or len(manifest.shard_sha256) != len(manifest.shards):
+        raise GvpoError(f"{path}: the manifest records no shard sizes/checksums (an older version made it); {RERUN}")
+    for name, size in zip(manifest.shards, manifest.shard_sizes):
+        shard = Path(workdir) / name
+        if not shard.is_file():
+            raise GvpoError(f"{shard}: cache shard missing; {RERUN}")
+        if shard.stat().st_size != size:
+            raise GvpoError(f"{shard}: cache shard has {shard.stat().st_size} bytes, the manifest says {size}; {RERUN}")
     return manifest
 
 
+def verify_shard(workdir: Path, manifest: Manifest, s: int) -> str | None:
+    """Why shard ``s`` does not match the manifest ("missing", "size", "checksum"), or None when it does."""
+    path = Path(workdir) / manifest.shards[s]
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != manifest.shard_sizes[s]:
+        return "size"
+    if sha256_file(path) != manifest.shard_sha256[s]:
+        return "checksum"
+    return None
+
+
 def load_split(workdir: str | Path, split: str) -> pa.Table:
-    """All cached rows of one split (REF_SCHEMA), sorted by (group_id, response_index). Memory-mapped."""
+    """All cached rows of one split (REF_SCHEMA), sorted by (group_id, response_index). Memory-mapped;
+    every shard's sha256 is checked against the manifest first."""
     manifest = read_manifest(workdir)
     paths = [Path(workdir) / s for s in manifest.shards]
+    for s, path in enumerate(paths):
+        if (problem := verify_shard(Path(workdir), manifest, s)) is not None:
+            raise GvpoError(f"{path}: cache shard is corrupt ({problem} differs from the manifest); {RERUN}")
     tables = [pq.read_table(p, memory_map=True, filters=[("split", "=", split)]) for p in paths]
     table = pa.concat_tables(tables) if tables else REF_SCHEMA.empty_table()
     return table.sort_by([("group_id", "ascending"), ("response_index", "ascending")])
@@ -245,7 +308,7 @@ def _read_any_manifest(workdir: Path) -> Manifest | None:
     """The workdir's manifest even if incomplete; None when absent or unreadable (e.g. an old format)."""
     try:
         return Manifest.from_json(json.loads((workdir / MANIFEST).read_text()))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError):
         return None
 
 
@@ -304,9 +367,43 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
     The same inputs again (data content, model and tokenizer fingerprints, settings: ``Manifest.inputs``)
     are a cache hit that loads no model; an unfinished cache with the same inputs is resumed from its
     finished shards; other inputs recompute it (or raise with ``overwrite=False``, naming the change).
+    The workdir must be new, empty or one of ours (workdir.claim); it is locked while the cache is written.
     """
     console = console or Console(stderr=True)
     workdir = Path(config.workdir)
+    created = not workdir.exists()
+    workdirs.claim(workdir)
+    try:
+        with workdirs.stage_locks(workdir, "precompute"):
+            return _precompute(config, workdir, console)
+    except BaseException:
+        if created:  # nothing of the user's is in a folder we made: leave no trace of a failed first run
+            _remove_if_only_ours(workdir)
+        raise
+
+
+def _remove_if_only_ours(folder: Path) -> None:
+    """Delete ``folder`` if it holds nothing but the marker and lock files (a run that wrote nothing)."""
+    import shutil
+
+    ours = {workdirs.MARKER, f"{workdirs.LOCK_PREFIX}ref", f"{workdirs.LOCK_PREFIX}train"}
+    try:
+        if folder.is_dir() and all(p.name in ours for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+    except OSError:
+        pass
+
+
+def _check_inputs_outside_workdirs(paths: list[dict]) -> None:
+    """Never read a workdir (its manifest, shards, model) as data: refuse data files inside one."""
+    for info in paths:
+        owner = workdirs.inside_workdir(Path(info["path"]).parent)
+        if owner is not None:
+            raise GvpoError(f"{info['path']}: this file lies in the gvpo-offline workdir {owner}; "
+                            "a workdir is never read as data")
+
+
+def _precompute(config: PrecomputeConfig, workdir: Path, console: Console) -> Manifest:
     device = modeling.resolve_device(config.device)
     dtype = modeling.resolve_dtype(config.dtype, device)
     model_path = str(Path(config.model).resolve())
@@ -316,6 +413,7 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
         _say(console, f"note: --max-length {config.tokenize.max_length} clamped to the model's context "
                       f"({tok_cfg.max_length} tokens; prompts keep at most {tok_cfg.max_prompt_length})")
     data_files, eval_files = file_infos(config.data.paths), file_infos(config.eval_data)
+    _check_inputs_outside_workdirs(data_files + eval_files)
     inputs = {
         "tool_version": __version__,
         "data_files": [f["sha256"] for f in data_files],
@@ -338,14 +436,20 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
     key = _sha256_json(inputs)
 
     old = _read_any_manifest(workdir)
-    if old is not None and old.key == key and old.complete and all((workdir / s).is_file() for s in old.shards):
-        moved = replace(old, model_path=model_path, data_files=data_files, eval_data_files=eval_files)
-        if moved != old:  # the same content at other paths: record where it is now
-            old = moved
-            atomic_write_json(workdir / MANIFEST, old.to_json())
-        _say(console, f"cache hit: {workdir / MANIFEST} matches the data, model, tokenizer and settings; "
-                      f"nothing to compute (no model loaded). {_summary(old)}")
-        return old
+    changes: list[str] = []
+    if old is not None and old.key == key and old.complete:
+        bad = _bad_shards(workdir, old)
+        if not bad:
+            moved = replace(old, model_path=model_path, data_files=data_files, eval_data_files=eval_files)
+            if moved != old:  # the same content at other paths: record where it is now
+                old = moved
+                atomic_write_json(workdir / MANIFEST, old.to_json())
+            _say(console, f"cache hit: {workdir / MANIFEST} matches the data, model, tokenizer and settings; "
+                          f"nothing to compute (no model loaded). {_summary(old)}")
+            return old
+        _say(console, "repairing the reference cache: " + "; ".join(f"{old.shards[s]} {why}" for s, why in bad.items()))
+        for s in bad:
+            (workdir / old.shards[s]).unlink(missing_ok=True)
     if (workdir / MANIFEST).exists() and (old is None or old.key != key):
         changes = describe_changes(old.inputs, inputs) if old and old.inputs else ["unreadable/old manifest"]
         if not config.overwrite:
@@ -354,9 +458,12 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
                 f"({'; '.join(changes)}); not overwriting them (--no-overwrite). "
                 "Use another --workdir or drop --no-overwrite."
             )
-        _say(console, f"recomputing the reference cache: {'; '.join(changes)}")
 
     groups, splits, layout = _plan(config, console)
+    if old is None or old.key != key:  # validate every group's tokenization before touching the old cache
+        _validate_encoding(tokenizer, groups, splits, tok_cfg, config.shard_groups)
+        if (workdir / MANIFEST).exists():
+            _say(console, f"recomputing the reference cache: {'; '.join(changes)}")
     manifest = Manifest(
         tool_version=__version__, data_files=data_files, eval_data_files=eval_files, layout=layout,
         columns=inputs["columns"], model_path=model_path, model_fingerprint=inputs["model_fingerprint"],
@@ -381,6 +488,24 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
     _finish(workdir, manifest)
     _say(console, f"reference log-probs cached in {workdir}: {_summary(manifest)}")
     return manifest
+
+
+def _bad_shards(workdir: Path, manifest: Manifest) -> dict[int, str]:
+    """{shard number: what is wrong} for the shards of a complete manifest that fail verify_shard."""
+    if len(manifest.shard_sizes) != len(manifest.shards) or len(manifest.shard_sha256) != len(manifest.shards):
+        return dict.fromkeys(range(len(manifest.shards)), "unverifiable (no checksum recorded)")
+    bad = {}
+    for s in range(len(manifest.shards)):
+        if (problem := verify_shard(workdir, manifest, s)) is not None:
+            bad[s] = problem if problem == "missing" else f"corrupt ({problem} differs)"
+    return bad
+
+
+def _validate_encoding(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig, size: int) -> None:
+    """Tokenize every group once (results dropped): a template or tokenization error stops the run
+    before anything is written. Cheap next to the forward passes."""
+    for lo in range(0, groups.num_rows, size):
+        _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], cfg)
 
 
 def _plan(config: PrecomputeConfig, console: Console) -> tuple[pa.Table, list[str], str]:
@@ -435,7 +560,7 @@ def _clean_shards(workdir: Path, manifest: Manifest) -> list[int]:
     if ref.is_dir():
         for path in ref.iterdir():
             name = f"{REF_DIR}/{path.name}"
-            stale = path.name.startswith(".shard-") and path.name.endswith(".tmp")
+            stale = path.name.startswith(TMP_PREFIX)
             if path.name.startswith("shard-") and path.suffix == ".parquet":
                 stale = name not in planned or _shard_meta(path).get(_KEY_META) != manifest.key.encode()
             if stale:
@@ -444,9 +569,16 @@ def _clean_shards(workdir: Path, manifest: Manifest) -> list[int]:
 
 
 def _finish(workdir: Path, manifest: Manifest) -> None:
-    """Fill the counts from the shards on disk, set complete=true and write the manifest (atomically)."""
+    """Check that every shard was made under this manifest's key, fill the counts, sizes and checksums
+    from the shards on disk, set complete=true and write the manifest (atomically)."""
     paths = [workdir / name for name in manifest.shards]
     metas = [_shard_meta(p) for p in paths]
+    for path, meta in zip(paths, metas):
+        if meta.get(_KEY_META) != manifest.key.encode():
+            raise GvpoError(f"{path}: this shard was not computed from these inputs (another precompute-ref "
+                            f"wrote it?); {RERUN}")
+    manifest.shard_sizes = [p.stat().st_size for p in paths]
+    manifest.shard_sha256 = [sha256_file(p) for p in paths]
     manifest.truncated_prompts = sum(int(m[_TRUNC_META[0]]) for m in metas)
     manifest.truncated_responses = sum(int(m[_TRUNC_META[1]]) for m in metas)
     rows = pa.concat_tables([pq.read_table(p, columns=["split", "response_index", "n_tokens"]) for p in paths])

@@ -57,12 +57,21 @@ class EncodedPair:
 
 
 def load_prompt_template(value: str | None) -> str | None:
-    """``--prompt-template``: a Jinja chat-template string, or the path of a file holding one."""
+    """``--prompt-template``: a Jinja chat-template string, or the path of a file holding one.
+
+    A value without any Jinja tag (``{{ }}``, ``{% %}``) cannot be a template: it must name a file, and a
+    missing file is an error (a typo such as ``chat.jnja`` would otherwise become every prompt's text).
+    """
     if value is None:
         return None
     path = Path(value)
-    if len(value) < 4096 and path.is_file():
-        return path.read_text(encoding="utf-8")
+    if len(value) < 4096 and "\n" not in value and path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise GvpoError(f"--prompt-template {value}: cannot read the file ({err})") from None
+    if "{{" not in value and "{%" not in value:
+        raise GvpoError(f"--prompt-template {value}: no such file (and not a Jinja template: it has no {{{{ }}}} or {{% %}})")
     return value
 
 
@@ -84,9 +93,18 @@ def _prompt_text(tokenizer, messages: list[dict[str, str]], cfg: TokenizeConfig)
             "the prompts are chat messages but the tokenizer has no chat template: "
             "pass --prompt-template (a Jinja chat template or a file holding one)"
         )
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, add_generation_prompt=True, tokenize=False
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as err:  # noqa: BLE001 - jinja2 syntax/sandbox/undefined errors: one line
+        import jinja2
+
+        if not isinstance(err, (jinja2.TemplateError, TypeError, ValueError)):
+            raise
+        source = "--prompt-template" if cfg.prompt_template else "the tokenizer's chat template"
+        message = " ".join(str(err).split())
+        raise GvpoError(f"{source}: {type(err).__name__}: {message}") from None
 
 
 def encode_prompt(tokenizer, prompt: Prompt, cfg: TokenizeConfig) -> tuple[list[int], bool]:

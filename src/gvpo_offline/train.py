@@ -364,7 +364,7 @@ class TrainState:
 
 
 def checkpoint_dirs(workdir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints as (step, path), oldest first. Temp dirs (``.tmp-*``) are never listed."""
+    """Complete checkpoints as (step, path), oldest first. Temp dirs (``.gvpo-tmp-*``) are never listed."""
     root = workdir / CHECKPOINTS
     found = []
     for p in root.glob("step-*") if root.is_dir() else []:

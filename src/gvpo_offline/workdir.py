@@ -1,0 +1,147 @@
+"""Ownership of a workdir: the ``.gvpo-offline`` marker and the per-stage locks.
+
+The tool only writes into a folder it can prove is its own: a folder that did not exist, was empty, or
+holds the marker ``WORKDIR/.gvpo-offline`` (JSON ``{"layout": LAYOUT_VERSION, ...}``) written when the
+tool first claimed it. A non-empty folder without the marker (the user's own files, ``.`` by mistake)
+is refused, so nothing in it is ever deleted or replaced. Temp files and folders the tool writes carry
+the prefix ``.gvpo-tmp-``/``.gvpo-old-`` (files.py): only those are ever cleaned up.
+
+Locks (Linux/macOS ``fcntl.flock`` on ``WORKDIR/.gvpo-lock-<name>``, released when the process ends,
+however it ends): ``precompute-ref`` holds ``ref`` exclusively; ``train`` holds ``train`` exclusively
+and ``ref`` shared (the cache must not change under it). A second writer stops at once with a message
+naming the holder's pid (written into the lock file by the holder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from gvpo_offline.errors import GvpoError
+
+MARKER = ".gvpo-offline"
+LAYOUT_VERSION = 1
+LOCK_PREFIX = ".gvpo-lock-"
+
+
+def is_marked(folder: str | Path) -> bool:
+    """Does ``folder`` carry the tool's marker (i.e. is it a gvpo-offline workdir)?"""
+    return (Path(folder) / MARKER).is_file()
+
+
+def claim(folder: str | Path) -> Path:
+    """Make ``folder`` a workdir of this tool, or refuse: create it (and the marker) when it is missing
+    or empty; accept it when it has the marker of a layout we know; else raise GvpoError."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise GvpoError(f"--workdir {folder}: exists and is not a folder")
+    if is_marked(folder):
+        check_layout(folder)
+        return folder
+    if folder.is_dir() and any(folder.iterdir()):
+        raise GvpoError(
+            f"--workdir {folder}: the folder is not empty and is not a gvpo-offline workdir (no {MARKER} "
+            "marker); the tool never writes into a folder of yours: pass a new or empty --workdir"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    from gvpo_offline import __version__
+    from gvpo_offline.files import atomic_write_json
+
+    atomic_write_json(folder / MARKER, {"layout": LAYOUT_VERSION, "tool": "gvpo-offline", "tool_version": __version__})
+    return folder
+
+
+def require(folder: str | Path) -> Path:
+    """A workdir made by precompute-ref (it has the marker), else GvpoError: train and eval write only there."""
+    folder = Path(folder)
+    if not is_marked(folder):
+        if not folder.is_dir():
+            raise GvpoError(f"{folder}: no such workdir; run `gvpo-offline precompute-ref --workdir {folder}` first")
+        raise GvpoError(
+            f"{folder}: not a gvpo-offline workdir (no {MARKER} marker; a workdir of an older version: rerun "
+            "precompute-ref into a new --workdir)"
+        )
+    check_layout(folder)
+    return folder
+
+
+def check_layout(folder: Path) -> None:
+    path = folder / MARKER
+    try:
+        layout = json.loads(path.read_text()).get("layout")
+    except (ValueError, AttributeError):
+        layout = None
+    if layout != LAYOUT_VERSION:
+        raise GvpoError(f"{path}: workdir layout {layout!r} is not the one this version writes ({LAYOUT_VERSION})")
+
+
+def inside_workdir(path: str | Path) -> Path | None:
+    """The gvpo-offline workdir that ``path`` lies in (itself or a parent carrying the marker), or None."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if is_marked(folder):
+            return folder
+    return None
+
+
+# ---- locks ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def lock(folder: str | Path, name: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold ``WORKDIR/.gvpo-lock-<name>`` (exclusive, or shared) for the block, or raise GvpoError at once
+    naming the process that holds it. Without fcntl (Windows) this is a no-op."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        yield
+        return
+    path = Path(folder) / f"{LOCK_PREFIX}{name}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GvpoError(f"{folder}: {_holder(Path(folder), name)}; wait for it to finish or stop it") from None
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            if not shared:
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _holder(folder: Path, name: str) -> str:
+    """Who holds lock ``name``: the pid an exclusive holder wrote, else a train (shared ``ref`` holder)."""
+    for lock_name, stage in ((name, name), ("train", "train")):
+        try:
+            pid = (folder / f"{LOCK_PREFIX}{lock_name}").read_text().strip()
+        except OSError:
+            pid = ""
+        if pid:
+            what = "precompute-ref" if stage == "ref" else stage
+            return f"another gvpo-offline process (pid {pid}, {what}) is using this workdir"
+    return "another gvpo-offline process is using this workdir"
+
+
+@contextmanager
+def stage_locks(folder: str | Path, stage: str) -> Iterator[None]:
+    """The locks of one stage: ``precompute`` -> ref (exclusive); ``train`` -> train (exclusive) + ref
+    (shared)."""
+    with ExitStack() as stack:
+        if stage == "precompute":
+            stack.enter_context(lock(folder, "ref"))
+        elif stage == "train":
+            stack.enter_context(lock(folder, "train"))
+            stack.enter_context(lock(folder, "ref", shared=True))
+        else:
+            raise ValueError(stage)
+        yield

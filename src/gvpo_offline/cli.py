@@ -127,6 +127,7 @@ def train_cmd(
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="How many of the newest checkpoints to keep.")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run's WORKDIR/model and metrics.jsonl (refused otherwise).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """Train the policy with GVPO on the cached train split; the final model goes to WORKDIR/model/."""
@@ -140,7 +141,7 @@ def train_cmd(
         micro_batch_tokens=micro_batch_tokens, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, save_every=save_every, keep_checkpoints=keep_checkpoints,
-        resume=resume, trust_remote_code=trust_remote_code,
+        resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
     with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
         train(config, log=lambda msg: console.print(msg, highlight=False, markup=False), on_step=tracker)
@@ -279,14 +280,20 @@ def plot_cmd(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning user errors into one line and exit code 2."""
+    from gvpo_offline import interrupts
+
     try:
-        app(args=argv, standalone_mode=False)
+        with interrupts.installed():  # SIGINT -> 130, SIGTERM -> 143 (typer turns both into Exit(130))
+            code = app(args=argv, standalone_mode=False)
     except GvpoError as err:
         console.print(f"error: {err}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         console.print("interrupted", style="yellow")
-        sys.exit(130)
+        sys.exit(interrupts.exit_code(exc))
+    except OSError as err:  # disk full, read-only or unreadable paths: one line naming the path
+        console.print(f"error: {_os_error(err)}", style="bold red", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
     except typer.Exit as exc:  # raised by commands that end early on purpose
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors
@@ -298,6 +305,18 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
         raise
+    if code == 130:  # typer caught a KeyboardInterrupt (Ctrl-C or SIGTERM) and returned its exit code
+        console.print("interrupted", style="yellow")
+        sys.exit(interrupts.exit_code())
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError as one line: "No space left on device: PATH" (both paths for a rename)."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    reason = err.strerror or str(err)
+    return f"{reason}: {paths}" if paths else reason
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch
 import transformers
 from torch import Tensor
 
-from gvpo_offline import reference
+from gvpo_offline import interrupts, reference, workdir as workdirs
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.files import atomic_dir, atomic_write_bytes, atomic_write_json, remove_stale
 from gvpo_offline.loss import gvpo_grad_weights, gvpo_loss, gvpo_loss_terms
@@ -90,14 +90,15 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints; 0 = never
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run's model/ and metrics.jsonl
     trust_remote_code: bool = False
     logits_chunk_tokens: int | None = None  # positions per LM-head chunk; None = modeling.logits_chunk_for
     progress: bool = True  # live progress on stderr
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
-        if not self.beta > 0:
-            raise GvpoError(f"--beta must be > 0, got {self.beta}")
+        if not 0 < self.beta < math.inf:
+            raise GvpoError(f"--beta must be a finite number > 0, got {self.beta}")
         for name in ("groups_per_step", "micro_batch_tokens", "epochs", "keep_checkpoints", "logits_chunk_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise GvpoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -105,8 +106,13 @@ class TrainConfig:
             raise GvpoError(f"--max-steps must be >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise GvpoError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.save_every < 0:
-            raise GvpoError("--lr must be > 0 and --weight-decay, --max-grad-norm, --save-every >= 0")
+        if not 0 < self.lr < math.inf:
+            raise GvpoError(f"--lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise GvpoError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise GvpoError("--save-every must be >= 0")
 
     def to_json(self) -> dict:
         return {**asdict(self), "workdir": str(self.workdir)}
@@ -181,7 +187,29 @@ def load_train_groups(workdir: Path) -> CachedGroups:
     for g in range(len(offsets) - 1):
         if offsets[g + 1] - offsets[g] < 2:
             raise GvpoError(f"{workdir}: group {ids[offsets[g]]!r} has a single response; GVPO needs k >= 2")
+    check_reward_range(table, offsets, workdir)
     return CachedGroups(table, offsets)
+
+
+def check_reward_range(table: pa.Table, offsets: list[int], where) -> None:
+    """Rewards that are finite but so large that the loss overflows (R − mean R squared beyond float64,
+    e.g. 1e200) are refused here, naming the group, instead of surfacing as an inf loss at some step."""
+    import numpy as np
+
+    rewards = table.column("reward").to_numpy()
+    starts = np.asarray(offsets[:-1])
+    sizes = np.diff(offsets)
+    with np.errstate(over="ignore", invalid="ignore"):
+        means = np.add.reduceat(rewards, starts) / sizes
+        spread = np.add.reduceat((rewards - np.repeat(means, sizes)) ** 2, starts)
+    finite = np.logical_and.reduceat(np.isfinite(rewards), starts)  # non-finite rewards: the step check's job
+    bad = np.flatnonzero(finite & ~np.isfinite(spread))
+    if bad.size:
+        g = int(bad[0])
+        group = table.column("group_id")[offsets[g]].as_py()
+        raise GvpoError(f"{where}: group {group!r}: rewards too large for the loss (their squared differences "
+                        f"overflow float64; max |R| {np.abs(rewards[offsets[g]:offsets[g + 1]]).max():.3g}); "
+                        "rescale the rewards")
 
 
 @functools.lru_cache(maxsize=1)
@@ -487,12 +515,20 @@ def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[...
 def train(config: TrainConfig, log: Callable[[str], None] = print,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train the policy with GVPO on WORKDIR's cached train split; see the module docstring.
-    ``on_step`` gets each metrics.jsonl record once it is written (tracking.Tracker)."""
+    ``on_step`` gets each metrics.jsonl record once it is written (tracking.Tracker). The workdir must be
+    one made by precompute-ref; it is locked for the run (one train at a time, no precompute-ref under it)."""
+    workdirs.require(config.workdir)
+    with workdirs.stage_locks(config.workdir, "train"):
+        return _train(config, log, on_step)
+
+
+def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[dict], None] | None) -> TrainResult:
     cfg, workdir = config, config.workdir
 
     # 1. check the cache against the model we train from
     manifest = reference.read_manifest(workdir)
     init_path, tokenizer, notes = check_start(manifest, cfg.init_model, cfg.trust_remote_code)
+    check_outputs(workdir, manifest, init_path, cfg)
     groups = load_train_groups(workdir)
     device = resolve_device(cfg.device)
     compute_dtype = resolve_dtype(cfg.dtype, device)
@@ -513,10 +549,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print,
     if checkpoints and not cfg.resume:
         raise GvpoError(f"{workdir / CHECKPOINTS} holds checkpoints of an earlier run: pass --resume to "
                         "continue it, or delete that folder to start over")
-    resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
-    if resume_from:
-        _check_resume_config(resume_from[1], cfg, manifest.key)
-    elif cfg.resume:
+    if cfg.resume and not checkpoints:
         log(f"note: --resume: no checkpoint in {workdir / CHECKPOINTS}, starting from step 0")
     remove_stale(workdir / CHECKPOINTS)  # left by a crash mid-save
     remove_stale(workdir)
@@ -524,24 +557,46 @@ def train(config: TrainConfig, log: Callable[[str], None] = print,
     # 3. the policy (fp32 master weights, eval mode = no dropout), optimizer, schedule, state
     torch.manual_seed(cfg.seed)
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
-    model = load_model(resume_from[1] if resume_from else init_path, device, torch.float32, cfg.trust_remote_code)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
-    state = TrainState()
+
+    def setup(weights: Path, checkpoint: Path | None):
+        model = load_model(weights, device, torch.float32, cfg.trust_remote_code)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+        state = load_checkpoint(checkpoint, optimizer, scheduler) if checkpoint else TrainState()
+        return model, params, optimizer, scheduler, state
+
+    resume_from = None
+    for step, path in reversed(checkpoints):  # newest first; a corrupt one falls back to the one before
+        try:
+            _check_checkpoint_files(path)
+            _check_resume_config(path, cfg, manifest.key)  # GvpoError: the user's settings differ
+            model, params, optimizer, scheduler, state = setup(path, path)
+        except GvpoError:
+            raise
+        except Exception as err:  # noqa: BLE001 - truncated weights, missing files, bad pickles: all "corrupt"
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            log(f"warning: checkpoint {path} is unusable ({reason}); trying the one before it")
+            continue
+        resume_from = (step, path)
+        log(f"resuming from {path} (step {state.step}/{total_steps})")
+        break
+    if checkpoints and resume_from is None:
+        raise GvpoError(f"--resume: no usable checkpoint in {workdir / CHECKPOINTS} (all are incomplete or "
+                        "corrupt); delete that folder to start over")
+    if resume_from is None:
+        model, params, optimizer, scheduler, state = setup(init_path, None)
+    check_vocabulary(model, groups, init_path if resume_from is None else resume_from[1])
     metrics_path = workdir / METRICS
-    if resume_from:
-        state = load_checkpoint(resume_from[1], optimizer, scheduler)
-        log(f"resuming from {resume_from[1]} (step {state.step}/{total_steps})")
     truncate_metrics(metrics_path, keep_through_step=state.step)
 
-    # 4. the loop
+    # 4. the loop (a signal stops it at the next step boundary, after a checkpoint)
     last_loss = None
     last_good = str(resume_from[1]) if resume_from else None
     started, tokens_seen = time.perf_counter(), 0
-    with progress_bar(cfg.progress, total_steps, state.step) as update:
+    with progress_bar(cfg.progress, total_steps, state.step) as update, interrupts.deferred() as stop_requested:
         while state.step < total_steps:
             if state.position >= groups.n_groups:
                 state.epoch, state.position = state.epoch + 1, 0
@@ -582,21 +637,84 @@ def train(config: TrainConfig, log: Callable[[str], None] = print,
             last_loss, tokens_seen = stats.loss, tokens_seen + stats.tokens
             update(state.step, loss=stats.loss, grad_norm=grad_norm, lr=lr,
                    tok_s=tokens_seen / max(1e-9, time.perf_counter() - started))
-            if cfg.save_every and state.step % cfg.save_every == 0:
+            signum = stop_requested()
+            if (cfg.save_every and state.step % cfg.save_every == 0) or signum:
+                check_finite_parameters(model, f"after step {state.step}", last_good)
                 last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg, manifest.key))
+            if signum:
+                log(f"interrupted after step {state.step}/{total_steps}; checkpoint saved to {last_good}. "
+                    f"Continue with: gvpo-offline train --workdir {workdir} --resume (same options)")
+                raise interrupts.Interrupted(signum)
 
-    # 5. the final model
+    # 5. the final model (never a non-finite one)
+    check_finite_parameters(model, f"after step {state.step}", last_good)
     train_config = {
         **cfg.to_json(), "init_model_path": str(init_path), "total_steps": total_steps,
         "warmup_steps": warmup_steps, "reference_model_path": manifest.model_path,
         "reference_model_fingerprint": manifest.model_fingerprint,
-        "tokenizer_fingerprint": manifest.tokenizer_fingerprint,
+        "tokenizer_fingerprint": manifest.tokenizer_fingerprint, "cache_key": manifest.key,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "loss": "GVPO eq. 16: 1/G Σ_x 1/(k-1) Σ_i c_i²  (verl's code uses ½ of this)",
     }
     model_dir = save_final(workdir, model, tokenizer, train_config)
     log(f"saved {model_dir} after {state.step} steps")
     return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes)
+
+
+# ---- safety checks ---------------------------------------------------------------------------------
+
+
+def check_outputs(workdir: Path, manifest: reference.Manifest, init_path: Path, cfg: TrainConfig) -> None:
+    """Refuse a run that would destroy a model or an earlier run: the reference or --init-model must not
+    live where train writes (WORKDIR/model, WORKDIR/checkpoints), and an earlier run's model/ and
+    metrics.jsonl are only replaced with ``overwrite`` (or continued with ``resume``)."""
+    outputs = [(workdir / FINAL_MODEL).resolve(), (workdir / CHECKPOINTS).resolve()]
+    for label, path in (("the reference model (from the manifest)", Path(manifest.model_path)),
+                        ("--init-model", init_path)):
+        resolved = path.resolve()
+        for out in outputs:
+            if resolved == out or out in resolved.parents:
+                raise GvpoError(
+                    f"{label} {path} is inside {out}, which train would overwrite; for another round, "
+                    "precompute-ref with that model into a new --workdir"
+                )
+    earlier = [p for p in (workdir / FINAL_MODEL, workdir / METRICS) if p.exists()]
+    if earlier and not (cfg.overwrite or cfg.resume):
+        raise GvpoError(
+            f"{workdir} holds an earlier training run ({', '.join(p.name for p in earlier)}); pass --overwrite "
+            "to replace it, --resume to continue it, or train into another --workdir"
+        )
+
+
+def check_finite_parameters(model, where: str, last_good: str | None) -> None:
+    """Raise GvpoError (nothing saved) when a parameter is NaN or ±inf. One fused reduction per tensor."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise GvpoError(
+                f"{where}: parameter {name} is not finite; not saving this model (last good checkpoint: "
+                f"{last_good or 'none'}). Lower --lr"
+            )
+
+
+def check_vocabulary(model, groups: CachedGroups, model_path: Path) -> None:
+    """The cached token ids must exist in the model's embedding (an --init-model with a smaller vocab)."""
+    import pyarrow.compute as pc
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    top = max(pc.max(pc.list_flatten(groups.table[col])).as_py() or 0 for col in ("prompt_ids", "response_ids"))
+    if top >= vocab:
+        raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
+
+
+_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE, "config.json")
+
+
+def _check_checkpoint_files(path: Path) -> None:
+    missing = [name for name in _CHECKPOINT_FILES if not (path / name).is_file()]
+    if not any(path.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise FileNotFoundError(f"missing {', '.join(missing)}")
 
 
 def _clip(params: list[Tensor], max_norm: float) -> float:

@@ -367,8 +367,8 @@ class EvalConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        if self.beta is not None and not self.beta > 0:
-            raise GvpoError(f"--beta must be > 0, got {self.beta}")
+        if self.beta is not None and not 0 < self.beta < math.inf:
+            raise GvpoError(f"--beta must be a finite number > 0, got {self.beta}")
         if self.bootstrap < 0:
             raise GvpoError("--bootstrap must be >= 0")
         if self.batch_tokens is not None and self.batch_tokens < 1:
@@ -487,6 +487,19 @@ def _read_train_config(model_path: Path) -> tuple[dict | None, Path | None]:
     return None, None
 
 
+def check_model_tokenizer(model_path: Path, manifest, trust_remote_code: bool = False) -> None:
+    """Refuse a model whose tokenizer is not the one the cached token ids were made with."""
+    from gvpo_offline.modeling import load_tokenizer
+    from gvpo_offline.tokenize import tokenizer_fingerprint
+
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((model_path / name).is_file() for name in tokenizer_files):
+        return  # a bare checkpoint (weights only): it uses the cache's tokenizer
+    if tokenizer_fingerprint(load_tokenizer(model_path, trust_remote_code)) != manifest.tokenizer_fingerprint:
+        raise GvpoError(f"{model_path}: its tokenizer differs from the one precompute-ref used for the cache "
+                        "(the cached token ids would mean something else); evaluate it with its own --workdir")
+
+
 def _weight_signature(path: Path) -> list[tuple[str, int]]:
     from gvpo_offline.modeling import WEIGHT_SUFFIXES
 
@@ -595,6 +608,14 @@ def generation_eval(
             )
         return _score_all(reward_fn, prompts, texts)
 
+    if not model_is_reference:
+        from gvpo_offline.modeling import model_fingerprint
+
+        if not (Path(manifest.model_path) / "config.json").is_file() or (
+                model_fingerprint(manifest.model_path) != manifest.model_fingerprint):
+            raise GvpoError(f"{manifest.model_path}: the reference model is missing or changed since precompute-ref "
+                            "(its fingerprint differs from the manifest's); the generation eval would not compare "
+                            "against the reference. Rerun precompute-ref")
     model_rewards = run(model, "sampling (model)")
     if model_is_reference:
         ref_rewards = model_rewards
@@ -664,6 +685,13 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
                 f"{model_path} was trained against another reference cache ({key.replace('_', ' ')} differs "
                 f"from {Path(config.workdir) / reference.MANIFEST}); evaluate it with its own --workdir"
             )
+    check_model_tokenizer(model_path, manifest, config.trust_remote_code)
+    if train_cfg.get("cache_key") and train_cfg["cache_key"] != manifest.key:
+        console.print(
+            f"note: {model_path} was trained on the cache of another precompute-ref run (key "
+            f"{str(train_cfg['cache_key'])[:12]}); scoring it on the data of {config.workdir} (key {manifest.key[:12]})",
+            markup=False, highlight=False, soft_wrap=True,
+        )
 
     table, data_desc = _load_rows(config, console)
     rewards = table.column("reward").to_numpy().astype(np.float64)
@@ -676,7 +704,8 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
     model_is_ref = is_reference_model(model_path, manifest)
     model = None
     if model_is_ref:
-        console.print(f"note: {model_path} is the reference model: ℓ = 0 by definition (no forward pass)")
+        console.print(f"note: {model_path} is the reference model: ℓ = 0 by definition (no forward pass)",
+                      markup=False, highlight=False)
         log_ratio = np.zeros_like(ref_logp)
     else:
         import transformers

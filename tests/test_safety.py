@@ -257,3 +257,214 @@ def test_a_malformed_manifest_is_one_line(cache, run_cli, content):
     res = run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1")
     assert res.code == 2 and "not a valid gvpo-offline manifest" in res.err
     assert len(res.err.strip().splitlines()) == 1
+
+
+# ---- 11. faults: one line, an exit code, nothing half-written ---------------------------------------------
+
+
+def test_disk_full_during_precompute_is_one_line_and_leaves_no_partial_files(run_cli, tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    data = small_data(tmp_path)
+    work = tmp_path / "run"
+
+    def full(table, where, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+
+    monkeypatch.setattr(pq, "write_table", full)
+    res = run_cli(*precompute_args(data, work))
+    last = res.err.strip().splitlines()[-1]
+    assert res.code == 1 and last == f"error: No space left on device: {work / 'ref' / 'shard-00000.parquet'}"
+    assert "Traceback" not in res.err
+    assert not [p for p in work.rglob(".gvpo-tmp-*")]
+    assert not json.loads((work / "manifest.json").read_text())["complete"]
+
+
+def test_disk_full_while_saving_the_model_keeps_the_old_one(cache, run_cli, monkeypatch):
+    import errno
+
+    import torch
+
+    args = ["train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0"]
+    assert run_cli(*args).code == 0
+    good = tree(cache / "model")
+
+    def full(self, folder, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(folder) / "model.safetensors"))
+
+    monkeypatch.setattr(torch.nn.Module, "save_pretrained", full, raising=False)
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    res = run_cli(*args, "--overwrite")
+    assert res.code == 1 and "No space left on device" in res.err and "Traceback" not in res.err
+    assert tree(cache / "model") == good and not list(cache.glob(".gvpo-*-model-*"))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "nan", "--lr must be a finite number"),
+    ("--weight-decay", "nan", "--weight-decay must be a finite number"),
+    ("--device", "tpu", "unknown --device 'tpu'"),
+    ("--beta", "inf", "--beta must be a finite number"),
+])
+def test_bad_numbers_and_devices_are_one_line(cache, run_cli, option, value, message):
+    res = run_cli("train", "--workdir", cache, "--beta", "0.1", "--max-steps", "1", option, value)
+    assert res.code == 2 and message in res.err and "Traceback" not in res.err
+
+
+def test_eval_beta_inf_is_refused(cache, run_cli):
+    res = run_cli("eval", "--workdir", cache, "--model", STORIES, "--beta", "inf")
+    assert res.code == 2 and "--beta must be a finite number" in res.err
+
+
+def test_init_model_with_a_smaller_vocabulary_is_one_line(cache, run_cli, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = tmp_path / "small"
+    shutil.copytree(STORIES, small)
+    config = AutoConfig.from_pretrained(STORIES)
+    config.vocab_size = 64
+    AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    res = run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--init-model", small)
+    assert res.code == 2 and "vocabulary of 64 tokens" in res.err and "Traceback" not in res.err
+
+
+def test_non_utf8_prompts_file_is_one_line(run_cli, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("Once upon a time\n".encode() + b"caf\xe9\n")
+    res = run_cli("sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{DATA / 'reward.py'}:kindness",
+                  "-o", tmp_path / "out.jsonl", "--device", "cpu")
+    assert res.code == 2 and "line 2" in res.err and "not UTF-8" in res.err
+
+
+def test_paths_with_brackets_are_printed_verbatim(run_cli, tmp_path):
+    out = tmp_path / "[x]" / "out.jsonl"
+    out.parent.mkdir()
+    res = run_cli("convert", "gsm8k", DATA / "gsm8k" / "example_model_solutions.jsonl", "-o", out)
+    assert res.code == 0, res.err
+    assert "[x]" in "".join(res.err.split())
+
+
+# ---- 12. signals: 130 / 143 after saving what can be saved --------------------------------------------------
+
+
+def test_sigterm_during_train_saves_a_checkpoint_and_exits_143(cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "gvpo_offline", "train", "--workdir", str(cache), *TRAIN, "--max-steps", "100000",
+           "--save-every", "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cache / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    err = " ".join(err.split())
+    assert "interrupted after step" in err and "--resume" in err and "Traceback" not in err
+    steps = sorted(int(p.name.split("-")[1]) for p in (cache / "checkpoints").glob("step-*"))
+    assert steps and steps[-1] == metrics.read_text().count("\n") and not (cache / "model").exists()
+
+
+def test_ctrl_c_exit_code_is_130_not_0(cache, run_cli, monkeypatch):
+    from gvpo_offline import train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "load_train_groups", interrupted)
+    res = run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1")
+    assert res.code == 130 and "interrupted" in res.err
+
+
+# ---- 13. prompt templates -------------------------------------------------------------------------------
+
+
+def test_prompt_template_typos_and_errors_are_one_line_and_leave_nothing(run_cli, tmp_path):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"prompt": [{"role": "user", "content": f"story {i}"}], "responses": ["a", "b"], "rewards": [0, 1]}
+        for i in range(3)
+    ])
+    work = tmp_path / "run"
+    res = run_cli(*precompute_args(chat, work, "--prompt-template", "chat.jnja"))
+    assert res.code == 2 and "no such file" in res.err
+    for template in ("{% for m in messages %}{{ m.content }", "{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}"):
+        res = run_cli(*precompute_args(chat, work, "--prompt-template", template))
+        assert res.code == 2 and "Traceback" not in res.err, res.err
+        assert res.err.strip().splitlines()[-1].startswith("error: --prompt-template: ")
+        assert not work.exists()  # no manifest, not even the folder it made
+
+
+# ---- 14. rewards -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def r(p, s):\n    return 'oops'\n  bad indent", "cannot import"),
+    ("raise RuntimeError('boom at import')\ndef r(p, s): return 1.0", "boom at import"),
+    ("import sys\ndef r(p, s):\n    sys.exit(0)", "SystemExit"),
+    ("def r(p, s):\n    return '1.5'", "not a number"),
+    ("def r(p, s):\n    return True", "not a number"),
+    ("import time\ndef r(p, s):\n    time.sleep(30)\n    return 1.0", "--reward-timeout"),
+])
+def test_bad_reward_functions_are_one_line(run_cli, tmp_path, body, message):
+    reward = tmp_path / "reward.py"
+    reward.write_text(body + "\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n")
+    res = run_cli("sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{reward}:r", "--max-new-tokens", "4",
+                  "-o", tmp_path / "out.jsonl", "--device", "cpu", "--reward-timeout", "1")
+    assert res.code == 2 and message in res.err and "Traceback" not in res.err, res.err
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_text()
+
+
+# ---- 15. eval refuses another tokenizer and a changed reference ------------------------------------------------
+
+
+def test_eval_refuses_a_model_with_another_tokenizer(cache, run_cli, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(STORIES, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    res = run_cli("eval", "--workdir", cache, "--model", other, "--beta", "0.1", "--device", "cpu")
+    assert res.code == 2 and "tokenizer differs" in res.err
+
+
+def test_generation_eval_refuses_a_changed_reference(run_cli, tmp_path):
+    from gvpo_offline.workdir import claim
+
+    work = claim(tmp_path / "run")
+    ref = tmp_path / "ref"
+    shutil.copytree(STORIES, ref)
+    groups = text_groups(STORIES, STORY_GROUPS)
+    for g in groups:
+        g.split = "eval"
+    build_cache(work, ref, groups)
+    shutil.copy(STORIES / "config.json", ref / "model.safetensors")  # the reference's weights replaced
+    trained = tmp_path / "trained"  # a model saved by train (not the reference)
+    shutil.copytree(STORIES, trained)
+    (trained / "train_config.json").write_text(json.dumps({"beta": 0.1}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n")
+    res = run_cli("eval", "--workdir", work, "--model", trained, "--beta", "0.1", "--bootstrap", "0", "--device", "cpu",
+                  "--prompts", prompts, "--reward", f"{DATA / 'reward.py'}:kindness", "--max-new-tokens", "4")
+    assert res.code == 2 and "reference model is missing or changed" in res.err, res.err
+
+
+# ---- 16. file modes follow the umask ------------------------------------------------------------------
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from gvpo_offline.files import FILE_MODE, atomic_write_json
+
+    atomic_write_json(tmp_path / "x.json", {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == FILE_MODE == 0o666 & ~mask

@@ -46,6 +46,7 @@ def sample_cmd(
     max_length: Annotated[int, typer.Option("--max-length", help="Prompt + response tokens.")] = 1024,
     max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", help="Prompt tokens kept (from the end).")] = 512,
     prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="Jinja chat template (or file) for message prompts.")] = None,
+    reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """Generate k responses per prompt, score them with a reward and write grouped JSONL."""
@@ -57,12 +58,12 @@ def sample_cmd(
         k_range=parse_k_range(k_range) if k_range is not None else None,
         sampling=SamplingConfig(temperature, top_p, max_new_tokens, seed, batch_size),
         tokenize=TokenizeConfig(max_length, max_prompt_length, True, load_prompt_template(prompt_template)),
-        device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        device=device, dtype=dtype, trust_remote_code=trust_remote_code, reward_timeout=reward_timeout,
     )
     result = sample(config, progress_console=console)
     note = f" ({result.skipped} already there)" if result.skipped else ""
     dropped = f"; {result.empty_responses} empty responses dropped" if result.empty_responses else ""
-    console.print(f"wrote {result.written} groups to {output}{note}{dropped}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {result.written} groups to {output}{note}{dropped}", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("precompute-ref", cls=ConfigCommand)
@@ -171,6 +172,7 @@ def eval_cmd(
     temperature: Annotated[float, typer.Option(help="Generation eval: sampling temperature (0 = greedy).")] = 1.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
+    reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
@@ -185,7 +187,7 @@ def eval_cmd(
     generation = None
     if prompts is not None:
         sampling = SamplingConfig(temperature, top_p, max_new_tokens, seed)
-        generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, sampling)
+        generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, sampling, reward_timeout)
     columns = ColumnMap(prompt_col, response_col, reward_col, group_col)
     config = EvalConfig(
         workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,
@@ -195,7 +197,7 @@ def eval_cmd(
     report = evaluate(config, console)
     _Console().print(report_table(report))
     if json_path:
-        console.print(f"wrote {json_path}", highlight=False)
+        console.print(f"wrote {json_path}", highlight=False, markup=False)
 
 
 @app.command("inspect", cls=ConfigCommand)
@@ -262,7 +264,7 @@ def convert_cmd(
     options = ConvertOptions(score_field, parse_weights(weights) if weights else None)
     result = convert(source, from_hub or input_path, output, options, from_hub=from_hub is not None, split=split)
     skipped = f"; skipped {result.skipped} {result.skipped_reason}" if result.skipped else ""
-    console.print(f"wrote {result.groups} groups ({result.responses} responses) to {result.output}{skipped}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {result.groups} groups ({result.responses} responses) to {result.output}{skipped}", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("plot", cls=ConfigCommand)
@@ -275,7 +277,7 @@ def plot_cmd(
     from gvpo_offline.plot import plot_run
 
     for path in plot_run(workdir, eval_json, out_dir):
-        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True, markup=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -333,6 +333,7 @@ class GenerationEvalConfig:
     reward: str
     samples_per_prompt: int = 4
     sampling: SamplingConfig = SamplingConfig()  # its seed is the one both models sample with
+    reward_timeout: float | None = None  # seconds per reward call (--reward-timeout)
 
     def __post_init__(self):
         if self.samples_per_prompt < 1:
@@ -456,7 +457,7 @@ def resolve_beta(config: EvalConfig, model_path: Path, console=None) -> tuple[fl
     from_file = train_cfg.get("beta") if train_cfg else None
     if config.beta is not None:
         if from_file is not None and float(from_file) != config.beta and console is not None:
-            console.print(f"note: --beta {config.beta} overrides β = {from_file} of {source}")
+            console.print(f"note: --beta {config.beta} overrides β = {from_file} of {source}", markup=False)
         return float(config.beta), "--beta"
     if from_file is None:
         raise GvpoError(
@@ -594,7 +595,7 @@ def generation_eval(
     from gvpo_offline.sample import generate_responses
 
     prompts = read_eval_prompts(gen.prompts_path)
-    reward_fn = load_reward_fn(gen.reward)
+    reward_fn = load_reward_fn(gen.reward, gen.reward_timeout)
     tokenizer = load_tokenizer(manifest.model_path, trust_remote_code)  # the cache's tokenization
     sampling = gen.sampling
     tok_cfg = manifest.tokenize_config
@@ -774,10 +775,11 @@ def _fmt_interval(iv) -> str:
 def report_table(report: EvalReport):
     """The report as a rich Table: metric, model, reference, Δ, and the 95% bootstrap intervals."""
     from rich.table import Table
+    from rich.text import Text
 
     c = report.counts
     table = Table(
-        title=f"eval of {report.model_path} (β = {report.beta:g})",
+        title=Text(f"eval of {report.model_path} (β = {report.beta:g})"),  # Text: no markup, paths may hold []
         caption=(
             f"{c['groups']} groups, {c['responses']} responses, {c['tokens']} tokens; "
             f"{c['skipped_groups']} groups with all-equal rewards skipped by the ranking metrics "

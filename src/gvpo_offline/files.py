@@ -56,8 +56,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename in (tmp, Path(tmp)):
+            err.filename = str(path)  # name the file the user asked for, not our temp name
         raise
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -243,6 +244,7 @@ class SampleConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    reward_timeout: float | None = None  # seconds per reward call (--reward-timeout)
 
     def __post_init__(self):
         if (self.k is None) == (self.k_range is None):
@@ -315,24 +317,28 @@ def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord
         raise GvpoError(f"{path}: no such prompts file")
     records: list[PromptRecord] = []
     is_jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not is_jsonl:
-                records.append(PromptRecord(str(line_no), len(records), line.rstrip("\r\n")))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(str(path), f"invalid JSON ({err.msg})", line=line_no) from None
-            if not isinstance(obj, dict) or "prompt" not in obj:
-                raise DataError(str(path), "expected an object with a \"prompt\" field", line=line_no)
-            raw_id = obj.get("id", line_no)
-            if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
-                raise DataError(str(path), f"expected a string or integer, got {raw_id!r}", line=line_no, field="id")
-            prompt = _check_prompt(str(path), line_no, obj["prompt"])
-            records.append(PromptRecord(str(raw_id), len(records), prompt))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line_no = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(str(path), f"not UTF-8 text (byte {err.object[err.start]:#04x})", line=line_no) from None
+    for line_no, line in enumerate(io.StringIO(text, newline=None), 1):
+        if not line.strip():
+            continue
+        if not is_jsonl:
+            records.append(PromptRecord(str(line_no), len(records), line.rstrip("\r\n")))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(str(path), f"invalid JSON ({err.msg})", line=line_no) from None
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            raise DataError(str(path), "expected an object with a \"prompt\" field", line=line_no)
+        raw_id = obj.get("id", line_no)
+        if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
+            raise DataError(str(path), f"expected a string or integer, got {raw_id!r}", line=line_no, field="id")
+        prompt = _check_prompt(str(path), line_no, obj["prompt"])
+        records.append(PromptRecord(str(raw_id), len(records), prompt))
     if not records:
         raise GvpoError(f"{path}: no prompts")
     seen: set[str] = set()
@@ -393,7 +399,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     from gvpo_offline.rewards import load_reward_fn, score_responses
 
     records = read_prompts(config.prompts_path)
-    reward_fn = load_reward_fn(config.reward)
+    reward_fn = load_reward_fn(config.reward, config.reward_timeout)
     output = Path(config.output)
     done = read_done_ids(output)
     todo = [r for r in records if r.id not in done]

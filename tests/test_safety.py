@@ -468,3 +468,85 @@ def test_written_files_follow_the_umask(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == FILE_MODE == 0o666 & ~mask
+
+
+def test_a_failed_torch_save_is_one_line(cache, run_cli, monkeypatch):
+    import torch
+
+    def failing_save(obj, f, *args, **kwargs):  # what torch.save raises on a full disk: no errno
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1151552 vs 1151440")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    res = run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "1")
+    assert res.code == 1 and "could not write" in res.err and "Traceback" not in res.err
+    assert not [p for p in (cache / "checkpoints").iterdir()]
+
+
+# ---- rewards beyond float range after arithmetic ------------------------------------------------------------
+
+
+def test_rewards_whose_differences_overflow_are_refused_at_load(run_cli, tmp_path):
+    groups = text_groups(STORIES, STORY_GROUPS)
+    groups[1].rewards = [1e200, -1e200]
+    groups[2].rewards = [1e300, 0.0, 0.0, 0.0, -1e300]
+    groups[2].split = "eval"
+    work = tmp_path / "run"
+    build_cache(work, STORIES, groups)
+    res = run_cli("train", "--workdir", work, *TRAIN, "--max-steps", "1")
+    assert res.code == 2 and "group 'g0001'" in res.err and "rescale the rewards" in res.err
+    res = run_cli("eval", "--workdir", work, "--model", STORIES, "--beta", "0.1", "--device", "cpu")
+    assert res.code == 2 and "group 'g0002'" in res.err and "rescale the rewards" in res.err
+
+
+# ---- signals in precompute-ref and in the generation eval -----------------------------------------------------
+
+
+def _interrupt_when(cmd: list, ready, signum) -> tuple[int, str]:
+    """Run the CLI in a subprocess, send ``signum`` once ``ready()`` holds; (exit code, stderr)."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gvpo_offline", *map(str, cmd)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_ctrl_c_during_precompute_exits_130_and_resumes(run_cli, tmp_path):
+    import signal
+
+    data = small_data(tmp_path, 40)
+    work = tmp_path / "run"
+    args = precompute_args(data, work, "--shard-groups", "2")
+    code, err = _interrupt_when(args, lambda: len(list((work / "ref").glob("shard-*.parquet"))) >= 1, signal.SIGINT)
+    assert code == 130 and "rerun to resume" in err and "Traceback" not in err, err
+    assert not json.loads((work / "manifest.json").read_text())["complete"]
+    res = run_cli(*args)
+    assert res.code == 0 and "resuming" in res.err
+
+
+def test_ctrl_c_stops_the_generation_eval(tmp_path):
+    import signal
+
+    groups = text_groups(STORIES, STORY_GROUPS)
+    for g in groups:
+        g.split = "eval"
+    cache = tmp_path / "run"
+    build_cache(cache, STORIES, groups)
+
+    slow = tmp_path / "slow_reward.py"
+    started = tmp_path / "started"
+    slow.write_text(f"import pathlib, time\ndef r(p, s):\n    pathlib.Path({str(started)!r}).touch()\n"
+                    "    time.sleep(0.5)\n    return 1.0\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"Once upon a time {i}\n" for i in range(40)))
+    cmd = ["eval", "--workdir", cache, "--model", STORIES, "--beta", "0.1", "--device", "cpu", "--bootstrap", "0",
+           "--prompts", prompts, "--reward", f"{slow}:r", "--max-new-tokens", "4", "--json", tmp_path / "r.json"]
+    code, err = _interrupt_when(cmd, started.exists, signal.SIGINT)
+    assert code == 130 and "interrupted" in err and not (tmp_path / "r.json").exists(), err

@@ -695,6 +695,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
         )
 
     table, data_desc = _load_rows(config, console)
+    reference.check_reward_range(table, data_desc[0] if len(data_desc) == 1 else config.workdir)
     rewards = table.column("reward").to_numpy().astype(np.float64)
     ref_logp = table.column("ref_logp").to_numpy().astype(np.float64)
     n_tokens = table.column("n_tokens").to_numpy().astype(np.float64)

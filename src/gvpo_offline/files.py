@@ -58,9 +58,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename in (tmp, Path(tmp)):
+        if isinstance(err, OSError) and err.filename in (None, tmp, Path(tmp)):
             err.filename = str(path)  # name the file the user asked for, not our temp name
         raise
+
+
+@contextmanager
+def write_errors_as_os_errors(path: str | Path) -> Iterator[None]:
+    """Turn the RuntimeError that torch.save raises for a failed write (e.g. a full disk; it carries no
+    errno) into an OSError naming ``path`` (ENOSPC when the disk is visibly full), so the CLI prints one
+    line instead of a traceback. The writer's temp files are already gone when this runs."""
+    import errno
+
+    try:
+        yield
+    except RuntimeError as err:
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            full = shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            full = False
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        reason = " ".join(str(err).split())[:200]
+        raise OSError(errno.EIO, f"could not write (is the disk full? torch says: {reason})", str(path)) from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -203,6 +203,33 @@ def load_split(workdir: str | Path, split: str) -> pa.Table:
     return table.sort_by([("group_id", "ascending"), ("response_index", "ascending")])
 
 
+
+def check_reward_range(table: pa.Table, where) -> None:
+    """Rewards that are finite but so large that the loss overflows (R − mean R squared beyond float64,
+    e.g. 1e200) are refused at load, naming the group, instead of surfacing as an inf loss later.
+    ``table``: REF_SCHEMA rows sorted by group_id (load_split's order)."""
+    import numpy as np
+
+    if table.num_rows == 0:
+        return
+    ids = table.column("group_id").to_pylist()
+    offsets = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]] + [len(ids)]
+    rewards = table.column("reward").to_numpy()
+    starts = np.asarray(offsets[:-1])
+    sizes = np.diff(offsets)
+    with np.errstate(over="ignore", invalid="ignore"):
+        means = np.add.reduceat(rewards, starts) / sizes
+        spread = np.add.reduceat((rewards - np.repeat(means, sizes)) ** 2, starts)
+    finite = np.logical_and.reduceat(np.isfinite(rewards), starts)  # non-finite rewards: the step check's job
+    bad = np.flatnonzero(finite & ~np.isfinite(spread))
+    if bad.size:
+        g = int(bad[0])
+        group = table.column("group_id")[offsets[g]].as_py()
+        raise GvpoError(f"{where}: group {group!r}: rewards too large for the loss (their squared differences "
+                        f"overflow float64; max |R| {np.abs(rewards[offsets[g]:offsets[g + 1]]).max():.3g}); "
+                        "rescale the rewards")
+
+
 # ---- precompute-ref ------------------------------------------------------------------------------
 
 _KEY_META = b"gvpo.key"  # shard Parquet metadata: the cache key it was computed under, truncation counts

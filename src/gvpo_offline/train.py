@@ -41,7 +41,13 @@ from torch import Tensor
 
 from gvpo_offline import interrupts, reference, workdir as workdirs
 from gvpo_offline.errors import GvpoError
-from gvpo_offline.files import atomic_dir, atomic_write_bytes, atomic_write_json, remove_stale
+from gvpo_offline.files import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale,
+    write_errors_as_os_errors,
+)
 from gvpo_offline.loss import gvpo_grad_weights, gvpo_loss, gvpo_loss_terms
 from gvpo_offline.modeling import (
     compute_context,
@@ -187,29 +193,8 @@ def load_train_groups(workdir: Path) -> CachedGroups:
     for g in range(len(offsets) - 1):
         if offsets[g + 1] - offsets[g] < 2:
             raise GvpoError(f"{workdir}: group {ids[offsets[g]]!r} has a single response; GVPO needs k >= 2")
-    check_reward_range(table, offsets, workdir)
+    reference.check_reward_range(table, workdir)
     return CachedGroups(table, offsets)
-
-
-def check_reward_range(table: pa.Table, offsets: list[int], where) -> None:
-    """Rewards that are finite but so large that the loss overflows (R − mean R squared beyond float64,
-    e.g. 1e200) are refused here, naming the group, instead of surfacing as an inf loss at some step."""
-    import numpy as np
-
-    rewards = table.column("reward").to_numpy()
-    starts = np.asarray(offsets[:-1])
-    sizes = np.diff(offsets)
-    with np.errstate(over="ignore", invalid="ignore"):
-        means = np.add.reduceat(rewards, starts) / sizes
-        spread = np.add.reduceat((rewards - np.repeat(means, sizes)) ** 2, starts)
-    finite = np.logical_and.reduceat(np.isfinite(rewards), starts)  # non-finite rewards: the step check's job
-    bad = np.flatnonzero(finite & ~np.isfinite(spread))
-    if bad.size:
-        g = int(bad[0])
-        group = table.column("group_id")[offsets[g]].as_py()
-        raise GvpoError(f"{where}: group {group!r}: rewards too large for the loss (their squared differences "
-                        f"overflow float64; max |R| {np.abs(rewards[offsets[g]:offsets[g + 1]]).max():.3g}); "
-                        "rescale the rewards")
 
 
 @functools.lru_cache(maxsize=1)
@@ -640,7 +625,8 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
             signum = stop_requested()
             if (cfg.save_every and state.step % cfg.save_every == 0) or signum:
                 check_finite_parameters(model, f"after step {state.step}", last_good)
-                last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg, manifest.key))
+                with write_errors_as_os_errors(workdir / CHECKPOINTS):
+                    last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg, manifest.key))
             if signum:
                 log(f"interrupted after step {state.step}/{total_steps}; checkpoint saved to {last_good}. "
                     f"Continue with: gvpo-offline train --workdir {workdir} --resume (same options)")
@@ -656,7 +642,8 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "loss": "GVPO eq. 16: 1/G Σ_x 1/(k-1) Σ_i c_i²  (verl's code uses ½ of this)",
     }
-    model_dir = save_final(workdir, model, tokenizer, train_config)
+    with write_errors_as_os_errors(workdir / FINAL_MODEL):
+        model_dir = save_final(workdir, model, tokenizer, train_config)
     log(f"saved {model_dir} after {state.step} steps")
     return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes)
 

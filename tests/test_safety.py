@@ -162,22 +162,28 @@ def test_a_second_writer_stops_naming_the_first(cache, run_cli, tmp_path):
     assert not (cache / "metrics.jsonl").exists()
 
 
-def test_the_manifest_is_complete_only_over_shards_of_its_own_key(run_cli, tmp_path):
+def test_the_manifest_is_complete_only_over_shards_of_its_own_key(run_cli, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
+
+    from gvpo_offline import reference
 
     data = small_data(tmp_path)
     work = tmp_path / "run"
-    assert run_cli(*precompute_args(data, work)).code == 0
-    shard = work / "ref" / "shard-00001.parquet"
-    table = pq.read_table(shard)
-    meta = {**table.schema.metadata, b"gvpo.key": b"another run's key"}
-    pq.write_table(table.replace_schema_metadata(meta), shard)
-    (work / "ref" / "shard-00002.parquet").unlink()
-    manifest = json.loads((work / "manifest.json").read_text())
-    (work / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
-    res = run_cli(*precompute_args(data, work))  # resumes: the foreign shard is recomputed, not trusted
-    assert res.code == 0, res.err
-    assert pq.read_schema(shard).metadata[b"gvpo.key"] == manifest["key"].encode()
+    compute = reference._compute_shards
+
+    def raced(workdir, manifest, *args, **kwargs):  # another run writes shard 1 meanwhile (no lock then)
+        compute(workdir, manifest, *args, **kwargs)
+        shard = workdir / manifest.shards[1]
+        table = pq.read_table(shard)
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"gvpo.key": b"other run"}), shard)
+
+    monkeypatch.setattr(reference, "_compute_shards", raced)
+    res = run_cli(*precompute_args(data, work))
+    assert res.code == 2 and "shard-00001.parquet: this shard was not computed from these inputs" in res.err
+    assert not json.loads((work / "manifest.json").read_text())["complete"]
+    monkeypatch.setattr(reference, "_compute_shards", compute)
+    res = run_cli(*precompute_args(data, work))  # a rerun recomputes the foreign shard
+    assert res.code == 0 and "resuming: 2 of 3 shards" in res.err
 
 
 # ---- 6. a non-finite model is never saved ---------------------------------------------------------------

@@ -401,7 +401,9 @@ def test_prompt_template_typos_and_errors_are_one_line_and_leave_nothing(run_cli
     work = tmp_path / "run"
     res = run_cli(*precompute_args(chat, work, "--prompt-template", "chat.jnja"))
     assert res.code == 2 and "no such file" in res.err
-    for template in ("{% for m in messages %}{{ m.content }", "{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}"):
+    syntax_error = "{% for m in messages %}{{ m.content }"
+    sandbox = "{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}"
+    for template in (syntax_error, sandbox):
         res = run_cli(*precompute_args(chat, work, "--prompt-template", template))
         assert res.code == 2 and "Traceback" not in res.err, res.err
         assert res.err.strip().splitlines()[-1].startswith("error: --prompt-template: ")

@@ -284,7 +284,9 @@ def _folder_sources(folder: str) -> list[_Source]:
     found: list[_Source] = []
     for root, dirs, names in os.walk(folder):
         # hidden folders and gvpo-offline workdirs (their manifest and shards are never data) are skipped
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.isfile(os.path.join(root, d, ".gvpo-offline")))
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and not os.path.isfile(os.path.join(root, d, ".gvpo-offline"))
+        )
         for name in sorted(names):
             path = os.path.join(root, name)
             kind = _file_kind(name)

@@ -71,7 +71,9 @@ def load_prompt_template(value: str | None) -> str | None:
         except (OSError, UnicodeDecodeError) as err:
             raise GvpoError(f"--prompt-template {value}: cannot read the file ({err})") from None
     if "{{" not in value and "{%" not in value:
-        raise GvpoError(f"--prompt-template {value}: no such file (and not a Jinja template: it has no {{{{ }}}} or {{% %}})")
+        raise GvpoError(
+            f"--prompt-template {value}: no such file (and not a Jinja template: it has no {{{{ }}}} or {{% %}})"
+        )
     return value
 
 

@@ -111,6 +111,7 @@ def precompute_ref_cmd(
 def train_cmd(
     beta: Annotated[float, typer.Option("--beta", help="KL strength β > 0 (implicit reward β·log πθ/πref).")],
     workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
+    loss: Annotated[str, typer.Option("--loss", help="Objective on the same groups: gvpo, or the baselines dpo, ipo (every pair with different rewards), rebel (all pairs; = 2 × gvpo), sft-best (NLL of each group's best response).")] = "gvpo",
     init_model: Annotated[Optional[str], typer.Option("--init-model", help="Start from this model folder (e.g. an SFT checkpoint) instead of the reference; same tokenizer required.")] = None,
     groups_per_step: Annotated[int, typer.Option("--groups-per-step", help="Prompts (whole groups) per optimizer step.")] = 8,
     micro_batch_tokens: Annotated[Optional[int], typer.Option("--micro-batch-tokens", help="Padded tokens per forward pass (memory bound; default 8192 on GPU, 2048 on CPU, where small batches run faster); a step that does not fit is split with the exact same gradient.", show_default=False)] = None,
@@ -131,14 +132,14 @@ def train_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run's WORKDIR/model and metrics.jsonl (refused otherwise).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
-    """Train the policy with GVPO on the cached train split; the final model goes to WORKDIR/model/."""
+    """Train the policy with GVPO (or --loss) on the cached train split; the final model goes to WORKDIR/model/."""
     from pathlib import Path
 
     from gvpo_offline import config_file, tracking
     from gvpo_offline.train import TrainConfig, train
 
     config = TrainConfig(
-        workdir=Path(workdir), beta=beta, init_model=init_model, groups_per_step=groups_per_step,
+        workdir=Path(workdir), beta=beta, loss=loss, init_model=init_model, groups_per_step=groups_per_step,
         micro_batch_tokens=micro_batch_tokens, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, save_every=save_every, keep_checkpoints=keep_checkpoints,

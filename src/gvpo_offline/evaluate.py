@@ -51,8 +51,10 @@ tokenizer than the workdir's manifest is refused.
 
 JSON (``--json FILE``, written atomically): {"model": {metric: value}, "reference": {...}, "delta":
 {...}, "intervals": {"model": {metric: [lo, hi]}, "delta": {...}}, "counts": {...}, "generation": {...}
-or null, "meta": {model_path, data, beta, beta_source, model_is_reference, bootstrap, seed,
-confidence}}. Undefined values (NaN, e.g. no ranked group) are written as null.
+or null, "meta": {model_path, data, beta, beta_source, model_is_reference, objective, bootstrap, seed,
+confidence}}. ``objective`` is the ``train --loss`` that made the model (gvpo, dpo, ipo, rebel, sft-best;
+"gvpo" for models trained before --loss existed; null for the reference or a model not saved by
+``train``). Undefined values (NaN, e.g. no ranked group) are written as null.
 """
 
 from __future__ import annotations
@@ -393,6 +395,7 @@ class EvalReport:
     bootstrap: int
     seed: int
     generation: dict | None = None
+    objective: str | None = None  # the `train --loss` that made the model; None: reference / not ours
 
     def to_json(self) -> dict:
         return _finite(
@@ -409,6 +412,7 @@ class EvalReport:
                     "beta": self.beta,
                     "beta_source": self.beta_source,
                     "model_is_reference": self.model_is_reference,
+                    "objective": self.objective,
                     "bootstrap": self.bootstrap,
                     "seed": self.seed,
                     "confidence": 0.95,
@@ -499,6 +503,17 @@ def check_model_tokenizer(model_path: Path, manifest, trust_remote_code: bool = 
     if tokenizer_fingerprint(load_tokenizer(model_path, trust_remote_code)) != manifest.tokenizer_fingerprint:
         raise GvpoError(f"{model_path}: its tokenizer differs from the one precompute-ref used for the cache "
                         "(the cached token ids would mean something else); evaluate it with its own --workdir")
+
+
+def trained_objective(train_cfg: dict | None) -> str | None:
+    """The ``train --loss`` recorded in a model's training config; "gvpo" for configs written before
+    --loss existed (their "loss" was a formula, or absent); None when there is no training config."""
+    from gvpo_offline.loss import OBJECTIVES
+
+    if not train_cfg:
+        return None
+    name = train_cfg.get("loss")
+    return name if name in OBJECTIVES else "gvpo"
 
 
 def _weight_signature(path: Path) -> list[tuple[str, int]]:
@@ -742,6 +757,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
         model_path=str(model_path), data=data_desc, beta=beta, beta_source=beta_source,
         model_is_reference=model_is_ref, model=model_m, reference=ref_m, delta=delta, intervals=intervals,
         counts=counts, bootstrap=config.bootstrap, seed=config.seed, generation=generation,
+        objective=None if model_is_ref else trained_objective(train_cfg),
     )
     if config.json_path:
         atomic_write_json(Path(config.json_path), report.to_json())
@@ -780,7 +796,8 @@ def report_table(report: EvalReport):
 
     c = report.counts
     table = Table(
-        title=Text(f"eval of {report.model_path} (β = {report.beta:g})"),  # Text: no markup, paths may hold []
+        title=Text(f"eval of {report.model_path} (β = {report.beta:g}"  # Text: no markup, paths may hold []
+                   + (f", trained with --loss {report.objective})" if report.objective else ")")),
         caption=(
             f"{c['groups']} groups, {c['responses']} responses, {c['tokens']} tokens; "
             f"{c['skipped_groups']} groups with all-equal rewards skipped by the ranking metrics "

@@ -1,4 +1,5 @@
-"""The `train` stage: GVPO on the cached `train` split, readable top to bottom.
+"""The `train` stage: GVPO (or, with ``--loss``, a baseline objective) on the cached `train` split,
+readable top to bottom.
 
 ``train(TrainConfig) -> TrainResult`` does, in order:
 
@@ -17,6 +18,10 @@ and the policy's log-probs are the same function as the reference's, so at step 
 float rounding; dropout would make ℓ random) and the first loss is the rewards' within-group variance.
 With ``gradient_checkpointing`` only the decoder-layer wrappers are flagged as training (that is what
 makes HF recompute them); their dropouts stay off.
+
+Other objectives (``--loss dpo|ipo|rebel|sft-best``, :data:`loss.OBJECTIVES`) run through the same
+data, micro-batching, checkpoints and final model; only the per-group loss differs. GVPO's gradient
+path is the closed form above; the others get the split-group weights ∂L/∂log πθ by autograd.
 
 Loss scale: our loss is paper eq. 16 (gradient 2β·c_i/((k−1)·G)); the authors' verl code scales it
 by ½, so their learning rate corresponds to half our gradient.
@@ -48,7 +53,7 @@ from gvpo_offline.files import (
     remove_stale,
     write_errors_as_os_errors,
 )
-from gvpo_offline.loss import gvpo_grad_weights, gvpo_loss, gvpo_loss_terms
+from gvpo_offline.loss import OBJECTIVES, Objective, gvpo_grad_weights, gvpo_loss, gvpo_loss_terms
 from gvpo_offline.modeling import (
     compute_context,
     length_batches,
@@ -70,7 +75,7 @@ STATE = "trainer_state.json"
 # Fields that decide the trajectory: a resumed run must use the same values as the run it continues.
 TRAJECTORY_FIELDS = (
     "beta", "init_model", "groups_per_step", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-    "epochs", "max_steps", "seed",
+    "epochs", "max_steps", "seed", "loss",
 )
 
 
@@ -80,6 +85,7 @@ class TrainConfig:
 
     workdir: Path = Path("gvpo-run")
     beta: float = 0.1
+    loss: str = "gvpo"  # the objective, a key of loss.OBJECTIVES: gvpo, dpo, ipo, rebel, sft-best
     init_model: str | None = None  # None = the reference model recorded in the manifest
     groups_per_step: int = 8  # whole groups (prompts) per optimizer step
     micro_batch_tokens: int | None = None  # padded tokens (rows × longest) per pass; None = 8192 GPU, 2048 CPU
@@ -105,6 +111,8 @@ class TrainConfig:
         self.workdir = Path(self.workdir)
         if not 0 < self.beta < math.inf:
             raise GvpoError(f"--beta must be a finite number > 0, got {self.beta}")
+        if self.loss not in OBJECTIVES:
+            raise GvpoError(f"--loss must be one of {', '.join(OBJECTIVES)}, got {self.loss!r}")
         for name in ("groups_per_step", "micro_batch_tokens", "epochs", "keep_checkpoints", "logits_chunk_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise GvpoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -243,7 +251,7 @@ def make_batch(groups: CachedGroups, chosen: list[int]) -> StepBatch:
 
 @dataclass
 class StepStats:
-    loss: float  # GVPO loss (eq. 16) of the step, before the update
+    loss: float  # the objective's loss of the step (GVPO: eq. 16), before the update
     implicit_reward: float  # mean β·ℓ over the step's responses
     log_ratio: float  # mean ℓ = log πθ − log πref
     log_ratio_absmax: float  # max |ℓ|
@@ -279,8 +287,9 @@ def gvpo_backward(
     micro_batch_tokens: int,
     chunk_tokens: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    objective: Objective = OBJECTIVES["gvpo"],
 ) -> StepStats:
-    """Accumulate ∇θ gvpo_loss over the step into ``param.grad``; the loss is over all the step's G groups.
+    """Accumulate ∇θ of the step's loss (gvpo_loss, or ``objective``'s) into ``param.grad``, over all its G groups.
 
     Groups that fit in ``micro_batch_tokens`` are packed whole into micro-batches and go in one pass each:
     ``gvpo_loss(pack) · |pack|/G`` is exactly their share of the step's loss. A group too large for one
@@ -288,6 +297,10 @@ def gvpo_backward(
     grad, hence the weights w_i = ∂L/∂log πθ(y_i|x) = 2β·c_i/((k−1)·G); (b) backward of
     Σ w_i·log πθ(y_i|x) micro-batch by micro-batch. Raises GvpoError when a loss is not finite (before
     its backward). ``chunk_tokens``: response positions per LM-head chunk (None: modeling.logits_chunk_for).
+
+    Another ``objective`` (loss.OBJECTIVES; its loss is Σ_x term_x / C over the C groups that carry a
+    term) goes the same way: a pack backs ``Σ_{x∈pack} term_x / C``; a split group gets its weights
+    w = ∂(term_x / C)/∂log πθ by autograd on a leaf tensor of its no-grad log-probs, then Σ w·log πθ.
     """
     device = next(model.parameters()).device
     ref, rewards, gid = (t.to(device) for t in (batch.ref_logps, batch.rewards, batch.group_index))
@@ -303,12 +316,23 @@ def gvpo_backward(
                 model, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows], chunk_tokens
             )
 
+    n_tokens = torch.tensor([len(r) for r in batch.response_ids], dtype=torch.float64, device=device)
+    is_gvpo = objective.name == "gvpo"
+    counted = 1 if is_gvpo else max(1, objective.counted_groups(rewards, gid))
+
+    def group_terms_sum(pack_logps: Tensor, rows: list[int]) -> Tensor:  # another objective's Σ term_x / C
+        args = (ref[rows], rewards[rows], gid[rows], beta, n_tokens[rows])
+        return objective.group_terms(pack_logps, *args)[0].sum() / counted
+
     policy = torch.empty(len(lengths), dtype=torch.float32, device=device)
     passes = 0
     for pack in packs:  # whole groups: one pass
         rows = [i for g in pack for i in group_rows[g]]
         pack_logps = logps(rows)
-        part = gvpo_loss(pack_logps, ref[rows], rewards[rows], gid[rows], beta) * (len(pack) / batch.n_groups)
+        if is_gvpo:
+            part = gvpo_loss(pack_logps, ref[rows], rewards[rows], gid[rows], beta) * (len(pack) / batch.n_groups)
+        else:
+            part = group_terms_sum(pack_logps, rows)
         _check_finite_loss(part)
         part.backward()
         policy[rows] = pack_logps.detach()
@@ -319,13 +343,22 @@ def gvpo_backward(
         with torch.no_grad():
             for mb in micro:
                 policy[mb] = logps(mb)
-        _check_finite_loss(gvpo_loss(policy[rows], ref[rows], rewards[rows], gid[rows], beta))
         weights = torch.zeros(len(lengths), dtype=torch.float64, device=device)
-        weights[rows] = gvpo_grad_weights(policy[rows], ref[rows], rewards[rows], gid[rows], beta, batch.n_groups)
+        if is_gvpo:
+            _check_finite_loss(gvpo_loss(policy[rows], ref[rows], rewards[rows], gid[rows], beta))
+            weights[rows] = gvpo_grad_weights(policy[rows], ref[rows], rewards[rows], gid[rows], beta, batch.n_groups)
+        else:
+            leaf = policy[rows].double().requires_grad_()
+            part = group_terms_sum(leaf, rows)
+            _check_finite_loss(part)
+            (weights[rows],) = torch.autograd.grad(part, leaf, materialize_grads=True)
         for mb in micro:
             (logps(mb).double() * weights[mb]).sum().backward()
             passes += 1
-    loss = gvpo_loss(policy, ref, rewards, gid, beta)  # the step's loss, for the record (= Σ parts)
+    if is_gvpo:
+        loss = gvpo_loss(policy, ref, rewards, gid, beta)  # the step's loss, for the record (= Σ parts)
+    else:
+        loss = objective.loss(policy, ref, rewards, gid, beta, n_tokens)
     ratio = policy.double() - ref
     return StepStats(
         loss=loss.item(),
@@ -427,7 +460,7 @@ def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> Non
     if state.get("cache_key") != cache_key:
         raise GvpoError(f"--resume from {path}: the reference cache changed since this checkpoint (precompute-ref "
                         "was rerun on other inputs); start a new run (delete the checkpoints folder)")
-    saved = state["config"]
+    saved = {"loss": "gvpo", **state["config"]}  # checkpoints from before --loss existed trained GVPO
     now = config.to_json()
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]
@@ -499,7 +532,7 @@ def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[...
 
 def train(config: TrainConfig, log: Callable[[str], None] = print,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train the policy with GVPO on WORKDIR's cached train split; see the module docstring.
+    """Train the policy with GVPO (or ``config.loss``) on WORKDIR's cached train split; see the module docstring.
     ``on_step`` gets each metrics.jsonl record once it is written (tracking.Tracker). The workdir must be
     one made by precompute-ref; it is locked for the run (one train at a time, no precompute-ref under it)."""
     workdirs.require(config.workdir)
@@ -595,7 +628,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
             stop = f"stopped without updating the model; last good checkpoint: {last_good or 'none yet'}"
             try:
                 stats = gvpo_backward(model, batch, cfg.beta, micro_batch_tokens, cfg.logits_chunk_tokens,
-                                      compute_dtype)
+                                      compute_dtype, OBJECTIVES[cfg.loss])
             except NonFiniteError as err:
                 raise GvpoError(f"{where}: {err}; {stop}. Check the cached rewards/ref_logp or lower --lr") from None
             grad_norm = _clip(params, cfg.max_grad_norm)
@@ -640,7 +673,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
         "reference_model_fingerprint": manifest.model_fingerprint,
         "tokenizer_fingerprint": manifest.tokenizer_fingerprint, "cache_key": manifest.key,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
-        "loss": "GVPO eq. 16: 1/G Σ_x 1/(k-1) Σ_i c_i²  (verl's code uses ½ of this)",
+        "loss_formula": OBJECTIVES[cfg.loss].formula,  # "loss" (the --loss name) comes with cfg
     }
     with write_errors_as_os_errors(workdir / FINAL_MODEL):
         model_dir = save_final(workdir, model, tokenizer, train_config)

@@ -132,13 +132,18 @@ def gvpo_loss_terms(
 # per-group loss only, not the weighting of the prompts. ℓ_i = log πθ(y_i|x) − log πref(y_i|x) as above.
 
 
-def _pairs(index: Tensor) -> tuple[Tensor, Tensor]:
-    """All unordered within-group pairs (i, j), i < j, of responses with group numbers ``index`` [N]:
-    two [P] long tensors."""
-    n = index.shape[0]
-    i, j = torch.triu_indices(n, n, offset=1, device=index.device)
-    same = index[i] == index[j]
-    return i[same], j[same]
+def _pairs(index: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """All unordered within-group pairs (i, j), i < j, of responses with group numbers ``index`` [N]
+    (``counts`` [G] = k per group): two [P] long tensors, P = Σ_x k(k−1)/2, in (i, j) order per group."""
+    order = torch.argsort(index, stable=True)
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    firsts, seconds = [], []
+    for start, k in zip(starts, counts.tolist()):
+        a, b = torch.triu_indices(k, k, offset=1, device=index.device)
+        rows = order[start : start + k]
+        firsts.append(rows[a])
+        seconds.append(rows[b])
+    return torch.cat(firsts), torch.cat(seconds)
 
 
 def _per_group_mean(values: Tensor, group: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
@@ -156,7 +161,7 @@ def _preference_pairs(policy_logps, ref_logps, rewards, group_ids):
     (higher-reward) response's ℓ minus the rejected one's."""
     policy_logps, ref_logps, rewards = _as_float(policy_logps, ref_logps, rewards)
     index, counts = _groups(group_ids)
-    i, j = _pairs(index)
+    i, j = _pairs(index, counts)
     keep = rewards[i] != rewards[j]
     i, j = i[keep], j[keep]
     ell = policy_logps - ref_logps
@@ -191,7 +196,7 @@ def rebel_group_terms(policy_logps, ref_logps, rewards, group_ids, beta: float, 
     group). Returns (terms [G], counted [G])."""
     policy_logps, ref_logps, rewards = _as_float(policy_logps, ref_logps, rewards)
     index, counts = _groups(group_ids)
-    i, j = _pairs(index)
+    i, j = _pairs(index, counts)
     implicit = beta * (policy_logps - ref_logps)
     residual = (implicit[i] - implicit[j]) - (rewards[i] - rewards[j])
     return _per_group_mean(residual**2, index[i], counts.shape[0])

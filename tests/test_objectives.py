@@ -279,6 +279,9 @@ def test_step0_loss_and_the_recorded_objective(workdir, name):
     metrics = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["log_ratio_absmax"] < 1e-4
     assert metrics[0]["loss"] == pytest.approx(step0_expected(name, 0.5, workdir), rel=1e-4)
+    assert metrics[0]["objective"] == name
+    if name != "gvpo":  # GVPO's loss is logged beside the objective's, to compare runs
+        assert metrics[0]["gvpo_loss"] == pytest.approx(step0_expected("gvpo", 0.5, workdir), rel=1e-4)
     assert metrics[1]["log_ratio_absmax"] > 1e-4  # it moved
     saved = json.loads((workdir / "model" / "train_config.json").read_text())
     assert saved["loss"] == name and saved["loss_formula"] == OBJECTIVES[name].formula

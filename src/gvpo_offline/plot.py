@@ -4,7 +4,8 @@ Reads WORKDIR/metrics.jsonl (train) and, when present, the eval JSON (``eval --j
 WORKDIR/eval.json) and writes, atomically, into ``out_dir`` (default WORKDIR/plots/):
 
     loss.png        the GVPO loss per step and its eq. 16–17 parts: implicit-reward variance,
-                    2 × implicit-reward/reward covariance, reward variance (loss = var − 2·cov + var_R)
+                    2 × implicit-reward/reward covariance, reward variance (loss = var − 2·cov + var_R);
+                    for a `train --loss` other than gvpo, that objective's loss, and GVPO's beside its parts
     drift.png       mean ℓ = log πθ/πref per response token, per step (how far the policy moved)
     eval.png        held-out metrics, model vs reference, the model's 95% bootstrap interval as error bar
                     and the Δ interval in each title                                     (eval JSON only)
@@ -91,12 +92,15 @@ def _save(fig, path: Path, plt) -> Path:
 def plot_training(records: list[dict], out_dir: Path, plt) -> list[Path]:
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_terms) = plt.subplots(1, 2, figsize=(10, 3.8))
+    objective = records[0].get("objective", "gvpo")  # metrics written before --loss existed: GVPO
     _series(ax_loss, steps, [r["loss"] for r in records], "loss", "C0")
-    ax_loss.set(title="GVPO loss per step", xlabel="optimizer step", ylabel="loss")
+    title = "GVPO loss per step" if objective == "gvpo" else f"--loss {objective}: loss per step"
+    ax_loss.set(title=title, xlabel="optimizer step", ylabel="loss")
     if all(key in records[0] for key, _, _ in TERMS):
-        for n, (key, scale, label) in enumerate(TERMS):
+        terms = TERMS if objective == "gvpo" else (("gvpo_loss", 1.0, "GVPO loss"), *TERMS)
+        for n, (key, scale, label) in enumerate(terms):
             _series(ax_terms, steps, [scale * r[key] for r in records], label, f"C{n + 1}")
-        ax_terms.set(title="eq. 17 terms: loss = Var(β·ℓ) − 2·Cov + Var(R)", xlabel="optimizer step")
+        ax_terms.set(title="eq. 17 terms: GVPO loss = Var(β·ℓ) − 2·Cov + Var(R)", xlabel="optimizer step")
         ax_terms.legend(fontsize=8)
     else:
         ax_terms.text(0.5, 0.5, "this run's metrics.jsonl has no\nimplicit-reward variance/covariance",

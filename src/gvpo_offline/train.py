@@ -355,10 +355,12 @@ def gvpo_backward(
         for mb in micro:
             (logps(mb).double() * weights[mb]).sum().backward()
             passes += 1
+    terms = gvpo_loss_terms(policy, ref, rewards, gid, beta)
     if is_gvpo:
         loss = gvpo_loss(policy, ref, rewards, gid, beta)  # the step's loss, for the record (= Σ parts)
-    else:
+    else:  # the objective's loss; GVPO's (and its eq. 17 terms) still logged, to compare runs
         loss = objective.loss(policy, ref, rewards, gid, beta, n_tokens)
+        terms["gvpo_loss"] = gvpo_loss(policy, ref, rewards, gid, beta).item()
     ratio = policy.double() - ref
     return StepStats(
         loss=loss.item(),
@@ -368,7 +370,7 @@ def gvpo_backward(
         tokens=batch.tokens,
         micro_batches=passes,
         log_ratio_per_token=ratio.sum().item() / max(1, sum(len(r) for r in batch.response_ids)),
-        terms=gvpo_loss_terms(policy, ref, rewards, gid, beta),
+        terms=terms,
     )
 
 
@@ -642,7 +644,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
             seconds = time.perf_counter() - step_start
 
             record = {
-                "step": state.step, "epoch": state.epoch, "loss": stats.loss,
+                "step": state.step, "epoch": state.epoch, "objective": cfg.loss, "loss": stats.loss,
                 "implicit_reward": stats.implicit_reward, "log_ratio": stats.log_ratio,
                 "log_ratio_absmax": stats.log_ratio_absmax, "grad_norm": grad_norm, "lr": lr,
                 "groups": batch.n_groups, "responses": len(batch.response_ids), "tokens": stats.tokens,

@@ -83,7 +83,8 @@ def precompute_ref_cmd(
     no_eos: Annotated[bool, typer.Option("--no-eos", help="Do not append EOS to responses.")] = False,
     prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="Jinja chat template (or file) for message prompts.")] = None,
     shard_groups: Annotated[int, typer.Option("--shard-groups", help="Groups per cache shard.")] = 1000,
-    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Padded tokens per forward pass [default: 16384 on GPU, 2048 on CPU].")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Tokens per forward pass (rows × longest row) [default: 16384 on GPU, 2048 on CPU].")] = None,
+    packing: Annotated[str, typer.Option("--packing", help="auto: each prompt computed once for all its responses, rows packed without padding (padded rows, with a note, for unsupported models); off: padded separate sequences. Train and eval follow the cache's setting.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float32 on CPU, bf16 autocast on a GPU that supports it), float32, bfloat16. Weights stay float32, as in train, so that ℓ = 0 at step 0.")] = "auto",
     no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
@@ -101,7 +102,7 @@ def precompute_ref_cmd(
         model=model, workdir=Path(workdir),
         tokenize=TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template)),
         eval_fraction=eval_fraction, eval_data=tuple(eval_data or ()), shard_groups=shard_groups,
-        batch_tokens=batch_tokens, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        batch_tokens=batch_tokens, packing=packing, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         overwrite=not no_overwrite,
     )
     precompute(config, console)
@@ -125,6 +126,7 @@ def train_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float32 on CPU, bf16 autocast on GPU), float32, bfloat16. Weights stay float32.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute decoder layers in the backward pass (less memory, slower).")] = False,
+    packing: Annotated[Optional[str], typer.Option("--packing", help="auto or off (see precompute-ref); default: the reference cache's setting, so policy and reference share one path.", show_default=False)] = None,
     report_to: Annotated[Optional[list[str]], typer.Option("--report-to", help="none, tensorboard (WORKDIR/tb/), wandb; repeat or comma-separate for several.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="How many of the newest checkpoints to keep.")] = 2,
@@ -143,7 +145,7 @@ def train_cmd(
         micro_batch_tokens=micro_batch_tokens, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, save_every=save_every, keep_checkpoints=keep_checkpoints,
-        resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code, packing=packing,
     )
     with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
         train(config, log=lambda msg: console.print(msg, highlight=False, markup=False), on_step=tracker)
@@ -162,6 +164,7 @@ def eval_cmd(
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Padded tokens per forward pass (default 16384 on GPU, 2048 on CPU).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, auto (default: the dtype of the cached reference log-probs).")] = None,
+    packing: Annotated[Optional[str], typer.Option("--packing", help="auto or off (see precompute-ref); default: the reference cache's setting.", show_default=False)] = None,
     layout: Annotated[str, typer.Option("--layout", help="--data layout: auto, grouped or flat.")] = "auto",
     prompt_col: Annotated[Optional[str], typer.Option("--prompt-col")] = None,
     response_col: Annotated[Optional[str], typer.Option("--response-col")] = None,
@@ -192,7 +195,7 @@ def eval_cmd(
     columns = ColumnMap(prompt_col, response_col, reward_col, group_col)
     config = EvalConfig(
         workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,
-        batch_tokens=batch_tokens, device=device, dtype=dtype, bootstrap=bootstrap, seed=seed,
+        batch_tokens=batch_tokens, device=device, dtype=dtype, packing=packing, bootstrap=bootstrap, seed=seed,
         generation=generation, layout=layout, columns=columns, trust_remote_code=trust_remote_code,
     )
     report = evaluate(config, console)

@@ -351,6 +351,7 @@ class EvalConfig:
         are computed with the manifest's model and tokenization and cached in the workdir.
     beta: β; overrides the ``beta`` of ``MODEL/train_config.json``; required when there is none.
     dtype: None = the dtype the reference log-probs were computed in (the manifest's).
+    packing: auto|off (gvpo_offline.packing); None = the reference cache's setting.
     bootstrap: resamples for the 95% intervals (0 = no intervals).
     """
 
@@ -362,6 +363,7 @@ class EvalConfig:
     batch_tokens: int | None = None  # None: modeling.default_batch_tokens (2048 CPU, 16384 GPU)
     device: str = "auto"
     dtype: str | None = None
+    packing: str | None = None
     bootstrap: int = 1000
     seed: int = 0
     generation: GenerationEvalConfig | None = None
@@ -376,6 +378,8 @@ class EvalConfig:
             raise GvpoError("--bootstrap must be >= 0")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise GvpoError("--batch-tokens must be >= 1")
+        if self.packing not in (None, "auto", "off"):
+            raise GvpoError(f"--packing must be auto or off, got {self.packing!r}")
 
 
 @dataclass
@@ -546,9 +550,11 @@ def _progress(console, label: str):
     )
 
 
-def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=None, console=None) -> np.ndarray:
+def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=None, console=None,
+                     packed: bool = False) -> np.ndarray:
     """Σ log πθ(response | prompt) per pair, [N] float64 (modeling.batched_logps: no grad, batched by
-    length under ``batch_tokens``, the shared numeric regime for ``dtype``), with a progress bar."""
+    length under ``batch_tokens`` or ``packed`` rows, the shared numeric regime for ``dtype``), with a
+    progress bar."""
     import torch
 
     from gvpo_offline.modeling import batched_logps
@@ -556,7 +562,7 @@ def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=N
     with _progress(console, "policy log-probs") as bar:
         task = bar.add_task("logps", total=len(prompt_ids))
         return batched_logps(model, prompt_ids, response_ids, batch_tokens, dtype or torch.float32,
-                             on_batch=lambda n, _tokens: bar.advance(task, n))
+                             on_batch=lambda n, _tokens: bar.advance(task, n), packed=packed)
 
 
 def read_eval_prompts(path: str | Path) -> list:
@@ -735,8 +741,14 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
         top = max(max(max(p, default=0), max(r)) for p, r in zip(prompt_ids, response_ids))
         if top >= vocab:
             raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
+        from gvpo_offline import packing
+
+        packed, note = packing.resolve(config.packing or manifest.inputs.get("packing", "off"), model.config)
+        if note:
+            console.print(f"note: {note}", highlight=False, markup=False)
         log_ratio = policy_log_probs(
-            model, prompt_ids, response_ids, config.batch_tokens or default_batch_tokens(device), dtype, console
+            model, prompt_ids, response_ids, config.batch_tokens or default_batch_tokens(device), dtype, console,
+            packed,
         ) - ref_logp
         if not np.isfinite(log_ratio).all():
             raise GvpoError(f"{model_path}: non-finite log-probs on the evaluation data")

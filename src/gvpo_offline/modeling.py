@@ -229,17 +229,24 @@ def sequence_logps(
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
-    picked = hidden[rows_t, positions_t]  # [M, d]
+    return response_logps(model, hidden[rows_t, positions_t], targets_t, rows_t, batch, chunk_tokens)
+
+
+def response_logps(model, picked: Tensor, targets: Tensor, owners: Tensor, n_out: int, chunk_tokens: int) -> Tensor:
+    """Σ log p(target) per sequence: picked [M, d] hidden states that predict targets [M]; owners [M] in
+    0..n_out-1 say whose sum each goes to -> [n_out] float32. The LM head sees ``chunk_tokens`` rows at a
+    time (recomputed in the backward pass when grad is on, so no chunk's logits are kept)."""
+    lm_head = model.get_output_embeddings()
     postprocess = _logit_postprocess(model.config)
     pieces = []
     for start in range(0, picked.shape[0], chunk_tokens):
-        h, t = picked[start : start + chunk_tokens], targets_t[start : start + chunk_tokens]
+        h, t = picked[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
             pieces.append(checkpoint(_token_logps, lm_head, h, t, postprocess, use_reentrant=False))
         else:
             pieces.append(_token_logps(lm_head, h, t, postprocess))
     token_logps = torch.cat(pieces)
-    return torch.zeros(batch, dtype=torch.float32, device=device).index_add(0, rows_t, token_logps)
+    return torch.zeros(n_out, dtype=torch.float32, device=picked.device).index_add(0, owners, token_logps)
 
 
 def batched_logps(
@@ -250,20 +257,36 @@ def batched_logps(
     dtype: torch.dtype = torch.float32,
     chunk_tokens: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    packed: bool = False,
 ) -> np.ndarray:
     """:func:`sequence_logps` of many pairs without grad: [N] float64 (summed in fp32), in input order.
 
-    Pairs are batched by length (:func:`length_batches`, rows × longest ≤ ``batch_tokens``) and run in
-    :func:`compute_context` for ``dtype``. ``on_batch(n_pairs, n_tokens)`` after each batch (progress).
+    ``packed=False``: pairs are batched by length (:func:`length_batches`, rows × longest ≤
+    ``batch_tokens``). ``packed=True``: each prompt is computed once for its responses and sequences are
+    packed without padding (:mod:`gvpo_offline.packing`: rows of ≤ min(batch_tokens, MAX_ROW_TOKENS)
+    tokens, batched rows × longest ≤ ``batch_tokens``); same values to float rounding. Runs in
+    :func:`compute_context` for ``dtype``. ``on_batch(n_pairs, n_tokens)`` after each batch (progress;
+    n_tokens = prompt + response tokens of those pairs, as if scored separately).
     """
     device = next(model.parameters()).device
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     out = np.zeros(len(lengths), dtype=np.float64)
+    if packed:
+        from gvpo_offline import packing
+
+        rows = packing.plan_rows(prompt_ids, response_ids, min(batch_tokens, packing.MAX_ROW_TOKENS))
+        plan = [[rows[j] for j in b] for b in length_batches([packing.row_tokens(r) for r in rows], batch_tokens)]
+    else:
+        plan = length_batches(lengths, batch_tokens)
     with torch.no_grad(), compute_context(device, dtype):
-        for batch in length_batches(lengths, batch_tokens):
-            logps = sequence_logps(
-                model, [prompt_ids[i] for i in batch], [response_ids[i] for i in batch], chunk_tokens
-            )
+        for batch in plan:
+            if packed:
+                batch_rows, batch = batch, [i for row in batch for seg in row for i in seg.pairs]
+                logps = packing.rows_logps(model, prompt_ids, response_ids, batch_rows, chunk_tokens)[batch]
+            else:
+                logps = sequence_logps(
+                    model, [prompt_ids[i] for i in batch], [response_ids[i] for i in batch], chunk_tokens
+                )
             out[batch] = logps.double().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(batch), sum(lengths[i] for i in batch))

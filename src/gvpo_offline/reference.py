@@ -20,8 +20,8 @@ whenever a shard is loaded; shard paths must lie inside WORKDIR/ref/.
 
 CACHE SEMANTICS (:func:`precompute`):
     Manifest.inputs holds everything that decides the content (data files' sha256, layout, columns, model
-    and tokenizer fingerprints, tokenize settings after clamping, dtype, eval_fraction, shard_groups, tool
-    version); Manifest.key = sha256 of it. Same key and complete -> cache hit (no model loaded). Same key,
+    and tokenizer fingerprints, tokenize settings after clamping, dtype, eval_fraction, shard_groups, packing,
+    tool version); Manifest.key = sha256 of it. Same key and complete -> cache hit (no model loaded). Same key,
     incomplete -> resume: shards already on disk (each carries the key in its Parquet metadata) are kept.
     Other key -> recompute (or refuse with overwrite=False, naming what changed). Everything (data,
     tokenization and templates of every group) is validated before an existing cache is touched. A
@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from gvpo_offline import __version__, modeling, workdir as workdirs
+from gvpo_offline import __version__, modeling, packing, workdir as workdirs
 from gvpo_offline.data import DataConfig, input_files, load_groups
 from gvpo_offline.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
 from gvpo_offline.errors import GvpoError
@@ -249,6 +249,10 @@ class PrecomputeConfig:
     batch_tokens: padded tokens (rows × longest) per forward pass; None = 16384 on a GPU, 2048 on CPU
         (measured on CPU: small batches stay in cache and run ~25% faster than 16384).
     chunk_tokens: response positions per LM-head chunk; None = modeling.logits_chunk_for(vocab).
+    packing: 'auto' computes each prompt once for all its responses, in rows packed without padding
+        (packing.py; padded rows with a note where the model is not supported); 'off' pads separate
+        sequences. Recorded in the manifest (the values differ at float-rounding level); train and eval
+        use the cache's setting by default.
     overwrite: False refuses to replace a cache made from other inputs (``--no-overwrite``).
     require_*_fingerprint: refuse unless the model/tokenizer at ``model`` has this fingerprint
         (used by :func:`precompute_extra` to guarantee the same reference as the main cache).
@@ -263,6 +267,7 @@ class PrecomputeConfig:
     shard_groups: int = 1000
     batch_tokens: int | None = None
     chunk_tokens: int | None = None
+    packing: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
@@ -276,6 +281,8 @@ class PrecomputeConfig:
             raise GvpoError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
         if self.shard_groups < 1 or any(n is not None and n < 1 for n in (self.batch_tokens, self.chunk_tokens)):
             raise GvpoError("--shard-groups, --batch-tokens and chunk_tokens must be positive")
+        if self.packing not in packing.PACKING_CHOICES:
+            raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
 
 
 def split_value(prompt_json: str) -> float:
@@ -309,6 +316,7 @@ _LABELS = {
     "dtype": "dtype",
     "eval_fraction": "eval fraction",
     "shard_groups": "--shard-groups",
+    "packing": "--packing",
 }
 
 
@@ -453,6 +461,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console) -> Ma
         "dtype": str(dtype).removeprefix("torch."),
         "eval_fraction": 0.0 if config.eval_data else float(config.eval_fraction),
         "shard_groups": config.shard_groups,
+        "packing": config.packing,
     }
     for name, expected in (
         ("model_fingerprint", config.require_model_fingerprint),
@@ -554,6 +563,9 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
     """Tokenize, score and write (atomically) the shards ``todo``, under a progress bar on ``console``."""
     size, tok_cfg = config.shard_groups, manifest.tokenize_config
     k = pc.list_value_length(groups["responses"]).to_numpy()
+    packed, note = packing.resolve(config.packing, model.config)
+    if note:
+        _say(console, f"note: {note}")
     columns = [TextColumn("reference log-probs"), BarColumn(bar_width=24), MofNCompleteColumn(), _RateColumn(),
                TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not config.progress) as progress:
@@ -570,7 +582,8 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
             try:
                 cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], tok_cfg)
                 cols["ref_logp"] = modeling.batched_logps(
-                    model, cols["prompt_ids"], cols["response_ids"], batch_tokens, dtype, config.chunk_tokens, advance
+                    model, cols["prompt_ids"], cols["response_ids"], batch_tokens, dtype, config.chunk_tokens, advance,
+                    packed,
                 )
             except KeyboardInterrupt:
                 finished = len(manifest.shards) - len(todo) + done
@@ -655,6 +668,7 @@ def precompute_extra(
     config = PrecomputeConfig(
         data=data, model=main.model_path, workdir=sub, tokenize=main.tokenize_config, eval_fraction=1.0,
         shard_groups=main.shard_groups or 1000, batch_tokens=batch_tokens, device=device, dtype=main.dtype,
+        packing=main.inputs.get("packing", "off"),
         trust_remote_code=trust_remote_code, progress=progress,
         require_model_fingerprint=main.model_fingerprint, require_tokenizer_fingerprint=main.tokenizer_fingerprint,
     )

@@ -44,7 +44,7 @@ import torch
 import transformers
 from torch import Tensor
 
-from gvpo_offline import interrupts, reference, workdir as workdirs
+from gvpo_offline import interrupts, packing, reference, workdir as workdirs
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.files import (
     atomic_dir,
@@ -105,6 +105,7 @@ class TrainConfig:
     overwrite: bool = False  # replace an earlier run's model/ and metrics.jsonl
     trust_remote_code: bool = False
     logits_chunk_tokens: int | None = None  # positions per LM-head chunk; None = modeling.logits_chunk_for
+    packing: str | None = None  # auto|off (packing.py); None = the reference cache's, so both use one path
     progress: bool = True  # live progress on stderr
 
     def __post_init__(self):
@@ -127,6 +128,8 @@ class TrainConfig:
                 raise GvpoError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
         if self.save_every < 0:
             raise GvpoError("--save-every must be >= 0")
+        if self.packing is not None and self.packing not in packing.PACKING_CHOICES:
+            raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
 
     def to_json(self) -> dict:
         return {**asdict(self), "workdir": str(self.workdir)}
@@ -261,13 +264,16 @@ class StepStats:
     terms: dict[str, float] = field(default_factory=dict)  # loss.gvpo_loss_terms: the loss's three parts
 
 
-def pack_groups(lengths: list[int], group_rows: list[list[int]], budget: int) -> tuple[list[list[int]], list[int]]:
+def pack_groups(
+    lengths: list[int], group_rows: list[list[int]], budget: int, cost: Callable[[list[int]], int] | None = None
+) -> tuple[list[list[int]], list[int]]:
     """Plan a step's forward passes: (packs, split). A pack is a list of whole groups whose responses fit
-    together in one micro-batch (rows × longest ≤ ``budget``), longest groups first; ``split`` are the
-    groups that do not fit on their own and must be cut across micro-batches."""
+    together in one micro-batch (``cost(rows)`` ≤ ``budget``; default: padded, rows × longest), longest
+    groups first; ``split`` are the groups that do not fit on their own and must be cut across
+    micro-batches."""
 
     def padded(rows: list[int]) -> int:
-        return len(rows) * max(lengths[i] for i in rows)
+        return cost(rows) if cost is not None else len(rows) * max(lengths[i] for i in rows)
 
     fitting = [g for g, rows in enumerate(group_rows) if padded(rows) <= budget]
     split = [g for g, rows in enumerate(group_rows) if padded(rows) > budget]
@@ -288,6 +294,7 @@ def gvpo_backward(
     chunk_tokens: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     objective: Objective = OBJECTIVES["gvpo"],
+    packed: bool = False,
 ) -> StepStats:
     """Accumulate ∇θ of the step's loss (gvpo_loss, or ``objective``'s) into ``param.grad``, over all its G groups.
 
@@ -301,6 +308,9 @@ def gvpo_backward(
     Another ``objective`` (loss.OBJECTIVES; its loss is Σ_x term_x / C over the C groups that carry a
     term) goes the same way: a pack backs ``Σ_{x∈pack} term_x / C``; a split group gets its weights
     w = ∂(term_x / C)/∂log πθ by autograd on a leaf tensor of its no-grad log-probs, then Σ w·log πθ.
+
+    ``packed``: log-probs by :func:`packing.packed_logps` (each prompt once, no padding; budgets count packed
+    tokens) instead of padded :func:`sequence_logps`; the same gradient to float rounding.
     """
     device = next(model.parameters()).device
     ref, rewards, gid = (t.to(device) for t in (batch.ref_logps, batch.rewards, batch.group_index))
@@ -308,13 +318,20 @@ def gvpo_backward(
     group_rows: list[list[int]] = [[] for _ in range(batch.n_groups)]
     for i, g in enumerate(batch.group_index.tolist()):
         group_rows[g].append(i)
-    packs, split = pack_groups(lengths, group_rows, micro_batch_tokens)
+    row_cap = min(micro_batch_tokens, packing.MAX_ROW_TOKENS)
+    cost = None
+    if packed:
+        def cost(rows: list[int]) -> int:
+            sub = [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows]
+            return packing.padded_tokens(packing.plan_rows(*sub, row_cap))
+    packs, split = pack_groups(lengths, group_rows, micro_batch_tokens, cost)
 
     def logps(rows: list[int]) -> Tensor:
+        prompts, responses = [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows]
         with compute_context(device, autocast_dtype or torch.float32):
-            return sequence_logps(
-                model, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows], chunk_tokens
-            )
+            if packed:
+                return packing.packed_logps(model, prompts, responses, chunk_tokens, row_cap)
+            return sequence_logps(model, prompts, responses, chunk_tokens)
 
     n_tokens = torch.tensor([len(r) for r in batch.response_ids], dtype=torch.float64, device=device)
     is_gvpo = objective.name == "gvpo"
@@ -339,7 +356,10 @@ def gvpo_backward(
         passes += 1
     for g in split:  # a group cut across micro-batches: weights first, then Σ w·log π piece by piece
         rows = group_rows[g]
-        micro = [[rows[j] for j in mb] for mb in length_batches([lengths[i] for i in rows], micro_batch_tokens)]
+        if packed:
+            micro = packing.split_pairs(batch.prompt_ids, batch.response_ids, rows, row_cap)
+        else:
+            micro = [[rows[j] for j in mb] for mb in length_batches([lengths[i] for i in rows], micro_batch_tokens)]
         with torch.no_grad():
             for mb in micro:
                 policy[mb] = logps(mb)
@@ -609,6 +629,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
     if resume_from is None:
         model, params, optimizer, scheduler, state = setup(init_path, None)
     check_vocabulary(model, groups, init_path if resume_from is None else resume_from[1])
+    packed, packing_note = packing.resolve(cfg.packing or manifest.inputs.get("packing", "off"), model.config)
+    if packing_note:
+        log(f"note: {packing_note}")
     metrics_path = workdir / METRICS
     truncate_metrics(metrics_path, keep_through_step=state.step)
 
@@ -630,7 +653,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
             stop = f"stopped without updating the model; last good checkpoint: {last_good or 'none yet'}"
             try:
                 stats = gvpo_backward(model, batch, cfg.beta, micro_batch_tokens, cfg.logits_chunk_tokens,
-                                      compute_dtype, OBJECTIVES[cfg.loss])
+                                      compute_dtype, OBJECTIVES[cfg.loss], packed)
             except NonFiniteError as err:
                 raise GvpoError(f"{where}: {err}; {stop}. Check the cached rewards/ref_logp or lower --lr") from None
             grad_norm = _clip(params, cfg.max_grad_norm)

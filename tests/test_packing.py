@@ -1,0 +1,292 @@
+"""Packed rows (each prompt once, no padding) against separate full-logits sequences: log-probs and
+gradients for Llama-, Qwen2-, Gemma-, Gemma2- and Mistral-style tiny models and stories260K; the plan;
+the fallback; and packing in precompute-ref / train / eval."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from cachefixture import STORIES, STORY_GROUPS
+from gvpo_offline import packing
+from gvpo_offline.data import DataConfig
+from gvpo_offline.modeling import batched_logps, load_model, sequence_logps
+from gvpo_offline.packing import block_mask, packed_logps, plan_rows, split_pairs
+from gvpo_offline.reference import PrecomputeConfig, load_split, precompute
+from gvpo_offline.tokenize import TokenizeConfig
+from gvpo_offline.train import StepBatch, TrainConfig, gvpo_backward, train
+
+VOCAB = 120
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(kind: str, window: int | None = 4):
+    """A 2-layer random model of one architecture family (window: sliding window where it has one)."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    elif kind == "qwen2":  # layer 0 full attention, layer 1 sliding window: a {layer type: mask} dict
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, use_sliding_window=window is not None,
+                                                   sliding_window=window, max_window_layers=1))
+    elif kind == "gemma":
+        model = tf.GemmaForCausalLM(tf.GemmaConfig(**common, head_dim=8))
+    elif kind == "gemma2":  # eager attention (soft-capping), alternating sliding layers, final soft-cap
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=8, sliding_window=window or 4096))
+    elif kind == "mistral":  # one sliding window for every layer, no layer_types
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=window))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def groups_of_ids(seed: int = 1, ks=(3, 1, 4, 2), vocab: int = VOCAB):
+    """Pairs of a few groups (prompts 1..9 tokens, responses 1..11), interleaved so that a group's pairs
+    are not contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses = [], []
+    for k in ks:
+        prompt = torch.randint(3, vocab, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(k):
+            prompts.append(prompt)
+            responses.append(torch.randint(3, vocab, (int(torch.randint(1, 12, (1,), generator=g)),),
+                                           generator=g).tolist())
+    order = torch.randperm(len(prompts), generator=g).tolist()
+    return [prompts[i] for i in order], [responses[i] for i in order]
+
+
+def naive_logps(model, prompts, responses) -> torch.Tensor:
+    """Each pair alone, full logits, log-softmax over everything (independent of our code)."""
+    out = []
+    for p, r in zip(prompts, responses):
+        logits = model(input_ids=torch.tensor([p + r]), use_cache=False).logits[0].float()
+        out.append(torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(-1, torch.tensor(r)[:, None]).sum())
+    return torch.stack(out)
+
+
+# ---- the mask and the plan --------------------------------------------------------------------------
+
+
+def test_block_mask_prompt_shared_responses_blind_to_siblings():
+    # one row: prompt (2 tokens), response 1 (2), response 2 (1), then a second segment (1 + 1), 1 pad
+    segment = torch.tensor([[0, 0, 0, 0, 0, 1, 1, -8]])
+    branch = torch.tensor([[0, 0, 1, 1, 2, 0, 1, 0]])
+    position = torch.tensor([[0, 1, 2, 3, 2, 0, 1, 0]])
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0],  # response 2 sees the prompt and itself, not response 1
+        [0, 0, 0, 0, 0, 1, 0, 0],  # another segment sees nothing of the first
+        [0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1],  # a pad token sees only itself (no empty softmax row)
+    ], dtype=torch.bool)
+    assert torch.equal(block_mask(segment, branch, position)[0, 0], expected)
+    windowed = block_mask(segment, branch, position, window=2)[0, 0]
+    assert torch.equal(windowed[3], torch.tensor([0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool))  # positions 2..3
+    assert torch.equal(windowed[4], torch.tensor([0, 1, 0, 0, 1, 0, 0, 0], dtype=torch.bool))  # positions 1..2
+
+
+def test_plan_computes_each_prompt_once_and_respects_the_budget():
+    prompts, responses = groups_of_ids(ks=(3, 1, 4, 2, 5))
+    separate = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+    unique = {tuple(p) for p in prompts}
+    once = sum(len(p) for p in unique) + sum(len(r) for r in responses)
+    assert packing.row_tokens(plan_rows(prompts, responses)[0]) == once < separate  # no budget: one row
+    for budget in (12, 25, 40):
+        rows = plan_rows(prompts, responses, budget)
+        pairs = sorted(i for row in rows for seg in row for i in seg.pairs)
+        assert pairs == list(range(len(prompts)))  # every pair exactly once
+        for row in rows:
+            assert packing.row_tokens(row) <= budget or len(row) == 1  # only a lone long segment overflows
+            for seg in row:
+                assert len({tuple(prompts[i]) for i in seg.pairs}) == 1
+                assert seg.tokens == len(prompts[seg.pairs[0]]) + sum(len(responses[i]) for i in seg.pairs)
+        assert plan_rows(prompts, responses, budget) == rows  # deterministic
+    pieces = split_pairs(prompts, responses, list(range(len(prompts))), 15)
+    assert sorted(i for piece in pieces for i in piece) == list(range(len(prompts)))
+    assert all(len(piece) == 1 or len(prompts[piece[0]]) + sum(len(responses[i]) for i in piece) <= 15
+               for piece in pieces)
+
+
+def test_unsupported_models_fall_back_with_a_note():
+    from transformers import GPT2Config
+
+    assert packing.resolve("auto", tiny("llama").config) == (True, None)
+    assert packing.resolve("off", tiny("llama").config) == (False, None)
+    packed, note = packing.resolve("auto", GPT2Config())
+    assert not packed and "gpt2" in note and "\n" not in note
+    flash = tiny("llama").config
+    flash._attn_implementation = "flash_attention_2"
+    packed, note = packing.resolve("auto", flash)
+    assert not packed and "flash_attention_2" in note
+    with pytest.raises(ValueError):
+        packing.resolve("on", flash)
+
+
+# ---- same log-probs and gradients as separate sequences -----------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma", "gemma2", "mistral"])
+def test_packed_logps_equal_separate_sequences(kind):
+    model = tiny(kind)
+    prompts, responses = groups_of_ids()
+    with torch.no_grad():
+        naive = naive_logps(model, prompts, responses)
+        padded = sequence_logps(model, prompts, responses)
+        for row_tokens in (None, 30, 12):  # one row; several rows with padding; groups cut across rows
+            packed = packed_logps(model, prompts, responses, chunk_tokens=7, row_tokens=row_tokens)
+            torch.testing.assert_close(packed, naive, atol=1e-4, rtol=0)
+        torch.testing.assert_close(padded, naive, atol=1e-4, rtol=0)
+    if kind in ("qwen2", "mistral", "gemma2"):  # the sliding window really binds on these sequences
+        unwindowed = tiny(kind, window=None if kind != "gemma2" else 4096)
+        with torch.no_grad():
+            assert (naive_logps(unwindowed, prompts, responses) - naive).abs().max() > 1e-3
+
+
+def test_stories260k_packed_batched_logps_equal_padded():
+    model = load_model(STORIES, torch.device("cpu"))
+    prompts, responses = groups_of_ids(seed=3, ks=(5, 2, 3, 4, 2), vocab=512)
+    seen = []
+    packed = batched_logps(model, prompts, responses, 48, on_batch=lambda n, t: seen.append(n), packed=True)
+    padded = batched_logps(model, prompts, responses, 48)
+    assert len(seen) > 1 and sum(seen) == len(prompts)
+    assert abs(packed - padded).max() < 1e-4
+    with torch.no_grad():
+        naive = naive_logps(model, prompts, responses).double().numpy()
+    assert abs(packed - naive).max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_packed_gradient_equals_separate_sequences(kind):
+    """All k responses' gradients reach the shared prompt's activations: ∇θ Σ w·log π is the same as
+    with each pair computed on its own."""
+    model = tiny(kind)
+    prompts, responses = groups_of_ids()
+    weights = torch.linspace(-1.5, 1.0, len(prompts))
+    (weights * packed_logps(model, prompts, responses, chunk_tokens=5, row_tokens=30)).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (weights * naive_logps(model, prompts, responses)).sum().backward()
+    for name, p in model.named_parameters():
+        scale = p.grad.abs().max().item() + 1e-12
+        assert (ours[name] - p.grad).abs().max().item() <= 1e-4 * scale, name
+
+
+def step_batch(ks=(2, 3, 4)) -> StepBatch:
+    prompts, responses, gids = [], [], []
+    g = torch.Generator().manual_seed(5)
+    for j, k in enumerate(ks):
+        p, r = groups_of_ids(seed=10 + j, ks=(k,))
+        prompts += p
+        responses += r
+        gids += [j] * k
+    n = len(gids)
+    return StepBatch(prompts, responses, rewards=torch.randn(n, generator=g, dtype=torch.float64),
+                     ref_logps=-torch.rand(n, generator=g, dtype=torch.float64) * 30 - 10,
+                     group_index=torch.tensor(gids), n_groups=len(ks))
+
+
+def test_packed_train_step_keeps_the_exact_gradient():
+    """Packed micro-batches: one pass, split groups and the padded path all give one gradient; with
+    packing a budget that needs splitting when padded holds the whole step."""
+    model, batch, beta = tiny("llama"), step_batch(), 0.3
+    stats, grads = {}, {}
+    for name, budget, packed in (("padded", 10_000, False), ("packed", 10_000, True), ("packed-split", 12, True)):
+        stats[name] = gvpo_backward(model, batch, beta, micro_batch_tokens=budget, packed=packed)
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    assert stats["packed"].micro_batches == 1 and stats["packed-split"].micro_batches > 3
+    once = sum(len(p) for p in {tuple(p) for p in batch.prompt_ids}) + sum(len(r) for r in batch.response_ids)
+    assert gvpo_backward(model, batch, beta, micro_batch_tokens=once, packed=True).micro_batches == 1
+    assert gvpo_backward(model, batch, beta, micro_batch_tokens=once, packed=False).micro_batches > 1
+    for name in ("packed", "packed-split"):
+        assert stats[name].loss == pytest.approx(stats["padded"].loss, rel=1e-5)
+        for n, g in grads["padded"].items():
+            assert (grads[name][n] - g).abs().max().item() <= 1e-5 * (g.abs().max().item() + 1e-12), (name, n)
+
+
+# ---- the pipeline ------------------------------------------------------------------------------------
+
+
+def write_story_data(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p, "responses": r, "rewards": w}) + "\n"
+                            for p, r, w in STORY_GROUPS))
+    return path
+
+
+def run_precompute(data: Path, workdir: Path, packing_setting: str, model=STORIES) -> str:
+    out = io.StringIO()
+    precompute(PrecomputeConfig(
+        data=DataConfig((str(data),), "grouped"), model=str(model), workdir=workdir, device="cpu",
+        tokenize=TokenizeConfig(max_length=96, max_prompt_length=32), eval_fraction=0.0, progress=False,
+        packing=packing_setting,
+    ), Console(file=out, width=400))
+    return out.getvalue()
+
+
+def test_precompute_records_packing_and_train_follows_the_cache(tmp_path):
+    data = write_story_data(tmp_path / "data.jsonl")
+    run_precompute(data, tmp_path / "auto", "auto")
+    run_precompute(data, tmp_path / "off", "off")
+    manifests = {m: json.loads((tmp_path / m / "manifest.json").read_text()) for m in ("auto", "off")}
+    assert manifests["auto"]["inputs"]["packing"] == "auto" and manifests["off"]["inputs"]["packing"] == "off"
+    assert manifests["auto"]["key"] != manifests["off"]["key"]
+    ref = {m: load_split(tmp_path / m, "train")["ref_logp"].to_numpy() for m in ("auto", "off")}
+    assert abs(ref["auto"] - ref["off"]).max() < 1e-4
+    assert "--packing changed ('off' -> 'auto')" in run_precompute(data, tmp_path / "off", "auto")
+
+    # ℓ = 0 at step 0 to float rounding: the policy on the cache's path, and on the other path
+    for packing_setting in (None, "off"):
+        workdir = tmp_path / "auto"
+        for leftover in ("model", "metrics.jsonl"):
+            target = workdir / leftover
+            if target.is_dir():
+                import shutil
+
+                shutil.rmtree(target)
+            target.unlink(missing_ok=True)
+        logs: list[str] = []
+        train(TrainConfig(workdir=workdir, beta=1.0, lr=2e-5, groups_per_step=4, save_every=0, progress=False,
+                          device="cpu", max_steps=1, packing=packing_setting), log=logs.append)
+        first = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["log_ratio_absmax"] < 1e-4, packing_setting
+        assert not any("--packing" in line for line in logs)
+
+
+def test_unsupported_model_falls_back_in_precompute(tmp_path):
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2, n_positions=128)).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if (STORIES / name).exists():
+            shutil.copy(STORIES / name, model_dir / name)
+    data = write_story_data(tmp_path / "data.jsonl")
+    printed = run_precompute(data, tmp_path / "run", "auto", model=model_dir)
+    notes = [line for line in printed.splitlines() if "--packing auto" in line]
+    assert len(notes) == 1 and "gpt2" in notes[0] and "padded" in notes[0]
+    table = load_split(tmp_path / "run", "train")
+    model = load_model(model_dir, torch.device("cpu"))
+    with torch.no_grad():
+        expected = sequence_logps(model, table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist())
+    assert abs(table["ref_logp"].to_numpy() - expected.double().numpy()).max() < 1e-4

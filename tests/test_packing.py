@@ -50,6 +50,13 @@ def tiny(kind: str, window: int | None = 4):
         model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=8, sliding_window=window or 4096))
     elif kind == "mistral":  # one sliding window for every layer, no layer_types
         model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=window))
+    elif kind == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=8))
+    elif kind == "gemma3_text":  # local/global rotary per layer type, sliding layers
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=window or 4096,
+                                                         layer_types=["sliding_attention", "full_attention"]))
+    elif kind == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, sliding_window=window, pad_token_id=0))
     else:
         raise ValueError(kind)
     return model.eval()
@@ -143,7 +150,7 @@ def test_unsupported_models_fall_back_with_a_note():
 # ---- same log-probs and gradients as separate sequences -----------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma", "gemma2", "mistral"])
+@pytest.mark.parametrize("kind", sorted(packing.SUPPORTED_MODEL_TYPES))
 def test_packed_logps_equal_separate_sequences(kind):
     model = tiny(kind)
     prompts, responses = groups_of_ids()
@@ -154,8 +161,8 @@ def test_packed_logps_equal_separate_sequences(kind):
             packed = packed_logps(model, prompts, responses, chunk_tokens=7, row_tokens=row_tokens)
             torch.testing.assert_close(packed, naive, atol=1e-4, rtol=0)
         torch.testing.assert_close(padded, naive, atol=1e-4, rtol=0)
-    if kind in ("qwen2", "mistral", "gemma2"):  # the sliding window really binds on these sequences
-        unwindowed = tiny(kind, window=None if kind != "gemma2" else 4096)
+    if kind in ("qwen2", "mistral", "gemma2", "gemma3_text", "phi3"):  # the sliding window binds here
+        unwindowed = tiny(kind, window=None if not kind.startswith("gemma") else 4096)
         with torch.no_grad():
             assert (naive_logps(unwindowed, prompts, responses) - naive).abs().max() > 1e-3
 

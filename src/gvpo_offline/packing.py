@@ -14,11 +14,13 @@ for models that have one). Position ids restart after the prompt for each respon
 embeddings see the usual positions. The first token of every response is predicted by the prompt's
 last hidden state, so in training the gradients of all k responses flow into the prompt's activations.
 
-Supported: model types in :data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2/3, Gemma 1/2/3 text,
-Phi-3: their forward passes a custom 4D mask, or a {layer type: mask} dict, straight to attention)
-with the ``sdpa`` or ``eager`` attention backends. Anything else (flash-attention, flex, other
-architectures, position-bias models) falls back to the padded separate-sequence path with a one-line
-note (:func:`unsupported_reason`).
+Supported (each checked against separate sequences in tests/test_packing.py): model types in
+:data:`SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2/3, Gemma 1/2/3 text, Phi-3: their forward passes a
+custom 4D mask, or a {layer type: mask} dict, straight to attention) with the ``sdpa`` or ``eager``
+attention backends, on transformers >= 5 (tested with 5.24). Anything else (flash-attention, flex,
+other architectures, position-bias models) falls back to the padded separate-sequence path with a
+one-line note (:func:`unsupported_reason`). Flash-attention varlen is not used: the tool loads models
+with sdpa, and varlen cannot express "every response sees the shared prompt".
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ _MASKABLE_LAYERS = {"full_attention", "sliding_attention"}
 
 def unsupported_reason(config) -> str | None:
     """Why the packed layout cannot run this model config (None: it can)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return f"transformers {transformers.__version__} (custom 4D masks are passed through as-is from 5.0)"
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} is not one whose attention takes a custom 4D mask here"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -265,8 +266,6 @@ def test_precompute_records_packing_and_train_follows_the_cache(tmp_path):
         for leftover in ("model", "metrics.jsonl"):
             target = workdir / leftover
             if target.is_dir():
-                import shutil
-
                 shutil.rmtree(target)
             target.unlink(missing_ok=True)
         logs: list[str] = []
@@ -278,8 +277,6 @@ def test_precompute_records_packing_and_train_follows_the_cache(tmp_path):
 
 
 def test_unsupported_model_falls_back_in_precompute(tmp_path):
-    import shutil
-
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)

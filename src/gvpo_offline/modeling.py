@@ -205,7 +205,15 @@ def sequence_logps(
     checkpointing) so its logits are not kept either. Differentiable; call under torch.no_grad() for the
     reference. Run it inside :func:`compute_context` for the shared numeric regime.
     """
-    device = next(model.parameters()).device
+    sharded = getattr(model, "gvpo_sequence_logps", None)  # distributed.shard_model: inside FSDP's hooks
+    if sharded is not None:
+        return sharded(prompt_ids, response_ids, chunk_tokens)
+    return sequence_logps_unsharded(model, prompt_ids, response_ids, chunk_tokens)
+
+
+def sequence_logps_unsharded(model, prompt_ids, response_ids, chunk_tokens: int | None = None) -> Tensor:
+    """:func:`sequence_logps` itself (under FSDP it runs as a registered forward method of the root)."""
+    device = getattr(model, "gvpo_compute_device", None) or next(model.parameters()).device
     if any(len(p) == 0 for p in prompt_ids) or any(len(r) == 0 for r in response_ids):
         raise ValueError("every prompt and every response needs at least one token")
     lm_head = model.get_output_embeddings()

@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from gvpo_offline import __version__, modeling, packing, workdir as workdirs
+from gvpo_offline import __version__, distributed, modeling, packing, workdir as workdirs
 from gvpo_offline.data import DataConfig, input_files, load_groups
 from gvpo_offline.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
 from gvpo_offline.errors import GvpoError
@@ -406,11 +406,16 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
     """
     console = console or Console(stderr=True)
     workdir = Path(config.workdir)
+    ctx = distributed.context(config.device)  # under torchrun: each rank scores a share of every shard
+    if not ctx.is_main:  # rank 0 claims, locks and reports for all ranks
+        distributed.barrier(ctx)
+        return _precompute(config, workdir, Console(quiet=True), ctx)
     created = not workdir.exists()
     workdirs.claim(workdir)
+    distributed.barrier(ctx)
     try:
         with workdirs.stage_locks(workdir, "precompute"):
-            return _precompute(config, workdir, console)
+            return _precompute(config, workdir, console, ctx)
     except BaseException:
         if created:  # nothing of the user's is in a folder we made: leave no trace of a failed first run
             _remove_if_only_ours(workdir)
@@ -438,8 +443,9 @@ def _check_inputs_outside_workdirs(paths: list[dict]) -> None:
                             "a workdir is never read as data")
 
 
-def _precompute(config: PrecomputeConfig, workdir: Path, console: Console) -> Manifest:
-    device = modeling.resolve_device(config.device)
+def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
+                ctx: distributed.Dist = distributed.Dist()) -> Manifest:
+    device = modeling.resolve_device(distributed.stage_device(ctx, config.device))
     dtype = modeling.resolve_dtype(config.dtype, device)
     model_path = str(Path(config.model).resolve())
     tokenizer = modeling.load_tokenizer(model_path, config.trust_remote_code)
@@ -479,12 +485,14 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console) -> Ma
             moved = replace(old, model_path=model_path, data_files=data_files, eval_data_files=eval_files)
             if moved != old:  # the same content at other paths: record where it is now
                 old = moved
-                atomic_write_json(workdir / MANIFEST, old.to_json())
+                if ctx.is_main:
+                    atomic_write_json(workdir / MANIFEST, old.to_json())
+            distributed.barrier(ctx)
             _say(console, f"cache hit: {workdir / MANIFEST} matches the data, model, tokenizer and settings; "
                           f"nothing to compute (no model loaded). {_summary(old)}")
             return old
         _say(console, "repairing the reference cache: " + "; ".join(f"{old.shards[s]} {why}" for s, why in bad.items()))
-        for s in bad:
+        for s in bad if ctx.is_main else ():
             (workdir / old.shards[s]).unlink(missing_ok=True)
     if (workdir / MANIFEST).exists() and (old is None or old.key != key):
         changes = describe_changes(old.inputs, inputs) if old and old.inputs else ["unreadable/old manifest"]
@@ -508,8 +516,11 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console) -> Ma
         shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(math.ceil(groups.num_rows / config.shard_groups))],
         shard_groups=config.shard_groups, inputs=inputs, key=key,
     )
-    atomic_write_json(workdir / MANIFEST, manifest.to_json())  # complete=false: a rerun resumes
-    todo = _clean_shards(workdir, manifest)
+    if ctx.is_main:
+        atomic_write_json(workdir / MANIFEST, manifest.to_json())  # complete=false: a rerun resumes
+        _clean_shards(workdir, manifest)
+    distributed.barrier(ctx)
+    todo = [s for s, name in enumerate(manifest.shards) if not (workdir / name).is_file()]
     if len(todo) < len(manifest.shards):
         _say(console, f"resuming: {len(manifest.shards) - len(todo)} of {len(manifest.shards)} shards already computed")
     if todo:
@@ -520,10 +531,13 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console) -> Ma
         model = modeling.load_model(model_path, device, torch.float32, config.trust_remote_code)
         batch_tokens = config.batch_tokens or modeling.default_batch_tokens(device)
         _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config,
-                        console)
-    _finish(workdir, manifest)
+                        console, ctx)
+    distributed.barrier(ctx)
+    if ctx.is_main:
+        _finish(workdir, manifest)
+    distributed.barrier(ctx)
     _say(console, f"reference log-probs cached in {workdir}: {_summary(manifest)}")
-    return manifest
+    return read_manifest(workdir) if ctx.enabled else manifest  # the manifest rank 0 completed
 
 
 def _bad_shards(workdir: Path, manifest: Manifest) -> dict[int, str]:
@@ -559,8 +573,11 @@ def _plan(config: PrecomputeConfig, console: Console) -> tuple[pa.Table, list[st
     return groups.combine_chunks(), ["train"] * table.num_rows + ["eval"] * held.table.num_rows, data.layout
 
 
-def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config, console):
-    """Tokenize, score and write (atomically) the shards ``todo``, under a progress bar on ``console``."""
+def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config, console,
+                    ctx: distributed.Dist = distributed.Dist()):
+    """Tokenize, score and write (atomically) the shards ``todo``, under a progress bar on ``console``.
+    Several processes: every rank scores a token-balanced share of each shard's groups, and rank
+    ``s % world_size`` writes shard s (the progress bar shows rank 0's share × world size)."""
     size, tok_cfg = config.shard_groups, manifest.tokenize_config
     k = pc.list_value_length(groups["responses"]).to_numpy()
     packed, note = packing.resolve(config.packing, model.config)
@@ -575,20 +592,25 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
         def advance(n_pairs: int, n_tokens: int) -> None:
             nonlocal tokens_done
             tokens_done += n_tokens
-            progress.update(task, advance=n_pairs, tokens=tokens_done)
+            progress.update(task, advance=n_pairs * ctx.world_size, tokens=tokens_done * ctx.world_size)
 
         for done, s in enumerate(todo):
             lo = s * size
             try:
                 cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], tok_cfg)
-                cols["ref_logp"] = modeling.batched_logps(
-                    model, cols["prompt_ids"], cols["response_ids"], batch_tokens, dtype, config.chunk_tokens, advance,
-                    packed,
+                cols["ref_logp"] = distributed.score_groups(
+                    ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],
+                    lambda rows: modeling.batched_logps(
+                        model, [cols["prompt_ids"][i] for i in rows], [cols["response_ids"][i] for i in rows],
+                        batch_tokens, dtype, config.chunk_tokens, advance, packed,
+                    ),
                 )
             except KeyboardInterrupt:
                 finished = len(manifest.shards) - len(todo) + done
                 _say(console, f"stopped after {finished} of {len(manifest.shards)} shards; rerun to resume")
                 raise
+            if s % ctx.world_size != ctx.rank:
+                continue
             meta = {_KEY_META: manifest.key.encode(), _TRUNC_META[0]: b"%d" % cut_p, _TRUNC_META[1]: b"%d" % cut_r}
             atomic_write_table(workdir / manifest.shards[s], pa.table(cols, schema=REF_SCHEMA.with_metadata(meta)))
 

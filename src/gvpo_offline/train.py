@@ -29,6 +29,7 @@ by ½, so their learning rate corresponds to half our gradient.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -44,7 +45,8 @@ import torch
 import transformers
 from torch import Tensor
 
-from gvpo_offline import interrupts, packing, reference, workdir as workdirs
+from gvpo_offline import distributed, interrupts, packing, reference, workdir as workdirs
+from gvpo_offline.distributed import StepShare
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.files import (
     atomic_dir,
@@ -99,6 +101,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # compute dtype: float32 on CPU, bf16 autocast on GPU by default
     gradient_checkpointing: bool = False
+    cpu_offload: bool = False  # under torchrun on GPUs: FSDP keeps shards, grads and AdamW state in CPU RAM
     save_every: int = 500  # steps between checkpoints; 0 = never
     keep_checkpoints: int = 2
     resume: bool = False
@@ -231,6 +234,14 @@ class StepBatch:
         """Prompt + response token ids processed (unpadded)."""
         return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids))
 
+    @property
+    def group_tokens(self) -> list[int]:
+        """[G] prompt + response token ids of each group."""
+        out = [0] * self.n_groups
+        for p, r, g in zip(self.prompt_ids, self.response_ids, self.group_index.tolist()):
+            out[g] += len(p) + len(r)
+        return out
+
 
 def make_batch(groups: CachedGroups, chosen: list[int]) -> StepBatch:
     rows, group_index = [], []
@@ -295,6 +306,7 @@ def gvpo_backward(
     autocast_dtype: torch.dtype | None = None,
     objective: Objective = OBJECTIVES["gvpo"],
     packed: bool = False,
+    share: StepShare | None = None,
 ) -> StepStats:
     """Accumulate ∇θ of the step's loss (gvpo_loss, or ``objective``'s) into ``param.grad``, over all its G groups.
 
@@ -311,27 +323,49 @@ def gvpo_backward(
 
     ``packed``: log-probs by :func:`packing.packed_logps` (each prompt once, no padding; budgets count packed
     tokens) instead of padded :func:`sequence_logps`; the same gradient to float rounding.
+
+    ``share`` (several processes, see distributed.step_share): this rank computes only ``share.groups``
+    of the step (G and C stay the whole step's, so the gradients summed over ranks are the step's gradient),
+    joins the other ranks' passes with zero-weight padding passes, and the step's log-probs are summed
+    over ranks so that every rank returns the statistics of the whole step.
     """
-    device = next(model.parameters()).device
+    device = getattr(model, "gvpo_compute_device", None) or next(model.parameters()).device
     ref, rewards, gid = (t.to(device) for t in (batch.ref_logps, batch.rewards, batch.group_index))
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
     group_rows: list[list[int]] = [[] for _ in range(batch.n_groups)]
     for i, g in enumerate(batch.group_index.tolist()):
         group_rows[g].append(i)
+    mine = [group_rows[g] for g in (share.groups if share else range(batch.n_groups))]
     row_cap = min(micro_batch_tokens, packing.MAX_ROW_TOKENS)
     cost = None
     if packed:
         def cost(rows: list[int]) -> int:
             sub = [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows]
             return packing.padded_tokens(packing.plan_rows(*sub, row_cap))
-    packs, split = pack_groups(lengths, group_rows, micro_batch_tokens, cost)
+    packs, split = pack_groups(lengths, mine, micro_batch_tokens, cost)
+
+    def cut(rows: list[int]) -> list[list[int]]:  # the micro-batches of a group too large for one
+        if packed:
+            return packing.split_pairs(batch.prompt_ids, batch.response_ids, rows, row_cap)
+        return [[rows[j] for j in mb] for mb in length_batches([lengths[i] for i in rows], micro_batch_tokens)]
+
+    micro = {g: cut(mine[g]) for g in split}
+    no_grad_passes = with_grad_passes = sum(len(m) for m in micro.values())
+    with_grad_passes += len(packs)
+    if share is not None:
+        no_grad_passes, with_grad_passes = share.passes_to_join(no_grad_passes, with_grad_passes)
 
     def logps(rows: list[int]) -> Tensor:
         prompts, responses = [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows]
         with compute_context(device, autocast_dtype or torch.float32):
-            if packed:
-                return packing.packed_logps(model, prompts, responses, chunk_tokens, row_cap)
+            if packed:  # sharded: through FSDP's hooks (distributed.shard_model)
+                packed_logps = getattr(model, "gvpo_packed_logps", None) or functools.partial(packing.packed_logps, model)
+                return packed_logps(prompts, responses, chunk_tokens, row_cap)
             return sequence_logps(model, prompts, responses, chunk_tokens)
+
+    def padding() -> Tensor:  # a one-token pair: log-probs of a pass that only joins the others' collectives
+        with compute_context(device, autocast_dtype or torch.float32):
+            return sequence_logps(model, [[0]], [[0]], chunk_tokens)
 
     n_tokens = torch.tensor([len(r) for r in batch.response_ids], dtype=torch.float64, device=device)
     is_gvpo = objective.name == "gvpo"
@@ -341,10 +375,16 @@ def gvpo_backward(
         args = (ref[rows], rewards[rows], gid[rows], beta, n_tokens[rows])
         return objective.group_terms(pack_logps, *args)[0].sum() / counted
 
-    policy = torch.empty(len(lengths), dtype=torch.float32, device=device)
+    policy = torch.zeros(len(lengths), dtype=torch.float32, device=device)
     passes = 0
+    with torch.no_grad():  # (a) of the split groups: their policy log-probs, hence their weights
+        for g in split:
+            for mb in micro[g]:
+                policy[mb] = logps(mb)
+        for _ in range(no_grad_passes - sum(len(m) for m in micro.values())):
+            padding()
     for pack in packs:  # whole groups: one pass
-        rows = [i for g in pack for i in group_rows[g]]
+        rows = [i for g in pack for i in mine[g]]
         pack_logps = logps(rows)
         if is_gvpo:
             part = gvpo_loss(pack_logps, ref[rows], rewards[rows], gid[rows], beta) * (len(pack) / batch.n_groups)
@@ -354,15 +394,8 @@ def gvpo_backward(
         part.backward()
         policy[rows] = pack_logps.detach()
         passes += 1
-    for g in split:  # a group cut across micro-batches: weights first, then Σ w·log π piece by piece
-        rows = group_rows[g]
-        if packed:
-            micro = packing.split_pairs(batch.prompt_ids, batch.response_ids, rows, row_cap)
-        else:
-            micro = [[rows[j] for j in mb] for mb in length_batches([lengths[i] for i in rows], micro_batch_tokens)]
-        with torch.no_grad():
-            for mb in micro:
-                policy[mb] = logps(mb)
+    for g in split:  # (b) a group cut across micro-batches: Σ w·log π piece by piece
+        rows = mine[g]
         weights = torch.zeros(len(lengths), dtype=torch.float64, device=device)
         if is_gvpo:
             _check_finite_loss(gvpo_loss(policy[rows], ref[rows], rewards[rows], gid[rows], beta))
@@ -372,9 +405,14 @@ def gvpo_backward(
             part = group_terms_sum(leaf, rows)
             _check_finite_loss(part)
             (weights[rows],) = torch.autograd.grad(part, leaf, materialize_grads=True)
-        for mb in micro:
+        for mb in micro[g]:
             (logps(mb).double() * weights[mb]).sum().backward()
             passes += 1
+    for _ in range(with_grad_passes - passes):  # zero weight, summed (a mean would be 0·NaN-prone)
+        (padding() * 0.0).sum().backward()
+    if share is not None:
+        policy = share.sum(policy)  # each row is computed by exactly one rank; the others hold 0
+        passes = int(share.sum(torch.tensor([passes])).item())  # the step's passes on all ranks, no padding
     terms = gvpo_loss_terms(policy, ref, rewards, gid, beta)
     if is_gvpo:
         loss = gvpo_loss(policy, ref, rewards, gid, beta)  # the step's loss, for the record (= Σ parts)
@@ -477,6 +515,61 @@ def load_checkpoint(path: Path, optimizer, scheduler) -> TrainState:
     return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
 
 
+def save_checkpoint_sharded(
+    ctx: distributed.Dist, workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig,
+    cache_key: str,
+) -> Path:
+    """:func:`save_checkpoint` of a sharded run: the model + optimizer shards of every rank
+    (torch.distributed.checkpoint), each rank's RNG, and rank 0's scheduler and state, in one folder that
+    rank 0 swaps in once every rank has written (WORKDIR must be on storage shared by all nodes)."""
+    final = workdir / CHECKPOINTS / f"step-{state.step}"
+    with atomic_dir(final) if ctx.is_main else contextlib.nullcontext() as tmp:
+        tmp = Path(distributed.broadcast_object(ctx, str(tmp) if ctx.is_main else None))
+        distributed.save_sharded(tmp, model, optimizer)
+        torch.save(_rng_states(), tmp / f"rng-{ctx.rank}.pt")
+        distributed.barrier(ctx)
+        if ctx.is_main:
+            missing = [r for r in range(ctx.world_size) if not (tmp / f"rng-{r}.pt").is_file()]
+            if missing:
+                raise GvpoError(f"{workdir}: ranks {missing} wrote their checkpoint shards elsewhere; with several "
+                                "nodes WORKDIR must be on storage shared by all of them")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key,
+                                            "world_size": ctx.world_size})
+    if ctx.is_main:
+        for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(ctx)
+    return final
+
+
+def load_checkpoint_sharded(ctx: distributed.Dist, path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore :func:`save_checkpoint_sharded`'s model, optimizer, scheduler and this rank's RNG."""
+    distributed.load_sharded(path, model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / f"rng-{ctx.rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"][ctx.local_rank], ctx.device)
+    saved = json.loads((path / STATE).read_text())
+    return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
+
+
+def _rng_states() -> dict:
+    rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _check_resume_world(path: Path, world_size: int) -> None:
+    """A checkpoint resumes on the number of processes that wrote it (1 = the single-process format)."""
+    saved = json.loads((path / STATE).read_text()).get("world_size", 1)
+    if saved != world_size:
+        raise GvpoError(f"--resume from {path}: it was written by {saved} process(es), this run has {world_size}; "
+                        f"resume with the same number of processes (torchrun --nnodes × --nproc_per_node = {saved})")
+
+
 def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> None:
     state = json.loads((path / STATE).read_text())
     if state.get("cache_key") != cache_key:
@@ -517,11 +610,14 @@ def append_metrics(path: Path, record: dict) -> None:
 # ---- the final model ---------------------------------------------------------------------------------
 
 
-def save_final(workdir: Path, model, tokenizer, train_config: dict) -> Path:
-    """WORKDIR/model/: save_pretrained (safetensors) + tokenizer + train_config.json, swapped in by rename."""
+def save_final(workdir: Path, model, tokenizer, train_config: dict, state_dict: dict | None = None) -> Path:
+    """WORKDIR/model/: save_pretrained (safetensors) + tokenizer + train_config.json, swapped in by rename.
+    ``state_dict``: the gathered full weights of a sharded model (distributed.full_state_dict)."""
     final = workdir / FINAL_MODEL
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if state_dict is not None:
+            distributed.fix_saved_architecture(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / TRAIN_CONFIG, train_config)
     return final
@@ -557,20 +653,24 @@ def train(config: TrainConfig, log: Callable[[str], None] = print,
     """Train the policy with GVPO (or ``config.loss``) on WORKDIR's cached train split; see the module docstring.
     ``on_step`` gets each metrics.jsonl record once it is written (tracking.Tracker). The workdir must be
     one made by precompute-ref; it is locked for the run (one train at a time, no precompute-ref under it)."""
+    ctx = distributed.context(config.device)  # one process, or one rank under torchrun (distributed.py)
     workdirs.require(config.workdir)
-    with workdirs.stage_locks(config.workdir, "train"):
-        return _train(config, log, on_step)
+    with workdirs.stage_locks(config.workdir, "train") if ctx.is_main else contextlib.nullcontext():
+        return _train(config, ctx, log, on_step)
 
 
-def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[dict], None] | None) -> TrainResult:
+def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None],
+           on_step: Callable[[dict], None] | None) -> TrainResult:
     cfg, workdir = config, config.workdir
+    if not ctx.is_main:  # only rank 0 prints and writes metrics.jsonl (it also holds the workdir's locks)
+        log, on_step = _quiet, None
 
     # 1. check the cache against the model we train from
     manifest = reference.read_manifest(workdir)
     init_path, tokenizer, notes = check_start(manifest, cfg.init_model, cfg.trust_remote_code)
     check_outputs(workdir, manifest, init_path, cfg)
     groups = load_train_groups(workdir)
-    device = resolve_device(cfg.device)
+    device = resolve_device(distributed.stage_device(ctx, cfg.device))
     compute_dtype = resolve_dtype(cfg.dtype, device)
     micro_batch_tokens = cfg.micro_batch_tokens or (8192 if device.type == "cuda" else 2048)
     if compute_dtype == torch.float16:
@@ -591,28 +691,42 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
                         "continue it, or delete that folder to start over")
     if cfg.resume and not checkpoints:
         log(f"note: --resume: no checkpoint in {workdir / CHECKPOINTS}, starting from step 0")
-    remove_stale(workdir / CHECKPOINTS)  # left by a crash mid-save
-    remove_stale(workdir)
+    if ctx.is_main:
+        remove_stale(workdir / CHECKPOINTS)  # left by a crash mid-save
+        remove_stale(workdir)
 
     # 3. the policy (fp32 master weights, eval mode = no dropout), optimizer, schedule, state
     torch.manual_seed(cfg.seed)
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
 
     def setup(weights: Path, checkpoint: Path | None):
-        model = load_model(weights, device, torch.float32, cfg.trust_remote_code)
+        # several processes: load on CPU, fully_shard moves each rank's shards to its device
+        model = load_model(init_path if ctx.enabled else weights, torch.device("cpu") if ctx.enabled else device,
+                           torch.float32, cfg.trust_remote_code)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        plan = distributed.memory_plan(model, ctx, device, cfg.cpu_offload)
+        log(plan.describe())
+        distributed.check_fits(ctx, plan)
+        if ctx.enabled:
+            model = distributed.shard_model(ctx, model, cfg.cpu_offload)
+        elif cfg.cpu_offload:
+            raise GvpoError("--cpu-offload shards the training state over processes: launch with torchrun on GPUs")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
-        state = load_checkpoint(checkpoint, optimizer, scheduler) if checkpoint else TrainState()
+        if checkpoint and ctx.enabled:
+            state = load_checkpoint_sharded(ctx, checkpoint, model, optimizer, scheduler)
+        else:
+            state = load_checkpoint(checkpoint, optimizer, scheduler) if checkpoint else TrainState()
         return model, params, optimizer, scheduler, state
 
     resume_from = None
     for step, path in reversed(checkpoints):  # newest first; a corrupt one falls back to the one before
         try:
-            _check_checkpoint_files(path)
             _check_resume_config(path, cfg, manifest.key)  # GvpoError: the user's settings differ
+            _check_resume_world(path, ctx.world_size)  # GvpoError: another number of processes
+            _check_checkpoint_files(path, ctx.world_size)
             model, params, optimizer, scheduler, state = setup(path, path)
         except GvpoError:
             raise
@@ -633,13 +747,14 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
     if packing_note:
         log(f"note: {packing_note}")
     metrics_path = workdir / METRICS
-    truncate_metrics(metrics_path, keep_through_step=state.step)
+    if ctx.is_main:
+        truncate_metrics(metrics_path, keep_through_step=state.step)
 
     # 4. the loop (a signal stops it at the next step boundary, after a checkpoint)
     last_loss = None
     last_good = str(resume_from[1]) if resume_from else None
     started, tokens_seen = time.perf_counter(), 0
-    with progress_bar(cfg.progress, total_steps, state.step) as update, interrupts.deferred() as stop_requested:
+    with progress_bar(cfg.progress and ctx.is_main, total_steps, state.step) as update, interrupts.deferred() as stop_requested:
         while state.step < total_steps:
             if state.position >= groups.n_groups:
                 state.epoch, state.position = state.epoch + 1, 0
@@ -652,8 +767,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
             where = f"step {state.step + 1} (epoch {state.epoch})"
             stop = f"stopped without updating the model; last good checkpoint: {last_good or 'none yet'}"
             try:
+                share = distributed.step_share(ctx, batch.group_tokens)  # None with one process
                 stats = gvpo_backward(model, batch, cfg.beta, micro_batch_tokens, cfg.logits_chunk_tokens,
-                                      compute_dtype, OBJECTIVES[cfg.loss], packed)
+                                      compute_dtype, OBJECTIVES[cfg.loss], packed, share)
             except NonFiniteError as err:
                 raise GvpoError(f"{where}: {err}; {stop}. Check the cached rewards/ref_logp or lower --lr") from None
             grad_norm = _clip(params, cfg.max_grad_norm)
@@ -674,24 +790,29 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
                 "micro_batches": stats.micro_batches, "seconds": seconds,
                 "log_ratio_per_token": stats.log_ratio_per_token, **stats.terms,
             }
-            append_metrics(metrics_path, record)
+            if ctx.is_main:
+                append_metrics(metrics_path, record)
             if on_step is not None:
                 on_step(record)
             last_loss, tokens_seen = stats.loss, tokens_seen + stats.tokens
             update(state.step, loss=stats.loss, grad_norm=grad_norm, lr=lr,
                    tok_s=tokens_seen / max(1e-9, time.perf_counter() - started))
-            signum = stop_requested()
+            signum = distributed.all_reduce_max(ctx, [stop_requested() or 0])[0] or None  # all ranks stop together
             if (cfg.save_every and state.step % cfg.save_every == 0) or signum:
-                check_finite_parameters(model, f"after step {state.step}", last_good)
+                check_finite_parameters(model, f"after step {state.step}", last_good, ctx)
                 with write_errors_as_os_errors(workdir / CHECKPOINTS):
-                    last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg, manifest.key))
+                    if ctx.enabled:
+                        last_good = str(save_checkpoint_sharded(ctx, workdir, model, optimizer, scheduler, state, cfg,
+                                                                manifest.key))
+                    else:
+                        last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg, manifest.key))
             if signum:
                 log(f"interrupted after step {state.step}/{total_steps}; checkpoint saved to {last_good}. "
                     f"Continue with: gvpo-offline train --workdir {workdir} --resume (same options)")
                 raise interrupts.Interrupted(signum)
 
     # 5. the final model (never a non-finite one)
-    check_finite_parameters(model, f"after step {state.step}", last_good)
+    check_finite_parameters(model, f"after step {state.step}", last_good, ctx)
     train_config = {
         **cfg.to_json(), "init_model_path": str(init_path), "total_steps": total_steps,
         "warmup_steps": warmup_steps, "reference_model_path": manifest.model_path,
@@ -700,8 +821,12 @@ def _train(config: TrainConfig, log: Callable[[str], None], on_step: Callable[[d
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "loss_formula": OBJECTIVES[cfg.loss].formula,  # "loss" (the --loss name) comes with cfg
     }
-    with write_errors_as_os_errors(workdir / FINAL_MODEL):
-        model_dir = save_final(workdir, model, tokenizer, train_config)
+    full_weights = distributed.full_state_dict(model)  # sharded: gathered on every rank (a collective)
+    model_dir = workdir / FINAL_MODEL
+    if ctx.is_main:
+        with write_errors_as_os_errors(workdir / FINAL_MODEL):
+            save_final(workdir, model, tokenizer, train_config, full_weights)
+    distributed.barrier(ctx)
     log(f"saved {model_dir} after {state.step} steps")
     return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes)
 
@@ -731,14 +856,17 @@ def check_outputs(workdir: Path, manifest: reference.Manifest, init_path: Path, 
         )
 
 
-def check_finite_parameters(model, where: str, last_good: str | None) -> None:
-    """Raise GvpoError (nothing saved) when a parameter is NaN or ±inf. One fused reduction per tensor."""
-    for name, param in model.named_parameters():
-        if not bool(torch.isfinite(param).all()):
-            raise GvpoError(
-                f"{where}: parameter {name} is not finite; not saving this model (last good checkpoint: "
-                f"{last_good or 'none'}). Lower --lr"
-            )
+def check_finite_parameters(model, where: str, last_good: str | None,
+                            ctx: distributed.Dist = distributed.Dist()) -> None:
+    """Raise GvpoError (nothing saved) when a parameter is NaN or ±inf. One fused reduction per tensor.
+    Sharded: each rank checks its shards and the ranks agree (all stop, or none)."""
+    bad = [name for name, param in model.named_parameters()
+           if not bool(torch.isfinite(distributed.local_tensor(param)).all())]
+    if distributed.all_reduce_max(ctx, [len(bad)])[0]:
+        raise GvpoError(
+            f"{where}: parameter {bad[0] if bad else '(on another rank)'} is not finite; not saving this model "
+            f"(last good checkpoint: {last_good or 'none'}). Lower --lr"
+        )
 
 
 def check_vocabulary(model, groups: CachedGroups, model_path: Path) -> None:
@@ -754,21 +882,30 @@ def check_vocabulary(model, groups: CachedGroups, model_path: Path) -> None:
 _CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE, "config.json")
 
 
-def _check_checkpoint_files(path: Path) -> None:
-    missing = [name for name in _CHECKPOINT_FILES if not (path / name).is_file()]
-    if not any(path.glob("*.safetensors")):
-        missing.append("*.safetensors")
+def _check_checkpoint_files(path: Path, world_size: int = 1) -> None:
+    if world_size > 1:  # save_checkpoint_sharded's layout
+        names = [".metadata", "scheduler.pt", STATE, *(f"rng-{r}.pt" for r in range(world_size))]
+        missing = [name for name in names if not (path / name).is_file()]
+    else:
+        missing = [name for name in _CHECKPOINT_FILES if not (path / name).is_file()]
+        if not any(path.glob("*.safetensors")):
+            missing.append("*.safetensors")
     if missing:
         raise FileNotFoundError(f"missing {', '.join(missing)}")
 
 
+def _quiet(_message: str) -> None:
+    pass
+
+
 def _clip(params: list[Tensor], max_norm: float) -> float:
-    """Clip the gradient to ``max_norm`` (0 = don't clip); return its norm before clipping."""
+    """Clip the gradient to ``max_norm`` (0 = don't clip); return its norm before clipping. Sharded
+    (DTensor) gradients: the norm of the whole gradient, reduced over ranks."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if max_norm > 0 or hasattr(grads[0], "full_tensor"):
+        return distributed.to_float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 

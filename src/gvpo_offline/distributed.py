@@ -1,0 +1,418 @@
+"""Running a stage under ``torchrun`` / ``accelerate launch``: process group, data split, FSDP2, DCP.
+
+Everything multi-process lives here so the stages stay readable; with one process (a plain
+``gvpo-offline ...``, WORLD_SIZE unset or 1) every function is a no-op or the identity and no process
+group is created.
+
+* :func:`context` initialises ``torch.distributed`` from the launcher's environment (RANK, WORLD_SIZE,
+  LOCAL_RANK, MASTER_ADDR/PORT): NCCL with device ``cuda:LOCAL_RANK`` on GPUs, gloo on CPU, always with a
+  timeout (``GVPO_DIST_TIMEOUT_S``, default 1800 s).
+* :func:`balanced_split` gives each rank a disjoint, token-balanced share of whole groups (inference
+  and the groups of a train step).
+* :func:`shard_model` applies FSDP2 (``fully_shard`` per decoder layer, then the root) with gradients
+  summed over ranks, so a step's gradient is the single-process gradient of the same step.
+* :func:`save_sharded` / :func:`load_sharded`: model + optimizer with ``torch.distributed.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gvpo_offline.errors import GvpoError
+
+TIMEOUT_ENV = "GVPO_DIST_TIMEOUT_S"
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the launch. ``world_size == 1``: a plain run, no process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device | None = None  # cuda:LOCAL_RANK under NCCL; None = let the stage choose
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_CONTEXT: Dist | None = None
+
+
+def context(device: str = "auto") -> Dist:
+    """The process's :class:`Dist`, initialising the process group on the first call under a launcher.
+
+    ``device``: the stage's --device (auto, cpu, cuda, cuda:N); under a launcher, cuda means
+    ``cuda:LOCAL_RANK`` (an explicit index is refused) and the backend is NCCL, cpu means gloo."""
+    global _CONTEXT
+    if _CONTEXT is not None:
+        return _CONTEXT
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        _CONTEXT = Dist()
+        return _CONTEXT
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if device.startswith("cuda:"):
+        raise GvpoError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise GvpoError("--device cuda was asked for but CUDA is not available")
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", timeout=timeout, device_id=where)
+    else:
+        where = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timeout)
+    atexit.register(_shutdown)
+    _CONTEXT = Dist(rank, world_size, local_rank, where)
+    return _CONTEXT
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def stage_device(ctx: Dist, device: str) -> str:
+    """The --device value a stage should resolve: the rank's own device under a launcher."""
+    return str(ctx.device) if ctx.enabled else device
+
+
+# ---- collectives (identity with one process) ---------------------------------------------------------
+
+
+def barrier(ctx: Dist) -> None:
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_gather_objects(ctx: Dist, obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled; for small per-rank results)."""
+    if not ctx.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(ctx: Dist, obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_max(ctx: Dist, values: list[int]) -> list[int]:
+    """Elementwise maximum over ranks of a few integers (e.g. the passes each rank must join)."""
+    if not ctx.enabled:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.long, device=_comm_device(ctx))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_sum(ctx: Dist, t: Tensor) -> Tensor:
+    """Σ over ranks of ``t`` (returned on ``t``'s device; ``t`` is not modified)."""
+    if not ctx.enabled:
+        return t
+    import torch.distributed as dist
+
+    out = t.detach().to(_comm_device(ctx), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def _comm_device(ctx: Dist) -> torch.device:
+    return ctx.device if ctx.device is not None and ctx.device.type == "cuda" else torch.device("cpu")
+
+
+# ---- the data split ------------------------------------------------------------------------------------
+
+
+def balanced_split(tokens: list[int], world_size: int) -> list[list[int]]:
+    """Split items (groups) into ``world_size`` disjoint shares of about equal tokens.
+
+    Greedy longest-first: each item goes to the share with the fewest tokens so far (ties: the lowest
+    rank); deterministic, so every rank computes the same split. Returns the item indices of each share,
+    in increasing order. A share may be empty when there are fewer items than ranks."""
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in sorted(range(len(tokens)), key=lambda i: (-tokens[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += tokens[i]
+    return [sorted(s) for s in shares]
+
+
+def score_groups(ctx: Dist, group_ids: list, lengths: list[int], score) -> np.ndarray:
+    """Data-parallel inference: ``score(rows) -> [len(rows)] float64`` on this rank's token-balanced share
+    of whole groups, gathered into [N] (row order) on every rank. ``group_ids``: [N] the group of each
+    row, rows of a group contiguous; ``lengths``: [N] tokens per row. One process: ``score(all rows)``."""
+    n = len(lengths)
+    if not ctx.enabled:
+        return score(list(range(n)))
+    starts = [i for i in range(n) if i == 0 or group_ids[i] != group_ids[i - 1]] + [n]
+    spans = [range(starts[g], starts[g + 1]) for g in range(len(starts) - 1)]
+    share = balanced_split([sum(lengths[i] for i in span) for span in spans], ctx.world_size)[ctx.rank]
+    mine = [i for g in share for i in spans[g]]
+    values = np.asarray(score(mine), dtype=np.float64)
+    out = np.zeros(n, dtype=np.float64)
+    for rows, part in all_gather_objects(ctx, (mine, values)):
+        out[rows] = part
+    return out
+
+
+@dataclass(frozen=True)
+class StepShare:
+    """This rank's part of a train step (see train.gvpo_backward): the step's groups it computes, and how
+    to agree with the other ranks (the number of passes to join, the sum of per-row results)."""
+
+    ctx: Dist
+    groups: list[int]
+
+    def passes_to_join(self, no_grad: int, with_grad: int) -> tuple[int, int]:
+        """(no-grad forwards, forward+backward passes) every rank runs: the maximum over ranks. A rank
+        with fewer runs zero-weight padding passes, because under FSDP every pass is a collective."""
+        most = all_reduce_max(self.ctx, [no_grad, with_grad])
+        return most[0], most[1]
+
+    def sum(self, t: Tensor) -> Tensor:
+        return all_reduce_sum(self.ctx, t)
+
+
+def step_share(ctx: Dist, group_tokens: list[int]) -> StepShare | None:
+    """This rank's groups of a step (token-balanced); None with one process."""
+    if not ctx.enabled:
+        return None
+    return StepShare(ctx, balanced_split(group_tokens, ctx.world_size)[ctx.rank])
+
+
+# ---- FSDP2 ---------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (HF ``_no_split_modules`` classes), in model order."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise GvpoError(f"{type(model).__name__}: cannot find its decoder layers (no _no_split_modules); "
+                        "FSDP training needs them")
+    return layers
+
+
+def shard_model(ctx: Dist, model, cpu_offload: bool = False):
+    """FSDP2: ``fully_shard`` each decoder layer, then the root, over all ranks (1-D mesh). On GPU the
+    parameters are all-gathered in bf16 and gradients reduced in fp32 (``MixedPrecisionPolicy``); the
+    master weights and the optimizer state stay fp32 shards. Gradients are **summed** over ranks
+    (not averaged): each rank's loss already carries the step's global 1/G. ``cpu_offload`` keeps the
+    shards, gradients and optimizer state in CPU memory. Returns the model (sharded in place)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    from gvpo_offline import modeling
+
+    on_gpu = ctx.device is not None and ctx.device.type == "cuda"
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    kwargs = {"mesh": mesh}
+    if on_gpu:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        if not on_gpu:
+            raise GvpoError("--cpu-offload needs GPUs (on CPU everything already lives in CPU memory)")
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    for module in model.modules():  # every FSDP unit (these setters are not recursive):
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sum, not mean, over ranks ...
+            module.set_force_sum_reduction_for_comms(True)  # ... with SUM collectives (gloo has no PREMUL_SUM)
+    # modeling.sequence_logps calls the base model and the LM head separately; run it as a forward of the
+    # root so that FSDP gathers the root's parameters (embeddings, final norm, LM head) around it.
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    from gvpo_offline import packing
+
+    model.gvpo_sequence_logps = types.MethodType(modeling.sequence_logps_unsharded, model)
+    model.gvpo_packed_logps = types.MethodType(packing.packed_logps, model)
+    model.gvpo_compute_device = ctx.device
+    register_fsdp_forward_method(model, "gvpo_sequence_logps")
+    register_fsdp_forward_method(model, "gvpo_packed_logps")
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model) -> dict[str, Tensor] | None:
+    """The full (unsharded) state dict on CPU, gathered on every rank (a collective); None when the
+    model is not sharded."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if tied in state and source in state:  # gathered as two copies: one tensor again, saved once by HF
+            state[tied] = state[source]
+    return state
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor parameter; a plain tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def to_float(x) -> float:
+    """A scalar tensor, possibly a DTensor (e.g. clip_grad_norm_'s total norm), as a Python float."""
+    full = getattr(x, "full_tensor", None)
+    return float(full() if full is not None else x)
+
+
+# ---- sharded checkpoints (torch.distributed.checkpoint) ------------------------------------------------
+
+
+def save_sharded(folder: Path, model, optimizer) -> None:
+    """Model + optimizer state, each rank writing its own shards into ``folder`` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, model, optimizer) -> None:
+    """Load :func:`save_sharded`'s model + optimizer state into the (sharded) model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# ---- memory plan ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes of training state per rank (activations not included): fp32 master weights (4 B/param),
+    fp32 gradients (4 B/param) and AdamW's two moments (8 B/param), divided over the ranks under FSDP,
+    plus the largest decoder layer gathered unsharded (bf16 on GPU) during its forward/backward."""
+
+    params: int
+    world_size: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    gathered_layer_bytes: int
+    device: str
+    capacity_bytes: int | None  # device memory (GPU) or available RAM (CPU / --cpu-offload)
+
+    @property
+    def per_rank_bytes(self) -> int:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.gathered_layer_bytes
+
+    def describe(self) -> str:
+        gib = 1 << 30
+        where = f"{self.capacity_bytes / gib:.1f} GiB available on {self.device}" if self.capacity_bytes else self.device
+        return (f"memory plan: {self.params / 1e6:,.1f}M parameters on {self.world_size} process(es): per process "
+                f"weights {self.params_bytes / gib:.2f} GiB + gradients {self.grads_bytes / gib:.2f} GiB + AdamW "
+                f"state {self.optimizer_bytes / gib:.2f} GiB + one gathered layer "
+                f"{self.gathered_layer_bytes / gib:.2f} GiB = {self.per_rank_bytes / gib:.2f} GiB before "
+                f"activations ({where})")
+
+
+def memory_plan(model, ctx: Dist, device: torch.device, cpu_offload: bool = False) -> MemoryPlan:
+    """The plan for ``model`` (unsharded, before :func:`shard_model`) on ``ctx.world_size`` ranks."""
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    world = ctx.world_size
+    layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in _maybe_layers(model)), default=0)
+    gathered = 0 if world == 1 else layer_params * (2 if device.type == "cuda" else 4)
+    share = -(-params // world)
+    capacity = None
+    where = str(device)
+    if device.type == "cuda" and not cpu_offload:
+        capacity = torch.cuda.get_device_properties(device).total_memory
+    else:
+        capacity = available_ram_bytes()
+        where = "CPU RAM (shared by the processes of this node)" if world > 1 else "CPU RAM"
+        if world > 1:
+            capacity = capacity // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return MemoryPlan(params, world, 4 * share, 4 * share, 8 * share, gathered, where, capacity)
+
+
+def _maybe_layers(model) -> list:
+    try:
+        return decoder_layers(model)
+    except GvpoError:
+        return []
+
+
+def available_ram_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(ctx: Dist, plan: MemoryPlan) -> None:
+    """Refuse a run whose training state alone exceeds the device (one-line error with the plan); the
+    ranks decide together, so that none goes on alone."""
+    too_big = plan.capacity_bytes is not None and plan.per_rank_bytes > plan.capacity_bytes
+    if all_reduce_max(ctx, [int(too_big)])[0]:
+        raise GvpoError(f"does not fit: {plan.describe()}; use more GPUs (torchrun --nproc_per_node / --nnodes), "
+                        "--cpu-offload, or a smaller model")
+
+
+def fix_saved_architecture(folder: Path) -> None:
+    """save_pretrained of an FSDP-wrapped model records its wrapper class (``FSDPLlamaForCausalLM``) as the
+    architecture; put back the model's own class name so the folder is an ordinary HF model."""
+    import json
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    names = config.get("architectures") or []
+    fixed = [n.removeprefix("FSDP") for n in names]
+    if fixed != names:
+        config["architectures"] = fixed
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,31 +1,46 @@
-"""Run under ``torchrun --nproc_per_node 2`` by test_distributed.py: one GVPO step's gradient on FSDP2 shards.
+"""Run under ``torchrun --nproc_per_node 2`` by test_distributed.py; one launch does three things:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py WORKDIR MICRO_BATCH_TOKENS OUT.pt
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT.pt STEP_CACHE MICRO_TOKENS \
+        DATA.jsonl REF_WORKDIR POLICY_MODEL
 
-Every rank computes its token-balanced share of the step's groups (train.gvpo_backward with a
-distributed.StepShare); rank 0 saves the full (gathered) gradients, the step's loss and each rank's
-pass counts to OUT.pt.
+1. one GVPO step on FSDP2 shards: every rank computes its token-balanced share of STEP_CACHE's train
+   groups (train.gvpo_backward with a distributed.StepShare, MICRO_TOKENS per pass);
+2. precompute-ref of DATA.jsonl into REF_WORKDIR (every rank scores a share of each shard);
+3. eval of POLICY_MODEL on REF_WORKDIR's eval split (β = 1, 200 bootstrap resamples).
+Rank 0 saves the gathered full gradients, the step's loss, each rank's groups and the eval report to OUT.pt.
 """
 
 import sys
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from gvpo_offline import distributed
+from gvpo_offline.data import DataConfig
+from gvpo_offline.evaluate import EvalConfig, evaluate
 from gvpo_offline.modeling import load_model
+from gvpo_offline.reference import PrecomputeConfig, precompute
+from gvpo_offline.tokenize import TokenizeConfig
 from gvpo_offline.train import gvpo_backward, load_train_groups, make_batch
 
-workdir, micro_batch_tokens, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+STORIES = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
+out, step_cache, micro_tokens, data, ref_workdir, policy = sys.argv[1:7]
 torch.set_num_threads(1)
 ctx = distributed.context("cpu")
-groups = load_train_groups(workdir)
+
+groups = load_train_groups(Path(step_cache))
 batch = make_batch(groups, list(range(groups.n_groups)))
-model = distributed.shard_model(ctx, load_model(Path(__file__).parents[1] / "sample_data" / "stories260K",
-                                                torch.device("cpu")))
+model = distributed.shard_model(ctx, load_model(STORIES, torch.device("cpu")))
 share = distributed.step_share(ctx, batch.group_tokens)
-stats = gvpo_backward(model, batch, 1.0, micro_batch_tokens, share=share)
+stats = gvpo_backward(model, batch, 1.0, int(micro_tokens), share=share)
 grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
-passes = distributed.all_gather_objects(ctx, (share.groups, stats.micro_batches))
+rank_groups = distributed.all_gather_objects(ctx, share.groups)
+
+quiet = Console(quiet=True)
+tokenize = TokenizeConfig(max_length=128, max_prompt_length=64)
+precompute(PrecomputeConfig(DataConfig((data,)), str(STORIES), Path(ref_workdir), tokenize, eval_fraction=0.5,
+                            shard_groups=3, device="cpu", progress=False), quiet)
+report = evaluate(EvalConfig(workdir=ref_workdir, model_path=policy, beta=1.0, bootstrap=200, device="cpu"), quiet)
 if ctx.is_main:
-    torch.save({"grads": grads, "loss": stats.loss, "passes": passes}, out)
+    torch.save({"grads": grads, "loss": stats.loss, "rank_groups": rank_groups, "eval": report.to_json()}, out)

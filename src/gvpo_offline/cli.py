@@ -199,6 +199,8 @@ def eval_cmd(
         generation=generation, layout=layout, columns=columns, trust_remote_code=trust_remote_code,
     )
     report = evaluate(config, console)
+    if report is None:  # not rank 0 of a torchrun launch: rank 0 reports
+        return
     _Console().print(report_table(report))
     if json_path:
         console.print(f"wrote {json_path}", highlight=False, markup=False)

@@ -685,15 +685,23 @@ def _load_rows(config: EvalConfig, console=None):
     return reference.load_split(sub, "eval"), [str(Path(p)) for p in config.data_paths]
 
 
-def evaluate(config: EvalConfig, console=None) -> EvalReport:
-    """Run the ``eval`` stage (see the module docstring); ``console``: where progress and notes go."""
+def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
+    """Run the ``eval`` stage (see the module docstring); ``console``: where progress and notes go.
+
+    Under torchrun every rank scores a token-balanced share of the groups (distributed.score_groups);
+    rank 0 computes the metrics from all of them and returns the report, the other ranks return None."""
     from rich.console import Console
 
-    from gvpo_offline import reference
+    from gvpo_offline import distributed, reference
     from gvpo_offline.modeling import default_batch_tokens, load_model, resolve_device, resolve_dtype
     import torch
 
     console = console or Console(stderr=True)
+    ctx = distributed.context(config.device)
+    if ctx.enabled and config.generation is not None:
+        raise GvpoError("the generation eval (--prompts/--reward) runs in one process: run it without torchrun")
+    if not ctx.is_main:
+        console = Console(quiet=True)
     manifest = reference.read_manifest(config.workdir)
     model_path = Path(config.model_path) if config.model_path else Path(config.workdir) / "model"
     if not (model_path / "config.json").is_file():
@@ -722,7 +730,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
     n_tokens = table.column("n_tokens").to_numpy().astype(np.float64)
     group_ids = np.asarray(table.column("group_id").to_pylist())
 
-    device = resolve_device(config.device)
+    device = resolve_device(distributed.stage_device(ctx, config.device))
     dtype = resolve_dtype(config.dtype or str(manifest.dtype).removeprefix("torch."), device)
     model_is_ref = is_reference_model(model_path, manifest)
     model = None
@@ -746,13 +754,17 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport:
         packed, note = packing.resolve(config.packing or manifest.inputs.get("packing", "off"), model.config)
         if note:
             console.print(f"note: {note}", highlight=False, markup=False)
-        log_ratio = policy_log_probs(
-            model, prompt_ids, response_ids, config.batch_tokens or default_batch_tokens(device), dtype, console,
+        batch_tokens = config.batch_tokens or default_batch_tokens(device)
+        lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+        log_ratio = distributed.score_groups(ctx, group_ids, lengths, lambda rows: policy_log_probs(
+            model, [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], batch_tokens, dtype, console,
             packed,
-        ) - ref_logp
+        )) - ref_logp
         if not np.isfinite(log_ratio).all():
             raise GvpoError(f"{model_path}: non-finite log-probs on the evaluation data")
 
+    if not ctx.is_main:
+        return None  # rank 0 reports, from every rank's log-probs
     model_m, ref_m, delta, intervals, counts = metrics_from_arrays(
         log_ratio, rewards, group_ids, beta, n_tokens, config.bootstrap, config.seed
     )

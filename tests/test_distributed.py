@@ -1,0 +1,201 @@
+"""torchrun --nproc_per_node 2 with gloo on CPU: the sharded step's gradient, precompute-ref and eval equal
+their single-process results; kill -9 of a 2-process run + --resume equals the uninterrupted 2-process run.
+
+Each launch is a real ``python -m torch.distributed.run --standalone`` (OMP_NUM_THREADS=1 per process, a
+60 s process-group timeout, and a subprocess timeout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from conftest import REPO, write_jsonl
+from gvpo_offline import distributed, reference
+from gvpo_offline.data import DataConfig
+from gvpo_offline.errors import GvpoError
+from gvpo_offline.evaluate import EvalConfig, evaluate
+from gvpo_offline.modeling import length_batches, load_model
+from gvpo_offline.reference import PrecomputeConfig, precompute
+from gvpo_offline.tokenize import TokenizeConfig
+from gvpo_offline.train import TrainConfig, gvpo_backward, load_train_groups, make_batch, pack_groups, train
+
+pytestmark = pytest.mark.slow
+MICRO_TOKENS = 60  # small enough that some groups are cut across micro-batches
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60",
+            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+def torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """One 2-process launch of tests/dist_worker.py (a sharded step, precompute-ref, eval) and its inputs."""
+    root = tmp_path_factory.mktemp("dist")
+    torch.set_num_threads(1)
+    step_cache = root / "step"
+    build_cache(step_cache, STORIES, text_groups(STORIES, STORY_GROUPS))
+    lines = (REPO / "sample_data" / "groups.jsonl").read_text().splitlines()[:8]
+    data = write_jsonl(root / "data.jsonl", [json.loads(line) for line in lines])
+    policy = load_model(STORIES, torch.device("cpu"))  # a policy away from the reference, for eval
+    with torch.no_grad():
+        for n, p in enumerate(policy.parameters()):
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(n)))
+    policy.save_pretrained(root / "policy")
+    out = root / "out.pt"
+    done = subprocess.run(
+        torchrun(REPO / "tests" / "dist_worker.py", out, step_cache, MICRO_TOKENS, data, root / "ref2", root / "policy"),
+        env=env(), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"root": root, "step_cache": step_cache, "data": data, "policy": root / "policy",
+            "out": torch.load(out, weights_only=False)}
+
+
+def test_sharded_step_gradient_equals_the_single_process_gradient(launch):
+    groups = load_train_groups(launch["step_cache"])
+    batch = make_batch(groups, list(range(groups.n_groups)))
+    model = load_model(STORIES, torch.device("cpu"))
+    stats = gvpo_backward(model, batch, 1.0, 10**6)  # one process, every group in one pass
+    got = launch["out"]
+    assert got["loss"] == pytest.approx(stats.loss, rel=1e-5)
+    for name, p in model.named_parameters():
+        scale = p.grad.abs().max().item()
+        assert torch.allclose(got["grads"][name], p.grad, rtol=0, atol=1e-5 * scale), name
+
+    # the ranks had disjoint shares of whole groups, and a deliberately uneven number of passes
+    shares = got["rank_groups"]
+    assert sorted(g for share in shares for g in share) == list(range(groups.n_groups))
+    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+    rows = [[i for i, g in enumerate(batch.group_index.tolist()) if g == h] for h in range(batch.n_groups)]
+
+    def passes(share):
+        packs, split = pack_groups(lengths, [rows[g] for g in share], MICRO_TOKENS)
+        cut = sum(len(length_batches([lengths[i] for i in rows[share[g]]], MICRO_TOKENS)) for g in split)
+        return cut, len(packs) + cut  # (no-grad, with-grad) passes
+
+    assert passes(shares[0]) != passes(shares[1]), "the test needs ranks with different pass counts"
+
+
+def test_precompute_ref_and_eval_under_two_processes_equal_one_process(launch):
+    root, quiet = launch["root"], Console(quiet=True)
+    one = precompute(PrecomputeConfig(DataConfig((str(launch["data"]),)), str(STORIES), root / "ref1",
+                                      TokenizeConfig(max_length=128, max_prompt_length=64), eval_fraction=0.5,
+                                      shard_groups=3, device="cpu", progress=False), quiet)
+    two = reference.read_manifest(root / "ref2")
+    assert len(one.shards) == 3 and one.counts["eval"].groups > 0
+    for field in ("key", "inputs", "shards", "counts", "truncated_prompts", "truncated_responses", "complete"):
+        assert getattr(two, field) == getattr(one, field), field
+    for shard in one.shards:
+        a, b = pq.read_table(root / "ref1" / shard), pq.read_table(root / "ref2" / shard)
+        assert a.drop(["ref_logp"]).equals(b.drop(["ref_logp"]))
+        assert a.schema.metadata == b.schema.metadata
+        assert a["ref_logp"].to_numpy() == pytest.approx(b["ref_logp"].to_numpy(), rel=1e-6)  # batch rounding
+
+    report = evaluate(EvalConfig(workdir=str(root / "ref1"), model_path=str(launch["policy"]), beta=1.0,
+                                 bootstrap=200, device="cpu"), quiet).to_json()
+    got = launch["out"]["eval"]
+    assert got["meta"]["model_is_reference"] is False and got["model"]["gvpo_loss"] != got["reference"]["gvpo_loss"]
+    assert got["counts"] == report["counts"] and got["counts"]["groups"] > 0
+    for section in ("model", "reference", "delta", "intervals"):
+        assert _close(got[section], report[section]), section
+
+
+def _close(a, b) -> bool:
+    """Equal structure, numbers equal to float rounding (log-probs summed in other batches)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    return a == b
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(launch, tmp_path):
+    args = ["--beta", "1", "--lr", "1e-3", "--groups-per-step", "3", "--max-steps", "24", "--save-every", "2",
+            "--micro-batch-tokens", MICRO_TOKENS, "--device", "cpu", "--seed", "1"]
+    straight, killed, single = (tmp_path / name for name in ("straight", "killed", "single"))
+    for workdir in (straight, killed, single):
+        shutil.copytree(launch["step_cache"], workdir)
+    cli = ["-m", "gvpo_offline", "train"]
+
+    done = subprocess.run(torchrun(*cli, "--workdir", straight, *args), env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "memory plan:" in done.stderr and done.stderr.count("memory plan:") == 1  # rank 0 only
+
+    log = open(tmp_path / "killed.log", "w+")
+    proc = subprocess.Popen(torchrun(*cli, "--workdir", killed, *args), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 200
+    while not list((killed / "checkpoints").glob("step-*")):
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    log.close()
+    assert not (killed / "model").exists()
+    assert len(_metrics(killed)) < 24, "the run finished before it could be killed"
+
+    # a 2-process checkpoint is not resumed by one process (a clear refusal)
+    with pytest.raises(GvpoError, match="written by 2 process"):
+        train(TrainConfig(workdir=killed, beta=1, lr=1e-3, groups_per_step=3, max_steps=24, save_every=2,
+                          micro_batch_tokens=MICRO_TOKENS, device="cpu", seed=1, resume=True, progress=False),
+              log=lambda _m: None)
+
+    done = subprocess.run(torchrun(*cli, "--workdir", killed, *args, "--resume"), env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr
+    a, b = _weights(straight / "model"), _weights(killed / "model")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # exact: same world size, same shards
+    assert _metrics(killed) == _metrics(straight)
+    assert json.loads((killed / "model" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+    # and the 2-process run is the 1-process run, to float rounding
+    train(TrainConfig(workdir=single, beta=1, lr=1e-3, groups_per_step=3, max_steps=24, save_every=0,
+                      micro_batch_tokens=MICRO_TOKENS, device="cpu", seed=1, progress=False), log=lambda _m: None)
+    c = _weights(single / "model")
+    assert a.keys() == c.keys()
+    for k in a:
+        assert torch.allclose(a[k], c[k], rtol=0, atol=1e-4), k
+    for x, y in zip(_metrics(straight), _metrics(single)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)

@@ -32,7 +32,6 @@ from gvpo_offline.reference import PrecomputeConfig, precompute
 from gvpo_offline.tokenize import TokenizeConfig
 from gvpo_offline.train import TrainConfig, gvpo_backward, load_train_groups, make_batch, pack_groups, train
 
-pytestmark = pytest.mark.slow
 MICRO_TOKENS = 60  # small enough that some groups are cut across micro-batches
 
 
@@ -77,6 +76,7 @@ def launch(tmp_path_factory):
             "out": torch.load(out, weights_only=False)}
 
 
+@pytest.mark.slow
 def test_sharded_step_gradient_equals_the_single_process_gradient(launch):
     groups = load_train_groups(launch["step_cache"])
     batch = make_batch(groups, list(range(groups.n_groups)))
@@ -102,6 +102,7 @@ def test_sharded_step_gradient_equals_the_single_process_gradient(launch):
     assert passes(shares[0]) != passes(shares[1]), "the test needs ranks with different pass counts"
 
 
+@pytest.mark.slow
 def test_precompute_ref_and_eval_under_two_processes_equal_one_process(launch):
     root, quiet = launch["root"], Console(quiet=True)
     one = precompute(PrecomputeConfig(DataConfig((str(launch["data"]),)), str(STORIES), root / "ref1",
@@ -146,6 +147,7 @@ def _metrics(workdir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(launch, tmp_path):
     args = ["--beta", "1", "--lr", "1e-3", "--groups-per-step", "3", "--max-steps", "24", "--save-every", "2",
             "--micro-batch-tokens", MICRO_TOKENS, "--device", "cpu", "--seed", "1"]
@@ -199,3 +201,46 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
     for x, y in zip(_metrics(straight), _metrics(single)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+# ---- one process: no process group, the split, the memory plan ----------------------------------------
+
+
+def test_a_plain_run_has_no_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "_CONTEXT", None)
+    ctx = distributed.context("cpu")
+    assert (ctx.world_size, ctx.rank, ctx.enabled, ctx.is_main) == (1, 0, False, True)
+    assert not torch.distributed.is_initialized()
+    assert distributed.step_share(ctx, [5, 3]) is None
+    assert distributed.all_reduce_max(ctx, [2, 7]) == [2, 7]
+
+
+def test_balanced_split_is_disjoint_whole_and_token_balanced():
+    tokens = [100, 90, 40, 30, 30, 20, 5, 1]
+    shares = distributed.balanced_split(tokens, 3)
+    assert sorted(i for s in shares for i in s) == list(range(len(tokens)))
+    # longest first, each to the least-loaded rank (ties: lowest): 100 90 40 | 30 30 -> rank 2 | 20 -> 1 | 5 -> 0 | 1 -> 2
+    assert shares == [[0, 6], [1, 5], [2, 3, 4, 7]]
+    assert [sum(tokens[i] for i in s) for s in shares] == [105, 110, 101]
+    assert distributed.balanced_split([4, 4], 3) == [[0], [1], []]  # more ranks than groups: an empty share
+
+
+def test_memory_plan_counts_16_bytes_per_parameter_over_the_ranks():
+    plan = distributed.plan_for(params=1000, layer_params=100, world_size=4, on_gpu=True)
+    assert (plan.params_bytes, plan.grads_bytes, plan.optimizer_bytes) == (1000, 1000, 2000)
+    assert plan.gathered_layer_bytes == 200 and plan.per_rank_bytes == 4200
+    assert distributed.plan_for(1000, 100, 1, on_gpu=False).per_rank_bytes == 16000
+
+
+def test_a_run_that_cannot_fit_stops_before_training(launch_free_cache, monkeypatch):
+    monkeypatch.setattr(distributed, "available_ram_bytes", lambda: 1 << 20)  # 1 MiB of RAM
+    with pytest.raises(GvpoError, match=r"does not fit: memory plan: 0\.3M parameters"):
+        train(TrainConfig(workdir=launch_free_cache, beta=1, device="cpu", progress=False), log=lambda _m: None)
+    assert not (launch_free_cache / "metrics.jsonl").exists()
+
+
+@pytest.fixture
+def launch_free_cache(tmp_path) -> Path:
+    build_cache(tmp_path / "run", STORIES, text_groups(STORIES, STORY_GROUPS[:2]))
+    return tmp_path / "run"

@@ -127,6 +127,7 @@ def train_cmd(
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float32 on CPU, bf16 autocast on GPU), float32, bfloat16. Weights stay float32.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute decoder layers in the backward pass (less memory, slower).")] = False,
     packing: Annotated[Optional[str], typer.Option("--packing", help="auto or off (see precompute-ref); default: the reference cache's setting, so policy and reference share one path.", show_default=False)] = None,
+    cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Under torchrun on GPUs: keep the FSDP shards, gradients and AdamW state in CPU RAM (slower, fits larger models).")] = False,
     report_to: Annotated[Optional[list[str]], typer.Option("--report-to", help="none, tensorboard (WORKDIR/tb/), wandb; repeat or comma-separate for several.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="How many of the newest checkpoints to keep.")] = 2,
@@ -144,8 +145,9 @@ def train_cmd(
         workdir=Path(workdir), beta=beta, loss=loss, init_model=init_model, groups_per_step=groups_per_step,
         micro_batch_tokens=micro_batch_tokens, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing, save_every=save_every, keep_checkpoints=keep_checkpoints,
-        resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code, packing=packing,
+        gradient_checkpointing=gradient_checkpointing, cpu_offload=cpu_offload, save_every=save_every,
+        keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        packing=packing,
     )
     with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
         train(config, log=lambda msg: console.print(msg, highlight=False, markup=False), on_step=tracker)

@@ -359,22 +359,28 @@ class MemoryPlan:
 
 
 def memory_plan(model, ctx: Dist, device: torch.device, cpu_offload: bool = False) -> MemoryPlan:
-    """The plan for ``model`` (unsharded, before :func:`shard_model`) on ``ctx.world_size`` ranks."""
+    """The plan for ``model`` (unsharded, before :func:`shard_model`) on ``ctx.world_size`` ranks, against
+    the GPU's memory, or the node's available RAM (split over its processes) on CPU / with --cpu-offload."""
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    world = ctx.world_size
     layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in _maybe_layers(model)), default=0)
-    gathered = 0 if world == 1 else layer_params * (2 if device.type == "cuda" else 4)
-    share = -(-params // world)
-    capacity = None
-    where = str(device)
     if device.type == "cuda" and not cpu_offload:
-        capacity = torch.cuda.get_device_properties(device).total_memory
+        capacity, where = torch.cuda.get_device_properties(device).total_memory, str(device)
     else:
-        capacity = available_ram_bytes()
-        where = "CPU RAM (shared by the processes of this node)" if world > 1 else "CPU RAM"
-        if world > 1:
-            capacity = capacity // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    return MemoryPlan(params, world, 4 * share, 4 * share, 8 * share, gathered, where, capacity)
+        capacity, where = available_ram_bytes(), "CPU RAM"
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        if capacity is not None and local > 1:
+            capacity, where = capacity // local, f"CPU RAM / {local} processes on this node"
+    return plan_for(params, layer_params, ctx.world_size, device.type == "cuda", where, capacity)
+
+
+def plan_for(params: int, layer_params: int, world_size: int, on_gpu: bool, device: str = "",
+             capacity_bytes: int | None = None) -> MemoryPlan:
+    """:class:`MemoryPlan` from parameter counts: fp32 weights + grads (4 + 4 B) and AdamW (8 B) per
+    parameter, each rank holding 1/world_size; under FSDP one decoder layer is gathered at a time (bf16 on
+    GPU, fp32 on CPU)."""
+    share = -(-params // world_size)
+    gathered = 0 if world_size == 1 else layer_params * (2 if on_gpu else 4)
+    return MemoryPlan(params, world_size, 4 * share, 4 * share, 8 * share, gathered, device, capacity_bytes)
 
 
 def _maybe_layers(model) -> list:

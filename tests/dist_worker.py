@@ -1,12 +1,13 @@
 """Run under ``torchrun --nproc_per_node 2`` by test_distributed.py; one launch does three things:
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT.pt STEP_CACHE MICRO_TOKENS \
-        DATA.jsonl REF_WORKDIR POLICY_MODEL
+        DATA.jsonl REF_WORKDIR POLICY_MODEL TRAIN_WORKDIR [train options...]
 
 1. one GVPO step on FSDP2 shards: every rank computes its token-balanced share of STEP_CACHE's train
    groups (train.gvpo_backward with a distributed.StepShare, MICRO_TOKENS per pass);
 2. precompute-ref of DATA.jsonl into REF_WORKDIR (every rank scores a share of each shard);
-3. eval of POLICY_MODEL on REF_WORKDIR's eval split (β = 1, 200 bootstrap resamples).
+3. eval of POLICY_MODEL on REF_WORKDIR's eval split (β = 1, 200 bootstrap resamples);
+4. ``gvpo-offline train --workdir TRAIN_WORKDIR [train options...]`` (an uninterrupted sharded run).
 Rank 0 saves the gathered full gradients, the step's loss, each rank's groups and the eval report to OUT.pt.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from gvpo_offline import distributed
+from gvpo_offline import cli, distributed
 from gvpo_offline.data import DataConfig
 from gvpo_offline.evaluate import EvalConfig, evaluate
 from gvpo_offline.modeling import load_model
@@ -25,7 +26,7 @@ from gvpo_offline.tokenize import TokenizeConfig
 from gvpo_offline.train import gvpo_backward, load_train_groups, make_batch
 
 STORIES = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
-out, step_cache, micro_tokens, data, ref_workdir, policy = sys.argv[1:7]
+out, step_cache, micro_tokens, data, ref_workdir, policy, train_workdir = sys.argv[1:8]
 torch.set_num_threads(1)
 ctx = distributed.context("cpu")
 
@@ -42,5 +43,6 @@ tokenize = TokenizeConfig(max_length=128, max_prompt_length=64)
 precompute(PrecomputeConfig(DataConfig((data,)), str(STORIES), Path(ref_workdir), tokenize, eval_fraction=0.5,
                             shard_groups=3, device="cpu", progress=False), quiet)
 report = evaluate(EvalConfig(workdir=ref_workdir, model_path=policy, beta=1.0, bootstrap=200, device="cpu"), quiet)
+cli.main(["train", "--workdir", train_workdir, *sys.argv[8:]])
 if ctx.is_main:
     torch.save({"grads": grads, "loss": stats.loss, "rank_groups": rank_groups, "eval": report.to_json()}, out)

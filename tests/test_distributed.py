@@ -152,6 +152,26 @@ def _metrics(workdir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 @pytest.mark.slow
 def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(launch, tmp_path):
     args = [str(a) for a in TRAIN_ARGS]
@@ -169,8 +189,14 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    ranks = _children(proc.pid)  # torchrun starts each rank in a session of its own
+    assert len(ranks) == 2
+    for pid in [*ranks, proc.pid]:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    for pid in ranks:  # until the ranks are gone (their workdir lock goes with them)
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+            time.sleep(0.05)
     log.close()
     assert not (killed / "model").exists()
     saved = sorted((killed / "checkpoints").glob("step-*"))[-1]

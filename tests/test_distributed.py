@@ -272,3 +272,9 @@ def test_a_run_that_cannot_fit_stops_before_training(launch_free_cache, monkeypa
 def launch_free_cache(tmp_path) -> Path:
     build_cache(tmp_path / "run", STORIES, text_groups(STORIES, STORY_GROUPS[:2]))
     return tmp_path / "run"
+
+
+def test_sample_is_refused_under_a_launcher(monkeypatch, run_cli):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_cli("sample", "prompts.txt", "--model", str(STORIES), "--reward", "r.py:f", "-o", "out.jsonl", "--k", "2")
+    assert result.code == 2 and "sample runs in one process" in result.err

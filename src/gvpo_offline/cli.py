@@ -50,6 +50,9 @@ def sample_cmd(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """Generate k responses per prompt, score them with a reward and write grouped JSONL."""
+    from gvpo_offline.distributed import single_process_only
+
+    single_process_only("sample")
     from gvpo_offline.sample import SampleConfig, SamplingConfig, parse_k_range, sample
     from gvpo_offline.tokenize import TokenizeConfig, load_prompt_template
 

@@ -86,6 +86,12 @@ def context(device: str = "auto") -> Dist:
     return _CONTEXT
 
 
+def single_process_only(command: str) -> None:
+    """Refuse a command that does not split its work over processes when it is started by a launcher."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise GvpoError(f"{command} runs in one process: run it without torchrun / accelerate launch")
+
+
 def _shutdown() -> None:
     import torch.distributed as dist
 

@@ -27,6 +27,7 @@ from gvpo_offline import distributed, reference
 from gvpo_offline.data import DataConfig
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.evaluate import EvalConfig, evaluate
+from gvpo_offline.loss import OBJECTIVES
 from gvpo_offline.modeling import length_batches, load_model
 from gvpo_offline.reference import PrecomputeConfig, precompute
 from gvpo_offline.tokenize import TokenizeConfig
@@ -82,7 +83,7 @@ def launch(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sharded_step_gradient_equals_the_single_process_gradient(launch):
+def test_sharded_step_gradient_equals_the_single_process_gradient(launch):  # GVPO and --loss dpo
     groups = load_train_groups(launch["step_cache"])
     batch = make_batch(groups, list(range(groups.n_groups)))
     model = load_model(STORIES, torch.device("cpu"))
@@ -92,6 +93,12 @@ def test_sharded_step_gradient_equals_the_single_process_gradient(launch):
     for name, p in model.named_parameters():
         scale = p.grad.abs().max().item()
         assert torch.allclose(got["grads"][name], p.grad, rtol=0, atol=1e-5 * scale), name
+
+    model.zero_grad(set_to_none=True)
+    dpo = gvpo_backward(model, batch, 1.0, 10**6, objective=OBJECTIVES["dpo"])
+    assert got["dpo_loss"] == pytest.approx(dpo.loss, rel=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.allclose(got["dpo_grads"][name], p.grad, rtol=0, atol=1e-5 * p.grad.abs().max().item()), name
 
     # the ranks had disjoint shares of whole groups, and a deliberately uneven number of passes
     shares = got["rank_groups"]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
 from conftest import REPO, write_jsonl
-from gvpo_offline import distributed, reference
+from gvpo_offline import distributed, reference, workdir as workdirs
 from gvpo_offline.data import DataConfig
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.evaluate import EvalConfig, evaluate
@@ -172,13 +172,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
-
-
 @pytest.mark.slow
 def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(launch, tmp_path):
     args = [str(a) for a in TRAIN_ARGS]
@@ -201,8 +194,12 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
     for pid in [*ranks, proc.pid]:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
-    for pid in ranks:  # until the ranks are gone (their workdir lock goes with them)
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+    while True:  # until the ranks are gone: their workdir lock goes with their last thread
+        try:
+            with workdirs.lock(killed, "train"):
+                break
+        except GvpoError:
+            assert time.monotonic() < deadline
             time.sleep(0.05)
     log.close()
     assert not (killed / "model").exists()

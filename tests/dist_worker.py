@@ -5,7 +5,7 @@
 
 1. one GVPO step on FSDP2 shards: every rank computes its token-balanced share of STEP_CACHE's train
    groups (train.gvpo_backward with a distributed.StepShare, MICRO_TOKENS per pass); then the same step
-   with --loss dpo;
+   with --loss dpo, and with packed rows;
 2. precompute-ref of DATA.jsonl into REF_WORKDIR (every rank scores a share of each shard);
 3. eval of POLICY_MODEL on REF_WORKDIR's eval split (β = 1, 200 bootstrap resamples);
 4. ``gvpo-offline train --workdir TRAIN_WORKDIR [train options...]`` (an uninterrupted sharded run).
@@ -41,6 +41,9 @@ grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
 model.zero_grad(set_to_none=True)  # the same step with another objective (its 1/C is the whole step's too)
 dpo_loss = gvpo_backward(model, batch, 1.0, int(micro_tokens), objective=OBJECTIVES["dpo"], share=share).loss
 dpo_grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+model.zero_grad(set_to_none=True)  # and GVPO with packed rows (each prompt once, through FSDP's hooks too)
+gvpo_backward(model, batch, 1.0, int(micro_tokens), packed=True, share=share)
+packed_grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
 rank_groups = distributed.all_gather_objects(ctx, share.groups)
 
 quiet = Console(quiet=True)
@@ -50,4 +53,4 @@ precompute(PrecomputeConfig(DataConfig((data,)), str(STORIES), Path(ref_workdir)
 report = evaluate(EvalConfig(workdir=ref_workdir, model_path=policy, beta=1.0, bootstrap=200, device="cpu"), quiet)
 cli.main(["train", "--workdir", train_workdir, *sys.argv[8:]])
 if ctx.is_main:
-    torch.save({"grads": grads, "loss": stats.loss, "dpo_grads": dpo_grads, "dpo_loss": dpo_loss, "rank_groups": rank_groups, "eval": report.to_json()}, out)
+    torch.save({"grads": grads, "loss": stats.loss, "dpo_grads": dpo_grads, "packed_grads": packed_grads, "dpo_loss": dpo_loss, "rank_groups": rank_groups, "eval": report.to_json()}, out)

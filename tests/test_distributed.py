@@ -83,7 +83,7 @@ def launch(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sharded_step_gradient_equals_the_single_process_gradient(launch):  # GVPO and --loss dpo
+def test_sharded_step_gradient_equals_the_single_process_gradient(launch):  # GVPO (padded, packed), dpo
     groups = load_train_groups(launch["step_cache"])
     batch = make_batch(groups, list(range(groups.n_groups)))
     model = load_model(STORIES, torch.device("cpu"))
@@ -94,6 +94,8 @@ def test_sharded_step_gradient_equals_the_single_process_gradient(launch):  # GV
         scale = p.grad.abs().max().item()
         assert torch.allclose(got["grads"][name], p.grad, rtol=0, atol=1e-5 * scale), name
 
+    for name, p in model.named_parameters():  # the sharded step with packed rows, against the same
+        assert torch.allclose(got["packed_grads"][name], p.grad, rtol=0, atol=1e-5 * p.grad.abs().max().item()), name
     model.zero_grad(set_to_none=True)
     dpo = gvpo_backward(model, batch, 1.0, 10**6, objective=OBJECTIVES["dpo"])
     assert got["dpo_loss"] == pytest.approx(dpo.loss, rel=1e-5)
@@ -146,7 +148,7 @@ def _close(a, b) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float):
-        return a == pytest.approx(b, rel=1e-6, abs=1e-9)
+        return a == pytest.approx(b, rel=2e-5, abs=1e-6)  # fp32 log-probs of ~250 nats: ~1e-7 relative each
     return a == b
 
 

@@ -1,6 +1,7 @@
 """Benchmark: our GVPO train step against a naive one, on two models.
 
     python benchmarks/train.py [--steps 3] [--groups-per-step 8] [--k 4] [--threads N] [--device cpu]
+                               [--lora-r 16] [--only-lora]
 
 ours:   train.gvpo_backward (length-bucketed micro-batches under --micro-batch-tokens, LM head only on
         response positions, chunked and checkpointed; exact split-group weights when a step does not fit)
@@ -10,6 +11,9 @@ ours:   train.gvpo_backward (length-bucketed micro-batches under --micro-batch-t
 naive:  per group, one forward/backward: model(...).logits for every position [k, T, vocab],
         log_softmax over all of it, gather + sum the response tokens, gvpo_loss / G, backward; then the
         same clipping and AdamW step (what one writes first with plain transformers).
+ours + LoRA: the same step as "ours" (default budget) on a peft LoRA adapter (rank --lora-r, all linear
+        layers but the LM head, α = r) over the frozen float32 model: what `train --lora-r R` does; its
+        rows also give time and step RSS as a ratio to full fine-tuning ("ours") on the same groups.
 Models: sample_data/stories260K (vocab 512) and a random-init Llama with a 128,256-token vocabulary and a
 small body (hidden 64, 2 layers, untied head), saved to a temp dir. Same synthetic token ids for both
 (prompts 16..64 tokens, responses 32..192 tokens, k per group). Every (model, method) runs in a fresh
@@ -107,6 +111,10 @@ def measure(model_path: str, method: str, args: dict) -> dict:
         torch.set_num_threads(args["threads"])
     device = torch.device(args["device"])
     model = load_model(model_path, device, torch.float32)
+    if args.get("lora_r"):
+        from gvpo_offline.adapters import LoraSettings, add_lora
+
+        model = add_lora(model, LoraSettings(r=args["lora_r"]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     batches = [make_batch(args["groups"], args["k"], seed) for seed in range(args["steps"] + 1)]
@@ -130,7 +138,7 @@ def measure(model_path: str, method: str, args: dict) -> dict:
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tok_s": batches[1].tokens / seconds, "seconds": seconds, "tokens": batches[1].tokens,
+    return {"trainable": sum(p.numel() for p in params), "tok_s": batches[1].tokens / seconds, "seconds": seconds, "tokens": batches[1].tokens,
             "peak_mib": peak, "step_mib": peak - rss_before, "first_loss": first_loss}
 
 
@@ -149,6 +157,8 @@ def main() -> None:
     parser.add_argument("--small-budget", type=int, default=1024, help="--micro-batch-tokens of the 3rd variant")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lora-r", type=int, default=16, help="rank of the LoRA rows")
+    parser.add_argument("--only-lora", action="store_true", help="only full fine-tuning ('ours') and LoRA rows")
     ns = parser.parse_args()
     args = {"steps": ns.steps, "groups": ns.groups_per_step, "k": ns.k, "micro_batch_tokens": ns.micro_batch_tokens,
             "chunk_tokens": ns.chunk_tokens, "threads": ns.threads, "device": ns.device}
@@ -158,20 +168,27 @@ def main() -> None:
 
     table = Table(title=f"GVPO train step: {ns.groups_per_step} groups × k={ns.k}, {ns.device}, "
                         f"threads={ns.threads or 'default'}, median of {ns.steps} steps")
-    for col in ("model", "method", "tokens/step", "s/step", "tokens/s", "peak RSS MiB", "step RSS MiB",
-                "speed ×", "step RSS ×", "loss@0"):
+    for col in ("model", "method", "trainable params", "tokens/step", "s/step", "tokens/s", "peak RSS MiB",
+                "step RSS MiB", "speed ×", "step RSS ×", "s/step ÷ full FT", "step RSS ÷ full FT", "loss@0"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
     with tempfile.TemporaryDirectory() as tmp:
         wide = Path(tmp) / "wide-llama"
         make_wide_llama(wide)
         for name, path in (("stories260K (V=512)", STORIES), ("wide Llama (V=128,256)", wide)):
-            res = {"naive": run_fresh(str(path), "naive", args), "ours": run_fresh(str(path), "ours", args),
-                   f"ours, {ns.small_budget} tok": run_fresh(str(path), "ours", {**args, "micro_batch_tokens": ns.small_budget})}
+            res = {} if ns.only_lora else {"naive": run_fresh(str(path), "naive", args)}
+            res["ours"] = run_fresh(str(path), "ours", args)
+            if not ns.only_lora:
+                res[f"ours, {ns.small_budget} tok"] = run_fresh(str(path), "ours", {**args, "micro_batch_tokens": ns.small_budget})
+            res[f"ours + LoRA r={ns.lora_r}"] = run_fresh(str(path), "ours", {**args, "lora_r": ns.lora_r})
+            full = res["ours"]
             for m, r in res.items():
-                base = res["naive"]
-                table.add_row(name, m, f"{r['tokens']:,}", f"{r['seconds']:.3f}", f"{r['tok_s']:,.0f}",
-                              f"{r['peak_mib']:,.0f}", f"{r['step_mib']:,.0f}",
+                base = res.get("naive", full)
+                lora = "LoRA" in m
+                table.add_row(name, m, f"{r['trainable']:,}", f"{r['tokens']:,}", f"{r['seconds']:.3f}",
+                              f"{r['tok_s']:,.0f}", f"{r['peak_mib']:,.0f}", f"{r['step_mib']:,.0f}",
                               f"{r['tok_s'] / base['tok_s']:.2f}", f"{r['step_mib'] / max(1.0, base['step_mib']):.2f}",
+                              f"{r['seconds'] / full['seconds']:.2f}" if lora else "",
+                              f"{r['step_mib'] / max(1.0, full['step_mib']):.2f}" if lora else "",
                               f"{r['first_loss']:.6g}")
     Console().print(table)
 

@@ -40,3 +40,17 @@ def run_cli(capsys):
         return CliResult(code, out, err)
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_hash_cache(tmp_path_factory):
+    """Weight hashes are remembered on disk (gvpo_offline.hub); tests keep theirs out of ~/.cache."""
+    import os
+
+    before = os.environ.get("GVPO_OFFLINE_CACHE")
+    os.environ["GVPO_OFFLINE_CACHE"] = str(tmp_path_factory.mktemp("gvpo-hash-cache"))
+    yield
+    if before is None:
+        os.environ.pop("GVPO_OFFLINE_CACHE", None)
+    else:
+        os.environ["GVPO_OFFLINE_CACHE"] = before

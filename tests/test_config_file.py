@@ -18,9 +18,6 @@ from conftest import REPO, write_jsonl
 from gvpo_offline import cli, config_file
 
 EXAMPLES = sorted((REPO / "examples" / "configs").glob("*.yaml"))
-# Options that issue 11 (LoRA) adds to `train`; the 7B LoRA example names them already. Until they exist
-# the example cannot parse, and its test is an expected failure (an unknown key elsewhere still fails).
-PENDING_LORA_KEYS = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge", "base_dtype"}
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +138,7 @@ def test_example_configs_parse_against_the_cli(path):
         command = group.commands[name]
         known = set(config_file._command_keys(command))
         unknown = {k.replace("-", "_") for k in data[name]} - known
-        assert not unknown - PENDING_LORA_KEYS, f"{path.name} [{name}]: unknown keys {unknown - PENDING_LORA_KEYS}"
-        if unknown:
-            pytest.xfail(f"{path.name}: {sorted(unknown)} are issue 11's LoRA options, not in this branch yet")
+        assert not unknown, f"{path.name} [{name}]: unknown keys {unknown}"
         parent = group.make_context("gvpo-offline", [name, "--config", str(path)], resilient_parsing=True)
         with command.make_context(name, ["--config", str(path)], parent=parent) as ctx:
             for key, value in data[name].items():  # every value converts to the option's type

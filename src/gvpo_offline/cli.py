@@ -31,7 +31,7 @@ console = Console(stderr=True)
 @app.command("sample", cls=ConfigCommand)
 def sample_cmd(
     prompts: Annotated[str, typer.Argument(help="Prompts: .txt (one per line) or JSONL with \"prompt\" and optional \"id\".")],
-    model: Annotated[str, typer.Option("--model", help="Local model folder to sample from.")],
+    model: Annotated[str, typer.Option("--model", help="Model to sample from: a local model folder, a LoRA adapter folder, or a hub id org/name[@revision] (from the Hugging Face cache; downloaded when missing and the hub is reachable).")],
     reward: Annotated[str, typer.Option("--reward", help="module:function or path/to/file.py:function, (prompt, response) -> float.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Grouped JSONL to append to (resumes if it exists).")],
     k: Annotated[Optional[int], typer.Option("--k", help="Responses per prompt.")] = None,
@@ -72,7 +72,7 @@ def sample_cmd(
 @app.command("precompute-ref", cls=ConfigCommand)
 def precompute_ref_cmd(
     data: Annotated[list[str], typer.Argument(help="Data: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.", show_default=False)],
-    model: Annotated[str, typer.Option("--model", help="Local folder of the reference model.")],
+    model: Annotated[str, typer.Option("--model", help="The reference model: a local model folder, a LoRA adapter folder, or a hub id org/name[@revision] (from the Hugging Face cache; downloaded when missing and the hub is reachable).")],
     workdir: Annotated[str, typer.Option("--workdir", help="Where the cache goes.")] = "gvpo-run",
     layout: Annotated[str, typer.Option("--layout", help="auto (from the columns), grouped (prompt, responses, rewards, id) or flat (prompt, response, reward, group_id).")] = "auto",
     prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", help="Prompt column (default: prompt).")] = None,
@@ -116,7 +116,7 @@ def train_cmd(
     beta: Annotated[float, typer.Option("--beta", help="KL strength β > 0 (implicit reward β·log πθ/πref).")],
     workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
     loss: Annotated[str, typer.Option("--loss", help="Objective on the same groups: gvpo, or the baselines dpo, ipo (every pair with different rewards), rebel (all pairs; = 2 × gvpo), sft-best (NLL of each group's best response).")] = "gvpo",
-    init_model: Annotated[Optional[str], typer.Option("--init-model", help="Start from this model folder (e.g. an SFT checkpoint) instead of the reference; same tokenizer required.")] = None,
+    init_model: Annotated[Optional[str], typer.Option("--init-model", help="Start from this model (a folder, e.g. an SFT checkpoint, or a hub id org/name[@revision]) instead of the reference; same tokenizer required.")] = None,
     groups_per_step: Annotated[int, typer.Option("--groups-per-step", help="Prompts (whole groups) per optimizer step.")] = 8,
     micro_batch_tokens: Annotated[Optional[int], typer.Option("--micro-batch-tokens", help="Padded tokens per forward pass (memory bound; default 8192 on GPU, 2048 on CPU, where small batches run faster); a step that does not fit is split with the exact same gradient.", show_default=False)] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate. Our loss is paper eq. 16; the authors' verl code scales the loss by 1/2, i.e. half our gradient at the same learning rate.")] = 1e-6,
@@ -137,20 +137,30 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run's WORKDIR/model and metrics.jsonl (refused otherwise).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="Train a LoRA adapter of rank R on the frozen model (peft) instead of all weights; WORKDIR/model/ is then a PEFT adapter folder.", show_default=False)] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA scale numerator α (scale α/r) [default: r].", show_default=False)] = None,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input. Keep 0: with dropout the policy is random, so ℓ ≠ 0 at step 0 and the GVPO gradient is noisier.")] = 0.0,
+    lora_target_modules: Annotated[str, typer.Option("--lora-target-modules", help="all-linear (every linear layer but the LM head) or module names, e.g. q_proj,v_proj.")] = "all-linear",
+    merge: Annotated[bool, typer.Option("--merge", help="With --lora-r: also write WORKDIR/model-merged/, the adapter merged into the base weights (a plain transformers model).")] = False,
+    base_dtype: Annotated[str, typer.Option("--base-dtype", help="With --lora-r: the frozen base weights' dtype, float32 or bfloat16 (half the memory on a GPU; ℓ at step 0 is then bf16 rounding, not 0). The adapter and its optimizer state stay float32.")] = "float32",
 ) -> None:
     """Train the policy with GVPO (or --loss) on the cached train split; the final model goes to WORKDIR/model/."""
     from pathlib import Path
 
     from gvpo_offline import config_file, tracking
+    from gvpo_offline.adapters import LoraSettings
     from gvpo_offline.train import TrainConfig, train
 
+    if lora_r is None and (lora_alpha is not None or lora_dropout or lora_target_modules != "all-linear"):
+        raise GvpoError("--lora-alpha, --lora-dropout and --lora-target-modules need --lora-r")
+    lora = LoraSettings(lora_r, lora_alpha, lora_dropout, lora_target_modules) if lora_r is not None else None
     config = TrainConfig(
         workdir=Path(workdir), beta=beta, loss=loss, init_model=init_model, groups_per_step=groups_per_step,
         micro_batch_tokens=micro_batch_tokens, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, cpu_offload=cpu_offload, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
-        packing=packing,
+        packing=packing, lora=lora, merge=merge, base_dtype=base_dtype,
     )
     with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
         train(config, log=lambda msg: console.print(msg, highlight=False, markup=False), on_step=tracker)
@@ -160,7 +170,7 @@ def train_cmd(
 @app.command("eval", cls=ConfigCommand)
 def eval_cmd(
     workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref/train workdir.")] = "gvpo-run",
-    model: Annotated[Optional[str], typer.Option("--model", help="Checkpoint to evaluate (default WORKDIR/model; the reference itself gives the neutral baseline).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model to evaluate (default WORKDIR/model): a model or LoRA adapter folder, a checkpoint, or a hub id org/name[@revision]; the reference itself gives the neutral baseline.")] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Evaluate these files instead of the cached eval split (reference log-probs computed once and cached in WORKDIR/extra/). Repeatable.")] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics as JSON (stable key names) to this file.")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", help="β; default: MODEL/train_config.json's (required when there is none).")] = None,
@@ -219,7 +229,7 @@ def inspect_cmd(
     response_col: Annotated[Optional[str], typer.Option("--response-col", help="Response column: the list of responses (grouped) or one response (flat).")] = None,
     reward_col: Annotated[Optional[str], typer.Option("--reward-col", help="Reward column: the list of rewards (grouped) or one reward (flat).")] = None,
     group_col: Annotated[Optional[str], typer.Option("--group-col", help="Group id column (default: id for grouped, group_id for flat; else derived from the prompt).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Local model folder: load only its tokenizer and report token lengths.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model folder, adapter folder or hub id org/name[@revision]: load only its tokenizer and report token lengths.")] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="With --model: prompt + response tokens, for the truncation counts.")] = 1024,
     max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", help="With --model: prompt tokens kept, for the truncation counts.")] = 512,
     no_eos: Annotated[bool, typer.Option("--no-eos", help="With --model: do not count an EOS token per response.")] = False,

@@ -44,10 +44,12 @@ INPUTS. Data: the workdir's cached ``eval`` split, or ``--data FILE...`` whose r
 computed once with the manifest's reference model, tokenization and dtype (reference.precompute_extra)
 and cached under ``WORKDIR/extra/<content hash>/``. Model: ``WORKDIR/model`` or ``--model``; a model
 whose content fingerprint is the reference's gets ℓ ≡ 0 by definition (no forward pass), so it scores
-exactly the reference row. β: ``--beta`` if given, else the ``beta`` of the model's ``train_config.json``
-(a train checkpoint's ``trainer_state.json``). Policy log-probs run in the dtype of the cached reference
-log-probs unless ``--dtype`` says otherwise. A model whose train_config.json names another reference or
-tokenizer than the workdir's manifest is refused.
+exactly the reference row; a hub id is resolved through the Hugging Face cache, a LoRA adapter folder is
+loaded merged into its base (checked against the base's recorded fingerprint). β: ``--beta`` if given,
+else the ``beta`` of the model's ``train_config.json`` (a train checkpoint's ``trainer_state.json``).
+Policy log-probs run in the dtype of the cached reference log-probs unless ``--dtype`` says otherwise. A model whose train_config.json names another reference or
+tokenizer than the workdir's manifest is refused. A model folder written by ``train`` gets this report
+as the eval table of its README.md card (modelcard.update_card_with_eval).
 
 JSON (``--json FILE``, written atomically): {"model": {metric: value}, "reference": {...}, "delta":
 {...}, "intervals": {"model": {metric: [lo, hi]}, "delta": {...}}, "counts": {...}, "generation": {...}
@@ -693,7 +695,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     from rich.console import Console
 
     from gvpo_offline import distributed, reference
-    from gvpo_offline.modeling import default_batch_tokens, load_model, resolve_device, resolve_dtype
+    from gvpo_offline.modeling import default_batch_tokens, load_model, model_folder, resolve_device, resolve_dtype
     import torch
 
     console = console or Console(stderr=True)
@@ -703,10 +705,12 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     if not ctx.is_main:
         console = Console(quiet=True)
     manifest = reference.read_manifest(config.workdir)
-    model_path = Path(config.model_path) if config.model_path else Path(config.workdir) / "model"
-    if not (model_path / "config.json").is_file():
-        hint = " (run `gvpo-offline train` first, or pass --model)" if config.model_path is None else ""
-        raise GvpoError(f"{model_path}: no model here{hint}")
+    if config.model_path:  # a folder (model, adapter, checkpoint) or a hub id
+        model_path = model_folder(config.model_path)
+    else:
+        model_path = Path(config.workdir) / "model"
+        if not any((model_path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise GvpoError(f"{model_path}: no model here (run `gvpo-offline train` first, or pass --model)")
     beta, beta_source = resolve_beta(config, model_path, console)
     train_cfg = _read_train_config(model_path)[0] or {}
     for key in ("reference_model_fingerprint", "tokenizer_fingerprint"):
@@ -785,6 +789,10 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     )
     if config.json_path:
         atomic_write_json(Path(config.json_path), report.to_json())
+    from gvpo_offline.modelcard import update_card_with_eval
+
+    if update_card_with_eval(model_path, report.to_json()):
+        console.print(f"note: the eval table is in {model_path / 'README.md'} (the model card)", highlight=False)
     return report
 
 

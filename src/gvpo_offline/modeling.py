@@ -7,7 +7,6 @@ float32, and never the full [batch, time, vocab] logits — only response positi
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -20,9 +19,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from gvpo_offline.errors import GvpoError
-from gvpo_offline.files import sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 # ---- device, dtype, loading ----------------------------------------------------------------------
@@ -51,20 +50,34 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def _check_model_dir(path: str | Path) -> Path:
-    path = Path(path)
+def model_folder(spec: str | Path) -> Path:
+    """The local folder of ``spec``: a model folder, a LoRA adapter folder (``adapter_config.json``), or a
+    hub id ``org/name[@revision]`` resolved through the Hugging Face cache (gvpo_offline.hub)."""
+    from gvpo_offline.hub import resolve_model
+
+    path = resolve_model(spec).path
     if not path.is_dir():
-        raise GvpoError(f"{path}: not a folder (expected a local Hugging Face model folder; hub names are not loaded)")
-    if not (path / "config.json").is_file():
-        raise GvpoError(f"{path}: not a model folder (no config.json); give a local save_pretrained folder")
+        raise GvpoError(f"{path}: not a folder (expected a model folder or a hub id org/name[@revision])")
+    if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+        raise GvpoError(f"{path}: not a model folder (no config.json, no adapter_config.json)")
     return path
 
 
+def is_adapter(path: Path) -> bool:
+    """A PEFT adapter folder (adapter_config.json) rather than a full model."""
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """The tokenizer of a local model folder; a one-line GvpoError when it cannot be loaded."""
+    """The tokenizer of a model folder, adapter folder or hub id; a one-line GvpoError when it cannot be
+    loaded. An adapter folder without tokenizer files uses its base model's."""
     from transformers import AutoTokenizer
 
-    folder = _check_model_dir(path)
+    folder = model_folder(path)
+    if is_adapter(folder) and not (folder / "tokenizer_config.json").is_file():
+        from gvpo_offline.adapters import base_spec
+
+        folder = model_folder(base_spec(folder))
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a usable tokenizer folder"
@@ -78,12 +91,16 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ):
-    """AutoModelForCausalLM from a local folder, on ``device``, in eval mode (no dropout)."""
+    """AutoModelForCausalLM from a model folder or hub id, on ``device``, in eval mode (no dropout). An
+    adapter folder gives its base model with the adapter merged in (gvpo_offline.adapters)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        _check_model_dir(path), dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    folder = model_folder(path)
+    if is_adapter(folder):
+        from gvpo_offline.adapters import load_merged
+
+        return load_merged(folder, device, dtype, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
@@ -91,28 +108,37 @@ def load_model(
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """sha256 over the model folder's config.json and weight files (content, not names or dates).
+    """sha256 over the model folder's config.json and weight files (content, not names' paths or dates).
 
-    Memoised within the process by the files' (name, size, mtime): a command that checks the same model
-    twice hashes its weights once, and a file that changes is hashed again."""
-    path = _check_model_dir(path)
+    Weight hashes come from gvpo_offline.hub.file_sha256: read off the blob name in a hub snapshot, else
+    hashed once and cached on disk by (size, mtime, ctime, inode), so a 15 GB model is not re-read by
+    every command. An adapter folder's fingerprint covers its config, its weights and its base model's
+    fingerprint (gvpo_offline.adapters.adapter_fingerprint)."""
+    from gvpo_offline.hub import file_sha256
+
+    path = model_folder(path)
+    if is_adapter(path):
+        from gvpo_offline.adapters import adapter_fingerprint
+
+        return adapter_fingerprint(path)
     weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if not weights:
         raise GvpoError(f"{path}: no weight files (*.safetensors, *.bin) in the model folder")
-    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in [path / "config.json", *weights])
-    return _content_fingerprint(str(path.resolve()), stats)
-
-
-@functools.lru_cache(maxsize=16)
-def _content_fingerprint(folder: str, stats: tuple) -> str:
     h = hashlib.sha256()
-    config = json.loads((Path(folder) / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text())
     config.pop("transformers_version", None)
     h.update(json.dumps(config, sort_keys=True).encode())
-    for name, _size, _mtime in stats[1:]:
-        h.update(name.encode())
-        h.update(sha256_file(Path(folder) / name).encode())
+    for weight in weights:
+        h.update(weight.name.encode())
+        h.update(file_sha256(weight).encode())
     return h.hexdigest()
+
+
+def unwrap_peft(model):
+    """The transformers model a peft model wraps, its LoRA layers injected (others: the model itself).
+    The log-prob functions call ``model.base_model`` for hidden states, which on a peft model is not the
+    transformers body."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # ---- batching ------------------------------------------------------------------------------------
@@ -213,6 +239,7 @@ def sequence_logps(
 
 def sequence_logps_unsharded(model, prompt_ids, response_ids, chunk_tokens: int | None = None) -> Tensor:
     """:func:`sequence_logps` itself (under FSDP it runs as a registered forward method of the root)."""
+    model = unwrap_peft(model)
     device = getattr(model, "gvpo_compute_device", None) or next(model.parameters()).device
     if any(len(p) == 0 for p in prompt_ids) or any(len(r) == 0 for r in response_ids):
         raise ValueError("every prompt and every response needs at least one token")

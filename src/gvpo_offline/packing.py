@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gvpo_offline.modeling import logits_chunk_for, response_logps
+from gvpo_offline.modeling import logits_chunk_for, response_logps, unwrap_peft
 
 PACKING_CHOICES = ("auto", "off")
 # Longest packed row. Attention over a row costs rows × T² whatever the mask, so on a GPU budget of
@@ -236,6 +236,7 @@ def rows_logps(
     pairs in the rows, 0 for the others. Differentiable, like modeling.sequence_logps."""
     if any(len(prompt_ids[i]) == 0 or len(response_ids[i]) == 0 for row in rows for s in row for i in s.pairs):
         raise ValueError("every prompt and every response needs at least one token")
+    model = unwrap_peft(model)
     device = getattr(model, "gvpo_compute_device", None) or next(model.parameters()).device  # see distributed
     chunk_tokens = chunk_tokens or logits_chunk_for(model.get_output_embeddings().weight.shape[0])
     ids, segment, branch, position, (row_of, col_of, targets, owners) = _layout(rows, prompt_ids, response_ids)

@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from gvpo_offline import __version__, distributed, modeling, packing, workdir as workdirs
+from gvpo_offline import __version__, distributed, hub, modeling, packing, workdir as workdirs
 from gvpo_offline.data import DataConfig, input_files, load_groups
 from gvpo_offline.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
 from gvpo_offline.errors import GvpoError
@@ -113,6 +113,8 @@ class Manifest:
     key: str = ""  # sha256 of ``inputs``: same key -> same cache, so a rerun is a hit or a resume
     shard_sizes: list[int] = field(default_factory=list)  # bytes of each finished shard (complete only)
     shard_sha256: list[str] = field(default_factory=list)  # hex sha256 of each finished shard
+    model_id: str | None = None  # the hub id --model was given as (None: a local folder)
+    model_revision: str | None = None  # the hub snapshot's commit hash
 
     @property
     def tokenize_config(self) -> TokenizeConfig:
@@ -241,7 +243,8 @@ class PrecomputeConfig:
     """Options of ``precompute-ref``.
 
     data: the training data (DATA...), read by data.load_groups.
-    model: local folder of the reference model (save_pretrained layout).
+    model: the reference model: a local folder (save_pretrained layout), a LoRA adapter folder, or a hub
+        id org/name[@revision] resolved through the Hugging Face cache (manifest: model_id, model_revision).
     tokenize: the settings used by every stage; max_length is clamped to the model's context.
     eval_fraction: share of DATA's groups held out as 'eval', by a stable hash of the prompt; ignored
         (recorded as 0) when ``eval_data`` gives the held-out groups instead. 1.0 puts everything in eval.
@@ -387,7 +390,12 @@ class _RateColumn(ProgressColumn):
 def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    folder = modeling.model_folder(model_path)
+    if modeling.is_adapter(folder):  # a LoRA adapter's context is its base model's
+        from gvpo_offline.adapters import base_spec
+
+        folder = modeling.model_folder(base_spec(folder))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return getattr(config, "max_position_embeddings", None)
 
 
@@ -447,7 +455,8 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
                 ctx: distributed.Dist = distributed.Dist()) -> Manifest:
     device = modeling.resolve_device(distributed.stage_device(ctx, config.device))
     dtype = modeling.resolve_dtype(config.dtype, device)
-    model_path = str(Path(config.model).resolve())
+    source = hub.resolve_model(config.model)  # a local folder, or a hub id's snapshot in the HF cache
+    model_path = str(source.path.resolve())
     tokenizer = modeling.load_tokenizer(model_path, config.trust_remote_code)
     tok_cfg, clamped = clamp_to_model(config.tokenize, _max_positions(model_path, config.trust_remote_code))
     if clamped:
@@ -482,7 +491,8 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     if old is not None and old.key == key and old.complete:
         bad = _bad_shards(workdir, old)
         if not bad:
-            moved = replace(old, model_path=model_path, data_files=data_files, eval_data_files=eval_files)
+            moved = replace(old, model_path=model_path, data_files=data_files, eval_data_files=eval_files,
+                            model_id=source.hub_id, model_revision=source.revision)
             if moved != old:  # the same content at other paths: record where it is now
                 old = moved
                 if ctx.is_main:
@@ -512,7 +522,8 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         tool_version=__version__, data_files=data_files, eval_data_files=eval_files, layout=layout,
         columns=inputs["columns"], model_path=model_path, model_fingerprint=inputs["model_fingerprint"],
         tokenizer_fingerprint=inputs["tokenizer_fingerprint"], tokenize=inputs["tokenize"],
-        dtype=inputs["dtype"], eval_fraction=inputs["eval_fraction"],
+        dtype=inputs["dtype"], eval_fraction=inputs["eval_fraction"], model_id=source.hub_id,
+        model_revision=source.revision,
         shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(math.ceil(groups.num_rows / config.shard_groups))],
         shard_groups=config.shard_groups, inputs=inputs, key=key,
     )

@@ -11,7 +11,12 @@ readable top to bottom.
    the exact GVPO gradient (one pass, or micro-batch by micro-batch with :func:`loss.gvpo_grad_weights`
    when the step does not fit in ``micro_batch_tokens``), clips, steps, writes a line of
    ``metrics.jsonl`` and every ``save_every`` steps an atomic checkpoint.
-4. **Save** the final model, tokenizer and ``train_config.json`` to ``WORKDIR/model/`` atomically.
+4. **Save** ``WORKDIR/model/`` atomically: the model (or, with ``lora``, the PEFT adapter; ``merge`` adds
+   ``WORKDIR/model-merged/``), tokenizer, generation_config.json, ``train_config.json`` and the README.md
+   card (modelcard.py).
+
+LoRA (``lora``, adapters.py): the same recipe on a peft model over the frozen base; only the adapter
+is trained, checkpointed and resumed.
 
 Model mode: the policy stays in **eval mode** (no dropout) while it trains. Gradients flow the same,
 and the policy's log-probs are the same function as the reference's, so at step 0 ℓ = 0 exactly (up to
@@ -45,7 +50,8 @@ import torch
 import transformers
 from torch import Tensor
 
-from gvpo_offline import distributed, interrupts, packing, reference, workdir as workdirs
+from gvpo_offline import adapters, distributed, interrupts, modelcard, packing, reference, workdir as workdirs
+from gvpo_offline.adapters import LoraSettings
 from gvpo_offline.distributed import StepShare
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.files import (
@@ -55,6 +61,7 @@ from gvpo_offline.files import (
     remove_stale,
     write_errors_as_os_errors,
 )
+from gvpo_offline.hub import resolve_model
 from gvpo_offline.loss import OBJECTIVES, Objective, gvpo_grad_weights, gvpo_loss, gvpo_loss_terms
 from gvpo_offline.modeling import (
     compute_context,
@@ -71,13 +78,14 @@ from gvpo_offline.tokenize import tokenizer_fingerprint
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 FINAL_MODEL = "model"
+MERGED_MODEL = "model-merged"  # --merge: the LoRA adapter folded into the base weights
 TRAIN_CONFIG = "train_config.json"
 STATE = "trainer_state.json"
 
 # Fields that decide the trajectory: a resumed run must use the same values as the run it continues.
 TRAJECTORY_FIELDS = (
     "beta", "init_model", "groups_per_step", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-    "epochs", "max_steps", "seed", "loss",
+    "epochs", "max_steps", "seed", "loss", "lora", "base_dtype",
 )
 
 
@@ -110,6 +118,9 @@ class TrainConfig:
     logits_chunk_tokens: int | None = None  # positions per LM-head chunk; None = modeling.logits_chunk_for
     packing: str | None = None  # auto|off (packing.py); None = the reference cache's, so both use one path
     progress: bool = True  # live progress on stderr
+    lora: LoraSettings | None = None  # train a LoRA adapter on the frozen model (gvpo_offline.adapters)
+    base_dtype: str = "float32"  # with LoRA: dtype of the frozen base weights (bfloat16 halves them)
+    merge: bool = False  # with LoRA: also write WORKDIR/model-merged/, the adapter merged into the weights
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -133,6 +144,9 @@ class TrainConfig:
             raise GvpoError("--save-every must be >= 0")
         if self.packing is not None and self.packing not in packing.PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
+        adapters.base_dtype(self.base_dtype)
+        if self.lora is None and (self.merge or self.base_dtype != "float32"):
+            raise GvpoError("--merge and --base-dtype apply to LoRA training: add --lora-r")
 
     def to_json(self) -> dict:
         return {**asdict(self), "workdir": str(self.workdir)}
@@ -158,8 +172,10 @@ def check_start(manifest: reference.Manifest, init_model: str | None, trust_remo
     """
     notes: list[str] = []
     ref_path = Path(manifest.model_path)
+    if not ref_path.is_dir() and manifest.model_id:  # a hub snapshot that left the cache: fetch it again
+        ref_path = resolve_model(f"{manifest.model_id}@{manifest.model_revision}").path
     if init_model is None:
-        if not (ref_path / "config.json").is_file():
+        if not any((ref_path / name).is_file() for name in ("config.json", adapters.ADAPTER_CONFIG)):
             raise GvpoError(f"the reference model at {ref_path} (from the manifest) is missing; pass --init-model")
         if model_fingerprint(ref_path) != manifest.model_fingerprint:
             raise GvpoError(
@@ -168,7 +184,7 @@ def check_start(manifest: reference.Manifest, init_model: str | None, trust_remo
             )
         init_path = ref_path
     else:
-        init_path = Path(init_model)
+        init_path = resolve_model(init_model).path
         if model_fingerprint(init_path) != manifest.model_fingerprint:
             notes.append(
                 f"--init-model {init_path} is not the reference model ({ref_path}): "
@@ -481,16 +497,19 @@ def checkpoint_dirs(workdir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(
-    workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig, cache_key: str
+    workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig, cache_key: str,
+    tokenizer=None,
 ) -> Path:
-    """WORKDIR/checkpoints/step-N/: weights (safetensors), optimizer, scheduler, torch RNG states, position,
-    and the reference cache's key (a resume on another cache would continue a different data order).
+    """WORKDIR/checkpoints/step-N/: weights (safetensors; a LoRA adapter with --lora-r), tokenizer and
+    generation_config.json (the folder loads with from_pretrained like the final model), optimizer,
+    scheduler, torch RNG states, position, and the reference cache's key (a resume on another cache would
+    continue a different data order).
 
     Written into a temp dir, then renamed (atomic); only the newest ``config.keep_checkpoints`` stay.
     """
     final = workdir / CHECKPOINTS / f"step-{state.step}"
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        modelcard.write_model_folder(tmp, model, tokenizer)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
@@ -610,16 +629,16 @@ def append_metrics(path: Path, record: dict) -> None:
 # ---- the final model ---------------------------------------------------------------------------------
 
 
-def save_final(workdir: Path, model, tokenizer, train_config: dict, state_dict: dict | None = None) -> Path:
-    """WORKDIR/model/: save_pretrained (safetensors) + tokenizer + train_config.json, swapped in by rename.
+def save_final(workdir: Path, model, tokenizer, train_config: dict, state_dict: dict | None = None,
+               name: str = FINAL_MODEL) -> Path:
+    """WORKDIR/model/ (or WORKDIR/``name``/): the model (or LoRA adapter), tokenizer,
+    generation_config.json, train_config.json and README.md card (modelcard), swapped in by rename.
     ``state_dict``: the gathered full weights of a sharded model (distributed.full_state_dict)."""
-    final = workdir / FINAL_MODEL
+    final = workdir / name
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        modelcard.write_model_folder(tmp, model, tokenizer, train_config, state_dict)
         if state_dict is not None:
             distributed.fix_saved_architecture(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / TRAIN_CONFIG, train_config)
     return final
 
 
@@ -662,6 +681,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print,
 def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None],
            on_step: Callable[[dict], None] | None) -> TrainResult:
     cfg, workdir = config, config.workdir
+    if cfg.lora is not None and ctx.enabled:
+        raise GvpoError("train --lora-r under torchrun (FSDP2 + peft) is not supported yet: run LoRA in one process")
     if not ctx.is_main:  # only rank 0 prints and writes metrics.jsonl (it also holds the workdir's locks)
         log, on_step = _quiet, None
 
@@ -669,6 +690,10 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     manifest = reference.read_manifest(workdir)
     init_path, tokenizer, notes = check_start(manifest, cfg.init_model, cfg.trust_remote_code)
     check_outputs(workdir, manifest, init_path, cfg)
+    base_name = modelcard.base_model_name(manifest, cfg.init_model, init_path)
+    if cfg.lora is not None and (init_path / adapters.ADAPTER_CONFIG).is_file():
+        raise GvpoError(f"the model to train from, {init_path}, is a LoRA adapter: a new adapter needs a full "
+                        "base model (use its --merge folder, model-merged/), or train without --lora-r")
     groups = load_train_groups(workdir)
     device = resolve_device(distributed.stage_device(ctx, cfg.device))
     compute_dtype = resolve_dtype(cfg.dtype, device)
@@ -678,6 +703,9 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     if str(manifest.dtype).removeprefix("torch.") != str(compute_dtype).removeprefix("torch."):
         notes.append(f"the reference log-probs were computed in {manifest.dtype}, training computes in "
                      f"{str(compute_dtype).removeprefix('torch.')}: ℓ is not exactly 0 at step 0")
+    if cfg.base_dtype != "float32":
+        notes.append(f"--base-dtype {cfg.base_dtype}: the reference log-probs came from float32 weights, so ℓ "
+                     "is the rounding of the base weights at step 0, not 0")
     for note in notes:
         log(f"note: {note}")
 
@@ -700,9 +728,14 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
 
     def setup(weights: Path, checkpoint: Path | None):
-        # several processes: load on CPU, fully_shard moves each rank's shards to its device
-        model = load_model(init_path if ctx.enabled else weights, torch.device("cpu") if ctx.enabled else device,
-                           torch.float32, cfg.trust_remote_code)
+        if cfg.lora is None:
+            # several processes: load on CPU, fully_shard moves each rank's shards to its device
+            model = load_model(init_path if ctx.enabled else weights, torch.device("cpu") if ctx.enabled else device,
+                               torch.float32, cfg.trust_remote_code)
+        else:  # frozen base + float32 LoRA layers (B = 0: the base's function); a checkpoint holds the adapter
+            base = load_model(init_path, device, adapters.base_dtype(cfg.base_dtype), cfg.trust_remote_code)
+            model = adapters.add_lora(base, cfg.lora, checkpoint)
+            adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         plan = distributed.memory_plan(model, ctx, device, cfg.cpu_offload)
@@ -805,7 +838,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                         last_good = str(save_checkpoint_sharded(ctx, workdir, model, optimizer, scheduler, state, cfg,
                                                                 manifest.key))
                     else:
-                        last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg, manifest.key))
+                        last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg,
+                                                        manifest.key, tokenizer))
             if signum:
                 log(f"interrupted after step {state.step}/{total_steps}; checkpoint saved to {last_good}. "
                     f"Continue with: gvpo-offline train --workdir {workdir} --resume (same options)")
@@ -820,6 +854,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         "tokenizer_fingerprint": manifest.tokenizer_fingerprint, "cache_key": manifest.key,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "loss_formula": OBJECTIVES[cfg.loss].formula,  # "loss" (the --loss name) comes with cfg
+        **modelcard.provenance(manifest, init_path, base_name, groups.n_groups, groups.table.num_rows),
     }
     full_weights = distributed.full_state_dict(model)  # sharded: gathered on every rank (a collective)
     model_dir = workdir / FINAL_MODEL
@@ -827,6 +862,11 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         with write_errors_as_os_errors(workdir / FINAL_MODEL):
             save_final(workdir, model, tokenizer, train_config, full_weights)
     distributed.barrier(ctx)
+    if cfg.merge:  # last: merging folds the LoRA layers into the base weights in place (one process only)
+        with write_errors_as_os_errors(workdir / MERGED_MODEL):
+            merged = save_final(workdir, model.merge_and_unload(), tokenizer, {**train_config, "merged": True},
+                                name=MERGED_MODEL)
+        log(f"saved the merged model to {merged}")
     log(f"saved {model_dir} after {state.step} steps")
     return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes)
 
@@ -838,7 +878,7 @@ def check_outputs(workdir: Path, manifest: reference.Manifest, init_path: Path, 
     """Refuse a run that would destroy a model or an earlier run: the reference or --init-model must not
     live where train writes (WORKDIR/model, WORKDIR/checkpoints), and an earlier run's model/ and
     metrics.jsonl are only replaced with ``overwrite`` (or continued with ``resume``)."""
-    outputs = [(workdir / FINAL_MODEL).resolve(), (workdir / CHECKPOINTS).resolve()]
+    outputs = [(workdir / name).resolve() for name in (FINAL_MODEL, MERGED_MODEL, CHECKPOINTS)]
     for label, path in (("the reference model (from the manifest)", Path(manifest.model_path)),
                         ("--init-model", init_path)):
         resolved = path.resolve()
@@ -879,7 +919,7 @@ def check_vocabulary(model, groups: CachedGroups, model_path: Path) -> None:
         raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
 
 
-_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE, "config.json")
+_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE)
 
 
 def _check_checkpoint_files(path: Path, world_size: int = 1) -> None:
@@ -888,6 +928,8 @@ def _check_checkpoint_files(path: Path, world_size: int = 1) -> None:
         missing = [name for name in names if not (path / name).is_file()]
     else:
         missing = [name for name in _CHECKPOINT_FILES if not (path / name).is_file()]
+        if not any((path / name).is_file() for name in ("config.json", adapters.ADAPTER_CONFIG)):
+            missing.append("config.json (or adapter_config.json)")
         if not any(path.glob("*.safetensors")):
             missing.append("*.safetensors")
     if missing:

@@ -1,0 +1,200 @@
+"""The model folder ``train`` hands back (:func:`write_model_folder`) and its card, in the Hugging Face
+convention.
+
+Folder: weights (or a PEFT adapter), tokenizer files, generation_config.json, train_config.json (with
+:func:`provenance`: base model id, commit and fingerprint, data files) and README.md, the card:
+
+A YAML header (``huggingface_hub.ModelCardData``: base_model when the base is a hub id, library_name
+``transformers`` or ``peft``, tags incl. ``gvpo``), then what was trained (base model, full fine-tuning or
+LoRA, data files, β, steps, learning rate) read from the folder's ``train_config.json``, and the eval
+table (model, reference, Δ with 95% bootstrap intervals) once ``eval`` has run on the folder: ``eval``
+rewrites the card with its latest report (:func:`update_card_with_eval`). A README.md not written by
+this tool is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from gvpo_offline.files import atomic_write_bytes
+
+CARD = "README.md"
+MARK = "gvpo-offline"  # a tag; a card without it is not ours
+NOT_EVALUATED = "Not evaluated yet: `gvpo-offline eval --model THIS_FOLDER` adds the table here."
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.4g}"
+
+
+def _interval(iv) -> str:
+    return "—" if not iv else f"[{_fmt(iv[0])}, {_fmt(iv[1])}]"
+
+
+def eval_section(report: dict) -> str:
+    """Markdown of an eval report (EvalReport.to_json())."""
+    meta, iv = report.get("meta", {}), report.get("intervals", {})
+    counts = report.get("counts", {})
+    lines = [
+        f"Held-out data: {', '.join(meta.get('data', []))} ({counts.get('groups')} groups, "
+        f"{counts.get('responses')} responses), β = {_fmt(meta.get('beta'))}; intervals: 95% bootstrap over "
+        f"groups ({meta.get('bootstrap')} resamples). The reference column is the reference model (ℓ ≡ 0).",
+        "",
+        "| metric | model | reference | Δ | model 95% CI | Δ 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, value in report.get("model", {}).items():
+        lines.append(f"| {name} | {_fmt(value)} | {_fmt(report['reference'].get(name))} | "
+                     f"{_fmt(report['delta'].get(name))} | {_interval(iv.get('model', {}).get(name))} | "
+                     f"{_interval(iv.get('delta', {}).get(name))} |")
+    gen = report.get("generation")
+    if gen:
+        lines.append(f"| mean generated reward ({gen['prompts']} prompts × {gen['samples_per_prompt']}) | "
+                     f"{_fmt(gen['model_mean_reward'])} | {_fmt(gen['reference_mean_reward'])} | "
+                     f"{_fmt(gen['mean_reward_difference'])} | | {_interval(gen['difference_interval'])} |")
+    return "\n".join(lines)
+
+
+def card_text(train_config: dict, report: dict | None = None) -> str:
+    """The whole README.md for a folder whose train_config.json is ``train_config``."""
+    from huggingface_hub import ModelCardData
+
+    lora = train_config.get("lora")
+    merged = bool(train_config.get("merged"))
+    adapter = bool(lora) and not merged
+    base_id = train_config.get("base_model_id")
+    base = base_id or train_config.get("init_model_path")
+    tags = ["gvpo", MARK, "text-generation"] + (["lora"] if lora else [])
+    data = ModelCardData(base_model=base_id, library_name="peft" if adapter else "transformers", tags=tags,
+                         pipeline_tag="text-generation")
+    if lora:
+        method = (f"LoRA r = {lora['r']}, α = {lora.get('alpha') or lora['r']}, dropout {lora.get('dropout', 0)}, "
+                  f"target modules {lora.get('target_modules')}; base weights in {train_config.get('base_dtype')}"
+                  + ("; the adapter merged into the base weights" if merged else ""))
+    else:
+        method = "full fine-tuning (float32 master weights)"
+    files = train_config.get("data_files") or []
+    data_desc = ", ".join(f"`{Path(f['path']).name}` (sha256 {f['sha256'][:12]})" for f in files) or "—"
+    revision = train_config.get("base_model_revision")
+    rows = [
+        ("base model", f"`{base}`" + (f" (commit {revision})" if revision else "")),
+        ("reference model", f"`{train_config.get('reference_model_id') or train_config.get('reference_model_path')}`"),
+        ("method", method),
+        ("data", f"{data_desc}; train split: {train_config.get('train_groups')} groups, "
+                 f"{train_config.get('train_responses')} scored responses"),
+        ("β (KL strength)", _fmt(train_config.get("beta"))),
+        ("steps", f"{train_config.get('total_steps')} × {train_config.get('groups_per_step')} groups, "
+                  f"peak lr {train_config.get('lr')}, warmup ratio {train_config.get('warmup_ratio')}, "
+                  f"seed {train_config.get('seed')}"),
+        ("loss", str(train_config.get("loss", "GVPO eq. 16"))),
+    ]
+    loader = "peft import AutoPeftModelForCausalLM" if adapter else "transformers import AutoModelForCausalLM"
+    auto = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
+    use = (f"```python\nfrom {loader}\nfrom transformers import AutoTokenizer\n\n"
+           f"model = {auto}.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```")
+    body = [
+        "---", data.to_yaml(), "---", "",
+        "# GVPO policy" + (" (LoRA adapter)" if adapter else ""), "",
+        "Post-trained offline with GVPO (Group Variance Policy Optimization, Zhang et al.) by gvpo-offline: "
+        "prompts with k ≥ 2 scored responses pull the model toward π* ∝ πref·exp(R/β).", "",
+        "## Training", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+        "## Evaluation", "",
+        eval_section(report) if report else NOT_EVALUATED,
+        "", "## Use", "", use, "",
+    ]
+    return "\n".join(body)
+
+
+def write_card(folder: Path, train_config: dict, report: dict | None = None) -> None:
+    atomic_write_bytes(Path(folder) / CARD, card_text(train_config, report).encode())
+
+
+def _is_ours(card: Path) -> bool:
+    from huggingface_hub import ModelCard
+
+    try:
+        return MARK in (ModelCard.load(card).data.tags or [])
+    except Exception:  # noqa: BLE001 - unreadable or not a card: not ours
+        return False
+
+
+def update_card_with_eval(folder: Path, report: dict) -> bool:
+    """Rewrite ``folder``'s card with this eval report when the folder was written by ``train`` (its
+    train_config.json is there and README.md is absent or ours). Returns whether it did."""
+    folder = Path(folder)
+    config_path, card = folder / "train_config.json", folder / CARD
+    if not config_path.is_file():
+        return False
+    if card.is_file() and not _is_ours(card):
+        return False
+    try:
+        train_config = json.loads(config_path.read_text())
+        write_card(folder, train_config, report)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def write_model_folder(folder: Path, model, tokenizer, train_config: dict | None = None,
+                       state_dict: dict | None = None) -> None:
+    """Fill ``folder`` so that it loads with plain ``from_pretrained``: the weights (a full model's
+    safetensors, or a peft model's adapter_config.json + adapter_model.safetensors), the tokenizer
+    files, generation_config.json and, given a ``train_config``, train_config.json and the card.
+    ``state_dict``: the weights to save instead of the model's own (a sharded model's, gathered)."""
+    from gvpo_offline.files import atomic_write_json
+    from gvpo_offline.modeling import unwrap_peft
+
+    folder = Path(folder)
+    if state_dict is None:
+        model.save_pretrained(folder, safe_serialization=True)
+    else:  # a sharded model's gathered full weights (distributed.full_state_dict)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    core = unwrap_peft(model)
+    generation = getattr(core, "generation_config", None)
+    if generation is not None and not (folder / "generation_config.json").is_file():
+        generation.save_pretrained(folder)
+    if train_config is not None:
+        atomic_write_json(folder / "train_config.json", train_config)
+        write_card(folder, train_config)
+
+
+# ---- what train records about the model it started from ----------------------------------------------
+
+
+def base_model_name(manifest, init_model: str | None, init_path: Path) -> tuple[str, str | None]:
+    """(hub id or absolute folder, commit or None) of the model training starts from: what a LoRA
+    adapter names as its base (adapter_config.json) and the card as base_model."""
+    from gvpo_offline.hub import resolve_model
+
+    if init_model is None:
+        if manifest.model_id:
+            return manifest.model_id, manifest.model_revision
+        return str(init_path.resolve()), None
+    source = resolve_model(init_model)
+    return (source.hub_id, source.revision) if source.hub_id else (str(init_path.resolve()), None)
+
+
+def provenance(manifest, init_path: Path, base_name: tuple[str, str | None], train_groups: int,
+               train_responses: int) -> dict:
+    """train_config.json entries for the card and for checks on the saved folder: the base model (hub id
+    and commit when it came from the hub, content fingerprint: adapters.BASE_FINGERPRINT), the reference
+    model's hub id, the data files (manifest) and the train split's size."""
+    from gvpo_offline.adapters import BASE_FINGERPRINT
+    from gvpo_offline.modeling import model_fingerprint
+
+    name, revision = base_name
+    return {
+        "base_model_id": name if revision else None,
+        "base_model_revision": revision,
+        BASE_FINGERPRINT: model_fingerprint(init_path),
+        "reference_model_id": manifest.model_id,
+        "data_files": list(manifest.data_files),
+        "train_groups": train_groups,
+        "train_responses": train_responses,
+    }

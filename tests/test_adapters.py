@@ -1,0 +1,224 @@
+"""LoRA training (peft) and the model folders train hands back: ℓ = 0 at step 0, exact resume, folders
+that load with plain transformers / peft and generate, eval on an adapter, the card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from gvpo_offline.adapters import LoraSettings
+from gvpo_offline.errors import GvpoError
+from gvpo_offline.modeling import load_model, sequence_logps
+from gvpo_offline.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lora_cache(tmp_path_factory) -> Path:
+    """STORY_GROUPS scored by a private copy of stories260K (so a test may change the base); the last
+    group is held out as the eval split."""
+    root = tmp_path_factory.mktemp("lora")
+    base = root / "base"
+    shutil.copytree(STORIES, base)
+    groups = text_groups(base, STORY_GROUPS)
+    groups[-1].split = "eval"
+    build_cache(root / "run", base, groups)
+    return root
+
+
+@pytest.fixture
+def workdir(lora_cache, tmp_path) -> Path:
+    shutil.copytree(lora_cache / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def config(workdir: Path, **kw) -> TrainConfig:
+    defaults = dict(workdir=workdir, beta=1.0, lr=5e-3, groups_per_step=2, save_every=0, progress=False,
+                    device="cpu", lora=LoraSettings(r=4))
+    return TrainConfig(**{**defaults, **kw})
+
+
+def first_metrics(workdir: Path) -> dict:
+    return json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def logps_of(model, prompt: list[int], responses: list[list[int]]) -> torch.Tensor:
+    with torch.no_grad():
+        return sequence_logps(model, [prompt] * len(responses), responses).double()
+
+
+def test_lora_starts_at_the_reference_and_its_folders_load_with_plain_peft_and_transformers(workdir, tmp_path,
+                                                                                             lora_cache):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    full = tmp_path / "full"
+    shutil.copytree(workdir, full)
+    # packed rows here (each prompt once), padded rows in the other tests: LoRA runs through both paths
+    train(config(full, lora=None, max_steps=1, packing="auto"), log=lambda _: None)
+    train(config(workdir, max_steps=3, merge=True, packing="auto"), log=lambda _: None)
+    # B = 0 and eval mode: step 0 computes the base model's function exactly, as full fine-tuning does
+    lora0, full0 = first_metrics(workdir), first_metrics(full)
+    assert lora0["loss"] == full0["loss"] and lora0["log_ratio_absmax"] == full0["log_ratio_absmax"] < 1e-4
+
+    adapter, merged = workdir / "model", workdir / "model-merged"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert not (adapter / "model.safetensors").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (lora_cache / "base").resolve())  # a local base: its absolute folder
+    for folder in (adapter, merged):
+        assert (folder / "generation_config.json").is_file() and (folder / "train_config.json").is_file()
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    prompt = tokenizer("Once upon a time", return_tensors="pt")
+    for model in (peft_model, plain):
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+        assert out.shape[1] > prompt["input_ids"].shape[1]
+
+    # the adapter on its base, the merged model and our loader (merged on load) give the same log-probs;
+    # the trained ones differ from the base's
+    ids = tokenizer("Lily went to the park.")["input_ids"]
+    responses = [tokenizer(" She saw a bird.", add_special_tokens=False)["input_ids"],
+                 tokenizer(" She cried.", add_special_tokens=False)["input_ids"]]
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    a = logps_of(peft_model, ids, responses)
+    b = logps_of(plain, ids, responses)
+    c = logps_of(load_model(adapter, torch.device("cpu")), ids, responses)
+    base = logps_of(load_model(base_path, torch.device("cpu")), ids, responses)
+    assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, c, atol=1e-4)
+    assert (a - base).abs().max() > 1e-3
+
+
+def test_lora_resume_is_exact(workdir, tmp_path):
+    """Steps 2-3 resumed from the step-1 checkpoint end with the uninterrupted run's adapter, bit for bit."""
+    cfg = dict(max_steps=3, save_every=1, keep_checkpoints=5)
+    train(config(workdir, **cfg), log=lambda _: None)
+    uninterrupted = load_file(workdir / "model" / "adapter_model.safetensors")
+    checkpoint = workdir / "checkpoints" / "step-1"
+    assert (checkpoint / "adapter_config.json").is_file() and (checkpoint / "tokenizer_config.json").is_file()
+    for later in ("step-2", "step-3"):
+        shutil.rmtree(workdir / "checkpoints" / later)
+    shutil.rmtree(workdir / "model")
+
+    result = train(config(workdir, resume=True, **cfg), log=lambda _: None)
+    assert result.resumed_from == 1 and result.steps == 3
+    resumed = load_file(workdir / "model" / "adapter_model.safetensors")
+    assert uninterrupted.keys() == resumed.keys() and len(resumed) > 0
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    with pytest.raises(GvpoError, match="--lora"):  # the resumed run must be a LoRA run of the same shape
+        train(config(workdir, resume=True, lora=LoraSettings(r=8), **cfg), log=lambda _: None)
+
+
+def test_eval_and_sample_take_an_adapter_the_card_and_a_changed_base(workdir, lora_cache, run_cli, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from gvpo_offline.evaluate import EvalConfig, evaluate
+
+    train(config(workdir, max_steps=2, merge=True, lora=LoraSettings(r=2, target_modules="q_proj,v_proj")),
+          log=lambda _: None)
+    prompts, reward = tmp_path / "prompts.txt", tmp_path / "reward.py"
+    prompts.write_text("Once upon a time\nTom had a toy car.\n")
+    reward.write_text("def length(prompt, response):\n    return float(len(response.split()))\n")
+    samples = {}
+    for name in ("model", "model-merged"):  # sample from the adapter folder = from the merged model
+        out = tmp_path / f"{name}.jsonl"
+        res = run_cli("sample", prompts, "--model", workdir / name, "--k", "2", "--reward", f"{reward}:length",
+                      "-o", out, "--max-new-tokens", "8", "--device", "cpu")
+        assert res.code == 0, res.err
+        samples[name] = [json.loads(line)["responses"] for line in out.read_text().splitlines()]
+    assert samples["model"] == samples["model-merged"] and len(samples["model"]) == 2
+
+    card = ModelCard.load(workdir / "model" / "README.md")
+    assert card.data.library_name == "peft" and "gvpo" in card.data.tags and "Not evaluated yet" in card.text
+    report = evaluate(EvalConfig(workdir=str(workdir), model_path=str(workdir / "model"), bootstrap=50,
+                                 device="cpu"))
+    assert not report.model_is_reference and report.beta == 1.0
+    assert report.model["mean_log_ratio"] != 0.0
+    text = (workdir / "model" / "README.md").read_text()
+    assert "| gvpo_loss |" in text and "Not evaluated yet" not in text
+    loss_row = next(line for line in text.splitlines() if line.startswith("| gvpo_loss |"))
+    assert f"{report.model['gvpo_loss']:.4g}" in loss_row
+    assert "[" in loss_row  # the interval
+
+    base = lora_cache / "base"  # the adapter's base changes: loading the adapter is refused
+    saved = base / "model.safetensors"
+    backup = saved.read_bytes()
+    try:
+        weights = load_file(saved)
+        weights = {k: v * 1.01 for k, v in weights.items()}
+        from safetensors.torch import save_file
+
+        save_file(weights, saved, metadata={"format": "pt"})
+        with pytest.raises(GvpoError, match="trained on another base model"):
+            load_model(workdir / "model", torch.device("cpu"))
+    finally:
+        saved.write_bytes(backup)
+
+
+def test_full_model_folder_and_checkpoint_load_with_plain_transformers(workdir):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train(config(workdir, lora=None, max_steps=2, save_every=1), log=lambda _: None)
+    for folder in (workdir / "model", workdir / "checkpoints" / "step-2"):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        prompt = tokenizer("Tom had a toy car.", return_tensors="pt")
+        assert model.generate(**prompt, max_new_tokens=5, do_sample=False).shape[1] > prompt["input_ids"].shape[1]
+        assert (folder / "generation_config.json").is_file()
+    card = ModelCard.load(workdir / "model" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.base_model is None  # a folder, not a hub id
+    assert "full fine-tuning" in card.text and "| β (KL strength) | 1 |" in card.text
+
+
+def test_lora_options_are_checked(workdir):
+    with pytest.raises(GvpoError, match="--lora-r must be >= 1"):
+        LoraSettings(r=0)
+    with pytest.raises(GvpoError, match="--merge and --base-dtype apply to LoRA"):
+        TrainConfig(workdir=workdir, merge=True)
+    with pytest.raises(GvpoError, match="LoRA: "):
+        train(config(workdir, max_steps=1, lora=LoraSettings(r=2, target_modules="no_such_proj")), log=lambda _: None)
+
+
+def test_an_adapter_folder_as_the_reference_model(workdir, tmp_path):
+    """precompute-ref --model ADAPTER scores with the adapter merged into its base; a new LoRA on top of
+    an adapter is refused (its base would be an adapter)."""
+    from gvpo_offline.data import DataConfig
+    from gvpo_offline.modeling import model_fingerprint
+    from gvpo_offline.reference import PrecomputeConfig, load_split, precompute
+    from gvpo_offline.tokenize import TokenizeConfig
+
+    train(config(workdir, max_steps=2), log=lambda _: None)
+    adapter = workdir / "model"
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "responses": r, "rewards": w}) + "\n"
+                            for p, r, w in STORY_GROUPS[:2]))
+    run = tmp_path / "on-adapter"
+    manifest = precompute(PrecomputeConfig(
+        data=DataConfig((str(data),)), model=str(adapter), workdir=run, eval_fraction=0.0, device="cpu",
+        tokenize=TokenizeConfig(max_length=96, max_prompt_length=32), progress=False,
+    ))
+    assert manifest.model_fingerprint == model_fingerprint(adapter) != model_fingerprint(STORIES)
+    table = load_split(run, "train")
+    merged = load_model(adapter, torch.device("cpu"))
+    with torch.no_grad():
+        expected = sequence_logps(merged, table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist())
+    assert torch.allclose(torch.tensor(table["ref_logp"].to_pylist(), dtype=torch.float64), expected.double(), atol=1e-4)
+    with pytest.raises(GvpoError, match="is a LoRA adapter"):
+        train(config(run, max_steps=1), log=lambda _: None)

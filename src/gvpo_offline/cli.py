@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: "[default: …]" in help texts stays text, no <type> tags
 )
 console = Console(stderr=True)
 
@@ -30,23 +31,23 @@ console = Console(stderr=True)
 
 @app.command("sample", cls=ConfigCommand)
 def sample_cmd(
-    prompts: Annotated[str, typer.Argument(help="Prompts: .txt (one per line) or JSONL with \"prompt\" and optional \"id\".")],
-    model: Annotated[str, typer.Option("--model", help="Model to sample from: a local model folder, a LoRA adapter folder, or a hub id org/name[@revision] (from the Hugging Face cache; downloaded when missing and the hub is reachable).")],
-    reward: Annotated[str, typer.Option("--reward", help="module:function or path/to/file.py:function, (prompt, response) -> float.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Grouped JSONL to append to (resumes if it exists).")],
-    k: Annotated[Optional[int], typer.Option("--k", help="Responses per prompt.")] = None,
-    k_range: Annotated[Optional[str], typer.Option("--k-range", help="A:B, k per prompt drawn from [A, B] by seed and index.")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
-    seed: Annotated[int, typer.Option(help="Seed for sampling and for k per prompt.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per generate call.")] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16.")] = "auto",
-    max_length: Annotated[int, typer.Option("--max-length", help="Prompt + response tokens.")] = 1024,
-    max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", help="Prompt tokens kept (from the end).")] = 512,
-    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="Jinja chat template (or file) for message prompts.")] = None,
-    reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
+    prompts: Annotated[str, typer.Argument(metavar="PROMPTS", hidden=True)],
+    model: Annotated[str, typer.Option("--model", metavar="PATH", help="Model to sample from: a local model folder, a LoRA adapter folder, or a hub id org/name[@revision] (from the Hugging Face cache; downloaded when missing and the hub is reachable).")],
+    reward: Annotated[str, typer.Option("--reward", metavar="MODULE:FUNCTION", help="module:function or path/to/file.py:function, (prompt, response) -> float.")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Grouped JSONL to append to (resumes if it exists).")],
+    k: Annotated[Optional[int], typer.Option("--k", metavar="INT", help="Responses per prompt.")] = None,
+    k_range: Annotated[Optional[str], typer.Option("--k-range", metavar="A:B", help="A:B, k per prompt drawn from [A, B] by seed and index.")] = None,
+    temperature: Annotated[float, typer.Option(metavar="FLOAT", help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT", help="Nucleus sampling mass.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT")] = 128,
+    seed: Annotated[int, typer.Option(metavar="INT", help="Seed for sampling and for k per prompt.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="INT", help="Rows per generate call.")] = 32,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="auto, float32, bfloat16.")] = "auto",
+    max_length: Annotated[int, typer.Option("--max-length", metavar="INT", help="Prompt + response tokens.")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", metavar="INT", help="Prompt tokens kept (from the end).")] = 512,
+    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", metavar="TEMPLATE|FILE", help="Jinja chat template (or file) for message prompts.")] = None,
+    reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", metavar="SECONDS", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """Generate k responses per prompt, score them with a reward and write grouped JSONL."""
@@ -71,29 +72,32 @@ def sample_cmd(
 
 @app.command("precompute-ref", cls=ConfigCommand)
 def precompute_ref_cmd(
-    data: Annotated[list[str], typer.Argument(help="Data: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.", show_default=False)],
-    model: Annotated[str, typer.Option("--model", help="The reference model: a local model folder, a LoRA adapter folder, or a hub id org/name[@revision] (from the Hugging Face cache; downloaded when missing and the hub is reachable).")],
-    workdir: Annotated[str, typer.Option("--workdir", help="Where the cache goes.")] = "gvpo-run",
-    layout: Annotated[str, typer.Option("--layout", help="auto (from the columns), grouped (prompt, responses, rewards, id) or flat (prompt, response, reward, group_id).")] = "auto",
-    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", help="Prompt column (default: prompt).")] = None,
-    response_col: Annotated[Optional[str], typer.Option("--response-col", help="Response column: the list of responses (grouped) or one response (flat).")] = None,
-    reward_col: Annotated[Optional[str], typer.Option("--reward-col", help="Reward column: the list of rewards (grouped) or one reward (flat).")] = None,
-    group_col: Annotated[Optional[str], typer.Option("--group-col", help="Group id column (default: id for grouped, group_id for flat; else derived from the prompt).")] = None,
-    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Groups held out as eval, by a stable hash of the prompt.")] = 0.1,
-    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out data instead of --eval-fraction (repeat for several files).")] = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="Prompt + response tokens (clamped to the model's context).")] = 1024,
-    max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", help="Prompt tokens kept (from the end).")] = 512,
+    data: Annotated[list[str], typer.Argument(metavar="DATA", hidden=True)],
+    model: Annotated[str, typer.Option("--model", metavar="PATH", help="The reference model: a local model folder, a LoRA adapter folder, or a hub id org/name[@revision] (from the Hugging Face cache; downloaded when missing and the hub is reachable).")],
+    workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="Where the cache goes.")] = "gvpo-run",
+    layout: Annotated[str, typer.Option("--layout", metavar="LAYOUT", help="auto (from the columns), grouped (prompt, responses, rewards, id) or flat (prompt, response, reward, group_id).")] = "auto",
+    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN", help="Prompt column (default: prompt).")] = None,
+    response_col: Annotated[Optional[str], typer.Option("--response-col", metavar="COLUMN", help="Response column: the list of responses (grouped) or one response (flat).")] = None,
+    reward_col: Annotated[Optional[str], typer.Option("--reward-col", metavar="COLUMN", help="Reward column: the list of rewards (grouped) or one reward (flat).")] = None,
+    group_col: Annotated[Optional[str], typer.Option("--group-col", metavar="COLUMN", help="Group id column (default: id for grouped, group_id for flat; else derived from the prompt).")] = None,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", metavar="FLOAT", help="Groups held out as eval, by a stable hash of the prompt.")] = 0.1,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", metavar="PATH", help="Held-out data instead of --eval-fraction (repeat for several files).")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", metavar="INT", help="Prompt + response tokens (clamped to the model's context).")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", metavar="INT", help="Prompt tokens kept (from the end).")] = 512,
     no_eos: Annotated[bool, typer.Option("--no-eos", help="Do not append EOS to responses.")] = False,
-    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="Jinja chat template (or file) for message prompts.")] = None,
-    shard_groups: Annotated[int, typer.Option("--shard-groups", help="Groups per cache shard.")] = 1000,
-    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Tokens per forward pass (rows × longest row) [default: 16384 on GPU, 2048 on CPU].")] = None,
-    packing: Annotated[str, typer.Option("--packing", help="auto: each prompt computed once for all its responses, rows packed without padding (padded rows, with a note, for unsupported models); off: padded separate sequences. Train and eval follow the cache's setting.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float32 on CPU, bf16 autocast on a GPU that supports it), float32, bfloat16. Weights stay float32, as in train, so that ℓ = 0 at step 0.")] = "auto",
+    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", metavar="TEMPLATE|FILE", help="Jinja chat template (or file) for message prompts.")] = None,
+    shard_groups: Annotated[int, typer.Option("--shard-groups", metavar="INT", help="Groups per cache shard.")] = 1000,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", metavar="INT", help="Tokens per forward pass (rows × longest row) [default: 16384 on GPU, 2048 on CPU].")] = None,
+    packing: Annotated[str, typer.Option("--packing", metavar="MODE", help="auto: each prompt computed once for all its responses, rows packed without padding (padded rows, with a note, for unsupported models); off: padded separate sequences. Train and eval follow the cache's setting.")] = "auto",
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Compute dtype: auto (float32 on CPU, bf16 autocast on a GPU that supports it), float32, bfloat16. Weights stay float32, as in train, so that ℓ = 0 at step 0.")] = "auto",
     no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
-    """Compute log pi_ref(y|x) of every response once and cache it in WORKDIR (train and eval read it)."""
+    """Compute log pi_ref(y|x) of every response once and cache it in WORKDIR (train and eval read it).
+
+    DATA: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.
+    """
     from pathlib import Path
 
     from gvpo_offline.data import ColumnMap, DataConfig
@@ -113,36 +117,36 @@ def precompute_ref_cmd(
 
 @app.command("train", cls=ConfigCommand)
 def train_cmd(
-    beta: Annotated[float, typer.Option("--beta", help="KL strength β > 0 (implicit reward β·log πθ/πref).")],
-    workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
-    loss: Annotated[str, typer.Option("--loss", help="Objective on the same groups: gvpo, or the baselines dpo, ipo (every pair with different rewards), rebel (all pairs; = 2 × gvpo), sft-best (NLL of each group's best response).")] = "gvpo",
-    init_model: Annotated[Optional[str], typer.Option("--init-model", help="Start from this model (a folder, e.g. an SFT checkpoint, or a hub id org/name[@revision]) instead of the reference; same tokenizer required.")] = None,
-    groups_per_step: Annotated[int, typer.Option("--groups-per-step", help="Prompts (whole groups) per optimizer step.")] = 8,
-    micro_batch_tokens: Annotated[Optional[int], typer.Option("--micro-batch-tokens", help="Padded tokens per forward pass (memory bound; default 8192 on GPU, 2048 on CPU, where small batches run faster); a step that does not fit is split with the exact same gradient.", show_default=False)] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate. Our loss is paper eq. 16; the authors' verl code scales the loss by 1/2, i.e. half our gradient at the same learning rate.")] = 1e-6,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
-    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Fraction of steps with linear warmup; cosine decay after.")] = 0.1,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0 = off).")] = 1.0,
-    epochs: Annotated[int, typer.Option("--epochs")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Total optimizer steps; overrides --epochs.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the per-epoch shuffle of the groups.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float32 on CPU, bf16 autocast on GPU), float32, bfloat16. Weights stay float32.")] = "auto",
+    beta: Annotated[float, typer.Option("--beta", metavar="FLOAT", help="KL strength β > 0 (implicit reward β·log πθ/πref).")],
+    workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
+    loss: Annotated[str, typer.Option("--loss", metavar="LOSS", help="Objective on the same groups: gvpo, or the baselines dpo, ipo (every pair with different rewards), rebel (all pairs; = 2 × gvpo), sft-best (NLL of each group's best response).")] = "gvpo",
+    init_model: Annotated[Optional[str], typer.Option("--init-model", metavar="PATH", help="Start from this model (a folder, e.g. an SFT checkpoint, or a hub id org/name[@revision]) instead of the reference; same tokenizer required.")] = None,
+    groups_per_step: Annotated[int, typer.Option("--groups-per-step", metavar="INT", help="Prompts (whole groups) per optimizer step.")] = 8,
+    micro_batch_tokens: Annotated[Optional[int], typer.Option("--micro-batch-tokens", metavar="INT", help="Padded tokens per forward pass (memory bound; default 8192 on GPU, 2048 on CPU, where small batches run faster); a step that does not fit is split with the exact same gradient.", show_default=False)] = None,
+    lr: Annotated[float, typer.Option("--lr", metavar="FLOAT", help="Peak AdamW learning rate. Our loss is paper eq. 16; the authors' verl code scales the loss by 1/2, i.e. half our gradient at the same learning rate.")] = 1e-6,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", metavar="FLOAT")] = 0.0,
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", metavar="FLOAT", help="Fraction of steps with linear warmup; cosine decay after.")] = 0.1,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", metavar="FLOAT", help="Gradient clipping (0 = off).")] = 1.0,
+    epochs: Annotated[int, typer.Option("--epochs", metavar="INT")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", metavar="INT", help="Total optimizer steps; overrides --epochs.")] = None,
+    seed: Annotated[int, typer.Option(metavar="INT", help="Seed of the per-epoch shuffle of the groups.")] = 0,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Compute dtype: auto (float32 on CPU, bf16 autocast on GPU), float32, bfloat16. Weights stay float32.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute decoder layers in the backward pass (less memory, slower).")] = False,
-    packing: Annotated[Optional[str], typer.Option("--packing", help="auto or off (see precompute-ref); default: the reference cache's setting, so policy and reference share one path.", show_default=False)] = None,
+    packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto or off (see precompute-ref); default: the reference cache's setting, so policy and reference share one path.", show_default=False)] = None,
     cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Under torchrun on GPUs: keep the FSDP shards, gradients and AdamW state in CPU RAM (slower, fits larger models).")] = False,
-    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", help="none, tensorboard (WORKDIR/tb/), wandb; repeat or comma-separate for several.")] = None,
-    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
-    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="How many of the newest checkpoints to keep.")] = 2,
+    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="none, tensorboard (WORKDIR/tb/), wandb; repeat or comma-separate for several.")] = None,
+    save_every: Annotated[int, typer.Option("--save-every", metavar="INT", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", metavar="INT", help="How many of the newest checkpoints to keep.")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run's WORKDIR/model and metrics.jsonl (refused otherwise).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
-    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="Train a LoRA adapter of rank R on the frozen model (peft) instead of all weights; WORKDIR/model/ is then a PEFT adapter folder.", show_default=False)] = None,
-    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA scale numerator α (scale α/r) [default: r].", show_default=False)] = None,
-    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input. Keep 0: with dropout the policy is random, so ℓ ≠ 0 at step 0 and the GVPO gradient is noisier.")] = 0.0,
-    lora_target_modules: Annotated[str, typer.Option("--lora-target-modules", help="all-linear (every linear layer but the LM head) or module names, e.g. q_proj,v_proj.")] = "all-linear",
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", metavar="INT", help="Train a LoRA adapter of rank R on the frozen model (peft) instead of all weights; WORKDIR/model/ is then a PEFT adapter folder.", show_default=False)] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", metavar="FLOAT", help="LoRA scale numerator α (scale α/r) [default: r].", show_default=False)] = None,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", metavar="FLOAT", help="Dropout on the LoRA input. Keep 0: with dropout the policy is random, so ℓ ≠ 0 at step 0 and the GVPO gradient is noisier.")] = 0.0,
+    lora_target_modules: Annotated[str, typer.Option("--lora-target-modules", metavar="TEXT", help="all-linear (every linear layer but the LM head) or module names, e.g. q_proj,v_proj.")] = "all-linear",
     merge: Annotated[bool, typer.Option("--merge", help="With --lora-r: also write WORKDIR/model-merged/, the adapter merged into the base weights (a plain transformers model).")] = False,
-    base_dtype: Annotated[str, typer.Option("--base-dtype", help="With --lora-r: the frozen base weights' dtype, float32 or bfloat16 (half the memory on a GPU; ℓ at step 0 is then bf16 rounding, not 0). The adapter and its optimizer state stay float32.")] = "float32",
+    base_dtype: Annotated[str, typer.Option("--base-dtype", metavar="TEXT", help="With --lora-r: the frozen base weights' dtype, float32 or bfloat16 (half the memory on a GPU; ℓ at step 0 is then bf16 rounding, not 0). The adapter and its optimizer state stay float32.")] = "float32",
 ) -> None:
     """Train the policy with GVPO (or --loss) on the cached train split; the final model goes to WORKDIR/model/."""
     from pathlib import Path
@@ -169,29 +173,29 @@ def train_cmd(
 
 @app.command("eval", cls=ConfigCommand)
 def eval_cmd(
-    workdir: Annotated[str, typer.Option("--workdir", help="The precompute-ref/train workdir.")] = "gvpo-run",
-    model: Annotated[Optional[str], typer.Option("--model", help="Model to evaluate (default WORKDIR/model): a model or LoRA adapter folder, a checkpoint, or a hub id org/name[@revision]; the reference itself gives the neutral baseline.")] = None,
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Evaluate these files instead of the cached eval split (reference log-probs computed once and cached in WORKDIR/extra/). Repeatable.")] = None,
-    json_path: Annotated[Optional[str], typer.Option("--json", help="Also write the metrics as JSON (stable key names) to this file.")] = None,
-    beta: Annotated[Optional[float], typer.Option("--beta", help="β; default: MODEL/train_config.json's (required when there is none).")] = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples over groups for the 95% intervals (0 = none).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed for the bootstrap and for sampling.")] = 0,
-    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Padded tokens per forward pass (default 16384 on GPU, 2048 on CPU).", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, auto (default: the dtype of the cached reference log-probs).")] = None,
-    packing: Annotated[Optional[str], typer.Option("--packing", help="auto or off (see precompute-ref); default: the reference cache's setting.", show_default=False)] = None,
-    layout: Annotated[str, typer.Option("--layout", help="--data layout: auto, grouped or flat.")] = "auto",
-    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col")] = None,
-    response_col: Annotated[Optional[str], typer.Option("--response-col")] = None,
-    reward_col: Annotated[Optional[str], typer.Option("--reward-col")] = None,
-    group_col: Annotated[Optional[str], typer.Option("--group-col")] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Generation eval: .txt (one prompt per line) or JSONL with a \"prompt\" field (data files work).")] = None,
-    reward: Annotated[Optional[str], typer.Option("--reward", help="Generation eval: module:function or file.py:function, (prompt, response) -> float.")] = None,
-    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt")] = 4,
-    temperature: Annotated[float, typer.Option(help="Generation eval: sampling temperature (0 = greedy).")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
-    reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
+    workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref/train workdir.")] = "gvpo-run",
+    model: Annotated[Optional[str], typer.Option("--model", metavar="PATH", help="Model to evaluate (default WORKDIR/model): a model or LoRA adapter folder, a checkpoint, or a hub id org/name[@revision]; the reference itself gives the neutral baseline.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", metavar="PATH", help="Evaluate these files instead of the cached eval split (reference log-probs computed once and cached in WORKDIR/extra/). Repeatable.")] = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Also write the metrics as JSON (stable key names) to this file.")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", metavar="FLOAT", help="β; default: MODEL/train_config.json's (required when there is none).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", metavar="INT", help="Bootstrap resamples over groups for the 95% intervals (0 = none).")] = 1000,
+    seed: Annotated[int, typer.Option(metavar="INT", help="Seed for the bootstrap and for sampling.")] = 0,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", metavar="INT", help="Padded tokens per forward pass (default 16384 on GPU, 2048 on CPU).", show_default=False)] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="float32, bfloat16, auto (default: the dtype of the cached reference log-probs).")] = None,
+    packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto or off (see precompute-ref); default: the reference cache's setting.", show_default=False)] = None,
+    layout: Annotated[str, typer.Option("--layout", metavar="LAYOUT", help="--data layout: auto, grouped or flat.")] = "auto",
+    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN")] = None,
+    response_col: Annotated[Optional[str], typer.Option("--response-col", metavar="COLUMN")] = None,
+    reward_col: Annotated[Optional[str], typer.Option("--reward-col", metavar="COLUMN")] = None,
+    group_col: Annotated[Optional[str], typer.Option("--group-col", metavar="COLUMN")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="PATH", help="Generation eval: .txt (one prompt per line) or JSONL with a \"prompt\" field (data files work).")] = None,
+    reward: Annotated[Optional[str], typer.Option("--reward", metavar="MODULE:FUNCTION", help="Generation eval: module:function or file.py:function, (prompt, response) -> float.")] = None,
+    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", metavar="INT")] = 4,
+    temperature: Annotated[float, typer.Option(metavar="FLOAT", help="Generation eval: sampling temperature (0 = greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT")] = 128,
+    reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", metavar="SECONDS", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
@@ -223,20 +227,23 @@ def eval_cmd(
 
 @app.command("inspect", cls=ConfigCommand)
 def inspect_cmd(
-    data: Annotated[list[str], typer.Argument(help="Data: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.", show_default=False)],
-    layout: Annotated[str, typer.Option("--layout", help="auto (from the columns), grouped (prompt, responses, rewards, id) or flat (prompt, response, reward, group_id).")] = "auto",
-    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", help="Prompt column (default: prompt).")] = None,
-    response_col: Annotated[Optional[str], typer.Option("--response-col", help="Response column: the list of responses (grouped) or one response (flat).")] = None,
-    reward_col: Annotated[Optional[str], typer.Option("--reward-col", help="Reward column: the list of rewards (grouped) or one reward (flat).")] = None,
-    group_col: Annotated[Optional[str], typer.Option("--group-col", help="Group id column (default: id for grouped, group_id for flat; else derived from the prompt).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Model folder, adapter folder or hub id org/name[@revision]: load only its tokenizer and report token lengths.")] = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="With --model: prompt + response tokens, for the truncation counts.")] = 1024,
-    max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", help="With --model: prompt tokens kept, for the truncation counts.")] = 512,
+    data: Annotated[list[str], typer.Argument(metavar="DATA", hidden=True)],
+    layout: Annotated[str, typer.Option("--layout", metavar="LAYOUT", help="auto (from the columns), grouped (prompt, responses, rewards, id) or flat (prompt, response, reward, group_id).")] = "auto",
+    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN", help="Prompt column (default: prompt).")] = None,
+    response_col: Annotated[Optional[str], typer.Option("--response-col", metavar="COLUMN", help="Response column: the list of responses (grouped) or one response (flat).")] = None,
+    reward_col: Annotated[Optional[str], typer.Option("--reward-col", metavar="COLUMN", help="Reward column: the list of rewards (grouped) or one reward (flat).")] = None,
+    group_col: Annotated[Optional[str], typer.Option("--group-col", metavar="COLUMN", help="Group id column (default: id for grouped, group_id for flat; else derived from the prompt).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", metavar="PATH", help="Model folder, adapter folder or hub id org/name[@revision]: load only its tokenizer and report token lengths.")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", metavar="INT", help="With --model: prompt + response tokens, for the truncation counts.")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", metavar="INT", help="With --model: prompt tokens kept, for the truncation counts.")] = 512,
     no_eos: Annotated[bool, typer.Option("--no-eos", help="With --model: do not count an EOS token per response.")] = False,
-    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="With --model: Jinja chat template (or file) for message prompts.")] = None,
+    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", metavar="TEMPLATE|FILE", help="With --model: Jinja chat template (or file) for message prompts.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout (and nothing else).")] = False,
 ) -> None:
-    """Validate data and summarise it: groups, k per prompt, rewards, duplicates, token lengths."""
+    """Validate data and summarise it: groups, k per prompt, rewards, duplicates, token lengths.
+
+    DATA: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.
+    """
     from gvpo_offline.data import ColumnMap, DataConfig, load_groups, summarize, summary_tables, token_stats
     from gvpo_offline.modeling import load_tokenizer
 
@@ -267,15 +274,21 @@ def inspect_cmd(
 
 @app.command("convert", cls=ConfigCommand)
 def convert_cmd(
-    source: Annotated[str, typer.Argument(help="oasst (OpenAssistant trees, reward = -rank), gsm8k (example_model_solutions.jsonl, reward = is_correct), ultrafeedback (reward = --score-field), helpsteer2 (reward = weighted attributes), nectar (reward = -rank).", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Grouped-layout JSONL to write (atomically).", show_default=False)],
-    input_path: Annotated[Optional[str], typer.Argument(metavar="INPUT", help="The dataset's .jsonl, .jsonl.gz or .parquet file (or use --from-hub).", show_default=False)] = None,
+    source: Annotated[str, typer.Argument(metavar="SOURCE", hidden=True)],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Grouped-layout JSONL to write (atomically).", show_default=False)],
+    input_path: Annotated[Optional[str], typer.Argument(metavar="INPUT", hidden=True)] = None,
     from_hub: Annotated[Optional[str], typer.Option("--from-hub", metavar="NAME", help="Read a Hugging Face datasets name (offline: from the local HF datasets cache) or a local dataset folder instead of INPUT.")] = None,
-    split: Annotated[str, typer.Option("--split", help="With --from-hub: the split to read.")] = "train",
-    score_field: Annotated[str, typer.Option("--score-field", help="ultrafeedback: overall_score, fine-grained_score, helpfulness, honesty, instruction_following or truthfulness.")] = "overall_score",
-    weights: Annotated[Optional[str], typer.Option("--weights", help="helpsteer2: attribute=weight pairs, e.g. helpfulness=1 (others 0) [default: helpfulness=0.3,correctness=0.74,coherence=0.46,complexity=0.47,verbosity=-0.33].", show_default=False)] = None,
+    split: Annotated[str, typer.Option("--split", metavar="SPLIT", help="With --from-hub: the split to read.")] = "train",
+    score_field: Annotated[str, typer.Option("--score-field", metavar="FIELD", help="ultrafeedback: overall_score, fine-grained_score, helpfulness, honesty, instruction_following or truthfulness.")] = "overall_score",
+    weights: Annotated[Optional[str], typer.Option("--weights", metavar="NAME=W,...", help="helpsteer2: attribute=weight pairs, e.g. helpfulness=1 (others 0) [default: helpfulness=0.3,correctness=0.74,coherence=0.46,complexity=0.47,verbosity=-0.33].", show_default=False)] = None,
 ) -> None:
-    """Convert a public dataset to grouped-layout JSONL (prompt, responses, rewards, id)."""
+    """Convert a public dataset to grouped-layout JSONL (prompt, responses, rewards, id).
+
+    SOURCE: oasst (OpenAssistant trees, reward = -rank), gsm8k (example_model_solutions.jsonl, reward =
+    is_correct, ground_truth kept), ultrafeedback (reward = --score-field), helpsteer2 (reward = weighted
+    attributes), nectar (reward = -rank). INPUT: the dataset's .jsonl, .jsonl.gz or .parquet file (or use
+    --from-hub).
+    """
     from gvpo_offline.convert import SOURCES, ConvertOptions, convert, parse_weights
 
     if source not in SOURCES:
@@ -290,47 +303,54 @@ def convert_cmd(
 
 @app.command("plot", cls=ConfigCommand)
 def plot_cmd(
-    workdir: Annotated[str, typer.Argument(help="The train workdir (reads metrics.jsonl, and eval.json when there is one).")] = "gvpo-run",
-    eval_json: Annotated[Optional[str], typer.Option("--eval", help="The `eval --json` file to plot [default: WORKDIR/eval.json if present].", show_default=False)] = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out-dir", help="Where the PNGs go [default: WORKDIR/plots].", show_default=False)] = None,
+    workdir: Annotated[str, typer.Argument(metavar="WORKDIR", hidden=True)] = "gvpo-run",
+    eval_json: Annotated[Optional[str], typer.Option("--eval", metavar="PATH", help="The `eval --json` file to plot [default: WORKDIR/eval.json if present].", show_default=False)] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out-dir", metavar="PATH", help="Where the PNGs go [default: WORKDIR/plots].", show_default=False)] = None,
 ) -> None:
-    """Plot a run: loss and its eq. 17 terms, drift per token, and the eval results (PNG, needs matplotlib)."""
+    """Plot a run: loss and its eq. 17 terms, drift per token, and the eval results (PNG, needs matplotlib).
+
+    WORKDIR: the train workdir (reads metrics.jsonl, and eval.json when there is one) [default: gvpo-run].
+    """
     from gvpo_offline.plot import plot_run
 
     for path in plot_run(workdir, eval_json, out_dir):
         console.print(f"wrote {path}", highlight=False, soft_wrap=True, markup=False)
 
 
+# typer 0.26+ raises the exceptions of its own vendored click copy (typer._click), older typer those of
+# click: take the classes from typer itself, so usage errors are recognised whichever it is.
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_CLICK_ABORT = sys.modules[_USAGE_ERROR.__module__].__dict__.get("Abort", typer.Abort)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app, turning user errors into one line and exit code 2."""
+    """Console-script entry point: run the app. Usage errors print typer's usage message and exit 2 (no
+    arguments: the help, exit 2); user errors (GvpoError) one line and exit 2; Ctrl-C 130, SIGTERM 143."""
     from gvpo_offline import interrupts
 
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
         with interrupts.installed():  # SIGINT -> 130, SIGTERM -> 143 (typer turns both into Exit(130))
-            code = app(args=argv, standalone_mode=False)
+            code = app(args=args or ["--help"], prog_name="gvpo-offline", standalone_mode=False)
     except GvpoError as err:
         console.print(f"error: {err}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt as exc:
+    except _USAGE_ERROR as err:  # bad option, missing option, bad value, unknown command
+        err.show()
+        sys.exit(err.exit_code)
+    except (KeyboardInterrupt, typer.Abort, _CLICK_ABORT) as exc:
         console.print("interrupted", style="yellow")
         sys.exit(interrupts.exit_code(exc))
     except OSError as err:  # disk full, read-only or unreadable paths: one line naming the path
         console.print(f"error: {_os_error(err)}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
-    except typer.Exit as exc:  # raised by commands that end early on purpose
+    except typer.Exit as exc:  # --help, or a command that ends early on purpose
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
     if code == 130:  # typer caught a KeyboardInterrupt (Ctrl-C or SIGTERM) and returned its exit code
         console.print("interrupted", style="yellow")
         sys.exit(interrupts.exit_code())
+    if not args:
+        sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)
 

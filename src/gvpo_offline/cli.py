@@ -167,7 +167,8 @@ def train_cmd(
         packing=packing, lora=lora, merge=merge, base_dtype=base_dtype,
     )
     with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
-        train(config, log=lambda msg: console.print(msg, highlight=False, markup=False), on_step=tracker)
+        log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+        train(config, log=log, on_step=tracker)
     config_file.write_resolved(config.workdir / "train_config.json")  # the full run, reusable as --config
 
 
@@ -256,11 +257,10 @@ def inspect_cmd(
         tokenizer = load_tokenizer(model)
     grouped = load_groups(config)
     if model is not None:
-        from rich.progress import Progress
+        from gvpo_offline.progress import progress
 
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("tokenizing", total=grouped.stats.n_responses)
-            tokens = token_stats(grouped, tokenizer, cfg, lambda n: progress.advance(task, n))
+        with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update:
+            tokens = token_stats(grouped, tokenizer, cfg, lambda n: update(advance=n))
     summary = summarize(grouped, tokens)
     if as_json:
         import json

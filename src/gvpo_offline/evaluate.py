@@ -542,16 +542,6 @@ def is_reference_model(model_path: Path, manifest) -> bool:
     return model_fingerprint(model_path) == manifest.model_fingerprint
 
 
-def _progress(console, label: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-    )
-
-
 def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=None, console=None,
                      packed: bool = False) -> np.ndarray:
     """Σ log πθ(response | prompt) per pair, [N] float64 (modeling.batched_logps: no grad, batched by
@@ -560,11 +550,11 @@ def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=N
     import torch
 
     from gvpo_offline.modeling import batched_logps
+    from gvpo_offline.progress import progress
 
-    with _progress(console, "policy log-probs") as bar:
-        task = bar.add_task("logps", total=len(prompt_ids))
+    with progress(console, "policy log-probs", len(prompt_ids), unit="responses") as update:
         return batched_logps(model, prompt_ids, response_ids, batch_tokens, dtype or torch.float32,
-                             on_batch=lambda n, _tokens: bar.advance(task, n), packed=packed)
+                             on_batch=lambda n, _tokens: update(advance=n), packed=packed)
 
 
 def read_eval_prompts(path: str | Path) -> list:
@@ -614,6 +604,7 @@ def generation_eval(
     import torch
 
     from gvpo_offline.modeling import load_model, load_tokenizer
+    from gvpo_offline.progress import progress
     from gvpo_offline.rewards import load_reward_fn
     from gvpo_offline.sample import generate_responses
 
@@ -625,10 +616,9 @@ def generation_eval(
     n, keys = gen.samples_per_prompt, list(range(len(prompts)))
 
     def run(m, label: str) -> np.ndarray:
-        with _progress(console, label) as bar:
-            task = bar.add_task(label, total=len(prompts) * n)
+        with progress(console, label, len(prompts) * n, unit="samples") as update:
             texts = generate_responses(
-                m, tokenizer, prompts, n, sampling, tok_cfg, seed_keys=keys, progress=lambda k: bar.advance(task, k)
+                m, tokenizer, prompts, n, sampling, tok_cfg, seed_keys=keys, progress=lambda k: update(advance=k)
             )
         return _score_all(reward_fn, prompts, texts)
 

@@ -47,13 +47,12 @@ import torch
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
 from gvpo_offline import __version__, distributed, hub, modeling, packing, workdir as workdirs
 from gvpo_offline.data import DataConfig, input_files, load_groups
 from gvpo_offline.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
 from gvpo_offline.errors import GvpoError
+from gvpo_offline.progress import progress
 from gvpo_offline.tokenize import (
     TokenizeConfig,
     clamp_to_model,
@@ -377,14 +376,9 @@ def _encode_groups(tokenizer, groups: pa.Table, splits: list[str], cfg: Tokenize
     return cols, cut_prompts, cut_responses
 
 
-class _RateColumn(ProgressColumn):
+def _describe_rate(fields: dict, elapsed: float) -> str:
     """Responses/s and tokens/s (prompt + response tokens through the model) since the start."""
-
-    def render(self, task) -> Text:
-        elapsed = task.elapsed or 0.0
-        if elapsed <= 0:
-            return Text("")
-        return Text(f"{task.completed / elapsed:,.1f} resp/s {task.fields['tokens'] / elapsed:,.0f} tok/s")
+    return f"{fields['responses'] / max(elapsed, 1e-9):,.1f} resp/s {fields['tokens'] / max(elapsed, 1e-9):,.0f} tok/s"
 
 
 def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
@@ -594,16 +588,15 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
     packed, note = packing.resolve(config.packing, model.config)
     if note:
         _say(console, f"note: {note}")
-    columns = [TextColumn("reference log-probs"), BarColumn(bar_width=24), MofNCompleteColumn(), _RateColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not config.progress) as progress:
-        task = progress.add_task("ref", total=int(sum(k[s * size : (s + 1) * size].sum() for s in todo)), tokens=0)
-        tokens_done = 0
+    total = int(sum(k[s * size : (s + 1) * size].sum() for s in todo))
+    with progress(console, "reference log-probs", total, unit="responses", describe=_describe_rate,
+                  enabled=config.progress) as update:
+        done_pairs = done_tokens = 0
 
         def advance(n_pairs: int, n_tokens: int) -> None:
-            nonlocal tokens_done
-            tokens_done += n_tokens
-            progress.update(task, advance=n_pairs * ctx.world_size, tokens=tokens_done * ctx.world_size)
+            nonlocal done_pairs, done_tokens
+            done_pairs, done_tokens = done_pairs + n_pairs * ctx.world_size, done_tokens + n_tokens * ctx.world_size
+            update(advance=n_pairs * ctx.world_size, responses=done_pairs, tokens=done_tokens)
 
         for done, s in enumerate(todo):
             lo = s * size

@@ -392,10 +392,8 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     skipped; resuming assumes the same settings). Each prompt's samples are seeded by its position in
     the prompts file, so a resumed run writes what an uninterrupted one would have.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from gvpo_offline.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from gvpo_offline.progress import progress
     from gvpo_offline.rewards import load_reward_fn, score_responses
 
     records = read_prompts(config.prompts_path)
@@ -423,16 +421,14 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
         rows_in_block += k_for(config, r.index)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    columns = (TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("responses"),
-               TimeRemainingColumn())
-    console = progress_console if progress_console is not None else Console(stderr=True)
-    with Progress(*columns, console=console) as bar, open(output, "a", encoding="utf-8") as out:
-        task = bar.add_task("sample", total=sum(k_for(config, r.index) for r in todo))
+    total = sum(k_for(config, r.index) for r in todo)
+    with progress(progress_console, "sampling", total, unit="responses") as update, \
+            open(output, "a", encoding="utf-8") as out:
         for block in blocks:
             counts = [k_for(config, r.index) for r in block]
             responses = generate_responses(
                 model, tokenizer, [r.prompt for r in block], counts, config.sampling, config.tokenize,
-                seed_keys=[r.index for r in block], progress=lambda m: bar.advance(task, m),
+                seed_keys=[r.index for r in block], progress=lambda m: update(advance=m),
             )
             lines = []
             for record, group in zip(block, responses):

@@ -40,12 +40,12 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 import transformers
 from torch import Tensor
@@ -73,6 +73,7 @@ from gvpo_offline.modeling import (
     resolve_dtype,
     sequence_logps,
 )
+from gvpo_offline.progress import duration, plural, progress
 from gvpo_offline.tokenize import tokenizer_fingerprint
 
 CHECKPOINTS = "checkpoints"
@@ -160,6 +161,9 @@ class TrainResult:
     final_loss: float | None  # loss of the last step, None when no step ran in this call
     metrics_path: Path
     notes: list[str] = field(default_factory=list)
+    steps_run: int = 0  # optimizer steps done by this call
+    clipped_steps: int = 0  # of those, steps whose gradient norm exceeded max_grad_norm (and was clipped)
+    seconds: float = 0.0  # wall time of this call's steps
 
 
 # ---- 1. the cache and the model we train from -----------------------------------------------------
@@ -642,26 +646,40 @@ def save_final(workdir: Path, model, tokenizer, train_config: dict, state_dict: 
     return final
 
 
-# ---- progress --------------------------------------------------------------------------------------
+# ---- what the log says -----------------------------------------------------------------------------
 
 
-@contextmanager
-def progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[..., None]]:
-    """Live rich progress on stderr; yields ``update(step, loss=, grad_norm=, lr=, tok_s=)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+def describe_step(fields: dict, elapsed: float) -> str:
+    """The progress text of the latest step: loss, gradient norm before clipping, learning rate, tok/s."""
+    return (f"loss {fields['loss']:.4g}  |g| {fields['grad_norm']:.3g}  lr {fields['lr']:.2e}  "
+            f"{fields['tokens'] / max(elapsed, 1e-9):,.0f} tok/s")
 
-    columns = (
-        TextColumn("step {task.completed}/{task.total}"),
-        BarColumn(),
-        TextColumn("loss {task.fields[loss]:.4g}  |g| {task.fields[grad_norm]:.3g}  lr {task.fields[lr]:.2e}"),
-        TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
-        TimeRemainingColumn(),
+
+def summary_line(model_dir: Path, steps: int, steps_run: int, seconds: float, final_loss: float | None,
+                 clipped: int, max_grad_norm: float) -> str:
+    """What the run did, printed at the end; says how often the clip, not the learning rate, set the step."""
+    done = f"{plural(steps_run, 'step')} in {duration(seconds)}" + (f" ({steps:,} in total)" if steps != steps_run else "")
+    loss = f"; final loss {final_loss:.4g}" if final_loss is not None else ""
+    clip = ""
+    if max_grad_norm > 0 and steps_run:
+        clip = f"; gradient clipped to {max_grad_norm:g} on {clipped:,} of {plural(steps_run, 'step')} ({clipped / steps_run:.0%})"
+    return f"train done: {done}{loss}{clip}; model saved to {model_dir}"
+
+
+def setting_line(device, compute_dtype, n_params: int, groups: CachedGroups, cfg: TrainConfig, total_steps: int,
+                 warmup_steps: int, micro_batch_tokens: int) -> str:
+    """What this run does, printed before the first step."""
+    table = groups.table
+    tokens = sum(pa.compute.sum(pa.compute.list_value_length(table[c])).as_py() or 0
+                 for c in ("prompt_ids", "response_ids"))
+    per_step = tokens / groups.n_groups * min(cfg.groups_per_step, groups.n_groups)
+    dtype = str(compute_dtype).removeprefix("torch.")
+    return (
+        f"train: {device} {dtype}, {n_params:,} trainable parameters; {groups.n_groups:,} groups "
+        f"({table.num_rows:,} responses), {cfg.groups_per_step} groups per step, ~{per_step:,.0f} tokens per step; "
+        f"{plural(total_steps, 'step')} ({warmup_steps} warmup), β {cfg.beta:g}, lr {cfg.lr:g}, "
+        f"max |g| {cfg.max_grad_norm:g}, micro-batch {micro_batch_tokens:,} tokens"
     )
-    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
-        task = bar.add_task("train", total=total, completed=start, loss=float("nan"), grad_norm=float("nan"),
-                            lr=0.0, tok_s=0.0)
-        yield lambda step, **fields: bar.update(task, completed=step, **fields)
 
 
 # ---- the recipe ------------------------------------------------------------------------------------
@@ -779,6 +797,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     packed, packing_note = packing.resolve(cfg.packing or manifest.inputs.get("packing", "off"), model.config)
     if packing_note:
         log(f"note: {packing_note}")
+    log(setting_line(device, compute_dtype, sum(p.numel() for p in params), groups, cfg, total_steps, warmup_steps,
+                     micro_batch_tokens))
     metrics_path = workdir / METRICS
     if ctx.is_main:
         truncate_metrics(metrics_path, keep_through_step=state.step)
@@ -786,8 +806,9 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     # 4. the loop (a signal stops it at the next step boundary, after a checkpoint)
     last_loss = None
     last_good = str(resume_from[1]) if resume_from else None
-    started, tokens_seen = time.perf_counter(), 0
-    with progress_bar(cfg.progress and ctx.is_main, total_steps, state.step) as update, interrupts.deferred() as stop_requested:
+    started, tokens_seen, first_step, clipped = time.perf_counter(), 0, state.step, 0
+    with progress(None, "train", total_steps, completed=state.step, unit="step", describe=describe_step,
+                  enabled=cfg.progress and ctx.is_main) as update, interrupts.deferred() as stop_requested:
         while state.step < total_steps:
             if state.position >= groups.n_groups:
                 state.epoch, state.position = state.epoch + 1, 0
@@ -813,7 +834,9 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             scheduler.step()
             state.step += 1
             state.position += len(chosen)
-            seconds = time.perf_counter() - step_start
+            now = time.perf_counter()
+            seconds = now - step_start
+            clipped += cfg.max_grad_norm > 0 and grad_norm > cfg.max_grad_norm
 
             record = {
                 "step": state.step, "epoch": state.epoch, "objective": cfg.loss, "loss": stats.loss,
@@ -822,14 +845,14 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                 "groups": batch.n_groups, "responses": len(batch.response_ids), "tokens": stats.tokens,
                 "micro_batches": stats.micro_batches, "seconds": seconds,
                 "log_ratio_per_token": stats.log_ratio_per_token, **stats.terms,
+                "time": time.time(), "elapsed": now - started,
             }
             if ctx.is_main:
                 append_metrics(metrics_path, record)
             if on_step is not None:
                 on_step(record)
             last_loss, tokens_seen = stats.loss, tokens_seen + stats.tokens
-            update(state.step, loss=stats.loss, grad_norm=grad_norm, lr=lr,
-                   tok_s=tokens_seen / max(1e-9, time.perf_counter() - started))
+            update(completed=state.step, loss=stats.loss, grad_norm=grad_norm, lr=lr, tokens=tokens_seen)
             signum = distributed.all_reduce_max(ctx, [stop_requested() or 0])[0] or None  # all ranks stop together
             if (cfg.save_every and state.step % cfg.save_every == 0) or signum:
                 check_finite_parameters(model, f"after step {state.step}", last_good, ctx)
@@ -867,8 +890,10 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             merged = save_final(workdir, model.merge_and_unload(), tokenizer, {**train_config, "merged": True},
                                 name=MERGED_MODEL)
         log(f"saved the merged model to {merged}")
-    log(f"saved {model_dir} after {state.step} steps")
-    return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes)
+    steps_run, seconds = state.step - first_step, time.perf_counter() - started
+    log(summary_line(model_dir, state.step, steps_run, seconds, last_loss, clipped, cfg.max_grad_norm))
+    return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes,
+                       steps_run, clipped, seconds)
 
 
 # ---- safety checks ---------------------------------------------------------------------------------

@@ -321,3 +321,17 @@ def test_bad_options_are_user_errors():
         PrecomputeConfig(data=DataConfig(("x",)), model="m", eval_fraction=1.5)
     with pytest.raises(GvpoError, match="shard-groups"):
         replace(PrecomputeConfig(data=DataConfig(("x",)), model="m"), shard_groups=0)
+
+
+def test_no_recomputing_message_when_nothing_was_computed(tmp_path):
+    """A first run that fails before any shard (chat prompts, no template) leaves a manifest but no cache:
+    the fixed rerun computes it without claiming to recompute (and --no-overwrite has nothing to protect)."""
+    rows = [{"prompt": [{"role": "user", "content": words(g, 4)}], "responses": [words(g, 3), words(g + 1, 5)],
+             "rewards": [0.0, 1.0]} for g in range(4)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(GvpoError, match="no chat template"):
+        run(tmp_path / "w", [data])
+    assert (tmp_path / "w" / reference.MANIFEST).is_file()
+    tokenize = TokenizeConfig(max_length=64, max_prompt_length=24, prompt_template=TEMPLATE)
+    manifest, out = run(tmp_path / "w", [data], tokenize=tokenize, overwrite=False)
+    assert manifest.complete and "recomputing the reference cache" not in out

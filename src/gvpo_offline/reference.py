@@ -498,7 +498,9 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         _say(console, "repairing the reference cache: " + "; ".join(f"{old.shards[s]} {why}" for s, why in bad.items()))
         for s in bad if ctx.is_main else ():
             (workdir / old.shards[s]).unlink(missing_ok=True)
-    if (workdir / MANIFEST).exists() and (old is None or old.key != key):
+    # A manifest whose run failed before its first shard (e.g. no chat template) holds nothing to replace.
+    computed = old is None or any((workdir / s).is_file() for s in old.shards)
+    if (workdir / MANIFEST).exists() and (old is None or old.key != key) and computed:
         changes = describe_changes(old.inputs, inputs) if old and old.inputs else ["unreadable/old manifest"]
         if not config.overwrite:
             raise GvpoError(

@@ -426,3 +426,12 @@ def test_small_blocks_give_the_same_statistics():
 def test_no_bootstrap_keeps_the_interval_keys():
     *_, intervals, _ = ev.metrics_from_arrays(ELL, REWARDS, GROUPS, BETA, TOKENS, bootstrap=0)
     assert intervals == {"model": dict.fromkeys(ev.METRICS), "delta": dict.fromkeys(ev.METRICS)}
+
+
+@pytest.mark.slow
+def test_table_written_to_a_file_is_not_wrapped(workdir, capsys):
+    main(["eval", "--workdir", str(workdir), "--device", "cpu", "--bootstrap", "50"])
+    out = capsys.readouterr().out  # captured: not a terminal
+    row = next(line for line in out.splitlines() if "pairwise ranking accuracy" in line)
+    assert row.count("[") == 2 and row.count("]") == 2  # both intervals on the metric's own line
+    assert len(row) > 80

@@ -221,7 +221,11 @@ def eval_cmd(
     report = evaluate(config, console)
     if report is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
-    _Console().print(report_table(report))
+    table = report_table(report)
+    out = _Console()
+    if not out.is_terminal:  # a file or a pipe: the table at its natural width, not wrapped at 80 columns
+        out = _Console(width=_Console(width=10_000).measure(table).maximum)
+    out.print(table)
     if json_path:
         console.print(f"wrote {json_path}", highlight=False, markup=False)
 

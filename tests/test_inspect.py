@@ -109,3 +109,48 @@ def test_inspect_help(run_cli):
     for option in ("--layout", "--prompt-col", "--response-col", "--reward-col", "--group-col", "--model",
                    "--max-length", "--max-prompt-length", "--json"):
         assert option in result.out
+
+
+# ---- truncation: one clamping rule with precompute-ref, a visible warning ------------------------
+
+
+def _long_rows(n_groups: int) -> list[dict]:
+    """Groups whose second response is ~700 tokens (stories260K's context is 512), the first short."""
+    long_text = " ".join(["Lily saw a big red ball in the park and she was very happy."] * 40)
+    return [{"prompt": f"Story {g}: once upon a time", "responses": [f"A dog {g} ran.", long_text],
+             "rewards": [0.0, 1.0]} for g in range(n_groups)]
+
+
+def test_inspect_clamps_like_precompute_ref_and_warns(tmp_path, run_cli):
+    """Default --max-length 1024 > the model's 512: inspect counts the truncation precompute-ref does."""
+    import logging
+
+    path = write_jsonl(tmp_path / "long.jsonl", _long_rows(6))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        inspected = run_cli("inspect", path, "--model", STORIES, "--json")
+        computed = run_cli("precompute-ref", path, "--model", STORIES, "--workdir", tmp_path / "w",
+                           "--eval-fraction", "0", "--device", "cpu")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert inspected.code == 0 and computed.code == 0, inspected.err + computed.err
+    tokens = json.loads(inspected.out)["tokens"]
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert tokens["max_length"] == manifest["tokenize"]["max_length"] == 512
+    assert tokens["responses"]["truncated"] == manifest["truncated_responses"] == 6  # half of the 12
+    for result in (inspected, computed):
+        warning = [line for line in result.err.splitlines() if line.startswith("warning: 50.0% of the responses")]
+        assert len(warning) == 1 and "(6 of 12)" in warning[0]
+    assert "clamped to the model's context (512 tokens" in inspected.err
+    assert not [r for r in records if "sequence length is longer" in r.getMessage()]  # expected here: silenced
+
+
+def test_no_truncation_warning_below_five_percent(tmp_path, run_cli):
+    rows = _long_rows(1) + [{"prompt": f"Tale {g}", "responses": ["A cat.", "A dog."], "rewards": [0, 1]}
+                            for g in range(10)]  # 1 of 22 responses cut: 4.5%
+    result = run_cli("inspect", write_jsonl(tmp_path / "d.jsonl", rows), "--model", STORIES, "--json")
+    assert result.code == 0 and json.loads(result.out)["tokens"]["responses"]["truncated"] == 1
+    assert "warning" not in result.err

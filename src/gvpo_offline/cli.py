@@ -255,16 +255,20 @@ def inspect_cmd(
     config = DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col))
     tokens = None
     if model is not None:
-        from gvpo_offline.tokenize import TokenizeConfig, load_prompt_template
+        from gvpo_offline.tokenize import TokenizeConfig, fit_to_model, load_prompt_template, truncation_warning
 
         cfg = TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template))
         tokenizer = load_tokenizer(model)
+        cfg, clamp_note = fit_to_model(cfg, model)  # the same rule as precompute-ref
     grouped = load_groups(config)
     if model is not None:
         from gvpo_offline.progress import progress
 
         with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update:
             tokens = token_stats(grouped, tokenizer, cfg, lambda n: update(advance=n))
+        for line in (clamp_note, truncation_warning(tokens.responses.truncated, tokens.responses.n, cfg)):
+            if line:
+                console.print(line, style="yellow", highlight=False, markup=False, soft_wrap=True)
     summary = summarize(grouped, tokens)
     if as_json:
         import json

@@ -79,10 +79,28 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
         folder = model_folder(base_spec(folder))
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a usable tokenizer folder"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GvpoError(f"{folder}: cannot load a tokenizer from this folder ({reason})") from None
+    # We tokenize whole texts and truncate them ourselves (and report how many): transformers' "Token
+    # indices sequence length is longer than the specified maximum" warning is expected, so mark it as given.
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
+
+
+def context_length(path: str | Path, trust_remote_code: bool = False) -> int | None:
+    """The model's context (``max_position_embeddings`` of its config.json; a LoRA adapter's is its base
+    model's), None when it does not say."""
+    from transformers import AutoConfig
+
+    folder = model_folder(path)
+    if is_adapter(folder):
+        from gvpo_offline.adapters import base_spec
+
+        folder = model_folder(base_spec(folder))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def load_model(

@@ -55,11 +55,12 @@ from gvpo_offline.errors import GvpoError
 from gvpo_offline.progress import progress
 from gvpo_offline.tokenize import (
     TokenizeConfig,
-    clamp_to_model,
     encode_prompt,
     encode_response,
+    fit_to_model,
     tokenizer_fingerprint,
     truncate_response,
+    truncation_warning,
 )
 
 MANIFEST = "manifest.json"
@@ -381,18 +382,6 @@ def _describe_rate(fields: dict, elapsed: float) -> str:
     return f"{fields['responses'] / max(elapsed, 1e-9):,.1f} resp/s {fields['tokens'] / max(elapsed, 1e-9):,.0f} tok/s"
 
 
-def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
-    from transformers import AutoConfig
-
-    folder = modeling.model_folder(model_path)
-    if modeling.is_adapter(folder):  # a LoRA adapter's context is its base model's
-        from gvpo_offline.adapters import base_spec
-
-        folder = modeling.model_folder(base_spec(folder))
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    return getattr(config, "max_position_embeddings", None)
-
-
 def _say(console: Console, message: str) -> None:
     """One message on the console: not wrapped, no rich markup (paths may hold [])."""
     console.print(message, soft_wrap=True, highlight=False, markup=False)
@@ -452,10 +441,9 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     source = hub.resolve_model(config.model)  # a local folder, or a hub id's snapshot in the HF cache
     model_path = str(source.path.resolve())
     tokenizer = modeling.load_tokenizer(model_path, config.trust_remote_code)
-    tok_cfg, clamped = clamp_to_model(config.tokenize, _max_positions(model_path, config.trust_remote_code))
-    if clamped:
-        _say(console, f"note: --max-length {config.tokenize.max_length} clamped to the model's context "
-                      f"({tok_cfg.max_length} tokens; prompts keep at most {tok_cfg.max_prompt_length})")
+    tok_cfg, clamp_note = fit_to_model(config.tokenize, model_path, config.trust_remote_code)
+    if clamp_note:
+        _say(console, clamp_note)
     data_files, eval_files = file_infos(config.data.paths), file_infos(config.eval_data)
     _check_inputs_outside_workdirs(data_files + eval_files)
     inputs = {
@@ -544,6 +532,10 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         _finish(workdir, manifest)
     distributed.barrier(ctx)
     _say(console, f"reference log-probs cached in {workdir}: {_summary(manifest)}")
+    responses = sum(c.responses for c in manifest.counts.values())
+    warning = truncation_warning(manifest.truncated_responses, responses, manifest.tokenize_config)
+    if warning:
+        _say(console, warning)
     return read_manifest(workdir) if ctx.enabled else manifest  # the manifest rank 0 completed
 
 

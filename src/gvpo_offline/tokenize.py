@@ -88,6 +88,30 @@ def clamp_to_model(cfg: TokenizeConfig, max_position_embeddings: int | None) -> 
     return cfg, False
 
 
+def fit_to_model(cfg: TokenizeConfig, model_path, trust_remote_code: bool = False) -> tuple[TokenizeConfig, str | None]:
+    """The one clamping rule of precompute-ref and inspect: ``cfg`` clamped to the model's context, and a
+    note saying so (None when nothing changed)."""
+    from gvpo_offline.modeling import context_length
+
+    fitted, clamped = clamp_to_model(cfg, context_length(model_path, trust_remote_code))
+    if not clamped:
+        return cfg, None
+    return fitted, (f"note: --max-length {cfg.max_length} clamped to the model's context "
+                    f"({fitted.max_length} tokens; prompts keep at most {fitted.max_prompt_length})")
+
+
+TRUNCATION_WARN_SHARE = 0.05  # warn on its own line when more than this share of responses is cut
+
+
+def truncation_warning(cut: int, total: int, cfg: TokenizeConfig) -> str | None:
+    """A visible warning when more than 5% of ``total`` responses are cut at ``cfg.max_length``."""
+    if not total or cut / total <= TRUNCATION_WARN_SHARE:
+        return None
+    return (f"warning: {cut / total:.1%} of the responses ({cut:,} of {total:,}) are cut to fit "
+            f"prompt + response <= {cfg.max_length} tokens: GVPO then compares truncated responses; raise "
+            f"--max-length (up to the model's context) or lower --max-prompt-length if that is not intended")
+
+
 def _prompt_text(tokenizer, messages: list[dict[str, str]], cfg: TokenizeConfig) -> str:
     template = cfg.prompt_template or getattr(tokenizer, "chat_template", None)
     if not template:

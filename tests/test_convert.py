@@ -80,6 +80,9 @@ def test_gsm8k_real_solutions(tmp_path, run_cli):
     group = next(data.iter_groups())
     assert group.prompt == first["question"]
     assert group.responses == [first[m]["solution"] for m in ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    truths = [json.loads(line)["ground_truth"] for line in GSM8K.read_text().splitlines()]
+    assert [r["ground_truth"] for r in rows] == truths  # kept per group, for a correctness reward
 
     result = run_cli("inspect", out)
     assert result.code == 0, result.err

@@ -435,3 +435,17 @@ def test_table_written_to_a_file_is_not_wrapped(workdir, capsys):
     row = next(line for line in out.splitlines() if "pairwise ranking accuracy" in line)
     assert row.count("[") == 2 and row.count("]") == 2  # both intervals on the metric's own line
     assert len(row) > 80
+
+
+@pytest.mark.slow
+def test_generation_eval_passes_prompt_fields_to_the_reward(workdir, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "Once upon a time, there was a little dog named Kim.", "target": 2.0},
+        {"prompt": "One day, Amy went to the park.", "target": 5.0},
+    ])
+    reward = tmp_path / "target.py"
+    reward.write_text("def score(prompt, response, **fields):\n    return fields['target']\n")
+    rep = run_eval(capsys, "--workdir", str(workdir), "--prompts", str(prompts), "--reward", f"{reward}:score",
+                   "--samples-per-prompt", "2", "--max-new-tokens", "4")
+    g = rep["generation"]
+    assert g["model_mean_reward"] == g["reference_mean_reward"] == pytest.approx(3.5)  # (2 + 5) / 2

@@ -144,3 +144,20 @@ def test_generate_responses_independent_of_batching():
     out = generate_responses(model, tokenizer, PROMPTS[:1], 1, SamplingConfig(max_new_tokens=50), short)
     prompt_len = len(tokenizer(PROMPTS[0])["input_ids"])
     assert len(tokenizer(out[0][0], add_special_tokens=False)["input_ids"]) <= 20 - prompt_len + 1
+
+
+def test_sample_passes_other_prompt_fields_to_the_reward(run_cli, tmp_path):
+    """A JSONL prompt's extra fields reach a reward that names them, and stay in the written groups."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "prompt": PROMPTS[0], "ground_truth": "3", "source": "x"},
+        {"id": "b", "prompt": PROMPTS[1], "ground_truth": "5", "source": "y"},
+    ])
+    reward = tmp_path / "truth.py"
+    reward.write_text("def truth(prompt, response, ground_truth):\n    return float(ground_truth)\n")
+    out = tmp_path / "groups.jsonl"
+    res = run_cli("sample", prompts, "--model", MODEL, "--k", "2", "--reward", f"{reward}:truth", "-o", out, *FAST)
+    assert res.code == 0, res.err
+    rows = read_lines(out)
+    assert [r["rewards"] for r in rows] == [[3.0, 3.0], [5.0, 5.0]]
+    assert [(r["ground_truth"], r["source"]) for r in rows] == [("3", "x"), ("5", "y")]
+    assert load_groups(DataConfig((str(out),))).stats.n_groups == 2  # still valid grouped data

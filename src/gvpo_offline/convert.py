@@ -8,7 +8,8 @@
     gsm8k: OpenAI grade-school-math example_model_solutions.jsonl: {"question", "ground_truth",
            "6b_finetuning" | "6b_verification" | "175b_finetuning" | "175b_verification":
            {"is_correct", "solution"}}. A group = the question, its 4 solutions (duplicates kept),
-           reward = 1.0 if correct else 0.0.
+           reward = 1.0 if correct else 0.0; the question's ``ground_truth`` solution is kept as a field
+           (a reward such as ``gvpo_offline.rewards:gsm8k_correct`` receives it when sampling).
     ultrafeedback: openbmb/UltraFeedback rows {"source", "instruction", "models", "completions": [{"model",
            "response", "overall_score", "fine-grained_score", "annotations": {aspect: {"Rating", ...}}, ...}],
            ...}. A group = the instruction and its (usually 4) completions; reward = the ``score_field``:
@@ -27,8 +28,8 @@ Input: a .jsonl / .jsonl.gz / .parquet file, or with ``from_hub`` a Hugging Face
 through ``datasets.load_dataset``; offline it comes from the local HF datasets cache), a local dataset
 folder (data files, or a ``save_to_disk`` folder) and a ``split``.
 
-Output rows: {"id", "prompt", "responses", "rewards"}, written to a temporary file then renamed, so a
-failed conversion leaves nothing behind.
+Output rows: {"id", "prompt", "responses", "rewards"} (+ "ground_truth" for gsm8k), written to a
+temporary file then renamed, so a failed conversion leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ def _rank(msg: dict) -> int | None:
 
 
 def gsm8k_groups(rows: Rows) -> Iterator[dict]:
-    """One grouped row per question: its 4 model solutions, reward 1.0 if correct else 0.0."""
+    """One grouped row per question: its 4 model solutions, reward 1.0 if correct else 0.0, ground_truth."""
     for index, (line, row) in enumerate(rows):
         question = _text(rows, line, row.get("question"), "question")
         responses, rewards = [], []
@@ -288,7 +289,9 @@ def gsm8k_groups(rows: Rows) -> Iterator[dict]:
                 raise rows.error(line, "expected a non-empty 'solution' and a boolean 'is_correct'", field=model)
             responses.append(solution)
             rewards.append(1.0 if correct else 0.0)
-        yield {"id": f"gsm8k-{index}", "prompt": question, "responses": responses, "rewards": rewards}
+        ground_truth = _text(rows, line, row.get("ground_truth"), "ground_truth")
+        yield {"id": f"gsm8k-{index}", "prompt": question, "responses": responses, "rewards": rewards,
+               "ground_truth": ground_truth}
 
 
 def ultrafeedback_groups(rows: Rows, score_field: str = "overall_score") -> Iterator[dict | None]:

@@ -558,32 +558,40 @@ def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=N
 
 
 def read_eval_prompts(path: str | Path) -> list:
-    """Prompts for the generation eval, deduplicated in order. ``.txt`` (one per line) and ``.jsonl``/
-    ``.json`` with a ``prompt`` field are read by sample.read_prompts; any other data file (Parquet,
-    ``.jsonl.gz``, a folder) by the data layer, whose ``prompt`` column is taken."""
+    """Prompts for the generation eval, deduplicated in order (see :func:`read_eval_prompt_rows`)."""
+    return [prompt for prompt, _ in read_eval_prompt_rows(path)]
+
+
+def read_eval_prompt_rows(path: str | Path) -> list[tuple]:
+    """(prompt, other fields) for the generation eval, deduplicated by prompt in order. ``.txt`` (one per
+    line) and ``.jsonl``/``.json`` with a ``prompt`` field are read by sample.read_prompts (a line's other
+    fields, e.g. ``ground_truth``, go to a reward that accepts them); any other data file (Parquet,
+    ``.jsonl.gz``, a folder) by the data layer, whose ``prompt`` column is taken (no other fields)."""
     from gvpo_offline.data import DataConfig, load_groups
     from gvpo_offline.sample import read_prompts
 
     if Path(path).suffix in (".txt", ".jsonl", ".json"):
-        candidates = [record.prompt for record in read_prompts(path, unique_ids=False)]
+        candidates = [(record.prompt, record.fields) for record in read_prompts(path, unique_ids=False)]
     else:
-        candidates = [json.loads(p) for p in load_groups(DataConfig((str(path),))).table["prompt"].to_pylist()]
-    prompts, seen = [], set()
-    for prompt in candidates:
+        table = load_groups(DataConfig((str(path),))).table
+        candidates = [(json.loads(p), {}) for p in table["prompt"].to_pylist()]
+    rows, seen = [], set()
+    for prompt, fields in candidates:
         key = json.dumps(prompt, sort_keys=True)
         if key not in seen:
             seen.add(key)
-            prompts.append(prompt)
-    return prompts
+            rows.append((prompt, fields))
+    return rows
 
 
-def _score_all(fn, prompts, responses) -> np.ndarray:
-    """[P, n] rewards of the sampled responses; a failing reward names the prompt."""
+def _score_all(fn, prompts, responses, fields) -> np.ndarray:
+    """[P, n] rewards of the sampled responses (``fields``: each prompt's other fields); a failing reward
+    names the prompt."""
     from gvpo_offline.rewards import score_responses
 
     out = np.zeros((len(prompts), max(len(r) for r in responses)))
-    for i, (prompt, group) in enumerate(zip(prompts, responses)):
-        out[i, : len(group)] = score_responses(fn, prompt, group, f"prompt {i + 1}")
+    for i, (prompt, group, extra) in enumerate(zip(prompts, responses, fields)):
+        out[i, : len(group)] = score_responses(fn, prompt, group, f"prompt {i + 1}", extra)
     return out
 
 def generation_eval(
@@ -608,7 +616,8 @@ def generation_eval(
     from gvpo_offline.rewards import load_reward_fn
     from gvpo_offline.sample import generate_responses
 
-    prompts = read_eval_prompts(gen.prompts_path)
+    rows = read_eval_prompt_rows(gen.prompts_path)
+    prompts, fields = [prompt for prompt, _ in rows], [extra for _, extra in rows]
     reward_fn = load_reward_fn(gen.reward, gen.reward_timeout)
     tokenizer = load_tokenizer(manifest.model_path, trust_remote_code)  # the cache's tokenization
     sampling = gen.sampling
@@ -620,7 +629,7 @@ def generation_eval(
             texts = generate_responses(
                 m, tokenizer, prompts, n, sampling, tok_cfg, seed_keys=keys, progress=lambda k: update(advance=k)
             )
-        return _score_all(reward_fn, prompts, texts)
+        return _score_all(reward_fn, prompts, texts, fields)
 
     if not model_is_reference:
         from gvpo_offline.modeling import model_fingerprint

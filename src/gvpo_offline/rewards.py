@@ -2,6 +2,13 @@
 
 ``module`` is an importable module name or the path of a ``.py`` file (``sample_data/reward.py:score``).
 ``prompt`` is what the data holds: a string or a list of ``{"role", "content"}`` messages.
+
+A reward may also take the prompt row's other fields as keyword arguments, e.g.
+``def correct(prompt, response, ground_truth): ...``: a JSONL prompts file with a ``ground_truth`` field
+(as ``convert gsm8k`` writes) then passes it. A field is passed when the function names it or has
+``**kwargs``; ``id`` and the data-layout columns (responses, rewards, ...) are not passed.
+
+Shipped rewards: :func:`gsm8k_correct`.
 """
 
 from __future__ import annotations
@@ -9,8 +16,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -87,9 +96,29 @@ def _alarm(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def score(fn: RewardFn, prompt, response: str) -> float:
-    """Call the reward and insist on a finite real number (not a string such as "1.5", not a bool)."""
-    value = fn(prompt, response)
+NOT_REWARD_FIELDS = frozenset({"prompt", "id", "responses", "rewards", "response", "reward", "group_id"})
+
+
+def reward_kwargs(fn: RewardFn, fields: dict | None) -> dict:
+    """The fields of a prompt row that ``fn`` accepts as keyword arguments: those it names (beyond the
+    first two positional parameters), or all of them when it has ``**kwargs``."""
+    fields = {k: v for k, v in (fields or {}).items() if k not in NOT_REWARD_FIELDS}
+    if not fields:
+        return {}
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: (prompt, response) only
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return fields
+    named = {p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in fields.items() if k in named}
+
+
+def score(fn: RewardFn, prompt, response: str, fields: dict | None = None) -> float:
+    """Call the reward (with the row's ``fields`` it accepts, see :func:`reward_kwargs`); insist on a
+    finite real number (not a string such as "1.5", not a bool)."""
+    value = fn(prompt, response, **reward_kwargs(fn, fields))
     item = value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value  # numpy/torch scalar
     if isinstance(item, bool) or not isinstance(item, numbers.Real):
         raise GvpoError(f"the reward function returned {value!r} ({type(value).__name__}), not a number")
@@ -99,15 +128,47 @@ def score(fn: RewardFn, prompt, response: str) -> float:
     return value
 
 
-def score_responses(fn: RewardFn, prompt, responses: list[str], where: str) -> list[float]:
-    """Rewards of ``responses`` to ``prompt``. Any failure of the user's function becomes one GvpoError
-    that names ``where`` (e.g. "prompt id '7'") instead of a traceback."""
+def score_responses(
+    fn: RewardFn, prompt, responses: list[str], where: str, fields: dict | None = None
+) -> list[float]:
+    """Rewards of ``responses`` to ``prompt`` (``fields``: the prompt row's other fields). Any failure of
+    the user's function becomes one GvpoError that names ``where`` (e.g. "prompt id '7'") instead of a
+    traceback."""
     rewards = []
     for response in responses:
         try:
-            rewards.append(score(fn, prompt, response))
+            rewards.append(score(fn, prompt, response, fields))
         except GvpoError as err:
             raise GvpoError(f"{where}: {err}") from None
         except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's code failed (or exited): one line
             raise GvpoError(f"the reward function failed on {where}: {type(err).__name__}: {err}") from None
     return rewards
+
+
+# ---- shipped rewards -----------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_ANSWER_MARKERS = ("####", "A:", "answer is", "Answer:")
+
+
+def final_number(text: str) -> float | None:
+    """The final numeric answer of a GSM8K-style solution: the first number after the last answer marker
+    (``#### 18``, ``A: 18``, ``the answer is 18``), else the last number in the text; ``$`` and thousands
+    commas are ignored. None when there is no number."""
+    tail = text
+    for marker in _ANSWER_MARKERS:
+        at = text.rfind(marker)
+        if at >= 0 and _NUMBER.search(text, at + len(marker)):
+            tail = text[at + len(marker):]
+            found = _NUMBER.search(tail)
+            return float(found.group().replace("$", "").replace(",", ""))
+    numbers = _NUMBER.findall(tail)
+    return float(numbers[-1].replace("$", "").replace(",", "")) if numbers else None
+
+
+def gsm8k_correct(prompt, response: str, ground_truth: str) -> float:
+    """1.0 when the response's final number equals the ground truth's (``#### 18`` or ``A: 18`` solutions,
+    or a bare number), else 0.0. Use with ``--reward gvpo_offline.rewards:gsm8k_correct`` on prompts that
+    carry a ``ground_truth`` field (``gvpo-offline convert gsm8k`` writes it)."""
+    expected, answered = final_number(str(ground_truth)), final_number(response)
+    return float(expected is not None and answered is not None and math.isclose(answered, expected, abs_tol=1e-6))

@@ -26,7 +26,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -259,11 +259,13 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """One prompt to sample for: its id, its position in the file (for seeding) and the prompt."""
+    """One prompt to sample for: its id, its position in the file (for seeding), the prompt, and the
+    line's other fields (e.g. ``ground_truth``; passed to a reward that accepts them, kept in the output)."""
 
     id: str
     index: int
     prompt: Prompt
+    fields: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -309,8 +311,8 @@ def _check_prompt(path: str, line: int, prompt: object) -> Prompt:
 
 def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord]:
     """Prompts from a ``.txt`` file (one per line, blank lines skipped) or JSONL with a ``prompt`` field
-    (a string or chat messages) and an optional ``id``; other fields are ignored, so grouped and flat
-    data files work as they are. Ids default to the 1-based line number; with ``unique_ids`` they must
+    (a string or chat messages) and an optional ``id``; other fields are kept in ``PromptRecord.fields``
+    (grouped and flat data files work as they are). Ids default to the 1-based line number; with ``unique_ids`` they must
     be unique."""
     path = Path(path)
     if not path.is_file():
@@ -338,7 +340,8 @@ def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord
         if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
             raise DataError(str(path), f"expected a string or integer, got {raw_id!r}", line=line_no, field="id")
         prompt = _check_prompt(str(path), line_no, obj["prompt"])
-        records.append(PromptRecord(str(raw_id), len(records), prompt))
+        fields = {k: v for k, v in obj.items() if k not in ("prompt", "id")}
+        records.append(PromptRecord(str(raw_id), len(records), prompt, fields))
     if not records:
         raise GvpoError(f"{path}: no prompts")
     seen: set[str] = set()
@@ -394,7 +397,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     """
     from gvpo_offline.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
     from gvpo_offline.progress import progress
-    from gvpo_offline.rewards import load_reward_fn, score_responses
+    from gvpo_offline.rewards import NOT_REWARD_FIELDS, load_reward_fn, score_responses
 
     records = read_prompts(config.prompts_path)
     reward_fn = load_reward_fn(config.reward, config.reward_timeout)
@@ -436,9 +439,10 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
                 result.empty_responses += len(group) - len(kept)
                 if len(kept) < 2:  # rare: not a GVPO group any more (a resumed run retries it)
                     continue
-                rewards = score_responses(reward_fn, record.prompt, kept, f"prompt id {record.id!r}")
+                rewards = score_responses(reward_fn, record.prompt, kept, f"prompt id {record.id!r}", record.fields)
+                extra = {k: v for k, v in record.fields.items() if k not in NOT_REWARD_FIELDS}
                 lines.append(json.dumps(
-                    {"id": record.id, "prompt": record.prompt, "responses": kept, "rewards": rewards},
+                    {"id": record.id, "prompt": record.prompt, **extra, "responses": kept, "rewards": rewards},
                     ensure_ascii=False,
                 ) + "\n")
             out.write("".join(lines))

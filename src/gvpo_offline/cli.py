@@ -117,16 +117,16 @@ def precompute_ref_cmd(
 
 @app.command("train", cls=ConfigCommand)
 def train_cmd(
-    beta: Annotated[float, typer.Option("--beta", metavar="FLOAT", help="KL strength β > 0 (implicit reward β·log πθ/πref).")],
+    beta: Annotated[float, typer.Option("--beta", metavar="FLOAT", help="KL strength β > 0. The target is π* ∝ πref·exp(R/β): a reward gap ΔR between two responses becomes a log-prob gap ΔR/β, so pick β on the scale of the reward differences (small β: far from πref; large β: close to it).")],
     workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
     loss: Annotated[str, typer.Option("--loss", metavar="LOSS", help="Objective on the same groups: gvpo, or the baselines dpo, ipo (every pair with different rewards), rebel (all pairs; = 2 × gvpo), sft-best (NLL of each group's best response).")] = "gvpo",
     init_model: Annotated[Optional[str], typer.Option("--init-model", metavar="PATH", help="Start from this model (a folder, e.g. an SFT checkpoint, or a hub id org/name[@revision]) instead of the reference; same tokenizer required.")] = None,
     groups_per_step: Annotated[int, typer.Option("--groups-per-step", metavar="INT", help="Prompts (whole groups) per optimizer step.")] = 8,
     micro_batch_tokens: Annotated[Optional[int], typer.Option("--micro-batch-tokens", metavar="INT", help="Padded tokens per forward pass (memory bound; default 8192 on GPU, 2048 on CPU, where small batches run faster); a step that does not fit is split with the exact same gradient.", show_default=False)] = None,
-    lr: Annotated[float, typer.Option("--lr", metavar="FLOAT", help="Peak AdamW learning rate. Our loss is paper eq. 16; the authors' verl code scales the loss by 1/2, i.e. half our gradient at the same learning rate.")] = 1e-6,
+    lr: Annotated[float, typer.Option("--lr", metavar="FLOAT", help="Peak AdamW learning rate: about the size of each weight's update per step. 1e-6 suits billion-parameter LLMs; tiny models need far more (the stories260K quick start uses 2e-4). Try a few values on a short run and watch the loss in metrics.jsonl and the drift (mean ℓ per token) in eval. The authors' verl objective is (m/(2n))× ours per step (×2 for their script); under AdamW a constant factor mostly cancels, so their learning rates carry over.")] = 1e-6,
     weight_decay: Annotated[float, typer.Option("--weight-decay", metavar="FLOAT")] = 0.0,
     warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", metavar="FLOAT", help="Fraction of steps with linear warmup; cosine decay after.")] = 0.1,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", metavar="FLOAT", help="Gradient clipping (0 = off).")] = 1.0,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", metavar="FLOAT", help="Clip the gradient norm to this (0 = off). |g| in the log is the norm before clipping; with AdamW, clipping re-weights steps against each other rather than shrinking the update, and the end of train reports how many steps were clipped.")] = 1.0,
     epochs: Annotated[int, typer.Option("--epochs", metavar="INT")] = 1,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", metavar="INT", help="Total optimizer steps; overrides --epochs.")] = None,
     seed: Annotated[int, typer.Option(metavar="INT", help="Seed of the per-epoch shuffle of the groups.")] = 0,
@@ -148,7 +148,11 @@ def train_cmd(
     merge: Annotated[bool, typer.Option("--merge", help="With --lora-r: also write WORKDIR/model-merged/, the adapter merged into the base weights (a plain transformers model).")] = False,
     base_dtype: Annotated[str, typer.Option("--base-dtype", metavar="TEXT", help="With --lora-r: the frozen base weights' dtype, float32 or bfloat16 (half the memory on a GPU; ℓ at step 0 is then bf16 rounding, not 0). The adapter and its optimizer state stay float32.")] = "float32",
 ) -> None:
-    """Train the policy with GVPO (or --loss) on the cached train split; the final model goes to WORKDIR/model/."""
+    """Train the policy with GVPO (or --loss) on the cached train split; the final model goes to WORKDIR/model/.
+
+    The log shows per step the loss, |g| (gradient norm before clipping), the learning rate and tokens/s;
+    without a terminal, a plain line every GVPO_LOG_EVERY seconds (default 30).
+    """
     from pathlib import Path
 
     from gvpo_offline import config_file, tracking

@@ -10,7 +10,8 @@ The loss is the unbiased estimator of eq. 16, averaged over the G groups present
     L = 1/G · Σ_x 1/(k(x)−1) · Σ_i c_i²
 Its gradient w.r.t. the policy's sequence log-probs is 2β·c_i / ((k(x)−1)·G). The c_i sum to zero within
 each group, so the partition function Z(x) cancels and the unique minimiser is π* ∝ πref·exp(R/β).
-The authors' verl code scales the loss by ½ (half this gradient at the same learning rate).
+The authors' verl objective is (m/(2n)) × this per optimizer step (m = ppo_micro_batch_size_per_gpu,
+n = responses per prompt; ×2 for their shipped script); AdamW mostly cancels a constant factor.
 """
 
 from __future__ import annotations
@@ -254,7 +255,10 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
-        Objective("gvpo", gvpo_group_terms, "GVPO eq. 16: 1/G Σ_x 1/(k-1) Σ_i c_i²  (verl's code uses ½ of this)"),
+        Objective("gvpo", gvpo_group_terms,
+                  "GVPO eq. 16: 1/G Σ_x 1/(k-1) Σ_i c_i²  (the authors' verl objective is (m/(2n)) × this per "
+                  "optimizer step, m = ppo_micro_batch_size_per_gpu, n = responses per prompt; AdamW mostly "
+                  "cancels a constant factor)"),
         Objective("dpo", dpo_group_terms, "DPO: mean over groups with a reward difference of the mean over their "
                   "pairs (R_c > R_r) of -log σ(β(ℓ_c - ℓ_r))"),
         Objective("ipo", ipo_group_terms, "IPO: mean over groups with a reward difference of the mean over their "

@@ -28,8 +28,11 @@ Other objectives (``--loss dpo|ipo|rebel|sft-best``, :data:`loss.OBJECTIVES`) ru
 data, micro-batching, checkpoints and final model; only the per-group loss differs. GVPO's gradient
 path is the closed form above; the others get the split-group weights ∂L/∂log πθ by autograd.
 
-Loss scale: our loss is paper eq. 16 (gradient 2β·c_i/((k−1)·G)); the authors' verl code scales it
-by ½, so their learning rate corresponds to half our gradient.
+Loss scale: our loss is paper eq. 16 averaged over the step's G groups (gradient 2β·c_i/((k−1)·G)).
+A measured comparison with the authors' verl code shows that their effective objective per optimizer
+step is (m/(2n)) × ours (m = ppo_micro_batch_size_per_gpu, n = responses per prompt; ×2 for their
+shipped script). Under AdamW a constant factor on the loss mostly cancels (the update is normalised by
+the gradient's running RMS; only epsilon and clipping see the scale), so their learning rates carry over.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ class TrainConfig:
     init_model: str | None = None  # None = the reference model recorded in the manifest
     groups_per_step: int = 8  # whole groups (prompts) per optimizer step
     micro_batch_tokens: int | None = None  # padded tokens (rows × longest) per pass; None = 8192 GPU, 2048 CPU
-    lr: float = 1e-6  # peak AdamW lr; verl's GVPO loss is ½ ours, so its lr means half our gradient
+    lr: float = 1e-6  # peak AdamW lr (≈ per-weight update size); verl's objective is (m/(2n))× ours, which AdamW mostly cancels
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1  # fraction of the steps with linear warmup, then cosine to 0
     max_grad_norm: float = 1.0  # 0 = no clipping

@@ -61,3 +61,11 @@ def test_top_level_help_lists_the_commands(run_cli):
     text = _help(run_cli)
     assert all(command in text for command in COMMANDS)
     assert "<bool>" not in text
+
+
+def test_train_help_explains_lr_beta_and_grad_norm(run_cli):
+    text = _help(run_cli, "train")
+    assert "|g| in the log is the norm before clipping" in text
+    assert "pick β on the scale of the reward differences" in text
+    assert "(m/(2n))× ours per step" in text and "AdamW a constant factor mostly cancels" in text
+    assert "scales the loss by 1/2" not in text

@@ -83,3 +83,20 @@ def test_fingerprint_survives_save_and_reload_but_not_a_change(tok, tmp_path):
     other = AutoTokenizer.from_pretrained(tmp_path / "copy")
     other.add_tokens(["<extra_token>"])
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+
+
+def test_readme_template_file_puts_real_newlines_between_turns():
+    """README's --prompt-template example is a file: each turn on its own line, no literal backslash-n."""
+    from transformers import AutoTokenizer
+
+    from gvpo_offline.tokenize import TokenizeConfig, encode_prompt, load_prompt_template
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "examples" / "chat_template.jinja"
+    assert f"--prompt-template {path.relative_to(root)}" in (root / "README.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(root / "sample_data" / "stories260K")
+    cfg = TokenizeConfig(max_length=256, max_prompt_length=128, prompt_template=load_prompt_template(str(path)))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Tell a story"}]
+    text = tokenizer.decode(encode_prompt(tokenizer, messages, cfg)[0], skip_special_tokens=True)
+    assert text.strip() == "user: Hi\nassistant: Hello\nuser: Tell a story\nassistant:"

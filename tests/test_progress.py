@@ -120,3 +120,16 @@ def test_summary_grammar_after_one_step(story_cache, tmp_path, capsys):
               "--device", "cpu"])
     err = capsys.readouterr().err
     assert "train done: 1 step in" in err and "1 steps" not in err
+
+
+def test_precompute_ref_prints_plain_progress_without_a_terminal(tmp_path, monkeypatch, run_cli):
+    from conftest import write_jsonl
+
+    monkeypatch.setenv("GVPO_LOG_EVERY", "0")
+    rows = [{"prompt": f"Story {g}", "responses": ["A dog ran.", "A cat sat down."], "rewards": [0, 1]}
+            for g in range(3)]
+    result = run_cli("precompute-ref", write_jsonl(tmp_path / "d.jsonl", rows), "--model", STORIES,
+                     "--workdir", tmp_path / "w", "--device", "cpu")
+    assert result.code == 0, result.err
+    lines = [line for line in result.err.splitlines() if line.startswith("reference log-probs: responses")]
+    assert lines and lines[-1].startswith("reference log-probs: responses 6/6 (100%)") and "tok/s" in lines[-1]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The suite's models are tiny: one intra-op thread per process does not oversubscribe a small machine
+# (5x faster than two on a busy 2-core box, see test_reference.py). Tests and subprocesses alike; set
+# before torch is imported; OMP_NUM_THREADS from the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

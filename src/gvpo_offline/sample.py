@@ -312,8 +312,8 @@ def _check_prompt(path: str, line: int, prompt: object) -> Prompt:
 def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord]:
     """Prompts from a ``.txt`` file (one per line, blank lines skipped) or JSONL with a ``prompt`` field
     (a string or chat messages) and an optional ``id``; other fields are kept in ``PromptRecord.fields``
-    (grouped and flat data files work as they are). Ids default to the 1-based line number; with ``unique_ids`` they must
-    be unique."""
+    (grouped and flat data files work as they are). Ids default to the 1-based line number; with
+    ``unique_ids`` they must be unique."""
     path = Path(path)
     if not path.is_file():
         raise GvpoError(f"{path}: no such prompts file")

@@ -103,7 +103,7 @@ class TrainConfig:
     init_model: str | None = None  # None = the reference model recorded in the manifest
     groups_per_step: int = 8  # whole groups (prompts) per optimizer step
     micro_batch_tokens: int | None = None  # padded tokens (rows × longest) per pass; None = 8192 GPU, 2048 CPU
-    lr: float = 1e-6  # peak AdamW lr (≈ per-weight update size); verl's objective is (m/(2n))× ours, which AdamW mostly cancels
+    lr: float = 1e-6  # peak AdamW lr (≈ per-weight update size); verl's (m/(2n))× loss scale: AdamW mostly cancels it
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1  # fraction of the steps with linear warmup, then cosine to 0
     max_grad_norm: float = 1.0  # 0 = no clipping
@@ -661,11 +661,14 @@ def describe_step(fields: dict, elapsed: float) -> str:
 def summary_line(model_dir: Path, steps: int, steps_run: int, seconds: float, final_loss: float | None,
                  clipped: int, max_grad_norm: float) -> str:
     """What the run did, printed at the end; says how often the clip, not the learning rate, set the step."""
-    done = f"{plural(steps_run, 'step')} in {duration(seconds)}" + (f" ({steps:,} in total)" if steps != steps_run else "")
+    done = f"{plural(steps_run, 'step')} in {duration(seconds)}"
+    if steps != steps_run:
+        done += f" ({steps:,} in total)"
     loss = f"; final loss {final_loss:.4g}" if final_loss is not None else ""
     clip = ""
     if max_grad_norm > 0 and steps_run:
-        clip = f"; gradient clipped to {max_grad_norm:g} on {clipped:,} of {plural(steps_run, 'step')} ({clipped / steps_run:.0%})"
+        share = f"{clipped / steps_run:.0%}"
+        clip = f"; gradient clipped to {max_grad_norm:g} on {clipped:,} of {plural(steps_run, 'step')} ({share})"
     return f"train done: {done}{loss}{clip}; model saved to {model_dir}"
 
 

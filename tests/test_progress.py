@@ -107,7 +107,7 @@ def test_train_log_without_a_terminal(story_cache, tmp_path, monkeypatch, capsys
     clipped = sum(r["grad_norm"] > 1.0 for r in records)
     assert f"gradient clipped to 1 on {clipped} of 3 steps ({clipped / 3:.0%})" in summary
     assert f"final loss {records[-1]['loss']:.4g}" in summary and str(workdir / "model") in summary
-    loss_note = json.loads((workdir / "model" / "train_config.json").read_text())["loss"]
+    loss_note = json.loads((workdir / "model" / "train_config.json").read_text())["loss_formula"]
     assert "(m/(2n)) × this per optimizer step" in loss_note and "½" not in loss_note
     assert before <= records[0]["time"] <= records[-1]["time"] <= time.time()
     assert 0 < records[0]["elapsed"] < records[1]["elapsed"] < records[2]["elapsed"]

@@ -323,15 +323,20 @@ def test_bad_options_are_user_errors():
         replace(PrecomputeConfig(data=DataConfig(("x",)), model="m"), shard_groups=0)
 
 
-def test_no_recomputing_message_when_nothing_was_computed(tmp_path):
-    """A first run that fails before any shard (chat prompts, no template) leaves a manifest but no cache:
-    the fixed rerun computes it without claiming to recompute (and --no-overwrite has nothing to protect)."""
-    rows = [{"prompt": [{"role": "user", "content": words(g, 4)}], "responses": [words(g, 3), words(g + 1, 5)],
-             "rewards": [0.0, 1.0]} for g in range(4)]
-    data = write_jsonl(tmp_path / "chat.jsonl", rows)
-    with pytest.raises(GvpoError, match="no chat template"):
+def test_no_recomputing_message_when_nothing_was_computed(tmp_path, monkeypatch):
+    """A first run stopped before its first shard (Ctrl-C in the first batch) leaves a manifest but no
+    cache: a rerun with other settings computes it without claiming to recompute (and --no-overwrite has
+    nothing to protect)."""
+    data = write_jsonl(tmp_path / "d.jsonl", make_groups(6))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modeling, "batched_logps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "w", [data])
-    assert (tmp_path / "w" / reference.MANIFEST).is_file()
-    tokenize = TokenizeConfig(max_length=64, max_prompt_length=24, prompt_template=TEMPLATE)
+    assert (tmp_path / "w" / reference.MANIFEST).is_file() and not list((tmp_path / "w").glob("ref/shard-*"))
+    monkeypatch.undo()
+    tokenize = TokenizeConfig(max_length=48, max_prompt_length=24)
     manifest, out = run(tmp_path / "w", [data], tokenize=tokenize, overwrite=False)
     assert manifest.complete and "recomputing the reference cache" not in out

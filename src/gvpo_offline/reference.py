@@ -486,7 +486,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         _say(console, "repairing the reference cache: " + "; ".join(f"{old.shards[s]} {why}" for s, why in bad.items()))
         for s in bad if ctx.is_main else ():
             (workdir / old.shards[s]).unlink(missing_ok=True)
-    # A manifest whose run failed before its first shard (e.g. no chat template) holds nothing to replace.
+    # A manifest whose run stopped before its first shard holds nothing to replace: no "recomputing".
     computed = old is None or any((workdir / s).is_file() for s in old.shards)
     if (workdir / MANIFEST).exists() and (old is None or old.key != key) and computed:
         changes = describe_changes(old.inputs, inputs) if old and old.inputs else ["unreadable/old manifest"]
@@ -500,7 +500,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     groups, splits, layout = _plan(config, console)
     if old is None or old.key != key:  # validate every group's tokenization before touching the old cache
         _validate_encoding(tokenizer, groups, splits, tok_cfg, config.shard_groups)
-        if (workdir / MANIFEST).exists():
+        if changes:  # an earlier cache with computed shards is being replaced
             _say(console, f"recomputing the reference cache: {'; '.join(changes)}")
     manifest = Manifest(
         tool_version=__version__, data_files=data_files, eval_data_files=eval_files, layout=layout,

@@ -158,7 +158,7 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def _metrics(workdir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "time", "elapsed")} for r in rows]  # wall clock
 
 
 def _children(pid: int) -> list[int]:

@@ -9,7 +9,7 @@ it gets what a user would have to feed it for k > 2: every pair of a group's res
 rewards (higher reward = chosen), k(k−1)/2 pairs per group. The model is a random-init Llama built from
 a config (default hidden 1024, 2 layers, 16/8 GQA heads) with stories260K's tokenizer (vocabulary 512),
 saved to a temp folder; both sides load it from there, float32 on CPU.
-  gvpo-offline  precompute-ref (reference.precompute, --packing auto, --batch-tokens 2048), then train
+  gvpo-offline  precompute-ref (reference.precompute, --packing auto: these long-prompt groups are packed, --batch-tokens 2048), then train
                 one epoch (train.train, --groups-per-step --step-groups, --micro-batch-tokens 2048)
   TRL           DPOTrainer with precompute_ref_log_probs=True (its fastest CPU setting: the reference is
                 scored once, no second model in the loop), per_device_train_batch_size chosen so that a

@@ -68,8 +68,8 @@ def test_lora_starts_at_the_reference_and_its_folders_load_with_plain_peft_and_t
     full = tmp_path / "full"
     shutil.copytree(workdir, full)
     # packed rows here (each prompt once), padded rows in the other tests: LoRA runs through both paths
-    train(config(full, lora=None, max_steps=1, packing="auto"), log=lambda _: None)
-    train(config(workdir, max_steps=3, merge=True, packing="auto"), log=lambda _: None)
+    train(config(full, lora=None, max_steps=1, packing="on"), log=lambda _: None)
+    train(config(workdir, max_steps=3, merge=True, packing="on"), log=lambda _: None)
     # B = 0 and eval mode: step 0 computes the base model's function exactly, as full fine-tuning does
     lora0, full0 = first_metrics(workdir), first_metrics(full)
     assert lora0["loss"] == full0["loss"] and lora0["log_ratio_absmax"] == full0["log_ratio_absmax"] < 1e-4

@@ -136,16 +136,32 @@ def test_plan_computes_each_prompt_once_and_respects_the_budget():
 def test_unsupported_models_fall_back_with_a_note():
     from transformers import GPT2Config
 
-    assert packing.resolve("auto", tiny("llama").config) == (True, None)
-    assert packing.resolve("off", tiny("llama").config) == (False, None)
-    packed, note = packing.resolve("auto", GPT2Config())
-    assert not packed and "gpt2" in note and "\n" not in note
+    assert packing.resolve("auto", tiny("llama").config) == ("auto", None)
+    assert packing.resolve("on", tiny("llama").config) == ("on", None)
+    assert packing.resolve("off", tiny("llama").config) == ("off", None)
+    mode, note = packing.resolve("auto", GPT2Config())
+    assert mode == "off" and "gpt2" in note and "\n" not in note
     flash = tiny("llama").config
     flash._attn_implementation = "flash_attention_2"
-    packed, note = packing.resolve("auto", flash)
-    assert not packed and "flash_attention_2" in note
+    mode, note = packing.resolve("on", flash)
+    assert mode == "off" and "flash_attention_2" in note
     with pytest.raises(ValueError):
-        packing.resolve("on", flash)
+        packing.resolve("sometimes", flash)
+
+
+def test_auto_packs_only_when_sharing_the_prompt_saves_enough_tokens():
+    long_prompt, short_prompt = list(range(1, 513)), [1, 2, 3]
+    responses = [list(range(100, 228))] * 8
+    # 8 responses of 128 tokens to one 512-token prompt: 7 of the 8 prompt copies are saved
+    assert packing.shared_fraction([long_prompt] * 8, responses) == pytest.approx(7 * 512 / (8 * 640))
+    assert packing.use_packing("auto", [long_prompt] * 8, responses)
+    # a 3-token prompt saves ~2%: padded rows; 'on' and 'off' do not look at the data
+    assert packing.shared_fraction([short_prompt] * 8, responses) == pytest.approx(7 * 3 / (8 * 131))
+    assert not packing.use_packing("auto", [short_prompt] * 8, responses)
+    assert packing.use_packing("on", [short_prompt] * 8, responses)
+    assert not packing.use_packing("off", [long_prompt] * 8, responses)
+    # distinct prompts share nothing
+    assert packing.shared_fraction([[i, i + 1] for i in range(8)], responses) == 0.0
 
 
 # ---- same log-probs and gradients as separate sequences -----------------------------------------
@@ -251,14 +267,14 @@ def run_precompute(data: Path, workdir: Path, packing_setting: str, model=STORIE
 
 def test_precompute_records_packing_and_train_follows_the_cache(tmp_path):
     data = write_story_data(tmp_path / "data.jsonl")
-    run_precompute(data, tmp_path / "auto", "auto")
+    run_precompute(data, tmp_path / "auto", "on")
     run_precompute(data, tmp_path / "off", "off")
     manifests = {m: json.loads((tmp_path / m / "manifest.json").read_text()) for m in ("auto", "off")}
-    assert manifests["auto"]["inputs"]["packing"] == "auto" and manifests["off"]["inputs"]["packing"] == "off"
+    assert manifests["auto"]["inputs"]["packing"] == "on" and manifests["off"]["inputs"]["packing"] == "off"
     assert manifests["auto"]["key"] != manifests["off"]["key"]
     ref = {m: load_split(tmp_path / m, "train")["ref_logp"].to_numpy() for m in ("auto", "off")}
     assert abs(ref["auto"] - ref["off"]).max() < 1e-4
-    assert "--packing changed ('off' -> 'auto')" in run_precompute(data, tmp_path / "off", "auto")
+    assert "--packing changed ('off' -> 'on')" in run_precompute(data, tmp_path / "off", "on")
 
     # ℓ = 0 at step 0 to float rounding: the policy on the cache's path, and on the other path
     for packing_setting in (None, "off"):

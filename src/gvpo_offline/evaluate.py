@@ -353,7 +353,7 @@ class EvalConfig:
         are computed with the manifest's model and tokenization and cached in the workdir.
     beta: β; overrides the ``beta`` of ``MODEL/train_config.json``; required when there is none.
     dtype: None = the dtype the reference log-probs were computed in (the manifest's).
-    packing: auto|off (gvpo_offline.packing); None = the reference cache's setting.
+    packing: auto|on|off (gvpo_offline.packing); None = the reference cache's setting.
     bootstrap: resamples for the 95% intervals (0 = no intervals).
     """
 
@@ -380,8 +380,10 @@ class EvalConfig:
             raise GvpoError("--bootstrap must be >= 0")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise GvpoError("--batch-tokens must be >= 1")
-        if self.packing not in (None, "auto", "off"):
-            raise GvpoError(f"--packing must be auto or off, got {self.packing!r}")
+        from gvpo_offline.packing import PACKING_CHOICES
+
+        if self.packing is not None and self.packing not in PACKING_CHOICES:
+            raise GvpoError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {self.packing!r}")
 
 
 @dataclass
@@ -754,7 +756,8 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
             raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
         from gvpo_offline import packing
 
-        packed, note = packing.resolve(config.packing or manifest.inputs.get("packing", "off"), model.config)
+        packing_mode, note = packing.resolve(config.packing or manifest.inputs.get("packing", "off"), model.config)
+        packed = packing.use_packing(packing_mode, prompt_ids, response_ids)
         if note:
             console.print(f"note: {note}", highlight=False, markup=False)
         batch_tokens = config.batch_tokens or default_batch_tokens(device)

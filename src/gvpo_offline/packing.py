@@ -33,7 +33,13 @@ from torch import Tensor
 
 from gvpo_offline.modeling import logits_chunk_for, response_logps, unwrap_peft
 
-PACKING_CHOICES = ("auto", "off")
+PACKING_CHOICES = ("auto", "on", "off")
+# 'auto' packs a batch when computing each distinct prompt once removes at least this share of its tokens.
+# Below it the dense block mask costs more than it saves: attention runs over whole packed rows (T² per
+# row, masked blocks included). Measured on 2 CPU cores: the quick start's groups (prompts ~30 tokens,
+# responses ~100, share ~0.1) trained 5× slower packed; prompt 512 / responses 128 / k = 8 (share 0.7)
+# 2.6× faster precompute and 3× faster train steps (benchmarks/shared_prompt.py).
+MIN_SHARED_FRACTION = 0.3
 # Longest packed row. Attention over a row costs rows × T² whatever the mask, so on a GPU budget of
 # 16384 tokens four rows of 4096 waste less on masked-out blocks than one row of 16384.
 MAX_ROW_TOKENS = 4096
@@ -63,16 +69,34 @@ def unsupported_reason(config) -> str | None:
     return None
 
 
-def resolve(setting: str, config) -> tuple[bool, str | None]:
-    """``--packing`` setting -> (use packed rows?, a one-line note when 'auto' falls back)."""
+def resolve(setting: str, config) -> tuple[str, str | None]:
+    """``--packing`` setting -> (mode 'auto', 'on' or 'off' for :func:`use_packing`, a one-line note when
+    the model cannot run packed rows and padded separate sequences are used instead)."""
     if setting not in PACKING_CHOICES:
         raise ValueError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {setting!r}")
     if setting == "off":
-        return False, None
+        return "off", None
     reason = unsupported_reason(config)
     if reason is None:
-        return True, None
-    return False, f"--packing auto: {reason}; using padded separate sequences"
+        return setting, None
+    return "off", f"--packing {setting}: {reason}; using padded separate sequences"
+
+
+def shared_fraction(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> float:
+    """Share of the tokens saved by computing each distinct prompt once: 1 − packed / separate tokens."""
+    separate = sum(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    prompts = {tuple(p): len(p) for p in prompt_ids}
+    packed = sum(prompts.values()) + sum(len(r) for r in response_ids)
+    return 1.0 - packed / separate if separate else 0.0
+
+
+def use_packing(mode: str, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> bool:
+    """Whether to run these pairs (a cache shard, a train step, an eval set) in packed rows: always for
+    'on', never for 'off', and for 'auto' when :func:`shared_fraction` ≥ :data:`MIN_SHARED_FRACTION`.
+    Decided from token lengths only, so every rank and every rerun decides the same."""
+    if mode == "auto":
+        return shared_fraction(prompt_ids, response_ids) >= MIN_SHARED_FRACTION
+    return mode == "on"
 
 
 # ---- the plan: pairs -> segments -> rows -----------------------------------------------------------

@@ -252,9 +252,9 @@ class PrecomputeConfig:
     batch_tokens: padded tokens (rows × longest) per forward pass; None = 16384 on a GPU, 2048 on CPU
         (measured on CPU: small batches stay in cache and run ~25% faster than 16384).
     chunk_tokens: response positions per LM-head chunk; None = modeling.logits_chunk_for(vocab).
-    packing: 'auto' computes each prompt once for all its responses, in rows packed without padding
+    packing: 'on' computes each prompt once for all its responses, in rows packed without padding
         (packing.py; padded rows with a note where the model is not supported); 'off' pads separate
-        sequences. Recorded in the manifest (the values differ at float-rounding level); train and eval
+        sequences; 'auto' packs a shard when that saves ≥ packing.MIN_SHARED_FRACTION of its tokens. Recorded in the manifest (the values differ at float-rounding level); train and eval
         use the cache's setting by default.
     overwrite: False refuses to replace a cache made from other inputs (``--no-overwrite``).
     require_*_fingerprint: refuse unless the model/tokenizer at ``model`` has this fingerprint
@@ -579,7 +579,7 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
     ``s % world_size`` writes shard s (the progress bar shows rank 0's share × world size)."""
     size, tok_cfg = config.shard_groups, manifest.tokenize_config
     k = pc.list_value_length(groups["responses"]).to_numpy()
-    packed, note = packing.resolve(config.packing, model.config)
+    packing_mode, note = packing.resolve(config.packing, model.config)
     if note:
         _say(console, f"note: {note}")
     total = int(sum(k[s * size : (s + 1) * size].sum() for s in todo))
@@ -596,6 +596,7 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
             lo = s * size
             try:
                 cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], tok_cfg)
+                packed = packing.use_packing(packing_mode, cols["prompt_ids"], cols["response_ids"])
                 cols["ref_logp"] = distributed.score_groups(
                     ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],
                     lambda rows: modeling.batched_logps(

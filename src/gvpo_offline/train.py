@@ -120,7 +120,7 @@ class TrainConfig:
     overwrite: bool = False  # replace an earlier run's model/ and metrics.jsonl
     trust_remote_code: bool = False
     logits_chunk_tokens: int | None = None  # positions per LM-head chunk; None = modeling.logits_chunk_for
-    packing: str | None = None  # auto|off (packing.py); None = the reference cache's, so both use one path
+    packing: str | None = None  # auto|on|off (packing.py); None = the reference cache's, so both use one path
     progress: bool = True  # live progress on stderr
     lora: LoraSettings | None = None  # train a LoRA adapter on the frozen model (gvpo_offline.adapters)
     base_dtype: str = "float32"  # with LoRA: dtype of the frozen base weights (bfloat16 halves them)
@@ -800,7 +800,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     if resume_from is None:
         model, params, optimizer, scheduler, state = setup(init_path, None)
     check_vocabulary(model, groups, init_path if resume_from is None else resume_from[1])
-    packed, packing_note = packing.resolve(cfg.packing or manifest.inputs.get("packing", "off"), model.config)
+    packing_mode, packing_note = packing.resolve(cfg.packing or manifest.inputs.get("packing", "off"), model.config)
     if packing_note:
         log(f"note: {packing_note}")
     log(setting_line(device, compute_dtype, sum(p.numel() for p in params), groups, cfg, total_steps, warmup_steps,
@@ -829,7 +829,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             try:
                 share = distributed.step_share(ctx, batch.group_tokens)  # None with one process
                 stats = gvpo_backward(model, batch, cfg.beta, micro_batch_tokens, cfg.logits_chunk_tokens,
-                                      compute_dtype, OBJECTIVES[cfg.loss], packed, share)
+                                      compute_dtype, OBJECTIVES[cfg.loss],
+                                      packing.use_packing(packing_mode, batch.prompt_ids, batch.response_ids), share)
             except NonFiniteError as err:
                 raise GvpoError(f"{where}: {err}; {stop}. Check the cached rewards/ref_logp or lower --lr") from None
             grad_norm = _clip(params, cfg.max_grad_norm)

@@ -267,9 +267,26 @@ def test_memory_plan_counts_16_bytes_per_parameter_over_the_ranks():
     assert distributed.plan_for(1000, 100, 1, on_gpu=False).per_rank_bytes == 16000
 
 
+def test_memory_plan_counts_a_frozen_base_without_gradients_or_optimizer_state():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = model.lm_head.weight
+    for p in model.parameters():
+        p.requires_grad_(p is trainable)
+    model.model.to(torch.bfloat16)  # a LoRA base held in bf16: 2 bytes per frozen weight
+    plan = distributed.memory_plan(model, distributed.Dist(), torch.device("cpu"))
+    frozen = total - trainable.numel()
+    assert plan.params == trainable.numel()
+    assert plan.params_bytes == 4 * trainable.numel() + 2 * frozen
+    assert (plan.grads_bytes, plan.optimizer_bytes) == (4 * trainable.numel(), 8 * trainable.numel())
+
+
 def test_a_run_that_cannot_fit_stops_before_training(launch_free_cache, monkeypatch):
     monkeypatch.setattr(distributed, "available_ram_bytes", lambda: 1 << 20)  # 1 MiB of RAM
-    with pytest.raises(GvpoError, match=r"does not fit: memory plan: 0\.3M parameters"):
+    with pytest.raises(GvpoError, match=r"does not fit: memory plan: 0\.3M trainable parameters"):
         train(TrainConfig(workdir=launch_free_cache, beta=1, device="cpu", progress=False), log=lambda _m: None)
     assert not (launch_free_cache / "metrics.jsonl").exists()
 

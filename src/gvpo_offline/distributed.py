@@ -357,7 +357,7 @@ class MemoryPlan:
     def describe(self) -> str:
         gib = 1 << 30
         where = f"{self.capacity_bytes / gib:.1f} GiB available on {self.device}" if self.capacity_bytes else self.device
-        return (f"memory plan: {self.params / 1e6:,.1f}M parameters on {self.world_size} process(es): per process "
+        return (f"memory plan: {self.params / 1e6:,.1f}M trainable parameters on {self.world_size} process(es): per process "
                 f"weights {self.params_bytes / gib:.2f} GiB + gradients {self.grads_bytes / gib:.2f} GiB + AdamW "
                 f"state {self.optimizer_bytes / gib:.2f} GiB + one gathered layer "
                 f"{self.gathered_layer_bytes / gib:.2f} GiB = {self.per_rank_bytes / gib:.2f} GiB before "
@@ -368,6 +368,8 @@ def memory_plan(model, ctx: Dist, device: torch.device, cpu_offload: bool = Fals
     """The plan for ``model`` (unsharded, before :func:`shard_model`) on ``ctx.world_size`` ranks, against
     the GPU's memory, or the node's available RAM (split over its processes) on CPU / with --cpu-offload."""
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # frozen weights (a LoRA run's base): held as they are, with no gradient and no optimizer state
+    frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in _maybe_layers(model)), default=0)
     if device.type == "cuda" and not cpu_offload:
         capacity, where = torch.cuda.get_device_properties(device).total_memory, str(device)
@@ -376,17 +378,19 @@ def memory_plan(model, ctx: Dist, device: torch.device, cpu_offload: bool = Fals
         local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
         if capacity is not None and local > 1:
             capacity, where = capacity // local, f"CPU RAM / {local} processes on this node"
-    return plan_for(params, layer_params, ctx.world_size, device.type == "cuda", where, capacity)
+    return plan_for(params, layer_params, ctx.world_size, device.type == "cuda", where, capacity, frozen_bytes)
 
 
 def plan_for(params: int, layer_params: int, world_size: int, on_gpu: bool, device: str = "",
-             capacity_bytes: int | None = None) -> MemoryPlan:
+             capacity_bytes: int | None = None, frozen_bytes: int = 0) -> MemoryPlan:
     """:class:`MemoryPlan` from parameter counts: fp32 weights + grads (4 + 4 B) and AdamW (8 B) per
-    parameter, each rank holding 1/world_size; under FSDP one decoder layer is gathered at a time (bf16 on
-    GPU, fp32 on CPU)."""
+    trainable parameter, each rank holding 1/world_size; under FSDP one decoder layer is gathered at a time
+    (bf16 on GPU, fp32 on CPU). ``frozen_bytes``: weights without gradients (a LoRA base), counted whole
+    in the weights."""
     share = -(-params // world_size)
     gathered = 0 if world_size == 1 else layer_params * (2 if on_gpu else 4)
-    return MemoryPlan(params, world_size, 4 * share, 4 * share, 8 * share, gathered, device, capacity_bytes)
+    return MemoryPlan(params, world_size, 4 * share + frozen_bytes, 4 * share, 8 * share, gathered, device,
+                      capacity_bytes)
 
 
 def _maybe_layers(model) -> list:

@@ -8,7 +8,7 @@ vocabulary 128,256, tied embeddings; random init, nothing downloaded), float32 m
 autocast: the tool's own GPU regime. Synthetic long-prompt groups (prompt --prompt tokens, k responses
 of --response tokens). Measured with the tool's code at its GPU defaults, in one process:
   precompute   modeling.batched_logps, --batch-tokens 16384, packed=False vs packed=True
-  train step   train.gvpo_backward + clip + AdamW over --step-groups groups, --micro-batch-tokens 8192
+  train step   step.gvpo_backward + clip + AdamW over --step-groups groups, --micro-batch-tokens 8192
                (the median of --steps steps after one warm-up step)
 tokens/s counts prompt + response tokens of every pair (the work as separate sequences). Peak memory is
 torch.cuda.max_memory_allocated over the measurement. MFU = model FLOPs / (seconds × peak bf16 FLOP/s),
@@ -91,7 +91,7 @@ def main() -> None:
     import torch
 
     from gvpo_offline.modeling import batched_logps
-    from gvpo_offline.train import StepBatch, gvpo_backward
+    from gvpo_offline.step import StepBatch, gvpo_backward
 
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     device = torch.device("cuda")

@@ -11,7 +11,7 @@ be dominated by the LM head, which both paths run on the same response positions
 defaults:
   precompute   modeling.batched_logps (what precompute-ref and eval run) over --groups groups,
                --batch-tokens 2048: packed=False (padded, length-bucketed) vs packed=True.
-  train step   train.gvpo_backward + AdamW step over --step-groups groups, --micro-batch-tokens 2048:
+  train step   step.gvpo_backward + AdamW step over --step-groups groups, --micro-batch-tokens 2048:
                packed=False (a group over the budget is split: a no-grad pass for the weights, then
                micro-batches) vs packed=True (a k = 8 group of 512 + 8 × 128 tokens fits one pass).
 tokens/s counts prompt + response tokens of every pair (the work as separate sequences), so the ratio
@@ -66,7 +66,7 @@ def measure(stage: str, packed: bool, k: int, args: dict) -> dict:
     import torch
 
     from gvpo_offline.modeling import batched_logps
-    from gvpo_offline.train import StepBatch, gvpo_backward
+    from gvpo_offline.step import StepBatch, gvpo_backward
 
     torch.set_num_threads(args["threads"])
     model = build_model(args["hidden"], args["layers"], args["vocab"], args["device"])

@@ -3,7 +3,7 @@
     python benchmarks/train.py [--steps 3] [--groups-per-step 8] [--k 4] [--threads N] [--device cpu]
                                [--lora-r 16] [--only-lora]
 
-ours:   train.gvpo_backward (length-bucketed micro-batches under --micro-batch-tokens, LM head only on
+ours:   step.gvpo_backward (length-bucketed micro-batches under --micro-batch-tokens, LM head only on
         response positions, chunked and checkpointed; exact split-group weights when a step does not fit)
         + gradient clipping + AdamW step: what one `gvpo-offline train` step does. Run twice: with the
         default --micro-batch-tokens 8192 (the step fits: one pass) and with --small-budget 1024 (every
@@ -51,7 +51,7 @@ def make_batch(groups: int, k: int, seed: int):
     """A StepBatch of synthetic token ids < 512 (valid for both models)."""
     import torch
 
-    from gvpo_offline.train import StepBatch
+    from gvpo_offline.step import StepBatch
 
     g = torch.Generator().manual_seed(seed)
     prompts, responses, gids = [], [], []
@@ -105,7 +105,8 @@ def measure(model_path: str, method: str, args: dict) -> dict:
     import torch
 
     from gvpo_offline.modeling import load_model
-    from gvpo_offline.train import _clip, gvpo_backward
+    from gvpo_offline.step import gvpo_backward
+    from gvpo_offline.train import _clip
 
     if args["threads"]:
         torch.set_num_threads(args["threads"])

@@ -4,7 +4,7 @@
         DATA.jsonl REF_WORKDIR POLICY_MODEL TRAIN_WORKDIR [train options...]
 
 1. one GVPO step on FSDP2 shards: every rank computes its token-balanced share of STEP_CACHE's train
-   groups (train.gvpo_backward with a distributed.StepShare, MICRO_TOKENS per pass); then the same step
+   groups (step.gvpo_backward with a distributed.StepShare, MICRO_TOKENS per pass); then the same step
    with --loss dpo, and with packed rows;
 2. precompute-ref of DATA.jsonl into REF_WORKDIR (every rank scores a share of each shard);
 3. eval of POLICY_MODEL on REF_WORKDIR's eval split (β = 1, 200 bootstrap resamples);
@@ -25,7 +25,7 @@ from gvpo_offline.loss import OBJECTIVES
 from gvpo_offline.modeling import load_model
 from gvpo_offline.reference import PrecomputeConfig, precompute
 from gvpo_offline.tokenize import TokenizeConfig
-from gvpo_offline.train import gvpo_backward, load_train_groups, make_batch
+from gvpo_offline.step import gvpo_backward, load_train_groups, make_batch
 
 STORIES = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
 out, step_cache, micro_tokens, data, ref_workdir, policy, train_workdir = sys.argv[1:8]

@@ -31,7 +31,8 @@ from gvpo_offline.loss import OBJECTIVES
 from gvpo_offline.modeling import length_batches, load_model
 from gvpo_offline.reference import PrecomputeConfig, precompute
 from gvpo_offline.tokenize import TokenizeConfig
-from gvpo_offline.train import TrainConfig, gvpo_backward, load_train_groups, make_batch, pack_groups, train
+from gvpo_offline.step import gvpo_backward, load_train_groups, make_batch, pack_groups
+from gvpo_offline.train import TrainConfig, train
 
 MICRO_TOKENS = 60  # small enough that some groups are cut across micro-batches
 STEPS = 16

@@ -25,7 +25,8 @@ from gvpo_offline.loss import (
     sft_best_loss,
 )
 from gvpo_offline.modeling import sequence_logps
-from gvpo_offline.train import TrainConfig, gvpo_backward, load_train_groups, make_batch, train
+from gvpo_offline.step import gvpo_backward, load_train_groups, make_batch
+from gvpo_offline.train import TrainConfig, train
 from test_train import grads, random_batch, tiny_llama
 
 F64 = torch.float64

@@ -20,7 +20,8 @@ from gvpo_offline.modeling import batched_logps, load_model, sequence_logps
 from gvpo_offline.packing import block_mask, packed_logps, plan_rows, split_pairs
 from gvpo_offline.reference import PrecomputeConfig, load_split, precompute
 from gvpo_offline.tokenize import TokenizeConfig
-from gvpo_offline.train import StepBatch, TrainConfig, gvpo_backward, train
+from gvpo_offline.step import StepBatch, gvpo_backward
+from gvpo_offline.train import TrainConfig, train
 
 VOCAB = 120
 

@@ -22,17 +22,9 @@ from gvpo_offline.errors import GvpoError
 from gvpo_offline.loss import gvpo_loss
 from gvpo_offline.modeling import load_model, load_tokenizer, sequence_logps
 from gvpo_offline.tokenize import tokenizer_fingerprint
-from gvpo_offline.train import (
-    StepBatch,
-    TrainConfig,
-    epoch_order,
-    gvpo_backward,
-    pack_groups,
-    load_train_groups,
-    make_batch,
-    train,
-    truncate_metrics,
-)
+from gvpo_offline.checkpoints import truncate_metrics
+from gvpo_offline.step import StepBatch, epoch_order, gvpo_backward, load_train_groups, make_batch, pack_groups
+from gvpo_offline.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

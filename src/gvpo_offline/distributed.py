@@ -200,7 +200,7 @@ def score_groups(ctx: Dist, group_ids: list, lengths: list[int], score) -> np.nd
 
 @dataclass(frozen=True)
 class StepShare:
-    """This rank's part of a train step (see train.gvpo_backward): the step's groups it computes, and how
+    """This rank's part of a train step (see step.gvpo_backward): the step's groups it computes, and how
     to agree with the other ranks (the number of passes to join, the sum of per-row results)."""
 
     ctx: Dist

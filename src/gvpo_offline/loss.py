@@ -127,7 +127,7 @@ def gvpo_loss_terms(
 # Every objective below is a mean of per-group terms over the groups that carry one:
 #     L = Σ_x term_x / Σ_x counted_x
 # so each prompt weighs the same, as in GVPO's 1/G Σ_x, and a step's loss splits exactly into the
-# micro-batches of whole groups (train.py). Within a group, a pairwise objective averages over the
+# micro-batches of whole groups (step.py). Within a group, a pairwise objective averages over the
 # group's pairs ("each group's pairs averaged, then groups averaged"): a prompt with k = 6 answers
 # (15 pairs) does not weigh 15 times a prompt with k = 2, and the comparison with GVPO changes the
 # per-group loss only, not the weighting of the prompts. ℓ_i = log πθ(y_i|x) − log πref(y_i|x) as above.

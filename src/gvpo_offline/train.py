@@ -15,6 +15,10 @@ readable top to bottom.
    ``WORKDIR/model-merged/``), tokenizer, generation_config.json, ``train_config.json`` and the README.md
    card (modelcard.py).
 
+Where the parts live: the step's groups and its gradient (:func:`step.gvpo_backward`) in step.py;
+checkpoints, ``metrics.jsonl`` and the final model folder in checkpoints.py. This module keeps the
+settings (:class:`TrainConfig`), the checks and the recipe (:func:`train`).
+
 LoRA (``lora``, adapters.py): the same recipe on a peft model over the frozen base; only the adapter
 is trained, checkpointed and resumed.
 
@@ -38,10 +42,7 @@ the gradient's running RMS; only epsilon and clipping see the scale), so their l
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -55,42 +56,32 @@ from torch import Tensor
 
 from gvpo_offline import adapters, distributed, interrupts, modelcard, packing, reference, workdir as workdirs
 from gvpo_offline.adapters import LoraSettings
-from gvpo_offline.distributed import StepShare
+from gvpo_offline.checkpoints import (
+    CHECKPOINTS,
+    FINAL_MODEL,
+    MERGED_MODEL,
+    METRICS,
+    TrainState,
+    _check_checkpoint_files,
+    _check_resume_config,
+    _check_resume_world,
+    append_metrics,
+    checkpoint_dirs,
+    load_checkpoint,
+    load_checkpoint_sharded,
+    save_checkpoint,
+    save_checkpoint_sharded,
+    save_final,
+    truncate_metrics,
+)
 from gvpo_offline.errors import GvpoError
-from gvpo_offline.files import (
-    atomic_dir,
-    atomic_write_bytes,
-    atomic_write_json,
-    remove_stale,
-    write_errors_as_os_errors,
-)
+from gvpo_offline.files import remove_stale, write_errors_as_os_errors
 from gvpo_offline.hub import resolve_model
-from gvpo_offline.loss import OBJECTIVES, Objective, gvpo_grad_weights, gvpo_loss, gvpo_loss_terms
-from gvpo_offline.modeling import (
-    compute_context,
-    length_batches,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_device,
-    resolve_dtype,
-    sequence_logps,
-)
+from gvpo_offline.loss import OBJECTIVES
+from gvpo_offline.modeling import load_model, load_tokenizer, model_fingerprint, resolve_device, resolve_dtype
 from gvpo_offline.progress import duration, plural, progress
+from gvpo_offline.step import CachedGroups, NonFiniteError, epoch_order, gvpo_backward, load_train_groups, make_batch
 from gvpo_offline.tokenize import tokenizer_fingerprint
-
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
-FINAL_MODEL = "model"
-MERGED_MODEL = "model-merged"  # --merge: the LoRA adapter folded into the base weights
-TRAIN_CONFIG = "train_config.json"
-STATE = "trainer_state.json"
-
-# Fields that decide the trajectory: a resumed run must use the same values as the run it continues.
-TRAJECTORY_FIELDS = (
-    "beta", "init_model", "groups_per_step", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-    "epochs", "max_steps", "seed", "loss", "lora", "base_dtype",
-)
 
 
 @dataclass
@@ -206,264 +197,6 @@ def check_start(manifest: reference.Manifest, init_model: str | None, trust_remo
     return init_path, tokenizer, notes
 
 
-# ---- data: whole groups from the cached train split -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class CachedGroups:
-    """The cached train split. Group g is rows ``offsets[g]:offsets[g+1]`` of ``table``."""
-
-    table: pa.Table  # REF_SCHEMA rows sorted by (group_id, response_index)
-    offsets: list[int]  # [G+1]
-
-    @property
-    def n_groups(self) -> int:
-        return len(self.offsets) - 1
-
-
-def load_train_groups(workdir: Path) -> CachedGroups:
-    table = reference.load_split(workdir, "train")
-    ids = table.column("group_id").to_pylist()
-    offsets = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]] + [len(ids)]
-    if not ids:
-        raise GvpoError(f"{workdir}: the cached train split is empty")
-    for g in range(len(offsets) - 1):
-        if offsets[g + 1] - offsets[g] < 2:
-            raise GvpoError(f"{workdir}: group {ids[offsets[g]]!r} has a single response; GVPO needs k >= 2")
-    reference.check_reward_range(table, workdir)
-    return CachedGroups(table, offsets)
-
-
-@functools.lru_cache(maxsize=1)
-def epoch_order(n_groups: int, seed: int, epoch: int) -> list[int]:
-    """The groups' order in one epoch: a permutation seeded by (seed, epoch), the same on every run."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n_groups, generator=generator).tolist()
-
-
-@dataclass
-class StepBatch:
-    """The N responses of a step's G groups."""
-
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    rewards: Tensor  # [N] float64
-    ref_logps: Tensor  # [N] float64, Σ over response tokens of log πref
-    group_index: Tensor  # [N] long in 0..G-1
-    n_groups: int
-
-    @property
-    def tokens(self) -> int:
-        """Prompt + response token ids processed (unpadded)."""
-        return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids))
-
-    @property
-    def group_tokens(self) -> list[int]:
-        """[G] prompt + response token ids of each group."""
-        out = [0] * self.n_groups
-        for p, r, g in zip(self.prompt_ids, self.response_ids, self.group_index.tolist()):
-            out[g] += len(p) + len(r)
-        return out
-
-
-def make_batch(groups: CachedGroups, chosen: list[int]) -> StepBatch:
-    rows, group_index = [], []
-    for j, g in enumerate(chosen):
-        span = range(groups.offsets[g], groups.offsets[g + 1])
-        rows += span
-        group_index += [j] * len(span)
-    sub = groups.table.take(pa.array(rows, type=pa.int64()))
-    return StepBatch(
-        prompt_ids=sub.column("prompt_ids").to_pylist(),
-        response_ids=sub.column("response_ids").to_pylist(),
-        rewards=torch.tensor(sub.column("reward").to_pylist(), dtype=torch.float64),
-        ref_logps=torch.tensor(sub.column("ref_logp").to_pylist(), dtype=torch.float64),
-        group_index=torch.tensor(group_index, dtype=torch.long),
-        n_groups=len(chosen),
-    )
-
-
-# ---- the GVPO gradient of one step -----------------------------------------------------------------
-
-
-@dataclass
-class StepStats:
-    loss: float  # the objective's loss of the step (GVPO: eq. 16), before the update
-    implicit_reward: float  # mean β·ℓ over the step's responses
-    log_ratio: float  # mean ℓ = log πθ − log πref
-    log_ratio_absmax: float  # max |ℓ|
-    tokens: int
-    micro_batches: int
-    log_ratio_per_token: float = 0.0  # Σℓ / Σ response tokens (drift)
-    terms: dict[str, float] = field(default_factory=dict)  # loss.gvpo_loss_terms: the loss's three parts
-
-
-def pack_groups(
-    lengths: list[int], group_rows: list[list[int]], budget: int, cost: Callable[[list[int]], int] | None = None
-) -> tuple[list[list[int]], list[int]]:
-    """Plan a step's forward passes: (packs, split). A pack is a list of whole groups whose responses fit
-    together in one micro-batch (``cost(rows)`` ≤ ``budget``; default: padded, rows × longest), longest
-    groups first; ``split`` are the groups that do not fit on their own and must be cut across
-    micro-batches."""
-
-    def padded(rows: list[int]) -> int:
-        return cost(rows) if cost is not None else len(rows) * max(lengths[i] for i in rows)
-
-    fitting = [g for g, rows in enumerate(group_rows) if padded(rows) <= budget]
-    split = [g for g, rows in enumerate(group_rows) if padded(rows) > budget]
-    packs: list[list[int]] = []
-    for g in sorted(fitting, key=lambda g: -max(lengths[i] for i in group_rows[g])):
-        if packs and padded([i for h in packs[-1] + [g] for i in group_rows[h]]) <= budget:
-            packs[-1].append(g)
-        else:
-            packs.append([g])
-    return packs, split
-
-
-def gvpo_backward(
-    model,
-    batch: StepBatch,
-    beta: float,
-    micro_batch_tokens: int,
-    chunk_tokens: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    objective: Objective = OBJECTIVES["gvpo"],
-    packed: bool = False,
-    share: StepShare | None = None,
-) -> StepStats:
-    """Accumulate ∇θ of the step's loss (gvpo_loss, or ``objective``'s) into ``param.grad``, over all its G groups.
-
-    Groups that fit in ``micro_batch_tokens`` are packed whole into micro-batches and go in one pass each:
-    ``gvpo_loss(pack) · |pack|/G`` is exactly their share of the step's loss. A group too large for one
-    micro-batch gets the exact same gradient in two phases: (a) its current policy log-probs without
-    grad, hence the weights w_i = ∂L/∂log πθ(y_i|x) = 2β·c_i/((k−1)·G); (b) backward of
-    Σ w_i·log πθ(y_i|x) micro-batch by micro-batch. Raises GvpoError when a loss is not finite (before
-    its backward). ``chunk_tokens``: response positions per LM-head chunk (None: modeling.logits_chunk_for).
-
-    Another ``objective`` (loss.OBJECTIVES; its loss is Σ_x term_x / C over the C groups that carry a
-    term) goes the same way: a pack backs ``Σ_{x∈pack} term_x / C``; a split group gets its weights
-    w = ∂(term_x / C)/∂log πθ by autograd on a leaf tensor of its no-grad log-probs, then Σ w·log πθ.
-
-    ``packed``: log-probs by :func:`packing.packed_logps` (each prompt once, no padding; budgets count packed
-    tokens) instead of padded :func:`sequence_logps`; the same gradient to float rounding.
-
-    ``share`` (several processes, see distributed.step_share): this rank computes only ``share.groups``
-    of the step (G and C stay the whole step's, so the gradients summed over ranks are the step's gradient),
-    joins the other ranks' passes with zero-weight padding passes, and the step's log-probs are summed
-    over ranks so that every rank returns the statistics of the whole step.
-    """
-    device = getattr(model, "gvpo_compute_device", None) or next(model.parameters()).device
-    ref, rewards, gid = (t.to(device) for t in (batch.ref_logps, batch.rewards, batch.group_index))
-    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
-    group_rows: list[list[int]] = [[] for _ in range(batch.n_groups)]
-    for i, g in enumerate(batch.group_index.tolist()):
-        group_rows[g].append(i)
-    mine = [group_rows[g] for g in (share.groups if share else range(batch.n_groups))]
-    row_cap = min(micro_batch_tokens, packing.MAX_ROW_TOKENS)
-    cost = None
-    if packed:
-        def cost(rows: list[int]) -> int:
-            sub = [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows]
-            return packing.padded_tokens(packing.plan_rows(*sub, row_cap))
-    packs, split = pack_groups(lengths, mine, micro_batch_tokens, cost)
-
-    def cut(rows: list[int]) -> list[list[int]]:  # the micro-batches of a group too large for one
-        if packed:
-            return packing.split_pairs(batch.prompt_ids, batch.response_ids, rows, row_cap)
-        return [[rows[j] for j in mb] for mb in length_batches([lengths[i] for i in rows], micro_batch_tokens)]
-
-    micro = {g: cut(mine[g]) for g in split}
-    no_grad_passes = with_grad_passes = sum(len(m) for m in micro.values())
-    with_grad_passes += len(packs)
-    if share is not None:
-        no_grad_passes, with_grad_passes = share.passes_to_join(no_grad_passes, with_grad_passes)
-
-    def logps(rows: list[int]) -> Tensor:
-        prompts, responses = [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows]
-        with compute_context(device, autocast_dtype or torch.float32):
-            if packed:  # sharded: through FSDP's hooks (distributed.shard_model)
-                packed_logps = getattr(model, "gvpo_packed_logps", None) or functools.partial(packing.packed_logps, model)
-                return packed_logps(prompts, responses, chunk_tokens, row_cap)
-            return sequence_logps(model, prompts, responses, chunk_tokens)
-
-    def padding() -> Tensor:  # a one-token pair: log-probs of a pass that only joins the others' collectives
-        with compute_context(device, autocast_dtype or torch.float32):
-            return sequence_logps(model, [[0]], [[0]], chunk_tokens)
-
-    n_tokens = torch.tensor([len(r) for r in batch.response_ids], dtype=torch.float64, device=device)
-    is_gvpo = objective.name == "gvpo"
-    counted = 1 if is_gvpo else max(1, objective.counted_groups(rewards, gid))
-
-    def group_terms_sum(pack_logps: Tensor, rows: list[int]) -> Tensor:  # another objective's Σ term_x / C
-        args = (ref[rows], rewards[rows], gid[rows], beta, n_tokens[rows])
-        return objective.group_terms(pack_logps, *args)[0].sum() / counted
-
-    policy = torch.zeros(len(lengths), dtype=torch.float32, device=device)
-    passes = 0
-    with torch.no_grad():  # (a) of the split groups: their policy log-probs, hence their weights
-        for g in split:
-            for mb in micro[g]:
-                policy[mb] = logps(mb)
-        for _ in range(no_grad_passes - sum(len(m) for m in micro.values())):
-            padding()
-    for pack in packs:  # whole groups: one pass
-        rows = [i for g in pack for i in mine[g]]
-        pack_logps = logps(rows)
-        if is_gvpo:
-            part = gvpo_loss(pack_logps, ref[rows], rewards[rows], gid[rows], beta) * (len(pack) / batch.n_groups)
-        else:
-            part = group_terms_sum(pack_logps, rows)
-        _check_finite_loss(part)
-        part.backward()
-        policy[rows] = pack_logps.detach()
-        passes += 1
-    for g in split:  # (b) a group cut across micro-batches: Σ w·log π piece by piece
-        rows = mine[g]
-        weights = torch.zeros(len(lengths), dtype=torch.float64, device=device)
-        if is_gvpo:
-            _check_finite_loss(gvpo_loss(policy[rows], ref[rows], rewards[rows], gid[rows], beta))
-            weights[rows] = gvpo_grad_weights(policy[rows], ref[rows], rewards[rows], gid[rows], beta, batch.n_groups)
-        else:
-            leaf = policy[rows].double().requires_grad_()
-            part = group_terms_sum(leaf, rows)
-            _check_finite_loss(part)
-            (weights[rows],) = torch.autograd.grad(part, leaf, materialize_grads=True)
-        for mb in micro[g]:
-            (logps(mb).double() * weights[mb]).sum().backward()
-            passes += 1
-    for _ in range(with_grad_passes - passes):  # zero weight, summed (a mean would be 0·NaN-prone)
-        (padding() * 0.0).sum().backward()
-    if share is not None:
-        policy = share.sum(policy)  # each row is computed by exactly one rank; the others hold 0
-        passes = int(share.sum(torch.tensor([passes])).item())  # the step's passes on all ranks, no padding
-    terms = gvpo_loss_terms(policy, ref, rewards, gid, beta)
-    if is_gvpo:
-        loss = gvpo_loss(policy, ref, rewards, gid, beta)  # the step's loss, for the record (= Σ parts)
-    else:  # the objective's loss; GVPO's (and its eq. 17 terms) still logged, to compare runs
-        loss = objective.loss(policy, ref, rewards, gid, beta, n_tokens)
-        terms["gvpo_loss"] = gvpo_loss(policy, ref, rewards, gid, beta).item()
-    ratio = policy.double() - ref
-    return StepStats(
-        loss=loss.item(),
-        implicit_reward=beta * ratio.mean().item(),
-        log_ratio=ratio.mean().item(),
-        log_ratio_absmax=ratio.abs().max().item(),
-        tokens=batch.tokens,
-        micro_batches=passes,
-        log_ratio_per_token=ratio.sum().item() / max(1, sum(len(r) for r in batch.response_ids)),
-        terms=terms,
-    )
-
-
-class NonFiniteError(GvpoError):
-    pass
-
-
-def _check_finite_loss(loss: Tensor) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"the loss is not finite ({loss.item()})")
-
-
 # ---- learning-rate schedule ------------------------------------------------------------------------
 
 
@@ -477,176 +210,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    """Where the run is: ``step`` optimizer steps done; the next step starts at ``position`` in epoch
-    ``epoch``'s group order."""
-
-    step: int = 0
-    epoch: int = 0
-    position: int = 0
-
-
-def checkpoint_dirs(workdir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints as (step, path), oldest first. Temp dirs (``.gvpo-tmp-*``) are never listed."""
-    root = workdir / CHECKPOINTS
-    found = []
-    for p in root.glob("step-*") if root.is_dir() else []:
-        suffix = p.name[len("step-"):]
-        if suffix.isdigit() and (p / STATE).is_file():
-            found.append((int(suffix), p))
-    return sorted(found)
-
-
-def save_checkpoint(
-    workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig, cache_key: str,
-    tokenizer=None,
-) -> Path:
-    """WORKDIR/checkpoints/step-N/: weights (safetensors; a LoRA adapter with --lora-r), tokenizer and
-    generation_config.json (the folder loads with from_pretrained like the final model), optimizer,
-    scheduler, torch RNG states, position, and the reference cache's key (a resume on another cache would
-    continue a different data order).
-
-    Written into a temp dir, then renamed (atomic); only the newest ``config.keep_checkpoints`` stay.
-    """
-    final = workdir / CHECKPOINTS / f"step-{state.step}"
-    with atomic_dir(final) as tmp:
-        modelcard.write_model_folder(tmp, model, tokenizer)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key})
-    for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, optimizer, scheduler) -> TrainState:
-    """Restore optimizer, scheduler and RNG states from ``path`` (the weights are loaded by the caller)."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    saved = json.loads((path / STATE).read_text())
-    return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
-
-
-def save_checkpoint_sharded(
-    ctx: distributed.Dist, workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig,
-    cache_key: str,
-) -> Path:
-    """:func:`save_checkpoint` of a sharded run: the model + optimizer shards of every rank
-    (torch.distributed.checkpoint), each rank's RNG, and rank 0's scheduler and state, in one folder that
-    rank 0 swaps in once every rank has written (WORKDIR must be on storage shared by all nodes)."""
-    final = workdir / CHECKPOINTS / f"step-{state.step}"
-    with atomic_dir(final) if ctx.is_main else contextlib.nullcontext() as tmp:
-        tmp = Path(distributed.broadcast_object(ctx, str(tmp) if ctx.is_main else None))
-        distributed.save_sharded(tmp, model, optimizer)
-        torch.save(_rng_states(), tmp / f"rng-{ctx.rank}.pt")
-        distributed.barrier(ctx)
-        if ctx.is_main:
-            missing = [r for r in range(ctx.world_size) if not (tmp / f"rng-{r}.pt").is_file()]
-            if missing:
-                raise GvpoError(f"{workdir}: ranks {missing} wrote their checkpoint shards elsewhere; with several "
-                                "nodes WORKDIR must be on storage shared by all of them")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key,
-                                            "world_size": ctx.world_size})
-    if ctx.is_main:
-        for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier(ctx)
-    return final
-
-
-def load_checkpoint_sharded(ctx: distributed.Dist, path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore :func:`save_checkpoint_sharded`'s model, optimizer, scheduler and this rank's RNG."""
-    distributed.load_sharded(path, model, optimizer)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / f"rng-{ctx.rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"][ctx.local_rank], ctx.device)
-    saved = json.loads((path / STATE).read_text())
-    return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
-
-
-def _rng_states() -> dict:
-    rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def _check_resume_world(path: Path, world_size: int) -> None:
-    """A checkpoint resumes on the number of processes that wrote it (1 = the single-process format)."""
-    saved = json.loads((path / STATE).read_text()).get("world_size", 1)
-    if saved != world_size:
-        raise GvpoError(f"--resume from {path}: it was written by {saved} process(es), this run has {world_size}; "
-                        f"resume with the same number of processes (torchrun --nnodes × --nproc_per_node = {saved})")
-
-
-def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> None:
-    state = json.loads((path / STATE).read_text())
-    if state.get("cache_key") != cache_key:
-        raise GvpoError(f"--resume from {path}: the reference cache changed since this checkpoint (precompute-ref "
-                        "was rerun on other inputs); start a new run (delete the checkpoints folder)")
-    saved = {"loss": "gvpo", **state["config"]}  # checkpoints from before --loss existed trained GVPO
-    now = config.to_json()
-    changed = [
-        f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]
-    ]
-    if changed:
-        raise GvpoError(f"--resume from {path} with different settings: {', '.join(changed)}")
-
-
-# ---- metrics.jsonl ---------------------------------------------------------------------------------
-
-
-def truncate_metrics(path: Path, keep_through_step: int) -> None:
-    """Keep only the complete lines with step <= keep_through_step (a resumed run redoes the rest)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= keep_through_step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by a crash
-    atomic_write_bytes(path, "".join(kept).encode())
-
-
-def append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-
-# ---- the final model ---------------------------------------------------------------------------------
-
-
-def save_final(workdir: Path, model, tokenizer, train_config: dict, state_dict: dict | None = None,
-               name: str = FINAL_MODEL) -> Path:
-    """WORKDIR/model/ (or WORKDIR/``name``/): the model (or LoRA adapter), tokenizer,
-    generation_config.json, train_config.json and README.md card (modelcard), swapped in by rename.
-    ``state_dict``: the gathered full weights of a sharded model (distributed.full_state_dict)."""
-    final = workdir / name
-    with atomic_dir(final) as tmp:
-        modelcard.write_model_folder(tmp, model, tokenizer, train_config, state_dict)
-        if state_dict is not None:
-            distributed.fix_saved_architecture(tmp)
-    return final
 
 
 # ---- what the log says -----------------------------------------------------------------------------
@@ -949,23 +512,6 @@ def check_vocabulary(model, groups: CachedGroups, model_path: Path) -> None:
     top = max(pc.max(pc.list_flatten(groups.table[col])).as_py() or 0 for col in ("prompt_ids", "response_ids"))
     if top >= vocab:
         raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
-
-
-_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE)
-
-
-def _check_checkpoint_files(path: Path, world_size: int = 1) -> None:
-    if world_size > 1:  # save_checkpoint_sharded's layout
-        names = [".metadata", "scheduler.pt", STATE, *(f"rng-{r}.pt" for r in range(world_size))]
-        missing = [name for name in names if not (path / name).is_file()]
-    else:
-        missing = [name for name in _CHECKPOINT_FILES if not (path / name).is_file()]
-        if not any((path / name).is_file() for name in ("config.json", adapters.ADAPTER_CONFIG)):
-            missing.append("config.json (or adapter_config.json)")
-        if not any(path.glob("*.safetensors")):
-            missing.append("*.safetensors")
-    if missing:
-        raise FileNotFoundError(f"missing {', '.join(missing)}")
 
 
 def _quiet(_message: str) -> None:

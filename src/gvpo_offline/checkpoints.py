@@ -1,0 +1,227 @@
+"""What `train` writes under WORKDIR: resumable checkpoints, ``metrics.jsonl`` and the final model.
+
+- ``checkpoints/step-N/`` (:func:`save_checkpoint`; :func:`save_checkpoint_sharded` under torchrun):
+  weights, optimizer, scheduler, RNG states and :class:`TrainState`, written atomically; only the newest
+  ``keep_checkpoints`` stay. A resume checks the settings (:data:`TRAJECTORY_FIELDS`), the reference
+  cache's key, the number of processes and the files before it loads one.
+- ``metrics.jsonl``: one line per step (:func:`append_metrics`), cut back to the checkpoint on resume.
+- ``model/`` (and ``model-merged/``): :func:`save_final`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from gvpo_offline import adapters, distributed, modelcard
+from gvpo_offline.errors import GvpoError
+from gvpo_offline.files import atomic_dir, atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from gvpo_offline.train import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+FINAL_MODEL = "model"
+MERGED_MODEL = "model-merged"  # --merge: the LoRA adapter folded into the base weights
+STATE = "trainer_state.json"
+
+# Fields that decide the trajectory: a resumed run must use the same values as the run it continues.
+TRAJECTORY_FIELDS = (
+    "beta", "init_model", "groups_per_step", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+    "epochs", "max_steps", "seed", "loss", "lora", "base_dtype",
+)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where the run is: ``step`` optimizer steps done; the next step starts at ``position`` in epoch
+    ``epoch``'s group order."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+
+def checkpoint_dirs(workdir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first. Temp dirs (``.gvpo-tmp-*``) are never listed."""
+    root = workdir / CHECKPOINTS
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else []:
+        suffix = p.name[len("step-"):]
+        if suffix.isdigit() and (p / STATE).is_file():
+            found.append((int(suffix), p))
+    return sorted(found)
+
+
+def save_checkpoint(
+    workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig, cache_key: str,
+    tokenizer=None,
+) -> Path:
+    """WORKDIR/checkpoints/step-N/: weights (safetensors; a LoRA adapter with --lora-r), tokenizer and
+    generation_config.json (the folder loads with from_pretrained like the final model), optimizer,
+    scheduler, torch RNG states, position, and the reference cache's key (a resume on another cache would
+    continue a different data order).
+
+    Written into a temp dir, then renamed (atomic); only the newest ``config.keep_checkpoints`` stay.
+    """
+    final = workdir / CHECKPOINTS / f"step-{state.step}"
+    with atomic_dir(final) as tmp:
+        modelcard.write_model_folder(tmp, model, tokenizer)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key})
+    for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, optimizer, scheduler) -> TrainState:
+    """Restore optimizer, scheduler and RNG states from ``path`` (the weights are loaded by the caller)."""
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    saved = json.loads((path / STATE).read_text())
+    return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
+
+
+def save_checkpoint_sharded(
+    ctx: distributed.Dist, workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig,
+    cache_key: str,
+) -> Path:
+    """:func:`save_checkpoint` of a sharded run: the model + optimizer shards of every rank
+    (torch.distributed.checkpoint), each rank's RNG, and rank 0's scheduler and state, in one folder that
+    rank 0 swaps in once every rank has written (WORKDIR must be on storage shared by all nodes)."""
+    final = workdir / CHECKPOINTS / f"step-{state.step}"
+    with atomic_dir(final) if ctx.is_main else contextlib.nullcontext() as tmp:
+        tmp = Path(distributed.broadcast_object(ctx, str(tmp) if ctx.is_main else None))
+        distributed.save_sharded(tmp, model, optimizer)
+        torch.save(_rng_states(), tmp / f"rng-{ctx.rank}.pt")
+        distributed.barrier(ctx)
+        if ctx.is_main:
+            missing = [r for r in range(ctx.world_size) if not (tmp / f"rng-{r}.pt").is_file()]
+            if missing:
+                raise GvpoError(f"{workdir}: ranks {missing} wrote their checkpoint shards elsewhere; with several "
+                                "nodes WORKDIR must be on storage shared by all of them")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key,
+                                            "world_size": ctx.world_size})
+    if ctx.is_main:
+        for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(ctx)
+    return final
+
+
+def load_checkpoint_sharded(ctx: distributed.Dist, path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore :func:`save_checkpoint_sharded`'s model, optimizer, scheduler and this rank's RNG."""
+    distributed.load_sharded(path, model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / f"rng-{ctx.rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"][ctx.local_rank], ctx.device)
+    saved = json.loads((path / STATE).read_text())
+    return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
+
+
+def _rng_states() -> dict:
+    rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _check_resume_world(path: Path, world_size: int) -> None:
+    """A checkpoint resumes on the number of processes that wrote it (1 = the single-process format)."""
+    saved = json.loads((path / STATE).read_text()).get("world_size", 1)
+    if saved != world_size:
+        raise GvpoError(f"--resume from {path}: it was written by {saved} process(es), this run has {world_size}; "
+                        f"resume with the same number of processes (torchrun --nnodes × --nproc_per_node = {saved})")
+
+
+def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> None:
+    state = json.loads((path / STATE).read_text())
+    if state.get("cache_key") != cache_key:
+        raise GvpoError(f"--resume from {path}: the reference cache changed since this checkpoint (precompute-ref "
+                        "was rerun on other inputs); start a new run (delete the checkpoints folder)")
+    saved = {"loss": "gvpo", **state["config"]}  # checkpoints from before --loss existed trained GVPO
+    now = config.to_json()
+    changed = [
+        f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]
+    ]
+    if changed:
+        raise GvpoError(f"--resume from {path} with different settings: {', '.join(changed)}")
+
+
+# ---- metrics.jsonl ---------------------------------------------------------------------------------
+
+
+def truncate_metrics(path: Path, keep_through_step: int) -> None:
+    """Keep only the complete lines with step <= keep_through_step (a resumed run redoes the rest)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= keep_through_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash
+    atomic_write_bytes(path, "".join(kept).encode())
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+# ---- the final model ---------------------------------------------------------------------------------
+
+
+def save_final(workdir: Path, model, tokenizer, train_config: dict, state_dict: dict | None = None,
+               name: str = FINAL_MODEL) -> Path:
+    """WORKDIR/model/ (or WORKDIR/``name``/): the model (or LoRA adapter), tokenizer,
+    generation_config.json, train_config.json and README.md card (modelcard), swapped in by rename.
+    ``state_dict``: the gathered full weights of a sharded model (distributed.full_state_dict)."""
+    final = workdir / name
+    with atomic_dir(final) as tmp:
+        modelcard.write_model_folder(tmp, model, tokenizer, train_config, state_dict)
+        if state_dict is not None:
+            distributed.fix_saved_architecture(tmp)
+    return final
+
+
+_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE)
+
+
+def _check_checkpoint_files(path: Path, world_size: int = 1) -> None:
+    if world_size > 1:  # save_checkpoint_sharded's layout
+        names = [".metadata", "scheduler.pt", STATE, *(f"rng-{r}.pt" for r in range(world_size))]
+        missing = [name for name in names if not (path / name).is_file()]
+    else:
+        missing = [name for name in _CHECKPOINT_FILES if not (path / name).is_file()]
+        if not any((path / name).is_file() for name in ("config.json", adapters.ADAPTER_CONFIG)):
+            missing.append("config.json (or adapter_config.json)")
+        if not any(path.glob("*.safetensors")):
+            missing.append("*.safetensors")
+    if missing:
+        raise FileNotFoundError(f"missing {', '.join(missing)}")
+

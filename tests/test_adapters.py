@@ -18,14 +18,6 @@ from gvpo_offline.modeling import load_model, sequence_logps
 from gvpo_offline.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lora_cache(tmp_path_factory) -> Path:
     """STORY_GROUPS scored by a private copy of stories260K (so a test may change the base); the last

@@ -49,14 +49,6 @@ def torchrun(*args) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     """One 2-process launch of tests/dist_worker.py (a sharded step, precompute-ref, eval) and its inputs."""

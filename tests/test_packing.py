@@ -26,14 +26,6 @@ from gvpo_offline.train import TrainConfig, train
 VOCAB = 120
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(kind: str, window: int | None = 4):
     """A 2-layer random model of one architecture family (window: sliding window where it has one)."""
     import transformers as tf

@@ -29,15 +29,6 @@ from gvpo_offline.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is small and shared: one intra-op thread is both faster and reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def story_cache(tmp_path_factory) -> Path:
     """A complete reference cache of STORY_GROUPS (k = 3, 2, 5, 4) scored by stories260K."""

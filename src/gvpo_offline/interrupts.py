@@ -58,7 +58,6 @@ def exit_code(exc: BaseException | None = None) -> int:
 def deferred() -> Iterator[Callable[[], int | None]]:
     """Yield ``requested() -> signal number or None``: the first SIGINT/SIGTERM only sets it (poll it at a
     safe point), a second one raises KeyboardInterrupt at once. Handlers are restored on exit."""
-    global _received
     pending: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None

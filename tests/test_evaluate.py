@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gvpo_offline import evaluate as ev
+from gvpo_offline import metrics
 from gvpo_offline.loss import gvpo_loss
 
 BETA = 0.5
@@ -34,7 +35,7 @@ SPEARMAN_D = -1 / math.sqrt(10)  # ranks ℓ [1,2,4,3], ranks R [4,1,2.5,2.5]
 
 
 def stats(ell=ELL, groups=GROUPS, rewards=REWARDS, tokens=TOKENS, beta=BETA):
-    return ev.group_statistics(np.array(ell, float), np.array(rewards, float), np.array(groups), beta, tokens)
+    return metrics.group_statistics(np.array(ell, float), np.array(rewards, float), np.array(groups), beta, tokens)
 
 
 def test_per_group_statistics_match_hand_computation():
@@ -55,8 +56,8 @@ def test_per_group_statistics_match_hand_computation():
 
 
 def test_aggregate_metrics_match_hand_computation():
-    m = ev.aggregate_metrics(stats())
-    assert set(m) == set(ev.METRICS)
+    m = metrics.aggregate_metrics(stats())
+    assert set(m) == set(metrics.METRICS)
     assert m["gvpo_loss"] == pytest.approx(sum(LOSS.values()) / 4)
     assert m["pairwise_accuracy"] == pytest.approx(4.5 / 8)
     assert m["spearman"] == pytest.approx((1 + 0 + SPEARMAN_D) / 3)
@@ -66,7 +67,7 @@ def test_aggregate_metrics_match_hand_computation():
     assert m["implicit_reward_variance"] == pytest.approx(sum(IVAR.values()) / 4)
     assert m["implicit_reward_covariance"] == pytest.approx(sum(ICOV.values()) / 4)
     assert m["reward_variance"] == pytest.approx(sum(RVAR.values()) / 4)
-    c = ev.count_stats(stats())
+    c = metrics.count_stats(stats())
     assert c == {"groups": 4, "responses": 11, "tokens": 16, "ranked_groups": 3, "skipped_groups": 1, "pairs": 8}
 
 
@@ -74,11 +75,11 @@ def test_loss_agrees_with_the_training_loss():
     ids = torch.tensor([{"A": 0, "B": 1, "C": 2, "D": 3}[g] for g in GROUPS])
     ell = torch.tensor(ELL, dtype=torch.float64)
     expected = gvpo_loss(ell, torch.zeros_like(ell), torch.tensor(REWARDS, dtype=torch.float64), ids, BETA)
-    assert ev.aggregate_metrics(stats())["gvpo_loss"] == pytest.approx(float(expected), rel=1e-12)
+    assert metrics.aggregate_metrics(stats())["gvpo_loss"] == pytest.approx(float(expected), rel=1e-12)
 
 
 def test_reference_is_the_neutral_baseline():
-    m = ev.aggregate_metrics(stats(ell=np.zeros(len(ELL))))
+    m = metrics.aggregate_metrics(stats(ell=np.zeros(len(ELL))))
     assert m["pairwise_accuracy"] == 0.5
     assert m["spearman"] == 0.0
     # chance rate: |argmax R| / k in each ranked group: A 1/3, B 1/2, D 1/4
@@ -93,8 +94,8 @@ def test_group_order_and_labels_do_not_matter():
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(ELL))
     relabel = {"A": 17, "B": -3, "C": 5, "D": 100}
-    a = ev.aggregate_metrics(stats())
-    b = ev.aggregate_metrics(
+    a = metrics.aggregate_metrics(stats())
+    b = metrics.aggregate_metrics(
         stats(
             ell=np.array(ELL)[perm],
             groups=np.array([relabel[g] for g in GROUPS])[perm],
@@ -102,7 +103,7 @@ def test_group_order_and_labels_do_not_matter():
             tokens=np.array(TOKENS)[perm],
         )
     )
-    for k in ev.METRICS:
+    for k in metrics.METRICS:
         assert a[k] == pytest.approx(b[k], rel=1e-12)
 
 
@@ -110,11 +111,11 @@ def test_k2_groups_and_ties():
     # k = 2: right order, wrong order, ℓ tie, equal rewards
     ell = [1, 0, 0, 1, 3, 3, 1, 2]
     rew = [1, 0, 1, 0, 1, 0, 5, 5]
-    s = ev.group_statistics(np.array(ell, float), np.array(rew, float), np.repeat([0, 1, 2, 3], 2), 1.0)
+    s = metrics.group_statistics(np.array(ell, float), np.array(rew, float), np.repeat([0, 1, 2, 3], 2), 1.0)
     assert s.pairs_correct.tolist() == [1, 0, 0.5, 0]
     assert s.spearman[:3] == pytest.approx([1, -1, 0])
     assert s.top1[:3] == pytest.approx([1, 0, 0.5])
-    m = ev.aggregate_metrics(s)
+    m = metrics.aggregate_metrics(s)
     assert m["pairwise_accuracy"] == pytest.approx(0.5)
     assert m["spearman"] == pytest.approx(0.0)
     assert m["top1_agreement"] == pytest.approx(0.5)
@@ -124,54 +125,54 @@ def test_k2_groups_and_ties():
 
 def test_top1_ties_in_both_rewards_and_implicit_rewards():
     # implicit argmax set {0, 1, 2}; reward argmax set {1, 3} -> 1/3
-    s = ev.group_statistics(np.array([5.0, 5, 5, 0]), np.array([0.0, 2, 1, 2]), np.zeros(4), 1.0)
+    s = metrics.group_statistics(np.array([5.0, 5, 5, 0]), np.array([0.0, 2, 1, 2]), np.zeros(4), 1.0)
     assert s.top1[0] == pytest.approx(1 / 3)
 
 
 def test_average_ranks():
-    assert ev.average_ranks(np.array([10.0, 20, 20, 5])).tolist() == [2, 3.5, 3.5, 1]
-    assert ev.average_ranks(np.array([[1.0, 1.0], [2.0, 1.0]])).tolist() == [[1.5, 1.5], [2, 1]]
+    assert metrics.average_ranks(np.array([10.0, 20, 20, 5])).tolist() == [2, 3.5, 3.5, 1]
+    assert metrics.average_ranks(np.array([[1.0, 1.0], [2.0, 1.0]])).tolist() == [[1.5, 1.5], [2, 1]]
 
 
 def test_all_groups_skipped_gives_nan_ranking_metrics():
-    s = ev.group_statistics(np.array([1.0, 0]), np.array([1.0, 1]), np.zeros(2), 1.0)
-    m = ev.aggregate_metrics(s)
+    s = metrics.group_statistics(np.array([1.0, 0]), np.array([1.0, 1]), np.zeros(2), 1.0)
+    m = metrics.aggregate_metrics(s)
     assert math.isnan(m["pairwise_accuracy"]) and math.isnan(m["spearman"]) and math.isnan(m["top1_agreement"])
     assert m["gvpo_loss"] == pytest.approx(0.5)
 
 
 def test_invalid_inputs():
     with pytest.raises(ValueError):
-        ev.group_statistics(np.array([1.0, 0, 2]), np.array([1.0, 0, 2]), np.array([0, 0, 1]), 1.0)  # k=1
+        metrics.group_statistics(np.array([1.0, 0, 2]), np.array([1.0, 0, 2]), np.array([0, 0, 1]), 1.0)  # k=1
     with pytest.raises(ValueError):
-        ev.group_statistics(np.array([1.0, 0]), np.array([1.0, 0]), np.zeros(2), 0.0)
+        metrics.group_statistics(np.array([1.0, 0]), np.array([1.0, 0]), np.zeros(2), 0.0)
 
 
 def _naive_bootstrap(model, reference, n_boot, seed):
     """Loop version of the bootstrap with the same draws, for checking the vectorised one."""
     rng = np.random.default_rng(seed)
     G = model.size.shape[0]
-    w = ev.bootstrap_weights(G, n_boot, rng)
-    out = {m: [] for m in ev.METRICS}
+    w = metrics.bootstrap_weights(G, n_boot, rng)
+    out = {m: [] for m in metrics.METRICS}
     for b in range(n_boot):
         idx = np.repeat(np.arange(G), w[b].astype(int))
-        sub = lambda s: ev.GroupStats(**{f: getattr(s, f)[idx] for f in ev.GroupStats.__dataclass_fields__})
-        mm = ev.aggregate_metrics(sub(model))
-        for m in ev.METRICS:
+        sub = lambda s: metrics.GroupStats(**{f: getattr(s, f)[idx] for f in metrics.GroupStats.__dataclass_fields__})
+        mm = metrics.aggregate_metrics(sub(model))
+        for m in metrics.METRICS:
             out[m].append(mm[m])
     return {m: np.nanpercentile(np.array(v), [2.5, 97.5]).tolist() for m, v in out.items()}
 
 
 def test_bootstrap_matches_a_naive_loop_and_is_seeded():
     model, ref = stats(), stats(ell=np.zeros(len(ELL)))
-    iv = ev.bootstrap_intervals(model, ref, n_boot=200, seed=3)
+    iv = metrics.bootstrap_intervals(model, ref, n_boot=200, seed=3)
     naive = _naive_bootstrap(model, ref, 200, 3)
-    for m in ev.METRICS:
+    for m in metrics.METRICS:
         assert iv["model"][m] == pytest.approx(naive[m]), m
-    assert iv == ev.bootstrap_intervals(model, ref, n_boot=200, seed=3)
+    assert iv == metrics.bootstrap_intervals(model, ref, n_boot=200, seed=3)
     # chunking must not change the draws' statistics shape; a different chunk size still gives an interval
-    small = ev.bootstrap_intervals(model, ref, n_boot=200, seed=3, chunk_cells=8)
-    assert set(small["delta"]) == set(ev.METRICS)
+    small = metrics.bootstrap_intervals(model, ref, n_boot=200, seed=3, chunk_cells=8)
+    assert set(small["delta"]) == set(metrics.METRICS)
     # the delta of pairwise accuracy is model − 0.5 exactly on every resample
     lo, hi = iv["delta"]["pairwise_accuracy"]
     mlo, mhi = iv["model"]["pairwise_accuracy"]
@@ -183,9 +184,9 @@ def test_bootstrap_interval_covers_the_estimate_on_many_groups():
     G, k = 300, 4
     rew = rng.normal(size=G * k)
     ell = rew + rng.normal(scale=1.0, size=G * k)
-    s = ev.group_statistics(ell, rew, np.repeat(np.arange(G), k), 1.0)
-    point = ev.aggregate_metrics(s)
-    iv = ev.bootstrap_intervals(s, ev.group_statistics(np.zeros_like(ell), rew, np.repeat(np.arange(G), k), 1.0), 500)
+    s = metrics.group_statistics(ell, rew, np.repeat(np.arange(G), k), 1.0)
+    point = metrics.aggregate_metrics(s)
+    iv = metrics.bootstrap_intervals(s, metrics.group_statistics(np.zeros_like(ell), rew, np.repeat(np.arange(G), k), 1.0), 500)
     for m in ("pairwise_accuracy", "spearman", "gvpo_loss", "implicit_reward_covariance"):
         lo, hi = iv["model"][m]
         assert lo < point[m] < hi
@@ -194,8 +195,8 @@ def test_bootstrap_interval_covers_the_estimate_on_many_groups():
 
 def test_mean_difference_interval():
     a, b = np.array([1.0, 2, 3, 4]), np.array([0.0, 1, 2, 3])
-    assert ev.mean_difference_interval(a, b, 100) == pytest.approx([1.0, 1.0])
-    assert ev.mean_difference_interval(a, b, 0) is None
+    assert metrics.mean_difference_interval(a, b, 100) == pytest.approx([1.0, 1.0])
+    assert metrics.mean_difference_interval(a, b, 0) is None
 
 
 # ---- the stage, end to end on the real tiny model ---------------------------------------------------
@@ -275,10 +276,10 @@ def test_json_report_layout(workdir, capsys):
     rep = run_eval(capsys, "--workdir", str(workdir))
     assert set(rep) == {"model", "reference", "delta", "intervals", "counts", "generation", "meta"}
     for side in ("model", "reference", "delta"):
-        assert set(rep[side]) == set(ev.METRICS)
+        assert set(rep[side]) == set(metrics.METRICS)
     assert set(rep["intervals"]) == {"model", "delta"}
-    assert set(rep["intervals"]["model"]) == set(ev.METRICS)
-    assert set(rep["counts"]) == set(ev.COUNTS)
+    assert set(rep["intervals"]["model"]) == set(metrics.METRICS)
+    assert set(rep["counts"]) == set(metrics.COUNTS)
     assert rep["counts"]["groups"] == 16 and rep["counts"]["responses"] == 64 and rep["counts"]["skipped_groups"] == 2
     assert rep["generation"] is None
     assert rep["meta"]["beta"] == 1.0 and rep["meta"]["beta_source"].endswith("train_config.json")
@@ -416,16 +417,16 @@ def test_resolve_beta(tmp_path):
 
 def test_small_blocks_give_the_same_statistics():
     a = stats()
-    gi = ev.group_index(np.array(GROUPS), max_block_cells=1)  # one group per block
+    gi = metrics.group_index(np.array(GROUPS), max_block_cells=1)  # one group per block
     assert len(gi.blocks) == 4
-    b = ev.group_statistics(np.array(ELL, float), np.array(REWARDS, float), gi, BETA, TOKENS)
-    for f in ev.GroupStats.__dataclass_fields__:
+    b = metrics.group_statistics(np.array(ELL, float), np.array(REWARDS, float), gi, BETA, TOKENS)
+    for f in metrics.GroupStats.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
 
 
 def test_no_bootstrap_keeps_the_interval_keys():
     *_, intervals, _ = ev.metrics_from_arrays(ELL, REWARDS, GROUPS, BETA, TOKENS, bootstrap=0)
-    assert intervals == {"model": dict.fromkeys(ev.METRICS), "delta": dict.fromkeys(ev.METRICS)}
+    assert intervals == {"model": dict.fromkeys(metrics.METRICS), "delta": dict.fromkeys(metrics.METRICS)}
 
 
 @pytest.mark.slow

@@ -89,3 +89,12 @@ STORY_GROUPS = [
     ("The sun was shining.", ["The birds sang.", "Ben went out to play.", "It was hot.", "Sue had a hat."], [0.4, 0.9, -0.2, 0.1]),
 ]
 """Four story prompts with k = 3, 2, 5, 4 short scored responses (rewards in [-1, 1])."""
+
+
+def set_lora_weights(model) -> None:
+    """Give every LoRA A and B of a peft model a fixed random value (by parameter name order): the same in
+    every process whatever its RNG state, and B off its initial 0 so that a step's gradient reaches A too."""
+    with torch.no_grad():
+        for n, (name, p) in enumerate(sorted(model.named_parameters())):
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(n)))

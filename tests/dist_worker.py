@@ -8,26 +8,38 @@
    with --loss dpo, and with packed rows;
 2. precompute-ref of DATA.jsonl into REF_WORKDIR (every rank scores a share of each shard);
 3. eval of POLICY_MODEL on REF_WORKDIR's eval split (β = 1, 200 bootstrap resamples);
-4. ``gvpo-offline train --workdir TRAIN_WORKDIR [train options...]`` (an uninterrupted sharded run).
+4. ``gvpo-offline train --workdir TRAIN_WORKDIR [train options...]`` (an uninterrupted sharded run);
+5. LoRA: the step of 1. on a sharded peft model (its A and B set by cachefixture.set_lora_weights: every LoRA weight gets a
+   gradient), its adapter saved (OUT.pt's folder / lora-step) beside its log-probs of the step's rows; then
+   ``train --lora-r 4 --merge`` (LORA_TRAIN_ARGS) into TRAIN_WORKDIR-lora, and the same run resumed from its
+   step-2 checkpoint into TRAIN_WORKDIR-lora-resumed.
 Rank 0 saves the gathered full gradients, the step's loss, each rank's groups and the eval report to OUT.pt.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from gvpo_offline import cli, distributed
+from cachefixture import set_lora_weights
+
+from gvpo_offline import adapters, cli, distributed
+from gvpo_offline.checkpoints import save_final
 from gvpo_offline.data import DataConfig
 from gvpo_offline.evaluate import EvalConfig, evaluate
 from gvpo_offline.loss import OBJECTIVES
-from gvpo_offline.modeling import load_model
+from gvpo_offline.modeling import load_model, sequence_logps
 from gvpo_offline.reference import PrecomputeConfig, precompute
 from gvpo_offline.tokenize import TokenizeConfig
 from gvpo_offline.step import gvpo_backward, load_train_groups, make_batch
 
 STORIES = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
+LORA_TRAIN_ARGS = ["--beta", "1", "--lr", "1e-3", "--groups-per-step", "3", "--max-steps", "4", "--save-every", "2",
+                   "--micro-batch-tokens", "60", "--device", "cpu", "--seed", "1", "--lora-r", "4", "--merge"]
+
+
 out, step_cache, micro_tokens, data, ref_workdir, policy, train_workdir = sys.argv[1:8]
 torch.set_num_threads(1)
 ctx = distributed.context("cpu")
@@ -52,5 +64,27 @@ precompute(PrecomputeConfig(DataConfig((data,)), str(STORIES), Path(ref_workdir)
                             shard_groups=3, device="cpu", progress=False), quiet)
 report = evaluate(EvalConfig(workdir=ref_workdir, model_path=policy, beta=1.0, bootstrap=200, device="cpu"), quiet)
 cli.main(["train", "--workdir", train_workdir, *sys.argv[8:]])
+
+lora = adapters.add_lora(load_model(STORIES, torch.device("cpu")), adapters.LoraSettings(r=4))
+set_lora_weights(lora)
+lora = distributed.shard_model(ctx, lora)
+lora_stats = gvpo_backward(lora, batch, 1.0, int(micro_tokens), share=share)
+lora_grads = {name: p.grad.full_tensor() for name, p in lora.named_parameters() if p.requires_grad}
+with torch.no_grad():
+    lora_logps = sequence_logps(lora, batch.prompt_ids, batch.response_ids)
+adapter_state = distributed.full_state_dict(lora)
 if ctx.is_main:
-    torch.save({"grads": grads, "loss": stats.loss, "dpo_grads": dpo_grads, "packed_grads": packed_grads, "dpo_loss": dpo_loss, "rank_groups": rank_groups, "eval": report.to_json()}, out)
+    save_final(Path(out).parent, lora, None, None, adapter_state, name="lora-step")
+distributed.barrier(ctx)
+lora_workdir, resumed = Path(train_workdir + "-lora"), Path(train_workdir + "-lora-resumed")
+if ctx.is_main:
+    shutil.copytree(step_cache, lora_workdir)
+distributed.barrier(ctx)
+cli.main(["train", "--workdir", str(lora_workdir), *LORA_TRAIN_ARGS])
+if ctx.is_main:  # the same run, as if stopped after its step-2 checkpoint
+    shutil.copytree(lora_workdir, resumed, ignore=shutil.ignore_patterns("model", "model-merged", "step-4"))
+distributed.barrier(ctx)
+cli.main(["train", "--workdir", str(resumed), *LORA_TRAIN_ARGS, "--resume"])
+if ctx.is_main:
+    torch.save({"grads": grads, "loss": stats.loss, "dpo_grads": dpo_grads, "packed_grads": packed_grads, "dpo_loss": dpo_loss, "rank_groups": rank_groups, "eval": report.to_json(),
+                "lora_grads": lora_grads, "lora_loss": lora_stats.loss, "lora_logps": lora_logps}, out)

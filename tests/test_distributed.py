@@ -1,5 +1,6 @@
-"""torchrun --nproc_per_node 2 with gloo on CPU: the sharded step's gradient, precompute-ref and eval equal
-their single-process results; kill -9 of a 2-process run + --resume equals the uninterrupted 2-process run.
+"""torchrun --nproc_per_node 2 with gloo on CPU: the sharded step's gradient (full and LoRA), precompute-ref,
+eval and a LoRA train run equal their single-process results; kill -9 of a 2-process run + --resume equals the
+uninterrupted 2-process run.
 
 Each launch is a real ``python -m torch.distributed.run --standalone`` (OMP_NUM_THREADS=1 per process, a
 60 s process-group timeout, and a subprocess timeout)."""
@@ -21,14 +22,14 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from cachefixture import STORIES, STORY_GROUPS, build_cache, set_lora_weights, text_groups
 from conftest import REPO, write_jsonl
-from gvpo_offline import distributed, reference, workdir as workdirs
+from gvpo_offline import adapters, distributed, reference, workdir as workdirs
 from gvpo_offline.data import DataConfig
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.evaluate import EvalConfig, evaluate
 from gvpo_offline.loss import OBJECTIVES
-from gvpo_offline.modeling import length_batches, load_model
+from gvpo_offline.modeling import length_batches, load_model, sequence_logps
 from gvpo_offline.reference import PrecomputeConfig, precompute
 from gvpo_offline.tokenize import TokenizeConfig
 from gvpo_offline.step import gvpo_backward, load_train_groups, make_batch, pack_groups
@@ -109,6 +110,60 @@ def test_sharded_step_gradient_equals_the_single_process_gradient(launch):  # GV
     assert passes(shares[0]) != passes(shares[1]), "the test needs ranks with different pass counts"
 
 
+
+@pytest.mark.slow
+def test_sharded_lora_step_train_run_and_adapter_folder_equal_one_process(launch, tmp_path):
+    from peft import PeftModel
+
+    groups = load_train_groups(launch["step_cache"])
+    batch = make_batch(groups, list(range(groups.n_groups)))
+    model = adapters.add_lora(load_model(STORIES, torch.device("cpu")), adapters.LoraSettings(r=4))
+    set_lora_weights(model)
+    stats = gvpo_backward(model, batch, 1.0, 10**6)  # one process, every group in one pass
+    got = launch["out"]
+    assert got["lora_loss"] == pytest.approx(stats.loss, rel=1e-5)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert got["lora_grads"].keys() == trainable.keys() and len(trainable) == 70  # only LoRA A and B: 7 × 5 × 2
+    for name, p in trainable.items():
+        scale = p.grad.abs().max().item()
+        assert scale > 0, name
+        assert torch.allclose(got["lora_grads"][name], p.grad, rtol=0, atol=1e-5 * scale), name
+
+    # the adapter folder gathered from the shards is a plain PEFT adapter computing what the shards computed
+    folder = launch["root"] / "lora-step"
+    assert {adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS} <= {p.name for p in folder.iterdir()}
+    assert not (folder / "model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(load_model(STORIES, torch.device("cpu")), folder).eval()
+    with torch.no_grad():
+        logps = sequence_logps(loaded, batch.prompt_ids, batch.response_ids)
+    assert torch.allclose(logps, got["lora_logps"], rtol=1e-5, atol=0)
+
+    # train --lora-r --merge under 2 processes = 1 process (to rounding); resumed from step 2 = straight (exact)
+    two, resumed, one = Path(f"{launch['straight']}-lora"), Path(f"{launch['straight']}-lora-resumed"), tmp_path / "one"
+    shutil.copytree(launch["step_cache"], one)
+    train(TrainConfig(workdir=one, beta=1, lr=1e-3, groups_per_step=3, max_steps=4, save_every=0, micro_batch_tokens=60,
+                      device="cpu", seed=1, lora=adapters.LoraSettings(r=4), merge=True, progress=False),
+          log=lambda _m: None)
+    a, b = load_file(two / "model" / adapters.ADAPTER_WEIGHTS), load_file(one / "model" / adapters.ADAPTER_WEIGHTS)
+    assert a.keys() == b.keys() and len(a) == 70
+    for k in a:  # AdamW's g / sqrt(v) turns rounding in a near-0 gradient into up to a step (lr = 1e-3): 1e-4
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-4), k
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)  # it trained
+    c, d = _weights(two / "model-merged"), _weights(one / "model-merged")
+    assert c.keys() == d.keys()
+    for k in c:
+        assert torch.allclose(c[k], d[k], rtol=0, atol=1e-4), k
+    for x, y in zip(_metrics(two), _metrics(one), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(two / "checkpoints" / "step-2")).read_metadata().state_dict_metadata
+    adapter, in_model = {f"model.{k}" for k in trainable}, {k for k in saved if k.startswith("model.")}
+    assert adapter <= in_model and in_model - adapter <= {"model.base_model.model.lm_head.weight"}  # (tied: kept)
+    e = load_file(resumed / "model" / adapters.ADAPTER_WEIGHTS)
+    assert e.keys() == a.keys() and all(torch.equal(a[k], e[k]) for k in a)
+    assert _metrics(resumed) == _metrics(two)
+
 @pytest.mark.slow
 def test_precompute_ref_and_eval_under_two_processes_equal_one_process(launch):
     root, quiet = launch["root"], Console(quiet=True)
@@ -174,7 +229,7 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
     for workdir in (killed, single):
         shutil.copytree(launch["step_cache"], workdir)
     cli = ["-m", "gvpo_offline", "train"]
-    assert launch["stderr"].count("memory plan:") == 1  # printed by rank 0 only
+    assert launch["stderr"].count("memory plan:") == 3  # printed by rank 0 only, once per train run (full, 2 LoRA)
 
     log = open(tmp_path / "killed.log", "w+")
     proc = subprocess.Popen(torchrun(*cli, "--workdir", killed, *args), env=env(), stdout=subprocess.DEVNULL,

@@ -10,8 +10,12 @@ group is created.
 * :func:`balanced_split` gives each rank a disjoint, token-balanced share of whole groups (inference
   and the groups of a train step).
 * :func:`shard_model` applies FSDP2 (``fully_shard`` per decoder layer, then the root) with gradients
-  summed over ranks, so a step's gradient is the single-process gradient of the same step.
-* :func:`save_sharded` / :func:`load_sharded`: model + optimizer with ``torch.distributed.checkpoint``.
+  summed over ranks, so a step's gradient is the single-process gradient of the same step. A peft LoRA
+  model is sharded the same way: FSDP2 takes frozen base weights beside trainable adapters in one unit
+  (only the trainable ones must share a dtype) and reduces only the adapters' gradients.
+* :func:`save_sharded` / :func:`load_sharded`: model + optimizer with ``torch.distributed.checkpoint``
+  (with a frozen base, the trainable parameters only); :func:`full_state_dict` gathers the weights (or
+  the adapter) for the final save.
 """
 
 from __future__ import annotations
@@ -271,7 +275,7 @@ def shard_model(ctx: Dist, model, cpu_offload: bool = False):
 
     model.gvpo_sequence_logps = types.MethodType(modeling.sequence_logps_unsharded, model)
     model.gvpo_packed_logps = types.MethodType(packing.packed_logps, model)
-    model.gvpo_compute_device = ctx.device
+    model.gvpo_compute_device = modeling.unwrap_peft(model).gvpo_compute_device = ctx.device  # (a peft model's too)
     register_fsdp_forward_method(model, "gvpo_sequence_logps")
     register_fsdp_forward_method(model, "gvpo_packed_logps")
     return model
@@ -283,14 +287,21 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _has_frozen(model) -> bool:
+    """A LoRA run (peft): the frozen base is not trained, so it is neither checkpointed nor gathered."""
+    return any(not p.requires_grad for p in model.parameters())
+
+
 def full_state_dict(model) -> dict[str, Tensor] | None:
     """The full (unsharded) state dict on CPU, gathered on every rank (a collective); None when the
-    model is not sharded."""
+    model is not sharded. With frozen parameters (a peft LoRA model) only the trainable ones: the
+    adapter, which ``PeftModel.save_pretrained(state_dict=...)`` writes."""
     if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=_has_frozen(model))
+    state = get_model_state_dict(model, options=options)
     for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if tied in state and source in state:  # gathered as two copies: one tensor again, saved once by HF
             state[tied] = state[source]
@@ -312,12 +323,21 @@ def to_float(x) -> float:
 # ---- sharded checkpoints (torch.distributed.checkpoint) ------------------------------------------------
 
 
+def _checkpoint_options(model):
+    """What a checkpoint holds: every parameter, or with a frozen base (LoRA) only the trainable ones
+    (the base is loaded again from the model it came from)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = _has_frozen(model)
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def save_sharded(folder: Path, model, optimizer) -> None:
     """Model + optimizer state, each rank writing its own shards into ``folder`` (a collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_checkpoint_options(model))
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder))
 
 
@@ -326,10 +346,12 @@ def load_sharded(folder: Path, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _checkpoint_options(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
 
 
 # ---- memory plan ---------------------------------------------------------------------------------------
@@ -426,6 +448,8 @@ def fix_saved_architecture(folder: Path) -> None:
     import json
 
     path = Path(folder) / "config.json"
+    if not path.is_file():  # a LoRA adapter folder: adapter_config.json names no architecture
+        return
     config = json.loads(path.read_text())
     names = config.get("architectures") or []
     fixed = [n.removeprefix("FSDP") for n in names]

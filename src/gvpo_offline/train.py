@@ -268,8 +268,6 @@ def train(config: TrainConfig, log: Callable[[str], None] = print,
 def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None],
            on_step: Callable[[dict], None] | None) -> TrainResult:
     cfg, workdir = config, config.workdir
-    if cfg.lora is not None and ctx.enabled:
-        raise GvpoError("train --lora-r under torchrun (FSDP2 + peft) is not supported yet: run LoRA in one process")
     if not ctx.is_main:  # only rank 0 prints and writes metrics.jsonl (it also holds the workdir's locks)
         log, on_step = _quiet, None
 
@@ -320,8 +318,9 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             model = load_model(init_path if ctx.enabled else weights, torch.device("cpu") if ctx.enabled else device,
                                torch.float32, cfg.trust_remote_code)
         else:  # frozen base + float32 LoRA layers (B = 0: the base's function); a checkpoint holds the adapter
-            base = load_model(init_path, device, adapters.base_dtype(cfg.base_dtype), cfg.trust_remote_code)
-            model = adapters.add_lora(base, cfg.lora, checkpoint)
+            base = load_model(init_path, torch.device("cpu") if ctx.enabled else device,
+                              adapters.base_dtype(cfg.base_dtype), cfg.trust_remote_code)
+            model = adapters.add_lora(base, cfg.lora, None if ctx.enabled else checkpoint)  # sharded: loaded below
             adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -455,11 +454,13 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         with write_errors_as_os_errors(workdir / FINAL_MODEL):
             save_final(workdir, model, tokenizer, train_config, full_weights)
     distributed.barrier(ctx)
-    if cfg.merge:  # last: merging folds the LoRA layers into the base weights in place (one process only)
+    if cfg.merge and ctx.is_main:  # last: merging folds the LoRA layers into the base weights in place
+        merged_model = (adapters.load_merged(model_dir, torch.device("cpu"), adapters.base_dtype(cfg.base_dtype),
+                                             cfg.trust_remote_code) if ctx.enabled else model.merge_and_unload())
         with write_errors_as_os_errors(workdir / MERGED_MODEL):
-            merged = save_final(workdir, model.merge_and_unload(), tokenizer, {**train_config, "merged": True},
-                                name=MERGED_MODEL)
+            merged = save_final(workdir, merged_model, tokenizer, {**train_config, "merged": True}, name=MERGED_MODEL)
         log(f"saved the merged model to {merged}")
+    distributed.barrier(ctx)
     steps_run, seconds = state.step - first_step, time.perf_counter() - started
     log(summary_line(model_dir, state.step, steps_run, seconds, last_loss, clipped, cfg.max_grad_norm))
     return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes,

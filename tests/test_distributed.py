@@ -330,6 +330,9 @@ def test_memory_plan_counts_a_frozen_base_without_gradients_or_optimizer_state()
     assert plan.params == trainable.numel()
     assert plan.params_bytes == 4 * trainable.numel() + 2 * frozen
     assert (plan.grads_bytes, plan.optimizer_bytes) == (4 * trainable.numel(), 8 * trainable.numel())
+    # under FSDP (LoRA under torchrun) the frozen base is sharded like the rest: 1/4 of it per rank
+    sharded = distributed.plan_for(trainable.numel(), 0, 4, on_gpu=True, frozen_bytes=2 * frozen)
+    assert sharded.params_bytes == 4 * -(-trainable.numel() // 4) + -(-2 * frozen // 4)
 
 
 def test_a_run_that_cannot_fit_stops_before_training(launch_free_cache, monkeypatch):

@@ -390,7 +390,7 @@ def memory_plan(model, ctx: Dist, device: torch.device, cpu_offload: bool = Fals
     """The plan for ``model`` (unsharded, before :func:`shard_model`) on ``ctx.world_size`` ranks, against
     the GPU's memory, or the node's available RAM (split over its processes) on CPU / with --cpu-offload."""
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # frozen weights (a LoRA run's base): held as they are, with no gradient and no optimizer state
+    # frozen weights (a LoRA run's base): in their own dtype, with no gradient and no optimizer state
     frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in _maybe_layers(model)), default=0)
     if device.type == "cuda" and not cpu_offload:
@@ -407,11 +407,12 @@ def plan_for(params: int, layer_params: int, world_size: int, on_gpu: bool, devi
              capacity_bytes: int | None = None, frozen_bytes: int = 0) -> MemoryPlan:
     """:class:`MemoryPlan` from parameter counts: fp32 weights + grads (4 + 4 B) and AdamW (8 B) per
     trainable parameter, each rank holding 1/world_size; under FSDP one decoder layer is gathered at a time
-    (bf16 on GPU, fp32 on CPU). ``frozen_bytes``: weights without gradients (a LoRA base), counted whole
-    in the weights."""
+    (bf16 on GPU, fp32 on CPU). ``frozen_bytes``: weights without gradients (a LoRA base), in the weights;
+    FSDP shards them too (1/world_size each)."""
     share = -(-params // world_size)
+    frozen_share = -(-frozen_bytes // world_size)
     gathered = 0 if world_size == 1 else layer_params * (2 if on_gpu else 4)
-    return MemoryPlan(params, world_size, 4 * share + frozen_bytes, 4 * share, 8 * share, gathered, device,
+    return MemoryPlan(params, world_size, 4 * share + frozen_share, 4 * share, 8 * share, gathered, device,
                       capacity_bytes)
 
 

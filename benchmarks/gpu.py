@@ -26,6 +26,8 @@ import argparse
 import statistics
 import time
 
+from shared_prompt import make_groups  # the same synthetic groups as the CPU benchmark
+
 
 def build_model(device):
     import torch
@@ -38,20 +40,6 @@ def build_model(device):
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.eval()
-
-
-def make_groups(n_groups: int, k: int, prompt_len: int, response_len: int, vocab: int, seed: int):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    prompts, responses, gids = [], [], []
-    for j in range(n_groups):
-        prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
-        for _ in range(k):
-            prompts.append(prompt)
-            responses.append(torch.randint(3, vocab, (response_len,), generator=g).tolist())
-            gids.append(j)
-    return prompts, responses, gids
 
 
 def model_flops(model, prompts, responses, packed: bool) -> float:

@@ -35,13 +35,7 @@ from itertools import combinations
 from multiprocessing import get_context
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-STORIES = ROOT / "sample_data" / "stories260K"
-WORDS = (
-    "once upon a time there was a little girl named lily she loved to play outside in the park with her "
-    "dog max one day they found a big red ball under a tree and the sun was warm so they ran and laughed "
-    "until mom called them home for dinner because it was late"
-).split()
+from precompute import STORIES, WORDS  # the bundled model and the benchmark's story words
 
 
 def text(seed: int, n: int) -> str:

@@ -498,8 +498,9 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
             )
 
     groups, splits, layout = _plan(config, console)
+    encoded: dict[int, tuple] = {}  # shard -> its tokenization, when it was needed up front
     if old is None or old.key != key:  # validate every group's tokenization before touching the old cache
-        _validate_encoding(tokenizer, groups, splits, tok_cfg, config.shard_groups)
+        encoded = _encode_all(tokenizer, groups, splits, tok_cfg, config.shard_groups)
         if changes:  # an earlier cache with computed shards is being replaced
             _say(console, f"recomputing the reference cache: {'; '.join(changes)}")
     manifest = Manifest(
@@ -526,7 +527,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         model = modeling.load_model(model_path, device, torch.float32, config.trust_remote_code)
         batch_tokens = config.batch_tokens or modeling.default_batch_tokens(device)
         _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config,
-                        console, ctx)
+                        console, ctx, encoded)
     distributed.barrier(ctx)
     if ctx.is_main:
         _finish(workdir, manifest)
@@ -550,11 +551,15 @@ def _bad_shards(workdir: Path, manifest: Manifest) -> dict[int, str]:
     return bad
 
 
-def _validate_encoding(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig, size: int) -> None:
-    """Tokenize every group once (results dropped): a template or tokenization error stops the run
-    before anything is written. Cheap next to the forward passes."""
-    for lo in range(0, groups.num_rows, size):
-        _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], cfg)
+def _encode_all(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig, size: int) -> dict[int, tuple]:
+    """Tokenize every shard's groups before anything is written, so that a template or tokenization
+    error stops the run first: {shard: (its columns as an Arrow table, truncated prompts, truncated
+    responses)}. Arrow keeps the token ids compact (int32) until :func:`_compute_shards` uses them."""
+    encoded = {}
+    for s, lo in enumerate(range(0, groups.num_rows, size)):
+        cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], cfg)
+        encoded[s] = (pa.table(cols, schema=REF_SCHEMA.remove(REF_SCHEMA.get_field_index("ref_logp"))), cut_p, cut_r)
+    return encoded
 
 
 def _plan(config: PrecomputeConfig, console: Console) -> tuple[pa.Table, list[str], str]:
@@ -573,8 +578,9 @@ def _plan(config: PrecomputeConfig, console: Console) -> tuple[pa.Table, list[st
 
 
 def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config, console,
-                    ctx: distributed.Dist = distributed.Dist()):
-    """Tokenize, score and write (atomically) the shards ``todo``, under a progress bar on ``console``.
+                    ctx: distributed.Dist = distributed.Dist(), encoded: dict[int, tuple] | None = None):
+    """Tokenize (unless ``encoded`` by :func:`_encode_all` already), score and write (atomically) the
+    shards ``todo``, under a progress bar on ``console``.
     Several processes: every rank scores a token-balanced share of each shard's groups, and rank
     ``s % world_size`` writes shard s (the progress bar shows rank 0's share × world size)."""
     size, tok_cfg = config.shard_groups, manifest.tokenize_config
@@ -595,7 +601,12 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
         for done, s in enumerate(todo):
             lo = s * size
             try:
-                cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], tok_cfg)
+                if encoded and s in encoded:
+                    table, cut_p, cut_r = encoded.pop(s)
+                    cols = table.to_pydict()
+                else:
+                    cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size],
+                                                        tok_cfg)
                 packed = packing.use_packing(packing_mode, cols["prompt_ids"], cols["response_ids"])
                 cols["ref_logp"] = distributed.score_groups(
                     ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],

@@ -76,6 +76,8 @@ from gvpo_offline.metrics import (
     aggregate_metrics,
     bootstrap_intervals,
     count_stats,
+    format_interval,
+    format_value,
     group_index,
     group_statistics,
     mean_difference_interval,
@@ -581,16 +583,6 @@ _LABELS = {
 }
 
 
-def _fmt(x) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "—"
-    return f"{x:.4g}"
-
-
-def _fmt_interval(iv) -> str:
-    return "—" if not iv else f"[{_fmt(iv[0])}, {_fmt(iv[1])}]"
-
-
 def report_table(report: EvalReport):
     """The report as a rich Table: metric, model, reference, Δ, and the 95% bootstrap intervals."""
     from rich.table import Table
@@ -612,12 +604,12 @@ def report_table(report: EvalReport):
         table.add_column(name, justify=justify)
     iv_m, iv_d = report.intervals.get("model", {}), report.intervals.get("delta", {})
     for m in METRICS:
-        table.add_row(_LABELS[m], _fmt(report.model[m]), _fmt(report.reference[m]), _fmt(report.delta[m]),
-                      _fmt_interval(iv_m.get(m)), _fmt_interval(iv_d.get(m)))
+        table.add_row(_LABELS[m], format_value(report.model[m]), format_value(report.reference[m]), format_value(report.delta[m]),
+                      format_interval(iv_m.get(m)), format_interval(iv_d.get(m)))
     g = report.generation
     if g:
         table.add_section()
         table.add_row(f"mean sampled reward ({g['prompts']} prompts × {g['samples_per_prompt']})",
-                      _fmt(g["model_mean_reward"]), _fmt(g["reference_mean_reward"]),
-                      _fmt(g["mean_reward_difference"]), "", _fmt_interval(g["difference_interval"]))
+                      format_value(g["model_mean_reward"]), format_value(g["reference_mean_reward"]),
+                      format_value(g["mean_reward_difference"]), "", format_interval(g["difference_interval"]))
     return table

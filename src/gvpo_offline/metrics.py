@@ -6,6 +6,7 @@ intervals over groups. The definitions of the metrics, counts and intervals are 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,3 +250,18 @@ def mean_difference_interval(
     rng = np.random.default_rng(seed)
     w = bootstrap_weights(diff.size, n_boot, rng)
     return _percentile_interval(w @ diff / diff.size, level)
+
+
+# ---- how a metric is written (the eval table, the model card) ----------------------------------------
+
+
+def format_value(x) -> str:
+    """4 significant digits; "—" for a missing or non-finite value."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.4g}"
+
+
+def format_interval(iv) -> str:
+    """[lo, hi] with :func:`format_value`; "—" when there is none."""
+    return "—" if not iv else f"[{format_value(iv[0])}, {format_value(iv[1])}]"

@@ -15,24 +15,14 @@ this tool is never touched.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from gvpo_offline.files import atomic_write_bytes
+from gvpo_offline.metrics import format_interval, format_value
 
 CARD = "README.md"
 MARK = "gvpo-offline"  # a tag; a card without it is not ours
 NOT_EVALUATED = "Not evaluated yet: `gvpo-offline eval --model THIS_FOLDER` adds the table here."
-
-
-def _fmt(x) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "—"
-    return f"{x:.4g}"
-
-
-def _interval(iv) -> str:
-    return "—" if not iv else f"[{_fmt(iv[0])}, {_fmt(iv[1])}]"
 
 
 def eval_section(report: dict) -> str:
@@ -41,21 +31,21 @@ def eval_section(report: dict) -> str:
     counts = report.get("counts", {})
     lines = [
         f"Held-out data: {', '.join(meta.get('data', []))} ({counts.get('groups')} groups, "
-        f"{counts.get('responses')} responses), β = {_fmt(meta.get('beta'))}; intervals: 95% bootstrap over "
+        f"{counts.get('responses')} responses), β = {format_value(meta.get('beta'))}; intervals: 95% bootstrap over "
         f"groups ({meta.get('bootstrap')} resamples). The reference column is the reference model (ℓ ≡ 0).",
         "",
         "| metric | model | reference | Δ | model 95% CI | Δ 95% CI |",
         "|---|---|---|---|---|---|",
     ]
     for name, value in report.get("model", {}).items():
-        lines.append(f"| {name} | {_fmt(value)} | {_fmt(report['reference'].get(name))} | "
-                     f"{_fmt(report['delta'].get(name))} | {_interval(iv.get('model', {}).get(name))} | "
-                     f"{_interval(iv.get('delta', {}).get(name))} |")
+        lines.append(f"| {name} | {format_value(value)} | {format_value(report['reference'].get(name))} | "
+                     f"{format_value(report['delta'].get(name))} | {format_interval(iv.get('model', {}).get(name))} | "
+                     f"{format_interval(iv.get('delta', {}).get(name))} |")
     gen = report.get("generation")
     if gen:
         lines.append(f"| mean generated reward ({gen['prompts']} prompts × {gen['samples_per_prompt']}) | "
-                     f"{_fmt(gen['model_mean_reward'])} | {_fmt(gen['reference_mean_reward'])} | "
-                     f"{_fmt(gen['mean_reward_difference'])} | | {_interval(gen['difference_interval'])} |")
+                     f"{format_value(gen['model_mean_reward'])} | {format_value(gen['reference_mean_reward'])} | "
+                     f"{format_value(gen['mean_reward_difference'])} | | {format_interval(gen['difference_interval'])} |")
     return "\n".join(lines)
 
 
@@ -86,7 +76,7 @@ def card_text(train_config: dict, report: dict | None = None) -> str:
         ("method", method),
         ("data", f"{data_desc}; train split: {train_config.get('train_groups')} groups, "
                  f"{train_config.get('train_responses')} scored responses"),
-        ("β (KL strength)", _fmt(train_config.get("beta"))),
+        ("β (KL strength)", format_value(train_config.get("beta"))),
         ("steps", f"{train_config.get('total_steps')} × {train_config.get('groups_per_step')} groups, "
                   f"peak lr {train_config.get('lr')}, warmup ratio {train_config.get('warmup_ratio')}, "
                   f"seed {train_config.get('seed')}"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +73,24 @@ def private_hash_cache(tmp_path_factory):
         os.environ.pop("GVPO_OFFLINE_CACHE", None)
     else:
         os.environ["GVPO_OFFLINE_CACHE"] = before
+
+
+@pytest.fixture(scope="module")
+def story_cache(tmp_path_factory) -> Path:
+    """A complete reference cache of STORY_GROUPS (k = 3, 2, 5, 4) scored by stories260K, built once per
+    test module (a module may define its own). Use ``workdir`` for a private copy."""
+    import torch
+    from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+
+    workdir, before = tmp_path_factory.mktemp("cache") / "run", torch.get_num_threads()
+    torch.set_num_threads(1)
+    build_cache(workdir, STORIES, text_groups(STORIES, STORY_GROUPS))
+    torch.set_num_threads(before)
+    return workdir
+
+
+@pytest.fixture
+def workdir(story_cache, tmp_path) -> Path:
+    """A private copy of the module's ``story_cache``."""
+    shutil.copytree(story_cache, tmp_path / "run")
+    return tmp_path / "run"

@@ -9,24 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import typer.main
 import yaml
-from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from cachefixture import STORIES, STORY_GROUPS
 from conftest import REPO, write_jsonl
 
 from gvpo_offline import cli, config_file
 
 EXAMPLES = sorted((REPO / "examples" / "configs").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def story_cache(tmp_path_factory) -> Path:
-    workdir, before = tmp_path_factory.mktemp("cache") / "run", torch.get_num_threads()
-    torch.set_num_threads(1)
-    build_cache(workdir, STORIES, text_groups(STORIES, STORY_GROUPS))
-    torch.set_num_threads(before)
-    return workdir
 
 
 def _metrics(workdir: Path) -> list[dict]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -231,12 +230,6 @@ def story_cache(tmp_path_factory) -> Path:
     build_cache(workdir, STORIES, groups + held_out)
     torch.set_num_threads(before)
     return workdir
-
-
-@pytest.fixture
-def workdir(story_cache, tmp_path) -> Path:
-    shutil.copytree(story_cache, tmp_path / "run")
-    return tmp_path / "run"
 
 
 def step0_expected(name: str, beta: float, workdir: Path) -> float:

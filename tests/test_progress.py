@@ -8,11 +8,9 @@ import re
 import shutil
 import time
 
-import pytest
-import torch
 from rich.console import Console
 
-from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from cachefixture import STORIES
 from gvpo_offline import cli
 from gvpo_offline.progress import duration, plural, progress
 
@@ -75,20 +73,10 @@ def test_helpers():
 # ---- train without a terminal --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def story_cache(tmp_path_factory):
-    workdir, before = tmp_path_factory.mktemp("cache") / "run", torch.get_num_threads()
-    torch.set_num_threads(1)
-    build_cache(workdir, STORIES, text_groups(STORIES, STORY_GROUPS))
-    torch.set_num_threads(before)
-    return workdir
-
-
 def test_train_log_without_a_terminal(story_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GVPO_LOG_EVERY", "0")
     workdir = tmp_path / "run"
     shutil.copytree(story_cache, workdir)
-    torch.set_num_threads(1)
     before = time.time()
     cli.main(["train", "--workdir", str(workdir), "--beta", "1", "--lr", "1e-3", "--groups-per-step", "2",
               "--max-steps", "3", "--save-every", "0", "--device", "cpu"])  # returns: exit code 0

@@ -29,22 +29,6 @@ from gvpo_offline.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def story_cache(tmp_path_factory) -> Path:
-    """A complete reference cache of STORY_GROUPS (k = 3, 2, 5, 4) scored by stories260K."""
-    workdir, before = tmp_path_factory.mktemp("cache") / "run", torch.get_num_threads()
-    torch.set_num_threads(1)
-    build_cache(workdir, STORIES, text_groups(STORIES, STORY_GROUPS))
-    torch.set_num_threads(before)
-    return workdir
-
-
-@pytest.fixture
-def workdir(story_cache, tmp_path) -> Path:
-    shutil.copytree(story_cache, tmp_path / "run")
-    return tmp_path / "run"
-
-
 def config(workdir: Path, **kw) -> TrainConfig:
     defaults = dict(workdir=workdir, beta=1.0, lr=2e-5, groups_per_step=4, save_every=0, progress=False,
                     device="cpu")

@@ -7,9 +7,12 @@ A ~1.2B Llama-3.2-1B-shaped model built from a config (hidden 2048, 16 layers, 3
 vocabulary 128,256, tied embeddings; random init, nothing downloaded), float32 master weights with bf16
 autocast: the tool's own GPU regime. Synthetic long-prompt groups (prompt --prompt tokens, k responses
 of --response tokens). Measured with the tool's code at its GPU defaults, in one process:
-  precompute   modeling.batched_logps, --batch-tokens 16384, packed=False vs packed=True
+  precompute   modeling.batched_logps, --batch-tokens 16384, three paths: padded (packed=False),
+               pieces (packed=True, SDPA per bucket of pieces) and varlen (packed=True, torch's flash
+               varlen kernel; its first call is checked against the pieces path, and the check's
+               outcome is printed: if it fails, the varlen rows are the pieces path again)
   train step   step.gvpo_backward + clip + AdamW over --step-groups groups, --micro-batch-tokens 8192
-               (the median of --steps steps after one warm-up step)
+               (the median of --steps steps after one warm-up step), the same three paths
 tokens/s counts prompt + response tokens of every pair (the work as separate sequences). Peak memory is
 torch.cuda.max_memory_allocated over the measurement. MFU = model FLOPs / (seconds × peak bf16 FLOP/s),
 model FLOPs = 2 × body parameters × tokens the path feeds the body (padded: every pair's tokens; packed:
@@ -27,6 +30,20 @@ import statistics
 import time
 
 from shared_prompt import make_groups  # the same synthetic groups as the CPU benchmark
+
+
+PATHS = ("padded", "pieces", "varlen")
+
+
+def use_path(path: str) -> bool:
+    """Set up one path; returns ``packed`` for the tool's functions."""
+    from gvpo_offline import packing
+
+    if path == "pieces":
+        packing._VARLEN_CHECK["ok"] = False  # the bucket path only
+    elif path == "varlen" and packing._VARLEN_CHECK.get("ok") is False:
+        packing._VARLEN_CHECK.clear()  # back to the kernel (checked again on its first call)
+    return path != "padded"
 
 
 def build_model(device):
@@ -78,6 +95,7 @@ def main() -> None:
 
     import torch
 
+    from gvpo_offline import packing
     from gvpo_offline.modeling import batched_logps
     from gvpo_offline.step import StepBatch, gvpo_backward
 
@@ -96,7 +114,8 @@ def main() -> None:
         prompts, responses, gids = make_groups(args.groups, k, args.prompt, args.response, vocab, seed=k)
         tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
         base = None
-        for packed in (False, True):  # precompute
+        for path in PATHS:  # precompute
+            packed = use_path(path)
             batched_logps(model, prompts[:k], responses[:k], 16384, torch.bfloat16, packed=packed)  # warm-up
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -108,7 +127,7 @@ def main() -> None:
             rate = tokens / seconds
             base = base or rate
             mfu = model_flops(model, prompts, responses, packed) / seconds / peak
-            print(f"{'precompute':<11}{k:>3}{'packed' if packed else 'padded':>8}{tokens:>9,}{rate:>10,.0f}"
+            print(f"{'precompute':<11}{k:>3}{path:>8}{tokens:>9,}{rate:>10,.0f}"
                   f"{rate / base:>9.2f}x{torch.cuda.max_memory_allocated() / 2**30:>10.1f}{mfu:>8.1%}")
 
         n_step = args.step_groups * k
@@ -119,7 +138,8 @@ def main() -> None:
                           group_index=torch.tensor(gids[:n_step]), n_groups=args.step_groups)
         step_tokens = batch.tokens
         base = None
-        for packed in (False, True):  # train step
+        for path in PATHS:  # train step
+            packed = use_path(path)
             model.train(False)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
             times = []
@@ -139,9 +159,10 @@ def main() -> None:
             rate = step_tokens / seconds
             base = base or rate
             mfu = 3 * model_flops(model, batch.prompt_ids, batch.response_ids, packed) / seconds / peak
-            print(f"{'train step':<11}{k:>3}{'packed' if packed else 'padded':>8}{step_tokens:>9,}{rate:>10,.0f}"
+            print(f"{'train step':<11}{k:>3}{path:>8}{step_tokens:>9,}{rate:>10,.0f}"
                   f"{rate / base:>9.2f}x{torch.cuda.max_memory_allocated() / 2**30:>10.1f}{mfu:>8.1%}")
             del optimizer
+    print(f"varlen kernel check: {packing._VARLEN_CHECK or 'not reached'}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from cachefixture import STORIES, STORY_GROUPS
 from gvpo_offline import packing
 from gvpo_offline.data import DataConfig
 from gvpo_offline.modeling import batched_logps, load_model, sequence_logps
-from gvpo_offline.packing import block_mask, packed_logps, plan_rows, split_pairs
+from gvpo_offline.packing import packed_logps, plan_rows, split_pairs
 from gvpo_offline.reference import PrecomputeConfig, load_split, precompute
 from gvpo_offline.tokenize import TokenizeConfig
 from gvpo_offline.step import StepBatch, gvpo_backward
@@ -83,25 +83,45 @@ def naive_logps(model, prompts, responses) -> torch.Tensor:
 # ---- the mask and the plan --------------------------------------------------------------------------
 
 
-def test_block_mask_prompt_shared_responses_blind_to_siblings():
+def visibility(plan: packing.Pieces, tokens: int, window=None) -> torch.Tensor:
+    """[tokens, tokens] bool: which key token each query token attends to, read back from the pieces
+    (their gathered indices and masks); a token in no piece sees nothing."""
+    seen = torch.zeros(tokens, tokens, dtype=torch.bool)
+    for b, bucket in enumerate(plan.buckets):
+        mask = plan.mask(b, window, additive=False, dtype=torch.float32)[:, 0]
+        for m in range(len(bucket.q_index)):
+            for i in torch.nonzero(bucket.q_valid[m]).flatten():
+                for j in torch.nonzero(mask[m, i]).flatten():
+                    seen[bucket.q_index[m, i], bucket.k_index[m, j]] = True
+    return seen
+
+
+def test_pieces_prompt_shared_responses_blind_to_siblings():
     # one row: prompt (2 tokens), response 1 (2), response 2 (1), then a second segment (1 + 1), 1 pad
-    segment = torch.tensor([[0, 0, 0, 0, 0, 1, 1, -8]])
-    branch = torch.tensor([[0, 0, 1, 1, 2, 0, 1, 0]])
-    position = torch.tensor([[0, 1, 2, 3, 2, 0, 1, 0]])
+    prompts, responses = [[5, 6], [5, 6], [7]], [[8, 9], [10], [11]]
+    rows = [[packing.Segment((0, 1), 5), packing.Segment((2,), 2)]]
+    ids, position, pieces, _ = packing._layout(rows + [[packing.Segment((2,), 2)]], prompts, responses)
+    assert ids[0].tolist() == [5, 6, 8, 9, 10, 7, 11]
+    assert position[0].tolist() == [0, 1, 2, 3, 2, 0, 1]
     expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 1, 0, 0, 0],  # response 2 sees the prompt and itself, not response 1
-        [0, 0, 0, 0, 0, 1, 0, 0],  # another segment sees nothing of the first
-        [0, 0, 0, 0, 0, 1, 1, 0],
-        [0, 0, 0, 0, 0, 0, 0, 1],  # a pad token sees only itself (no empty softmax row)
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0],  # response 2 sees the prompt and itself, not response 1
+        [0, 0, 0, 0, 0, 1, 0],  # another segment sees nothing of the first
+        [0, 0, 0, 0, 0, 1, 1],
     ], dtype=torch.bool)
-    assert torch.equal(block_mask(segment, branch, position)[0, 0], expected)
-    windowed = block_mask(segment, branch, position, window=2)[0, 0]
-    assert torch.equal(windowed[3], torch.tensor([0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool))  # positions 2..3
-    assert torch.equal(windowed[4], torch.tensor([0, 1, 0, 0, 1, 0, 0, 0], dtype=torch.bool))  # positions 1..2
+    plan = packing.Pieces(pieces, position, config=None, device="cpu")
+    seen = visibility(plan, 14)
+    assert torch.equal(seen[:7, :7], expected)
+    assert not seen[:7, 7:].any() and not seen[7:, :7].any()  # rows never see each other
+    assert not seen[7 + 2:].any()  # the second row's pad columns are in no piece
+    windowed = visibility(plan, 14, window=2)[:7, :7]
+    assert windowed[3].tolist() == [0, 0, 1, 1, 0, 0, 0]  # positions 2..3
+    assert windowed[4].tolist() == [0, 1, 0, 0, 1, 0, 0]  # positions 1..2
+    # every real token is the query of exactly one piece
+    assert sorted(plan.query_tokens.tolist()) == [*range(7), 7, 8]
 
 
 def test_plan_computes_each_prompt_once_and_respects_the_budget():
@@ -204,6 +224,115 @@ def test_packed_gradient_equals_separate_sequences(kind):
     for name, p in model.named_parameters():
         scale = p.grad.abs().max().item() + 1e-12
         assert (ours[name] - p.grad).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_packed_gradient_with_activation_checkpointing():
+    """Checkpointed decoder layers re-run their forward in the backward pass: the recomputation must
+    take the same pieces (the routing is permanent), so the gradient still equals separate sequences."""
+    from gvpo_offline.train import enable_gradient_checkpointing
+
+    model = tiny("qwen2")
+    prompts, responses = groups_of_ids()
+    weights = torch.linspace(-1.0, 2.0, len(prompts))
+    (weights * naive_logps(model, prompts, responses)).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    enable_gradient_checkpointing(model)
+    (weights * packed_logps(model, prompts, responses, row_tokens=30)).sum().backward()
+    for name, p in model.named_parameters():
+        scale = p.grad.abs().max().item() + 1e-12
+        assert (expected[name] - p.grad).abs().max().item() <= 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])  # sdpa, eager
+def test_routed_attention_leaves_ordinary_calls_unchanged_and_is_not_saved(kind, tmp_path):
+    import transformers as tf
+
+    model = tiny(kind)
+    backend = model.config._attn_implementation
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :4] = 0  # left padding: the ordinary mask still has to be built and used
+    with torch.no_grad():
+        before = model(ids, attention_mask=attention_mask).logits
+        generated = model.generate(ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)
+        packed_logps(model, *groups_of_ids())
+        assert model.config._attn_implementation == f"gvpo_{backend}"
+        after = model(ids, attention_mask=attention_mask).logits
+        assert torch.equal(before[attention_mask.bool()], after[attention_mask.bool()])
+        assert torch.equal(generated, model.generate(ids, attention_mask=attention_mask, max_new_tokens=4,
+                                                     do_sample=False))
+    model.save_pretrained(tmp_path)
+    assert "gvpo" not in (tmp_path / "config.json").read_text()
+    assert tf.AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == backend
+
+
+def reference_varlen(bottom_right: bool = True):
+    """A CPU stand-in for torch's flash varlen kernel, written from its documented semantics: sequence i
+    is q[cu_q[i]:cu_q[i+1]] against k/v[cu_k[i]:cu_k[i+1]]; window (left, 0) is causal, aligned to the
+    bottom-right corner (query a sees keys b ≤ a + n_k − n_q, and ≥ that − left when left ≥ 0).
+    ``bottom_right=False``: the wrong (top-left) alignment, for the check."""
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        outs = []
+        for i in range(len(cu_q) - 1):
+            qi, ki, vi = (t[a:b].transpose(0, 1) for t, a, b in ((q, cu_q[i], cu_q[i + 1]), (k, cu_k[i], cu_k[i + 1]),
+                                                                (v, cu_k[i], cu_k[i + 1])))
+            shift = ki.shape[1] - qi.shape[1] if bottom_right else 0
+            a, b = torch.arange(qi.shape[1])[:, None] + shift, torch.arange(ki.shape[1])[None, :]
+            allowed = b <= a
+            if window_size[0] >= 0:
+                allowed &= b >= a - window_size[0]
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa).transpose(0, 1))
+        return torch.cat(outs)
+
+    return kernel
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])  # full attention, per-layer and global windows
+def test_varlen_kernel_path_equals_separate_sequences(kind, monkeypatch, capsys):
+    """The unpadded varlen layout of the pieces (one sequence per piece, cumulative lengths, window
+    (W − 1, 0)) gives the same log-probs and gradients, given a kernel with flash's documented semantics
+    (the real one is CUDA-only; on a GPU its first call is compared with the bucket path)."""
+    calls = []
+    kernel = reference_varlen()
+    monkeypatch.setattr(packing, "_varlen_kernel", lambda: lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    monkeypatch.setattr(packing, "_varlen_usable", lambda query, kwargs: True)
+    monkeypatch.setattr(packing, "_VARLEN_CHECK", {})
+    model = tiny(kind, window=3)
+    prompts, responses = groups_of_ids()
+    weights = torch.linspace(-1.5, 1.0, len(prompts))
+    ours = packed_logps(model, prompts, responses, row_tokens=30)
+    (weights * ours).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    expected = naive_logps(model, prompts, responses)
+    (weights * expected).sum().backward()
+    assert calls and packing._VARLEN_CHECK == {"ok": True}
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-4)
+    for name, p in model.named_parameters():
+        assert (grads[name] - p.grad).abs().max().item() <= 1e-4 * (p.grad.abs().max().item() + 1e-12), name
+    assert "varlen" not in capsys.readouterr().err
+
+
+def test_a_wrong_varlen_kernel_is_caught_by_the_first_call_check(monkeypatch, capsys):
+    """A kernel whose causal mask is aligned top-left (responses would not see their own last keys
+    correctly) is found out on its first call: the bucket path is used from then on, with a note."""
+    kernel = reference_varlen(bottom_right=False)
+    monkeypatch.setattr(packing, "_varlen_kernel", lambda: kernel)
+    real_usable = packing._varlen_usable
+    monkeypatch.setattr(packing, "_varlen_usable", lambda q, kw: packing._VARLEN_CHECK.get("ok", True))
+    monkeypatch.setattr(packing, "_VARLEN_CHECK", {})
+    model = tiny("llama")
+    prompts, responses = groups_of_ids()
+    with torch.no_grad():
+        ours = packed_logps(model, prompts, responses)
+        expected = naive_logps(model, prompts, responses)
+    assert packing._VARLEN_CHECK == {"ok": False}
+    assert "flash varlen kernel differs" in capsys.readouterr().err
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-4)
+    assert not real_usable(torch.zeros(1, 1, 1, 8), {})  # CPU tensors never take the kernel
 
 
 def step_batch(ks=(2, 3, 4)) -> StepBatch:

@@ -53,10 +53,15 @@ as the eval table of its README.md card (modelcard.update_card_with_eval).
 
 JSON (``--json FILE``, written atomically): {"model": {metric: value}, "reference": {...}, "delta":
 {...}, "intervals": {"model": {metric: [lo, hi]}, "delta": {...}}, "counts": {...}, "generation": {...}
-or null, "meta": {model_path, data, beta, beta_source, model_is_reference, objective, bootstrap, seed,
-confidence}}. ``objective`` is the ``train --loss`` that made the model (gvpo, dpo, ipo, rebel, sft-best;
-"gvpo" for models trained before --loss existed; null for the reference or a model not saved by
-``train``). Undefined values (NaN, e.g. no ranked group) are written as null.
+or null, "meta": {model_path, data, beta, beta_source, model_is_reference, objective, cache_key,
+data_cache_key, model_cache_key, bootstrap, seed, confidence}}. ``objective`` is the ``train --loss`` that
+made the model (gvpo, dpo, ipo, rebel, sft-best; "gvpo" for models trained before --loss existed; null for
+the reference or a model not saved by ``train``). The cache keys (reference.Manifest.key: the sha256 of
+everything that decided a cache's content) say what the numbers were computed from: ``cache_key`` is
+WORKDIR/manifest.json's (reference model, tokenization), ``data_cache_key`` that of the cache the scored
+rows came from (the same for the eval split; WORKDIR/extra/<hash>/'s for ``--data``), ``model_cache_key``
+the cache the model was trained on (its train_config.json's ``cache_key``; null when it has none).
+Undefined values (NaN, e.g. no ranked group) are written as null.
 """
 
 from __future__ import annotations
@@ -174,6 +179,9 @@ class EvalReport:
     seed: int
     generation: dict | None = None
     objective: str | None = None  # the `train --loss` that made the model; None: reference / not ours
+    cache_key: str | None = None  # WORKDIR/manifest.json's key: the reference cache scored against
+    data_cache_key: str | None = None  # the key of the cache the rows came from (WORKDIR's, or --data's)
+    model_cache_key: str | None = None  # the cache the model was trained on (its train_config.json)
 
     def to_json(self) -> dict:
         return _finite(
@@ -191,6 +199,9 @@ class EvalReport:
                     "beta_source": self.beta_source,
                     "model_is_reference": self.model_is_reference,
                     "objective": self.objective,
+                    "cache_key": self.cache_key,
+                    "data_cache_key": self.data_cache_key,
+                    "model_cache_key": self.model_cache_key,
                     "bootstrap": self.bootstrap,
                     "seed": self.seed,
                     "confidence": 0.95,
@@ -437,7 +448,8 @@ def generation_eval(
 
 
 def _load_rows(config: EvalConfig, console=None):
-    """The rows to evaluate (REF_SCHEMA table) and a description of where they came from."""
+    """The rows to evaluate (REF_SCHEMA table), a description of where they came from, and the key of
+    the manifest they were read from (WORKDIR's, or that of the WORKDIR/extra/ cache of ``--data``)."""
     from gvpo_offline import reference
 
     if not config.data_paths:
@@ -447,7 +459,7 @@ def _load_rows(config: EvalConfig, console=None):
                 f"{config.workdir}: the cached eval split is empty (precompute-ref with --eval-fraction > 0 "
                 "or --eval-data), or pass --data FILE"
             )
-        return table, [f"{config.workdir}:eval"]
+        return table, [f"{config.workdir}:eval"], reference.read_manifest(config.workdir).key
     from gvpo_offline.data import DataConfig
 
     data = DataConfig(tuple(config.data_paths), config.layout, config.columns)
@@ -455,19 +467,24 @@ def _load_rows(config: EvalConfig, console=None):
         config.workdir, data, device=config.device, batch_tokens=config.batch_tokens,
         trust_remote_code=config.trust_remote_code, console=console,
     )
-    return reference.load_split(sub, "eval"), [str(Path(p)) for p in config.data_paths]
+    return reference.load_split(sub, "eval"), [str(Path(p)) for p in config.data_paths], reference.read_manifest(sub).key
 
 
 def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     """Run the ``eval`` stage (see the module docstring); ``console``: where progress and notes go.
 
+    The workdir must be one made by precompute-ref; while eval reads it, it holds the cache shared (no
+    precompute-ref rewrites it) and, when the model lies in a workdir, that workdir's train lock shared
+    (no train replaces the model); other evals may run at the same time (workdir.stage_locks).
+
     Under torchrun every rank scores a token-balanced share of the groups (distributed.score_groups);
     rank 0 computes the metrics from all of them and returns the report, the other ranks return None."""
+    import contextlib
+
     from rich.console import Console
 
-    from gvpo_offline import distributed, reference
-    from gvpo_offline.modeling import default_batch_tokens, load_model, model_folder, resolve_device, resolve_dtype
-    import torch
+    from gvpo_offline import distributed, workdir as workdirs
+    from gvpo_offline.modeling import model_folder
 
     console = console or Console(stderr=True)
     ctx = distributed.context(config.device)
@@ -475,11 +492,20 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
         raise GvpoError("the generation eval (--prompts/--reward) runs in one process: run it without torchrun")
     if not ctx.is_main:
         console = Console(quiet=True)
+    workdirs.require(config.workdir)
+    # a folder (model, adapter, checkpoint) or a hub id
+    model_path = model_folder(config.model_path) if config.model_path else Path(config.workdir) / "model"
+    with workdirs.stage_locks(config.workdir, "eval", model_path) if ctx.is_main else contextlib.nullcontext():
+        return _evaluate(config, console, ctx, model_path)
+
+
+def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport | None:
+    from gvpo_offline import distributed, reference
+    from gvpo_offline.modeling import default_batch_tokens, load_model, resolve_device, resolve_dtype
+    import torch
+
     manifest = reference.read_manifest(config.workdir)
-    if config.model_path:  # a folder (model, adapter, checkpoint) or a hub id
-        model_path = model_folder(config.model_path)
-    else:
-        model_path = Path(config.workdir) / "model"
+    if not config.model_path:
         if not any((model_path / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise GvpoError(f"{model_path}: no model here (run `gvpo-offline train` first, or pass --model)")
     beta, beta_source = resolve_beta(config, model_path, console)
@@ -498,7 +524,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
             markup=False, highlight=False, soft_wrap=True,
         )
 
-    table, data_desc = _load_rows(config, console)
+    table, data_desc, data_cache_key = _load_rows(config, console)
     reference.check_reward_range(table, data_desc[0] if len(data_desc) == 1 else config.workdir)
     rewards = table.column("reward").to_numpy().astype(np.float64)
     ref_logp = table.column("ref_logp").to_numpy().astype(np.float64)
@@ -558,6 +584,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
         model_is_reference=model_is_ref, model=model_m, reference=ref_m, delta=delta, intervals=intervals,
         counts=counts, bootstrap=config.bootstrap, seed=config.seed, generation=generation,
         objective=None if model_is_ref else trained_objective(train_cfg),
+        cache_key=manifest.key, data_cache_key=data_cache_key, model_cache_key=train_cfg.get("cache_key"),
     )
     if config.json_path:
         atomic_write_json(Path(config.json_path), report.to_json())

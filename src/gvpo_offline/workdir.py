@@ -8,8 +8,11 @@ the prefix ``.gvpo-tmp-``/``.gvpo-old-`` (files.py): only those are ever cleaned
 
 Locks (Linux/macOS ``fcntl.flock`` on ``WORKDIR/.gvpo-lock-<name>``, released when the process ends,
 however it ends): ``precompute-ref`` holds ``ref`` exclusively; ``train`` holds ``train`` exclusively
-and ``ref`` shared (the cache must not change under it). A second writer stops at once with a message
-naming the holder's pid (written into the lock file by the holder).
+and ``ref`` shared (the cache must not change under it); ``eval`` holds ``ref`` shared, and ``train``
+shared in the workdir its model lies in (WORKDIR/model, a checkpoint), so that no precompute-ref
+rewrites the cache and no train replaces the model while it reads them; evals run side by side. A
+second writer stops at once with a message naming the holder's pid (written into the lock file by an
+exclusive holder; a shared one is a train or an eval).
 """
 
 from __future__ import annotations
@@ -120,7 +123,8 @@ def lock(folder: str | Path, name: str, *, shared: bool = False) -> Iterator[Non
 
 
 def _holder(folder: Path, name: str) -> str:
-    """Who holds lock ``name``: the pid an exclusive holder wrote, else a train (shared ``ref`` holder)."""
+    """Who holds lock ``name``: the pid an exclusive holder wrote, else a train (shared ``ref`` holder),
+    else an eval (the only other shared holder, which writes no pid)."""
     for lock_name, stage in ((name, name), ("train", "train")):
         try:
             pid = (folder / f"{LOCK_PREFIX}{lock_name}").read_text().strip()
@@ -129,19 +133,25 @@ def _holder(folder: Path, name: str) -> str:
         if pid:
             what = "precompute-ref" if stage == "ref" else stage
             return f"another gvpo-offline process (pid {pid}, {what}) is using this workdir"
-    return "another gvpo-offline process is using this workdir"
+    return "another gvpo-offline process (an eval) is using this workdir"
 
 
 @contextmanager
-def stage_locks(folder: str | Path, stage: str) -> Iterator[None]:
+def stage_locks(folder: str | Path, stage: str, model: str | Path | None = None) -> Iterator[None]:
     """The locks of one stage: ``precompute`` -> ref (exclusive); ``train`` -> train (exclusive) + ref
-    (shared)."""
+    (shared); ``eval`` -> ref (shared) + train (shared) of the workdir that ``model`` lies in, if any
+    (``folder`` itself for WORKDIR/model; none for the reference or a model outside every workdir)."""
     with ExitStack() as stack:
         if stage == "precompute":
             stack.enter_context(lock(folder, "ref"))
         elif stage == "train":
             stack.enter_context(lock(folder, "train"))
             stack.enter_context(lock(folder, "ref", shared=True))
+        elif stage == "eval":
+            stack.enter_context(lock(folder, "ref", shared=True))
+            owner = inside_workdir(model) if model is not None else None
+            if owner is not None:
+                stack.enter_context(lock(owner, "train", shared=True))
         else:
             raise ValueError(stage)
         yield

@@ -231,6 +231,7 @@ def gvpo_backward(
     for pack in packs:  # whole groups: one pass
         rows = [i for g in pack for i in mine[g]]
         pack_logps = logps(rows)
+        _check_implicit_reward(pack_logps, ref[rows], gid[rows], beta)
         if is_gvpo:
             part = gvpo_loss(pack_logps, ref[rows], rewards[rows], gid[rows], beta) * (len(pack) / batch.n_groups)
         else:
@@ -242,6 +243,7 @@ def gvpo_backward(
     for g in split:  # (b) a group cut across micro-batches: Σ w·log π piece by piece
         rows = mine[g]
         weights = torch.zeros(len(lengths), dtype=torch.float64, device=device)
+        _check_implicit_reward(policy[rows], ref[rows], gid[rows], beta)
         if is_gvpo:
             _check_finite_loss(gvpo_loss(policy[rows], ref[rows], rewards[rows], gid[rows], beta))
             weights[rows] = gvpo_grad_weights(policy[rows], ref[rows], rewards[rows], gid[rows], beta, batch.n_groups)
@@ -278,9 +280,40 @@ def gvpo_backward(
 
 
 class NonFiniteError(GvpoError):
-    pass
+    """A step that must not update the model; ``hint`` says what to change."""
+
+    def __init__(self, message: str, hint: str = "Check the cached rewards/ref_logp or lower --lr"):
+        super().__init__(message)
+        self.hint = hint
 
 
 def _check_finite_loss(loss: Tensor) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteError(f"the loss is not finite ({loss.item()})")
+
+
+def _check_implicit_reward(policy_logps: Tensor, ref_logps: Tensor, group_index: Tensor, beta: float) -> None:
+    """Raise NonFiniteError (before any backward) when ℓ = log πθ − log πref is not finite, or the implicit
+    reward β·ℓ overflows float64 in the loss: β·ℓ itself, or its squared deviations from the group mean
+    (the loss's (β·ℓ_i − mean β·ℓ)², as check_reward_range does for the rewards). Reads detached copies:
+    the loss and its gradient are untouched. Shapes: [n] policy (float32) and reference (float64)
+    sequence log-probs, [n] group numbers."""
+    ell = policy_logps.detach().double() - ref_logps
+    implicit = beta * ell
+    _, index, counts = torch.unique(group_index, return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.shape[0], dtype=implicit.dtype, device=implicit.device)
+    means = sums.index_add(0, index, implicit) / counts
+    spread = torch.zeros_like(sums).index_add(0, index, (implicit - means[index]) ** 2)
+    if bool(torch.isfinite(spread).all()):
+        return
+    if not bool(torch.isfinite(ref_logps).all()):
+        raise NonFiniteError("the cached reference log-probs (ref_logp) are not finite",
+                             "Check the reference model and rerun precompute-ref into a new --workdir")
+    if not bool(torch.isfinite(ell).all()):
+        bad = int((~torch.isfinite(ell)).sum())
+        raise NonFiniteError(f"the policy's log-probs are not finite ({bad} of {len(ell)} responses: ℓ = "
+                             f"{ell[~torch.isfinite(ell)][0].item()})", "Lower --lr")
+    raise NonFiniteError(
+        f"the implicit reward β·ℓ overflows float64 in the loss (β = {beta:g}, max |ℓ| = "
+        f"{ell.abs().max().item():.3g} nats: max |β·ℓ| = {implicit.abs().max().item():.3g}, whose squared "
+        "differences within a group exceed float64)", "Lower --beta")

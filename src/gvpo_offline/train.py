@@ -394,7 +394,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                                       compute_dtype, OBJECTIVES[cfg.loss],
                                       packing.use_packing(packing_mode, batch.prompt_ids, batch.response_ids), share)
             except NonFiniteError as err:
-                raise GvpoError(f"{where}: {err}; {stop}. Check the cached rewards/ref_logp or lower --lr") from None
+                raise GvpoError(f"{where}: {err}; {stop}. {err.hint}") from None
             grad_norm = _clip(params, cfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise GvpoError(f"{where}: the gradient is not finite (norm {grad_norm}); {stop}. Lower --lr")

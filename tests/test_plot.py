@@ -48,6 +48,9 @@ def figures(monkeypatch):
 def test_plot_draws_the_logged_numbers(tmp_path, figures, run_cli):
     import matplotlib.image
 
+    from gvpo_offline.workdir import claim
+
+    claim(tmp_path)  # WORKDIR/plots is written only into a gvpo-offline workdir
     records = _records(5)
     write_jsonl(tmp_path / "metrics.jsonl", records)
     (tmp_path / "eval.json").write_text(json.dumps(REPORT))

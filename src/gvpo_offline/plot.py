@@ -1,7 +1,8 @@
 """`gvpo-offline plot WORKDIR`: PNG figures of a run (matplotlib, optional extra ``[plot]``, Agg backend).
 
 Reads WORKDIR/metrics.jsonl (train) and, when present, the eval JSON (``eval --json``; default
-WORKDIR/eval.json) and writes, atomically, into ``out_dir`` (default WORKDIR/plots/):
+WORKDIR/eval.json) and writes, atomically, into ``out_dir`` (default WORKDIR/plots/, only when WORKDIR
+carries the workdir marker: the tool never writes into a folder of the user's, see workdir.py):
 
     loss.png        the GVPO loss per step and its eq. 16–17 parts: implicit-reward variance,
                     2 × implicit-reward/reward covariance, reward variance (loss = var − 2·cov + var_R);
@@ -161,9 +162,22 @@ def plot_eval(report: dict, out_dir: Path, plt) -> list[Path]:
     return written
 
 
+def _require_workdir(workdir: Path) -> None:
+    """WORKDIR/plots is written only into a gvpo-offline workdir (it has the marker), else GvpoError."""
+    from gvpo_offline import workdir as workdirs
+
+    if not workdirs.is_marked(workdir):
+        raise GvpoError(
+            f"{workdir}: not a gvpo-offline workdir (no {workdirs.MARKER} marker); the tool never writes into a "
+            "folder of yours: pass --out-dir for the plots"
+        )
+    workdirs.check_layout(workdir)
+
+
 def plot_run(workdir: str | Path, eval_path: str | Path | None = None, out_dir: str | Path | None = None) -> list[Path]:
     """Write the run's PNGs (see the module docstring); returns their paths."""
     workdir = Path(workdir)
+    into_workdir = out_dir is None  # WORKDIR/plots: only into a workdir of ours; --out-dir is the user's choice
     out_dir = Path(out_dir) if out_dir is not None else workdir / "plots"
     records = read_metrics(workdir / "metrics.jsonl")
     report = None
@@ -177,6 +191,8 @@ def plot_run(workdir: str | Path, eval_path: str | Path | None = None, out_dir: 
             raise GvpoError(f"{path}: not an eval JSON ({exc})") from None
         if not isinstance(report, dict) or "model" not in report:
             raise GvpoError(f"{path}: not an eval JSON (written by `gvpo-offline eval --json`)")
+    if into_workdir:
+        _require_workdir(workdir)
     plt = _pyplot()
     written = plot_training(records, out_dir, plt)
     if report is not None:

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 
 from gvpo_offline import __version__, distributed, hub, modeling, packing, workdir as workdirs
-from gvpo_offline.data import DataConfig, input_files, load_groups
+from gvpo_offline.data import DataConfig, FileInfo, input_files, load_groups
 from gvpo_offline.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
 from gvpo_offline.errors import GvpoError
 from gvpo_offline.progress import progress
@@ -301,7 +301,12 @@ def assign_split(prompt_json: str, eval_fraction: float) -> str:
 
 def file_infos(paths) -> list[dict]:
     """[{"path" (absolute), "size" (bytes), "sha256"}] of the files data.load_groups reads for ``paths``."""
-    return [{**asdict(f), "path": str(Path(f.path).resolve())} for f in input_files(tuple(paths))]
+    return _file_dicts(input_files(tuple(paths)))
+
+
+def _file_dicts(files: list[FileInfo]) -> list[dict]:
+    """data.FileInfo fingerprints as the manifest records them (absolute paths)."""
+    return [{**asdict(f), "path": str(Path(f.path).resolve())} for f in files]
 
 
 def _sha256_json(obj) -> str:
@@ -444,7 +449,8 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     tok_cfg, clamp_note = fit_to_model(config.tokenize, model_path, config.trust_remote_code)
     if clamp_note:
         _say(console, clamp_note)
-    data_files, eval_files = file_infos(config.data.paths), file_infos(config.eval_data)
+    fingerprints = input_files(config.data.paths), input_files(config.eval_data)  # hashed once, reused by _plan
+    data_files, eval_files = _file_dicts(fingerprints[0]), _file_dicts(fingerprints[1])
     _check_inputs_outside_workdirs(data_files + eval_files)
     inputs = {
         "tool_version": __version__,
@@ -497,7 +503,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
                 "Use another --workdir or drop --no-overwrite."
             )
 
-    groups, splits, layout = _plan(config, console)
+    groups, splits, layout = _plan(config, console, *fingerprints)
     encoded: dict[int, tuple] = {}  # shard -> its tokenization, when it was needed up front
     if old is None or old.key != key:  # validate every group's tokenization before touching the old cache
         encoded = _encode_all(tokenizer, groups, splits, tok_cfg, config.shard_groups)
@@ -562,14 +568,16 @@ def _encode_all(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeCon
     return encoded
 
 
-def _plan(config: PrecomputeConfig, console: Console) -> tuple[pa.Table, list[str], str]:
+def _plan(config: PrecomputeConfig, console: Console, data_files: list[FileInfo] | None = None,
+          eval_files: list[FileInfo] | None = None) -> tuple[pa.Table, list[str], str]:
     """The groups to cache, in order (DATA, then --eval-data), their splits, and the data layout.
-    Shard s holds groups [s·shard_groups, (s+1)·shard_groups): the same on every run of the same inputs."""
-    data = load_groups(config.data)
+    Shard s holds groups [s·shard_groups, (s+1)·shard_groups): the same on every run of the same inputs.
+    ``data_files``/``eval_files``: the inputs' fingerprints, already computed for the cache key."""
+    data = load_groups(config.data, data_files)
     table = data.table.select(["group_id", "prompt", "responses", "rewards"])
     if not config.eval_data:
         return table, [assign_split(p, config.eval_fraction) for p in table["prompt"].to_pylist()], data.layout
-    held = load_groups(DataConfig(tuple(config.eval_data), config.data.layout, config.data.columns))
+    held = load_groups(DataConfig(tuple(config.eval_data), config.data.layout, config.data.columns), eval_files)
     overlap = pc.sum(pc.is_in(held.table["prompt"], value_set=table["prompt"])).as_py() or 0
     if overlap:
         _say(console, f"warning: {overlap} --eval-data prompts also appear in the training data")

@@ -13,19 +13,22 @@ import pyarrow.parquet as pq
 
 from gvpo_offline.data.grouping import _assign_group_ids, _group_flat
 from gvpo_offline.data.layout import _names, _needed, _Part
-from gvpo_offline.data.records import LAYOUTS, TABLE_SCHEMA, DataConfig, DataStats, GroupedData
+from gvpo_offline.data.records import LAYOUTS, TABLE_SCHEMA, DataConfig, DataStats, FileInfo, GroupedData
 from gvpo_offline.data.rows import _read_json_source
 from gvpo_offline.data.sources import _JSON_KINDS, _resolve, _Source, fingerprint
 from gvpo_offline.data.tables import _is_str, _normalise_table, _read_parquet, _read_saved_dataset, _table_layout
 from gvpo_offline.errors import DataError, GvpoError
 
 
-def load_groups(config: DataConfig) -> GroupedData:
-    """Read every input, validate it, group it and return the canonical table (see CONTRACT)."""
+def load_groups(config: DataConfig, files: list[FileInfo] | None = None) -> GroupedData:
+    """Read every input, validate it, group it and return the canonical table (see CONTRACT).
+    ``files``: the inputs' fingerprints (sources.input_files of ``config.paths``) when the caller has
+    them already, so that no file is hashed twice; None: computed here."""
     if config.layout not in LAYOUTS:
         raise GvpoError(f"unknown layout {config.layout!r}: expected one of {', '.join(LAYOUTS)}")
     sources = _resolve(config.paths)
-    files = [fingerprint(path) for src in sources for path in src.files]
+    if files is None:
+        files = [fingerprint(path) for src in sources for path in src.files]
     parts: list[_Part] = []
     for index, src in enumerate(sources):
         part = _read_source(src, index, config)

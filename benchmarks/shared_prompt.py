@@ -17,7 +17,8 @@ defaults:
 tokens/s counts prompt + response tokens of every pair (the work as separate sequences), so the ratio
 is the wall-clock speed-up. Each (k, stage, path) runs in a fresh spawned process (its peak RSS is its
 own; "+MB" is the rise over the RSS after building the model and a warm-up); --repeat runs, interleaved,
-the fastest counts. Also prints max |Δ log p| between the paths. Not a test; ~5 minutes on 2 cores.
+the fastest counts; memory from one more process per path in which every tensor is its own mapping
+(see run_one). Also prints max |Δ log p| between the paths. Not a test; ~5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -100,9 +101,22 @@ def measure(stage: str, packed: bool, k: int, args: dict) -> dict:
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens, "peak_mb": peak, "delta_mb": peak - rss, "logps": logps}
 
 
-def run_one(*args) -> dict:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(measure, *args).result()
+def run_one(*args, memory: bool = False) -> dict:
+    """``measure`` in a fresh process. ``memory``: with glibc's mmap threshold fixed at 64 KiB, so that
+    every tensor is its own mapping, returned to the OS when freed: the peak RSS is then the peak of live
+    memory rather than of what the allocator kept from earlier phases (model building, warm-up), which
+    made RSS peaks of the same run differ by ±40 MB. Timings come from runs without it."""
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if memory:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(measure, *args).result()
+    finally:
+        if memory and saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        elif memory:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
 
 def main() -> None:
@@ -141,6 +155,7 @@ def main() -> None:
                     out = run_one(stage, packed, k, options)
                     if packed not in res or out["seconds"] < res[packed]["seconds"]:
                         res[packed] = out
+            mem = {packed: run_one(stage, packed, k, options, memory=True) for packed in (False, True)}
             padded, packed = res[False], res[True]
             rate = {p: r["tokens"] / r["seconds"] for p, r in res.items()}
             delta = max(abs(a - b) for a, b in zip(padded["logps"], packed["logps"]))
@@ -148,8 +163,8 @@ def main() -> None:
             table.add_row(
                 stage, str(k), str(pairs), f"{padded['tokens']:,}", f"{rate[False]:,.0f}", f"{rate[True]:,.0f}",
                 f"{rate[True] / rate[False]:.2f}x", f"{padded['cpu_seconds'] / packed['cpu_seconds']:.2f}x",
-                f"{padded['peak_mb']:,.0f} MB (+{padded['delta_mb']:,.0f})",
-                f"{packed['peak_mb']:,.0f} MB (+{packed['delta_mb']:,.0f})",
+                f"{mem[False]['peak_mb']:,.0f} MB (+{mem[False]['delta_mb']:,.0f})",
+                f"{mem[True]['peak_mb']:,.0f} MB (+{mem[True]['delta_mb']:,.0f})",
                 f"{delta:.1e}" + (" (loss)" if stage == "train step" else ""),
             )
             console.print(f"done: k={k} {stage}", style="dim")
@@ -158,7 +173,8 @@ def main() -> None:
                   "every pair (as separate sequences); speed-up = packed tok/s / padded tok/s, measured in "
                   "this run; CPU-time ratio = padded / packed process CPU seconds (with one thread, the work itself, "
                   "less sensitive to other processes on a loaded machine). The train step is gvpo_backward + "
-                  "clipping + AdamW.")
+                  "clipping + AdamW. Peak RSS (and its rise over the RSS after building the model and a warm-up) "
+                  "from one more process per path with glibc's mmap threshold at 64 KiB (run_one).")
 
 
 if __name__ == "__main__":

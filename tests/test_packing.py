@@ -124,6 +124,22 @@ def test_pieces_prompt_shared_responses_blind_to_siblings():
     assert sorted(plan.query_tokens.tolist()) == [*range(7), 7, 8]
 
 
+def test_buckets_bound_padding_and_gathered_keys():
+    """Pieces are batched so that a bucket's padded work stays within BUCKET_SLACK of its real work and
+    its key slots within the pass's tokens; every real token is the query of exactly one piece."""
+    prompts, responses = groups_of_ids(ks=(3, 1, 4, 2, 5))
+    rows = plan_rows(prompts, responses, 24)
+    ids, position, pieces, _ = packing._layout(rows, prompts, responses)
+    plan = packing.Pieces(pieces, position, config=None, device="cpu")
+    assert len(plan.buckets) > 1
+    for bucket in plan.buckets:
+        real = (bucket.q_valid.sum(1) * bucket.k_valid.sum(1)).sum().item()
+        assert bucket.q_index.numel() * bucket.k_index.shape[1] <= packing.BUCKET_SLACK * real or len(bucket.q_index) == 1
+        assert bucket.k_index.numel() <= position.numel() or len(bucket.q_index) == 1
+    real_tokens = sum(len(prompts[s.pairs[0]]) + sum(len(responses[i]) for i in s.pairs) for row in rows for s in row)
+    assert len(plan.query_tokens) == len(set(plan.query_tokens.tolist())) == real_tokens
+
+
 def test_plan_computes_each_prompt_once_and_respects_the_budget():
     prompts, responses = groups_of_ids(ks=(3, 1, 4, 2, 5))
     separate = sum(len(p) + len(r) for p, r in zip(prompts, responses))

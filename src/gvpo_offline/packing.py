@@ -265,11 +265,16 @@ class Pieces:
         self.config = config
         flat_position = position.reshape(-1)
         # buckets: pieces by decreasing key length; a piece joins the open bucket while padding stays small
+        # and the bucket's key slots stay within the pass's tokens (the gathered keys and values, repeated
+        # for grouped-query heads, then take no more memory than the pass's own)
+        key_budget = position.numel()
         groups: list[list[int]] = []
         max_q = max_k = real = 0
         for j in sorted(range(len(pieces)), key=lambda j: (-len(pieces[j][1]), -len(pieces[j][0]), j)):
             q, k = len(pieces[j][0]), len(pieces[j][1])
-            if groups and (len(groups[-1]) + 1) * max(max_q, q) * max(max_k, k) <= BUCKET_SLACK * (real + q * k):
+            n = len(groups[-1]) + 1 if groups else 0
+            if (groups and n * max(max_q, q) * max(max_k, k) <= BUCKET_SLACK * (real + q * k)
+                    and n * max(max_k, k) <= key_budget):
                 groups[-1].append(j)
                 max_q, max_k, real = max(max_q, q), max(max_k, k), real + q * k
             else:

@@ -102,7 +102,11 @@ def measure(stage: str, packed: bool, k: int, args: dict) -> dict:
 
 
 def run_one(*args, memory: bool = False) -> dict:
-    """``measure`` in a fresh process. ``memory``: with glibc's mmap threshold fixed at 64 KiB, so that
+    return spawn(measure, *args, memory=memory)
+
+
+def spawn(fn, *args, memory: bool = False) -> dict:
+    """``fn(*args)`` in a fresh process. ``memory``: with glibc's mmap threshold fixed at 64 KiB, so that
     every tensor is its own mapping, returned to the OS when freed: the peak RSS is then the peak of live
     memory rather than of what the allocator kept from earlier phases (model building, warm-up), which
     made RSS peaks of the same run differ by ±40 MB. Timings come from runs without it."""
@@ -111,7 +115,7 @@ def run_one(*args, memory: bool = False) -> dict:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            return pool.submit(measure, *args).result()
+            return pool.submit(fn, *args).result()
     finally:
         if memory and saved is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]

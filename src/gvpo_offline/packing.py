@@ -46,12 +46,12 @@ PACKING_CHOICES = ("auto", "on", "off")
 # 'auto' packs a batch when computing each distinct prompt once removes at least this share of its tokens.
 # Attention runs piece by piece (Pieces below), so a packed pass costs about its real tokens: on 2 CPU
 # cores (1 thread, benchmarks/shared_prompt.py) the speed-up tracks the saved share (prompt 64 / responses
-# 192 / k = 4, share 0.19: 1.17×; prompt 512 / responses 128 / k = 8, share 0.7: 2.7× precompute, 3.5×
+# 192 / k = 4, share 0.19: 1.17×; prompt 512 / responses 128 / k = 8, share 0.7: 2.8× precompute, 3.6×
 # train step) and the quick start's groups (prompts ~30 tokens, responses ~100, share ~0.1) train at the
 # same speed either way (22.6 s packed, 22.1 s padded per epoch). Below 15% the gain is within noise.
 MIN_SHARED_FRACTION = 0.15
-# Longest packed row. Attention cost does not depend on it (pieces), but a row is filled first-fit, so
-# shorter rows leave fewer pad tokens at the ends of a pass's rows; 4096 keeps that to a few percent.
+# Longest packed row (tokens). Attention cost does not depend on it (pieces); it bounds the [rows, T]
+# layout of a pass, whose pad tokens at the ends of shorter rows still go through the MLPs.
 MAX_ROW_TOKENS = 4096
 SUPPORTED_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}

@@ -1,6 +1,6 @@
 """torchrun --nproc_per_node 2 with gloo on CPU: the sharded step's gradient (full and LoRA), precompute-ref,
 eval and a LoRA train run equal their single-process results; kill -9 of a 2-process run + --resume equals the
-uninterrupted 2-process run.
+uninterrupted 2-process run; an error on one rank stops every rank at once with the same one-line message.
 
 Each launch is a real ``python -m torch.distributed.run --standalone`` (OMP_NUM_THREADS=1 per process, a
 60 s process-group timeout, and a subprocess timeout)."""
@@ -11,11 +11,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,6 +25,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from cachefixture import STORIES, STORY_GROUPS, build_cache, set_lora_weights, text_groups
+from gvpo_offline.files import atomic_write_json, atomic_write_table, sha256_file
 from conftest import REPO, write_jsonl
 from gvpo_offline import adapters, distributed, reference, workdir as workdirs
 from gvpo_offline.data import DataConfig
@@ -283,6 +286,114 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
     for x, y in zip(_metrics(straight), _metrics(single)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+# ---- an error on one rank only: every rank stops at once, with the same message -------------------------
+
+
+def two_ranks(*args, limit: float = 90) -> tuple[list[tuple[int, str]], float]:
+    """``gvpo-offline *args`` as 2 ranks with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT; a
+    300 s process-group timeout), each a process of its own. torchrun would SIGTERM the other ranks as soon as
+    one exits (hiding a rank that waits; on other nodes nobody does), so here nothing ends a rank before
+    ``limit`` s. Returns ([(exit code, stderr)] by rank, seconds until both exited)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = {**env(), distributed.TIMEOUT_ENV: "300", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+              "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    started = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "gvpo_offline", *map(str, args)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    results = []
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=max(1.0, limit - (time.monotonic() - started)))
+            results.append((proc.returncode, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank still ran after {limit:g} s (waiting in a collective?)")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results, time.monotonic() - started
+
+
+def _set_ref_logp(workdir: Path, group_id: str, value: float) -> None:
+    """Overwrite the cached ref_logp of one group's responses (shard checksum and size updated)."""
+    shard = workdir / reference.REF_DIR / "shard-00000.parquet"
+    table = pq.read_table(shard)
+    ref = [value if g == group_id else v for g, v in zip(table["group_id"].to_pylist(), table["ref_logp"].to_pylist())]
+    atomic_write_table(shard, table.set_column(table.schema.get_field_index("ref_logp"), "ref_logp",
+                                               pa.array(ref, pa.float64())))
+    manifest = json.loads((workdir / reference.MANIFEST).read_text())
+    manifest.update(shard_sizes=[shard.stat().st_size], shard_sha256=[sha256_file(shard)])
+    atomic_write_json(workdir / reference.MANIFEST, manifest)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_both_ranks_at_once_with_its_message(tmp_path, run_cli):
+    workdir = tmp_path / "run"
+    build_cache(workdir, STORIES, text_groups(STORIES, STORY_GROUPS))
+    groups = load_train_groups(workdir)
+    tokens = make_batch(groups, list(range(groups.n_groups))).group_tokens  # a step of all 4 groups
+    assert distributed.balanced_split(tokens, 2)[1] == [0, 3]  # group g0000 is rank 1's, whatever the order
+    _set_ref_logp(workdir, "g0000", float("inf"))
+    args = ["train", "--workdir", workdir, "--beta", "1", "--groups-per-step", "4", "--max-steps", "2",
+            "--micro-batch-tokens", 60, "--device", "cpu"]  # 60: g0000 is cut across micro-batches
+
+    one = run_cli(*args)
+    assert one.code == 2 and "the cached reference log-probs (ref_logp) are not finite" in one.err
+    line = one.err.strip().splitlines()[-1]
+    assert line.startswith("error: step 1 (epoch 0): ")
+
+    results, seconds = two_ranks(*args)
+    assert seconds < 60  # not the 300 s process-group timeout
+    # both ranks: rank 1's message, one line, and the exit code of the 1-process run
+    assert _last_lines(results) == [(2, line.replace("error: ", "error: rank 1: ", 1))] * 2, results
+    assert not (workdir / "model").exists() and not (workdir / "checkpoints").exists()
+    assert not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_eval_refused_by_rank_0_s_locks_stops_the_other_rank_too(tmp_path, run_cli):
+    workdir = tmp_path / "run"
+    eval_groups = text_groups(STORIES, STORY_GROUPS)
+    for group in eval_groups:
+        group.split = "eval"
+    build_cache(workdir, STORIES, eval_groups)
+    policy = load_model(STORIES, torch.device("cpu"))  # not the reference: every rank scores its share
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(1.01)
+    policy.save_pretrained(tmp_path / "policy")
+    args = ["eval", "--workdir", workdir, "--model", tmp_path / "policy", "--beta", "1", "--bootstrap", "0",
+            "--device", "cpu"]
+    with workdirs.lock(workdir, "ref"):  # as a running precompute-ref holds it: only rank 0 takes the locks
+        one = run_cli(*args)
+        assert one.code == 2 and "is using this workdir" in one.err
+        line = one.err.strip().splitlines()[-1]
+        results, seconds = two_ranks(*args)
+    assert seconds < 60
+    assert _last_lines(results) == [(2, line.replace("error: ", "error: rank 0: ", 1))] * 2, results
+
+
+def _last_lines(results: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """(exit code, last stderr line) of each rank; a traceback counts as its own last line."""
+    return [(code, "Traceback" if "Traceback" in err else (err.strip().splitlines() or [""])[-1])
+            for code, err in results]
+
+
+def test_agree_in_one_process_raises_the_error_itself():
+    ctx = distributed.Dist()
+    distributed.agree(ctx, None)
+    error = GvpoError("data.jsonl: line 3: bad")
+    with pytest.raises(GvpoError) as raised:
+        distributed.agree(ctx, error)
+    assert raised.value is error
+    with pytest.raises(GvpoError, match="^boom$"), distributed.together(ctx):
+        raise GvpoError("boom")
 
 
 # ---- one process: no process group, the split, the memory plan ----------------------------------------

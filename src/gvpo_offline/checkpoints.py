@@ -114,14 +114,15 @@ def save_checkpoint_sharded(
         distributed.save_sharded(tmp, model, optimizer)
         torch.save(_rng_states(), tmp / f"rng-{ctx.rank}.pt")
         distributed.barrier(ctx)
-        if ctx.is_main:
-            missing = [r for r in range(ctx.world_size) if not (tmp / f"rng-{r}.pt").is_file()]
-            if missing:
-                raise GvpoError(f"{workdir}: ranks {missing} wrote their checkpoint shards elsewhere; with several "
-                                "nodes WORKDIR must be on storage shared by all of them")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key,
-                                            "world_size": ctx.world_size})
+        with distributed.together(ctx):  # rank 0 finishes the folder; its GvpoError stops every rank
+            if ctx.is_main:
+                missing = [r for r in range(ctx.world_size) if not (tmp / f"rng-{r}.pt").is_file()]
+                if missing:
+                    raise GvpoError(f"{workdir}: ranks {missing} wrote their checkpoint shards elsewhere; with "
+                                    "several nodes WORKDIR must be on storage shared by all of them")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key,
+                                                "world_size": ctx.world_size})
     if ctx.is_main:
         for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)

@@ -7,6 +7,9 @@ group is created.
 * :func:`context` initialises ``torch.distributed`` from the launcher's environment (RANK, WORLD_SIZE,
   LOCAL_RANK, MASTER_ADDR/PORT): NCCL with device ``cuda:LOCAL_RANK`` on GPUs, gloo on CPU, always with a
   timeout (``GVPO_DIST_TIMEOUT_S``, default 1800 s).
+* :func:`agree` (and :func:`together`, :func:`main_only`) where a GvpoError may come on some ranks only (one
+  rank's groups give a non-finite loss, rank 0's locks are taken): every rank raises the lowest failing
+  rank's error, naming that rank, instead of leaving the others blocked in their next collective.
 * :func:`balanced_split` gives each rank a disjoint, token-balanced share of whole groups (inference
   and the groups of a train step).
 * :func:`shard_model` applies FSDP2 (``fully_shard`` per decoder layer, then the root) with gradients
@@ -21,6 +24,7 @@ group is created.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 import types
@@ -164,6 +168,48 @@ def all_reduce_sum(ctx: Dist, t: Tensor) -> Tensor:
 
 def _comm_device(ctx: Dist) -> torch.device:
     return ctx.device if ctx.device is not None and ctx.device.type == "cuda" else torch.device("cpu")
+
+
+# ---- stopping together ---------------------------------------------------------------------------------
+
+
+def agree(ctx: Dist, error: GvpoError | None) -> None:
+    """Every rank calls this where the ranks must agree before their next collective, with the GvpoError it
+    met since the last such point (or None): all ranks raise the lowest failing rank's error as
+    ``GvpoError("rank R: <its message>")``, or all return. One small all-reduce when no rank failed (a
+    gather of the messages only when one did). One process: raise ``error`` itself, unchanged."""
+    if not ctx.enabled:
+        if error is not None:
+            raise error
+        return
+    if not all_reduce_max(ctx, [int(error is not None)])[0]:
+        return
+    messages = all_gather_objects(ctx, None if error is None else str(error))
+    first = next(rank for rank, message in enumerate(messages) if message is not None)
+    raise GvpoError(f"rank {first}: {messages[first]}")
+
+
+@contextlib.contextmanager
+def together(ctx: Dist):
+    """A block of rank-local work (no collective inside) whose GvpoError may come on some ranks only: at
+    its end every rank raises the lowest failing rank's error (:func:`agree`), or all go on."""
+    error = None
+    try:
+        yield
+    except GvpoError as err:
+        error = err
+    agree(ctx, error)
+
+
+@contextlib.contextmanager
+def main_only(ctx: Dist, held: contextlib.AbstractContextManager):
+    """Hold ``held`` (e.g. the workdir's locks) on rank 0 only for the block; when rank 0 cannot take it,
+    every rank raises its GvpoError (:func:`agree`), so no rank goes on alone."""
+    with contextlib.ExitStack() as stack:
+        with together(ctx):
+            if ctx.is_main:
+                stack.enter_context(held)
+        yield
 
 
 # ---- the data split ------------------------------------------------------------------------------------

@@ -479,7 +479,6 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
 
     Under torchrun every rank scores a token-balanced share of the groups (distributed.score_groups);
     rank 0 computes the metrics from all of them and returns the report, the other ranks return None."""
-    import contextlib
 
     from rich.console import Console
 
@@ -495,7 +494,7 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     workdirs.require(config.workdir)
     # a folder (model, adapter, checkpoint) or a hub id
     model_path = model_folder(config.model_path) if config.model_path else Path(config.workdir) / "model"
-    with workdirs.stage_locks(config.workdir, "eval", model_path) if ctx.is_main else contextlib.nullcontext():
+    with distributed.main_only(ctx, workdirs.stage_locks(config.workdir, "eval", model_path)):  # rank 0 locks
         return _evaluate(config, console, ctx, model_path)
 
 

@@ -35,6 +35,7 @@ CACHE SEMANTICS (:func:`precompute`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -403,19 +404,22 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
     console = console or Console(stderr=True)
     workdir = Path(config.workdir)
     ctx = distributed.context(config.device)  # under torchrun: each rank scores a share of every shard
-    if not ctx.is_main:  # rank 0 claims, locks and reports for all ranks
-        distributed.barrier(ctx)
-        return _precompute(config, workdir, Console(quiet=True), ctx)
-    created = not workdir.exists()
-    workdirs.claim(workdir)
-    distributed.barrier(ctx)
-    try:
-        with workdirs.stage_locks(workdir, "precompute"):
-            return _precompute(config, workdir, console, ctx)
+    created = ctx.is_main and not workdir.exists()
+    try:  # rank 0 claims, locks and reports for all ranks
+        with distributed.main_only(ctx, _claimed(workdir)):
+            return _precompute(config, workdir, console if ctx.is_main else Console(quiet=True), ctx)
     except BaseException:
         if created:  # nothing of the user's is in a folder we made: leave no trace of a failed first run
             _remove_if_only_ours(workdir)
         raise
+
+
+@contextlib.contextmanager
+def _claimed(workdir: Path):
+    """Claim ``workdir`` (workdir.claim) and hold its precompute-ref lock for the block."""
+    workdirs.claim(workdir)
+    with workdirs.stage_locks(workdir, "precompute"):
+        yield
 
 
 def _remove_if_only_ours(folder: Path) -> None:
@@ -535,9 +539,9 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config,
                         console, ctx, encoded)
     distributed.barrier(ctx)
-    if ctx.is_main:
-        _finish(workdir, manifest)
-    distributed.barrier(ctx)
+    with distributed.together(ctx):  # rank 0 completes the manifest; its GvpoError stops every rank
+        if ctx.is_main:
+            _finish(workdir, manifest)
     _say(console, f"reference log-probs cached in {workdir}: {_summary(manifest)}")
     responses = sum(c.responses for c in manifest.counts.values())
     warning = truncation_warning(manifest.truncated_responses, responses, manifest.tokenize_config)

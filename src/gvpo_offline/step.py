@@ -172,7 +172,10 @@ def gvpo_backward(
     ``share`` (several processes, see distributed.step_share): this rank computes only ``share.groups``
     of the step (G and C stay the whole step's, so the gradients summed over ranks are the step's gradient),
     joins the other ranks' passes with zero-weight padding passes, and the step's log-probs are summed
-    over ranks so that every rank returns the statistics of the whole step.
+    over ranks so that every rank returns the statistics of the whole step. A non-finite loss in its share
+    does not stop it mid-step (the other ranks would wait in the next pass's collectives): the rank
+    finishes the step's passes with zero weights and raises the first NonFiniteError after them; the
+    caller then stops every rank together (distributed.agree).
     """
     device = getattr(model, "gvpo_compute_device", None) or next(model.parameters()).device
     ref, rewards, gid = (t.to(device) for t in (batch.ref_logps, batch.rewards, batch.group_index))
@@ -220,6 +223,19 @@ def gvpo_backward(
         args = (ref[rows], rewards[rows], gid[rows], beta, n_tokens[rows])
         return objective.group_terms(pack_logps, *args)[0].sum() / counted
 
+    failure: NonFiniteError | None = None
+
+    def finite(check, *args) -> bool:  # one process: raise at once, before any backward; several: see above
+        nonlocal failure
+        try:
+            check(*args)
+        except NonFiniteError as err:
+            if share is None:
+                raise
+            failure = failure or err
+            return False
+        return True
+
     policy = torch.zeros(len(lengths), dtype=torch.float32, device=device)
     passes = 0
     with torch.no_grad():  # (a) of the split groups: their policy log-probs, hence their weights
@@ -231,27 +247,29 @@ def gvpo_backward(
     for pack in packs:  # whole groups: one pass
         rows = [i for g in pack for i in mine[g]]
         pack_logps = logps(rows)
-        _check_implicit_reward(pack_logps, ref[rows], gid[rows], beta)
+        ok = finite(_check_implicit_reward, pack_logps, ref[rows], gid[rows], beta)
         if is_gvpo:
             part = gvpo_loss(pack_logps, ref[rows], rewards[rows], gid[rows], beta) * (len(pack) / batch.n_groups)
         else:
             part = group_terms_sum(pack_logps, rows)
-        _check_finite_loss(part)
-        part.backward()
+        ok = ok and finite(_check_finite_loss, part)
+        (part if ok else pack_logps.sum() * 0.0).backward()
         policy[rows] = pack_logps.detach()
         passes += 1
     for g in split:  # (b) a group cut across micro-batches: Σ w·log π piece by piece
         rows = mine[g]
         weights = torch.zeros(len(lengths), dtype=torch.float64, device=device)
-        _check_implicit_reward(policy[rows], ref[rows], gid[rows], beta)
+        ok = finite(_check_implicit_reward, policy[rows], ref[rows], gid[rows], beta)
         if is_gvpo:
-            _check_finite_loss(gvpo_loss(policy[rows], ref[rows], rewards[rows], gid[rows], beta))
+            ok = ok and finite(_check_finite_loss, gvpo_loss(policy[rows], ref[rows], rewards[rows], gid[rows], beta))
             weights[rows] = gvpo_grad_weights(policy[rows], ref[rows], rewards[rows], gid[rows], beta, batch.n_groups)
         else:
             leaf = policy[rows].double().requires_grad_()
             part = group_terms_sum(leaf, rows)
-            _check_finite_loss(part)
+            ok = ok and finite(_check_finite_loss, part)
             (weights[rows],) = torch.autograd.grad(part, leaf, materialize_grads=True)
+        if not ok:
+            weights[rows] = 0.0
         for mb in micro[g]:
             (logps(mb).double() * weights[mb]).sum().backward()
             passes += 1
@@ -260,6 +278,8 @@ def gvpo_backward(
     if share is not None:
         policy = share.sum(policy)  # each row is computed by exactly one rank; the others hold 0
         passes = int(share.sum(torch.tensor([passes])).item())  # the step's passes on all ranks, no padding
+    if failure is not None:
+        raise failure
     terms = gvpo_loss_terms(policy, ref, rewards, gid, beta)
     if is_gvpo:
         loss = gvpo_loss(policy, ref, rewards, gid, beta)  # the step's loss, for the record (= Σ parts)

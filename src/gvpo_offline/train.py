@@ -41,7 +41,6 @@ the gradient's running RMS; only epsilon and clipping see the scale), so their l
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -261,7 +260,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print,
     one made by precompute-ref; it is locked for the run (one train at a time, no precompute-ref under it)."""
     ctx = distributed.context(config.device)  # one process, or one rank under torchrun (distributed.py)
     workdirs.require(config.workdir)
-    with workdirs.stage_locks(config.workdir, "train") if ctx.is_main else contextlib.nullcontext():
+    with distributed.main_only(ctx, workdirs.stage_locks(config.workdir, "train")):  # rank 0 locks for all
         return _train(config, ctx, log, on_step)
 
 
@@ -388,13 +387,15 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             optimizer.zero_grad(set_to_none=True)
             where = f"step {state.step + 1} (epoch {state.epoch})"
             stop = f"stopped without updating the model; last good checkpoint: {last_good or 'none yet'}"
+            failure = None
             try:
                 share = distributed.step_share(ctx, batch.group_tokens)  # None with one process
                 stats = gvpo_backward(model, batch, cfg.beta, micro_batch_tokens, cfg.logits_chunk_tokens,
                                       compute_dtype, OBJECTIVES[cfg.loss],
                                       packing.use_packing(packing_mode, batch.prompt_ids, batch.response_ids), share)
-            except NonFiniteError as err:
-                raise GvpoError(f"{where}: {err}; {stop}. {err.hint}") from None
+            except NonFiniteError as err:  # under torchrun: after the step's passes, on the ranks whose groups failed
+                failure = GvpoError(f"{where}: {err}; {stop}. {err.hint}")
+            distributed.agree(ctx, failure)  # every rank stops here with the first failure, or none does
             grad_norm = _clip(params, cfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise GvpoError(f"{where}: the gradient is not finite (norm {grad_norm}); {stop}. Lower --lr")
@@ -498,11 +499,9 @@ def check_finite_parameters(model, where: str, last_good: str | None,
     Sharded: each rank checks its shards and the ranks agree (all stop, or none)."""
     bad = [name for name, param in model.named_parameters()
            if not bool(torch.isfinite(distributed.local_tensor(param)).all())]
-    if distributed.all_reduce_max(ctx, [len(bad)])[0]:
-        raise GvpoError(
-            f"{where}: parameter {bad[0] if bad else '(on another rank)'} is not finite; not saving this model "
-            f"(last good checkpoint: {last_good or 'none'}). Lower --lr"
-        )
+    distributed.agree(ctx, GvpoError(
+        f"{where}: parameter {bad[0]} is not finite; not saving this model (last good checkpoint: "
+        f"{last_good or 'none'}). Lower --lr") if bad else None)
 
 
 def check_vocabulary(model, groups: CachedGroups, model_path: Path) -> None:

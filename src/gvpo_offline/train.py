@@ -455,13 +455,14 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         with write_errors_as_os_errors(workdir / FINAL_MODEL):
             save_final(workdir, model, tokenizer, train_config, full_weights)
     distributed.barrier(ctx)
-    if cfg.merge and ctx.is_main:  # last: merging folds the LoRA layers into the base weights in place
-        merged_model = (adapters.load_merged(model_dir, torch.device("cpu"), adapters.base_dtype(cfg.base_dtype),
-                                             cfg.trust_remote_code) if ctx.enabled else model.merge_and_unload())
-        with write_errors_as_os_errors(workdir / MERGED_MODEL):
-            merged = save_final(workdir, merged_model, tokenizer, {**train_config, "merged": True}, name=MERGED_MODEL)
-        log(f"saved the merged model to {merged}")
-    distributed.barrier(ctx)
+    with distributed.together(ctx):  # rank 0 merges; its GvpoError (e.g. the base changed) stops every rank
+        if cfg.merge and ctx.is_main:  # last: merging folds the LoRA layers into the base weights in place
+            merged_model = (adapters.load_merged(model_dir, torch.device("cpu"), adapters.base_dtype(cfg.base_dtype),
+                                                 cfg.trust_remote_code) if ctx.enabled else model.merge_and_unload())
+            with write_errors_as_os_errors(workdir / MERGED_MODEL):
+                merged = save_final(workdir, merged_model, tokenizer, {**train_config, "merged": True},
+                                    name=MERGED_MODEL)
+            log(f"saved the merged model to {merged}")
     steps_run, seconds = state.step - first_step, time.perf_counter() - started
     log(summary_line(model_dir, state.step, steps_run, seconds, last_loss, clipped, cfg.max_grad_norm))
     return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes,

@@ -349,7 +349,7 @@ def test_a_non_finite_loss_on_one_rank_stops_both_ranks_at_once_with_its_message
     assert distributed.balanced_split(tokens, 2)[1] == [0, 3]  # g0000 and g0003 are rank 1's, whatever the order
     _set_ref_logp(workdir, {"g0000", "g0003"}, float("inf"))
     # 79 padded tokens: g0000 (3 × 26) goes in one pass, g0003 (4 × 20) is cut across micro-batches, and so is
-    # rank 0's g0002 (5 × 19): rank 1 fails in its first pass and must still join every later one
+    # rank 0's g0002 (5 × 19): rank 1 fails in its first backward pass and must still join every later one
     args = ["train", "--workdir", workdir, "--beta", "1", "--groups-per-step", "4", "--max-steps", "2",
             "--micro-batch-tokens", 79, "--device", "cpu"]
 

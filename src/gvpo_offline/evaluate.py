@@ -479,7 +479,6 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
 
     Under torchrun every rank scores a token-balanced share of the groups (distributed.score_groups);
     rank 0 computes the metrics from all of them and returns the report, the other ranks return None."""
-
     from rich.console import Console
 
     from gvpo_offline import distributed, workdir as workdirs

@@ -91,8 +91,10 @@ def test_sharded_step_gradient_equals_the_single_process_gradient(launch):  # GV
         scale = p.grad.abs().max().item()
         assert torch.allclose(got["grads"][name], p.grad, rtol=0, atol=1e-5 * scale), name
 
-    for name, p in model.named_parameters():  # the sharded step with packed rows, against the same
-        assert torch.allclose(got["packed_grads"][name], p.grad, rtol=0, atol=1e-5 * p.grad.abs().max().item()), name
+    # the sharded step with packed rows, against the same: attention per piece sums in another order than
+    # padded sequences (1.5e-5 of the largest entry in one process, float32), so test_packing's bound
+    for name, p in model.named_parameters():
+        assert torch.allclose(got["packed_grads"][name], p.grad, rtol=0, atol=1e-4 * p.grad.abs().max().item()), name
     model.zero_grad(set_to_none=True)
     dpo = gvpo_backward(model, batch, 1.0, 10**6, objective=OBJECTIVES["dpo"])
     assert got["dpo_loss"] == pytest.approx(dpo.loss, rel=1e-5)

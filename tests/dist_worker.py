@@ -12,7 +12,11 @@
 5. LoRA: the step of 1. on a sharded peft model (its A and B set by cachefixture.set_lora_weights: every LoRA weight gets a
    gradient), its adapter saved (OUT.pt's folder / lora-step) beside its log-probs of the step's rows; then
    ``train --lora-r 4 --merge`` (LORA_TRAIN_ARGS) into TRAIN_WORKDIR-lora, and the same run resumed from its
-   step-2 checkpoint into TRAIN_WORKDIR-lora-resumed.
+   step-2 checkpoint into TRAIN_WORKDIR-lora-resumed;
+6. rank0_load (rank 0 reads the weights, rank 1 builds on meta, broadcast into the shards): every parameter
+   (gathered) and every rank's buffers of stories260K, of a LoRA model on a bfloat16 base (against rank 0's
+   values before sharding) and of the merged adapter folder of 5. (as --init-model); the stories260K one with
+   --gradient-checkpointing runs the step of 1.
 Rank 0 saves the gathered full gradients, the step's loss, each rank's groups and the eval report to OUT.pt.
 """
 
@@ -25,7 +29,7 @@ from rich.console import Console
 
 from cachefixture import set_lora_weights
 
-from gvpo_offline import adapters, cli, distributed
+from gvpo_offline import adapters, cli, distributed, rank0_load
 from gvpo_offline.checkpoints import save_final
 from gvpo_offline.data import DataConfig
 from gvpo_offline.evaluate import EvalConfig, evaluate
@@ -34,10 +38,18 @@ from gvpo_offline.modeling import load_model, sequence_logps
 from gvpo_offline.reference import PrecomputeConfig, precompute
 from gvpo_offline.tokenize import TokenizeConfig
 from gvpo_offline.step import gvpo_backward, load_train_groups, make_batch
+from gvpo_offline.train import enable_gradient_checkpointing
 
 STORIES = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
 LORA_TRAIN_ARGS = ["--beta", "1", "--lr", "1e-3", "--groups-per-step", "3", "--max-steps", "4", "--save-every", "2",
                    "--micro-batch-tokens", "60", "--device", "cpu", "--seed", "1", "--lora-r", "4", "--merge"]
+
+
+def count_calls(layer) -> list[int]:
+    """[n]: how often ``layer`` ran on this rank (inside a checkpointed decoder layer: forward and recomputation)."""
+    calls = [0]
+    layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
 
 
 out, step_cache, micro_tokens, data, ref_workdir, policy, train_workdir = sys.argv[1:8]
@@ -48,7 +60,9 @@ groups = load_train_groups(Path(step_cache))
 batch = make_batch(groups, list(range(groups.n_groups)))
 model = distributed.shard_model(ctx, load_model(STORIES, torch.device("cpu")))
 share = distributed.step_share(ctx, batch.group_tokens)
+layer_calls = count_calls(model.model.layers[0].mlp)
 stats = gvpo_backward(model, batch, 1.0, int(micro_tokens), share=share)
+plain_calls = layer_calls[0]
 grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
 model.zero_grad(set_to_none=True)  # the same step with another objective (its 1/C is the whole step's too)
 dpo_loss = gvpo_backward(model, batch, 1.0, int(micro_tokens), objective=OBJECTIVES["dpo"], share=share).loss
@@ -85,6 +99,34 @@ if ctx.is_main:  # the same run, as if stopped after its step-2 checkpoint
     shutil.copytree(lora_workdir, resumed, ignore=shutil.ignore_patterns("model", "model-merged", "step-4"))
 distributed.barrier(ctx)
 cli.main(["train", "--workdir", str(resumed), *LORA_TRAIN_ARGS, "--resume"])
+
+
+def broadcast_loaded(path, dtype=torch.float32, lora=False, checkpointing=False):
+    """The model at ``path`` through rank0_load, as train loads it: what every rank holds afterwards."""
+    model = rank0_load.load_for_sharding(ctx, path, dtype)
+    meta = sum(p.is_meta for p in model.parameters())
+    if lora:
+        model = adapters.add_lora(model, adapters.LoraSettings(r=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()} if ctx.is_main else None
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    model = rank0_load.shard_and_broadcast(ctx, model)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model, {"params": {n: p.full_tensor() for n, p in model.named_parameters()},  # every rank's shards
+                   "buffers": distributed.all_gather_objects(ctx, {n: b.clone() for n, b in model.named_buffers()}),
+                   "meta": distributed.all_gather_objects(ctx, meta), "tied": distributed.all_gather_objects(ctx, tied),
+                   "before": before}
+
+
+checkpointed, loaded = broadcast_loaded(STORIES, checkpointing=True)
+layer_calls = count_calls(checkpointed.model.layers[0].mlp)
+checkpointed_stats = gvpo_backward(checkpointed, batch, 1.0, int(micro_tokens), share=share)
+checkpointed_grads = {name: p.grad.full_tensor() for name, p in checkpointed.named_parameters()}
+loaded_lora = broadcast_loaded(STORIES, torch.bfloat16, lora=True)[1]
+loaded_merged = broadcast_loaded(Path(out).parent / "lora-step")[1]
 if ctx.is_main:
     torch.save({"grads": grads, "loss": stats.loss, "dpo_grads": dpo_grads, "packed_grads": packed_grads, "dpo_loss": dpo_loss, "rank_groups": rank_groups, "eval": report.to_json(),
-                "lora_grads": lora_grads, "lora_loss": lora_stats.loss, "lora_logps": lora_logps}, out)
+                "lora_grads": lora_grads, "lora_loss": lora_stats.loss, "lora_logps": lora_logps,
+                "checkpointed_grads": checkpointed_grads, "checkpointed_loss": checkpointed_stats.loss,
+                "layer_calls": (plain_calls, layer_calls[0]),
+                "loaded": loaded, "loaded_lora": loaded_lora, "loaded_merged": loaded_merged}, out)

@@ -117,6 +117,62 @@ def test_sharded_step_gradient_equals_the_single_process_gradient(launch):  # GV
 
 
 @pytest.mark.slow
+def test_sharded_step_with_gradient_checkpointing_equals_the_single_process_gradient(launch):
+    groups = load_train_groups(launch["step_cache"])
+    batch = make_batch(groups, list(range(groups.n_groups)))
+    model = load_model(STORIES, torch.device("cpu"))  # one process, no checkpointing, every group in one pass
+    stats = gvpo_backward(model, batch, 1.0, 10**6)
+    got = launch["out"]
+    plain_calls, checkpointed_calls = got["layer_calls"]  # rank 0's calls of layer 0's MLP in the step
+    assert checkpointed_calls > plain_calls > 0  # the layers were recomputed in the backward passes
+    assert got["checkpointed_loss"] == pytest.approx(stats.loss, rel=1e-5)
+    for name, p in model.named_parameters():
+        scale = p.grad.abs().max().item()
+        assert scale > 0 and torch.allclose(got["checkpointed_grads"][name], p.grad, rtol=0, atol=1e-5 * scale), name
+
+
+def _assert_loaded_as(loaded: dict, params: dict, buffers: dict, meta_on_rank_1: int) -> None:
+    """rank0_load's model (dist_worker.broadcast_loaded) holds exactly ``params`` and, on every rank, ``buffers``."""
+    assert loaded["meta"] == [0, meta_on_rank_1]  # rank 0 read the weights, rank 1 built the model without them
+    assert loaded["params"].keys() == params.keys()
+    for name, p in params.items():
+        got = loaded["params"][name]
+        assert got.dtype == p.dtype and torch.equal(got, p), name
+    assert "model.rotary_emb.inv_freq" in {n.removeprefix("base_model.model.") for n in buffers}
+    for rank_buffers in loaded["buffers"]:  # not in the state dict: copied from rank 0, not left uninitialised
+        assert rank_buffers.keys() == buffers.keys()
+        for name, b in buffers.items():
+            assert rank_buffers[name].dtype == b.dtype and torch.equal(rank_buffers[name], b), name
+
+
+@pytest.mark.slow
+def test_rank0_loading_equals_a_plain_load_bit_for_bit(launch):
+    got = launch["out"]
+    plain = load_model(STORIES, torch.device("cpu"))
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight  # stories260K ties them
+    n = len(list(plain.parameters()))
+    _assert_loaded_as(got["loaded"], dict(plain.named_parameters()), dict(plain.named_buffers()), n)
+    assert got["loaded"]["tied"] == [True, True]  # still one parameter on every rank after sharding
+
+    # an --init-model adapter folder: its base with the adapter merged, as a plain load merges it
+    merged = load_model(launch["root"] / "lora-step", torch.device("cpu"))
+    assert not torch.equal(merged.model.layers[0].mlp.up_proj.weight, plain.model.layers[0].mlp.up_proj.weight)
+    _assert_loaded_as(got["loaded_merged"], dict(merged.named_parameters()), dict(merged.named_buffers()), n)
+    assert got["loaded_merged"]["tied"] == [True, True]
+
+    # LoRA on a bfloat16 base: rank 0's values before sharding (its base is a plain bf16 load; its A is random)
+    lora, prefix = got["loaded_lora"], "base_model.model."
+    base = load_model(STORIES, torch.device("cpu"), torch.bfloat16)
+    params = {name: lora["before"][name] for name in lora["params"]}
+    assert {p.dtype for name, p in params.items() if "lora_" in name} == {torch.float32}
+    for name, p in base.named_parameters():
+        name = prefix + name
+        assert torch.equal(params.get(name.replace(".weight", ".base_layer.weight"), params.get(name)), p), name
+    _assert_loaded_as(lora, params, {prefix + name: b for name, b in base.named_buffers()}, n)
+    assert lora["tied"] == [True, True]
+
+
+@pytest.mark.slow
 def test_sharded_lora_step_train_run_and_adapter_folder_equal_one_process(launch, tmp_path):
     from peft import PeftModel
 

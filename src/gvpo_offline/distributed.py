@@ -15,7 +15,8 @@ group is created.
 * :func:`shard_model` applies FSDP2 (``fully_shard`` per decoder layer, then the root) with gradients
   summed over ranks, so a step's gradient is the single-process gradient of the same step. A peft LoRA
   model is sharded the same way: FSDP2 takes frozen base weights beside trainable adapters in one unit
-  (only the trainable ones must share a dtype) and reduces only the adapters' gradients.
+  (only the trainable ones must share a dtype) and reduces only the adapters' gradients. Train loads the
+  model it shards with rank0_load.py: rank 0 reads the weights, the others build it on ``meta``.
 * :func:`save_sharded` / :func:`load_sharded`: model + optimizer with ``torch.distributed.checkpoint``
   (with a frozen base, the trainable parameters only); :func:`full_state_dict` gathers the weights (or
   the adapter) for the final save.
@@ -407,7 +408,9 @@ def load_sharded(folder: Path, model, optimizer) -> None:
 class MemoryPlan:
     """Bytes of training state per rank (activations not included): fp32 master weights (4 B/param),
     fp32 gradients (4 B/param) and AdamW's two moments (8 B/param), divided over the ranks under FSDP,
-    plus the largest decoder layer gathered unsharded (bf16 on GPU) during its forward/backward."""
+    plus the largest decoder layer gathered unsharded (bf16 on GPU) during its forward/backward.
+    ``rank0_load_bytes``: under FSDP, the full model that rank 0 alone holds in CPU RAM while it loads the
+    weights and broadcasts them into the shards (rank0_load.py); the other ranks never hold a full copy."""
 
     params: int
     world_size: int
@@ -417,6 +420,7 @@ class MemoryPlan:
     gathered_layer_bytes: int
     device: str
     capacity_bytes: int | None  # device memory (GPU) or available RAM (CPU / --cpu-offload)
+    rank0_load_bytes: int = 0  # the full weights in rank 0's CPU RAM while loading (0 with one process)
 
     @property
     def per_rank_bytes(self) -> int:
@@ -425,11 +429,13 @@ class MemoryPlan:
     def describe(self) -> str:
         gib = 1 << 30
         where = f"{self.capacity_bytes / gib:.1f} GiB available on {self.device}" if self.capacity_bytes else self.device
+        loading = (f"; while loading, rank 0 alone holds the full model in CPU RAM ({self.rank0_load_bytes / gib:.2f} "
+                   "GiB), the other ranks only their shards") if self.rank0_load_bytes else ""
         return (f"memory plan: {self.params / 1e6:,.1f}M trainable parameters on {self.world_size} process(es): per process "
                 f"weights {self.params_bytes / gib:.2f} GiB + gradients {self.grads_bytes / gib:.2f} GiB + AdamW "
                 f"state {self.optimizer_bytes / gib:.2f} GiB + one gathered layer "
                 f"{self.gathered_layer_bytes / gib:.2f} GiB = {self.per_rank_bytes / gib:.2f} GiB before "
-                f"activations ({where})")
+                f"activations ({where}){loading}")
 
 
 def memory_plan(model, ctx: Dist, device: torch.device, cpu_offload: bool = False) -> MemoryPlan:
@@ -454,12 +460,14 @@ def plan_for(params: int, layer_params: int, world_size: int, on_gpu: bool, devi
     """:class:`MemoryPlan` from parameter counts: fp32 weights + grads (4 + 4 B) and AdamW (8 B) per
     trainable parameter, each rank holding 1/world_size; under FSDP one decoder layer is gathered at a time
     (bf16 on GPU, fp32 on CPU). ``frozen_bytes``: weights without gradients (a LoRA base), in the weights;
-    FSDP shards them too (1/world_size each)."""
+    FSDP shards them too (1/world_size each). Under FSDP only rank 0 reads the whole model (fp32 trainable
+    weights + frozen ones) into CPU RAM before sharding; the other ranks build it without memory (meta)."""
     share = -(-params // world_size)
     frozen_share = -(-frozen_bytes // world_size)
     gathered = 0 if world_size == 1 else layer_params * (2 if on_gpu else 4)
+    rank0_load = 0 if world_size == 1 else 4 * params + frozen_bytes
     return MemoryPlan(params, world_size, 4 * share + frozen_share, 4 * share, 8 * share, gathered, device,
-                      capacity_bytes)
+                      capacity_bytes, rank0_load)
 
 
 def _maybe_layers(model) -> list:

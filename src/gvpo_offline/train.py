@@ -53,7 +53,8 @@ import torch
 import transformers
 from torch import Tensor
 
-from gvpo_offline import adapters, distributed, interrupts, modelcard, packing, reference, workdir as workdirs
+from gvpo_offline import adapters, distributed, interrupts, modelcard, packing, rank0_load, reference
+from gvpo_offline import workdir as workdirs
 from gvpo_offline.adapters import LoraSettings
 from gvpo_offline.checkpoints import (
     CHECKPOINTS,
@@ -312,14 +313,15 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
 
     def setup(weights: Path, checkpoint: Path | None):
-        if cfg.lora is None:
-            # several processes: load on CPU, fully_shard moves each rank's shards to its device
-            model = load_model(init_path if ctx.enabled else weights, torch.device("cpu") if ctx.enabled else device,
-                               torch.float32, cfg.trust_remote_code)
-        else:  # frozen base + float32 LoRA layers (B = 0: the base's function); a checkpoint holds the adapter
-            base = load_model(init_path, torch.device("cpu") if ctx.enabled else device,
-                              adapters.base_dtype(cfg.base_dtype), cfg.trust_remote_code)
-            model = adapters.add_lora(base, cfg.lora, None if ctx.enabled else checkpoint)  # sharded: loaded below
+        # several processes: rank 0 reads init_path on CPU, the others build it on meta; the weights reach
+        # every rank's shards by broadcast (rank0_load.py), and a checkpoint's shards are loaded after that
+        dtype = torch.float32 if cfg.lora is None else adapters.base_dtype(cfg.base_dtype)
+        if ctx.enabled:
+            model = rank0_load.load_for_sharding(ctx, init_path, dtype, cfg.trust_remote_code)
+        else:
+            model = load_model(weights if cfg.lora is None else init_path, device, dtype, cfg.trust_remote_code)
+        if cfg.lora is not None:  # frozen base + float32 LoRA layers (B = 0: the base's function)
+            model = adapters.add_lora(model, cfg.lora, None if ctx.enabled else checkpoint)  # sharded: loaded below
             adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -327,7 +329,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         log(plan.describe())
         distributed.check_fits(ctx, plan)
         if ctx.enabled:
-            model = distributed.shard_model(ctx, model, cfg.cpu_offload)
+            model = rank0_load.shard_and_broadcast(ctx, model, cfg.cpu_offload)
         elif cfg.cpu_offload:
             raise GvpoError("--cpu-offload shards the training state over processes: launch with torchrun on GPUs")
         params = [p for p in model.parameters() if p.requires_grad]

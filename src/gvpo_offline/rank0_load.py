@@ -1,0 +1,132 @@
+"""Loading the model to train under ``torchrun``: rank 0 reads the weights, the other ranks build the model
+on the ``meta`` device, and the weights reach every rank's FSDP shards by broadcast from rank 0.
+
+Without this every rank would hold the whole fp32 model in CPU RAM before sharding (8 copies of a 70B model
+on an 8-GPU node). With it, while loading:
+
+* rank 0 holds the full model (as a plain single-process load would) plus its own shards;
+* every other rank holds only its shards plus one tensor in flight (the one being broadcast).
+
+The steps (:func:`load_for_sharding`, then :func:`shard_and_broadcast`):
+
+1. rank 0: ``modeling.load_model`` on CPU (an adapter folder: its base with the adapter merged in); other
+   ranks: the same class from the same config.json, same dtype, on ``meta`` (no memory, no weights read).
+   The ranks then compare every parameter's and buffer's (name, shape, dtype) with rank 0's and agree on
+   success (a failed load on one rank stops all of them with one message, never a hang).
+2. the caller wraps it as usual (peft LoRA layers, gradient checkpointing, memory plan) on every rank;
+3. rank 0 keeps references to its full state dict; ``distributed.shard_model`` (``fully_shard``) on every
+   rank; the meta ranks allocate their (uninitialised) shards with ``to_empty``; then
+   ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`` copies rank 0's tensors,
+   one at a time, into every rank's shards. Tied weights (e.g. ``lm_head.weight`` is
+   ``embed_tokens.weight``) are one parameter on every rank and are filled once per name, with equal values.
+4. buffers that are not in the state dict (non-persistent: rotary ``inv_freq``, ``original_inv_freq``)
+   are copied from rank 0 as they are, bit for bit, rather than recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gvpo_offline import distributed
+from gvpo_offline.errors import GvpoError
+
+
+def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The model at ``path`` in ``dtype``, eval mode: loaded on CPU on rank 0, built on ``meta`` elsewhere.
+
+    A collective: every rank calls it. Raises the same GvpoError on every rank when any rank failed, or
+    when a meta-built model is not the architecture rank 0 loaded."""
+    from gvpo_offline.modeling import load_model
+
+    model, error = None, None
+    try:
+        model = load_model(path, torch.device("cpu"), dtype, trust_remote_code) if ctx.is_main else \
+            build_on_meta(path, dtype, trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - reported to every rank below, re-raised here
+        error = err
+    messages = distributed.all_gather_objects(ctx, None if error is None else _one_line(error))
+    if any(messages):  # every rank stops, with the first failed rank's reason
+        rank = next(r for r, m in enumerate(messages) if m)
+        raise GvpoError(f"rank {rank} could not load the model {path}: {messages[rank]}") from error
+    mine, rank0 = _layout(model), distributed.broadcast_object(ctx, _layout(model))
+    if mine != rank0:
+        diff = sorted(set(mine.items()) ^ set(rank0.items()))[0]
+        raise GvpoError(f"{path}: the model built from its config.json is not the one rank 0 loaded "
+                        f"(first difference: {diff}); this architecture cannot be loaded on rank 0 only")
+    return model
+
+
+def build_on_meta(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The model ``modeling.load_model(path, ..., dtype)`` would give, without weights, on ``meta``.
+    An adapter folder gives its base model's architecture (merging keeps the base's class and shapes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gvpo_offline import adapters, modeling
+
+    folder = modeling.model_folder(path)
+    if modeling.is_adapter(folder):
+        folder = modeling.model_folder(adapters.base_spec(folder))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def shard_and_broadcast(ctx: distributed.Dist, model, cpu_offload: bool = False):
+    """``distributed.shard_model`` of a :func:`load_for_sharding` model (possibly wrapped since, e.g. by
+    peft), then rank 0's weights and buffers copied into every rank's shards. Returns the sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full_state = model.state_dict() if ctx.is_main else {}  # references to rank 0's full tensors, no copy
+    stateless = _stateless_buffers(model)
+    model = distributed.shard_model(ctx, model, cpu_offload)
+    if not ctx.is_main:  # meta -> uninitialised memory for this rank's shards and the buffers
+        model.to_empty(device="cpu" if cpu_offload else ctx.device)
+        if cpu_offload:  # shards stay in CPU RAM; buffers live where rank 0's fully_shard put them
+            for module, name, buffer in _buffers(model):
+                module._buffers[name] = buffer.to(ctx.device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full_state
+    _broadcast_buffers(ctx, model, stateless)
+    return model
+
+
+def _layout(model) -> dict[str, tuple]:
+    """(shape, dtype) of every parameter and buffer by name (tied parameters once, by their first name)."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return {name: (tuple(t.shape), str(t.dtype)) for name, t in named}
+
+
+def _buffers(model):
+    """(owning module, attribute name, tensor) of every buffer."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                yield module, name, buffer
+
+
+def _stateless_buffers(model) -> list[str]:
+    """Names of the buffers that ``state_dict`` leaves out (registered with ``persistent=False``)."""
+    in_state = set(model.state_dict().keys())
+    return [name for name, _ in model.named_buffers() if name not in in_state]
+
+
+def _broadcast_buffers(ctx: distributed.Dist, model, names: list[str]) -> None:
+    """Rank 0's buffers ``names`` replace the other ranks' (same dtype and shape, bit for bit)."""
+    import torch.distributed as dist
+
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        buffer = owner._buffers[leaf]
+        if not ctx.is_main:
+            buffer = torch.empty_like(buffer)
+        dist.broadcast(buffer, src=0)
+        owner._buffers[leaf] = buffer
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return (f"{type(error).__name__}: {text}" if not isinstance(error, GvpoError) else text)[:300]

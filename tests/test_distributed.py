@@ -514,6 +514,35 @@ def test_memory_plan_counts_a_frozen_base_without_gradients_or_optimizer_state()
     assert sharded.params_bytes == 4 * -(-trainable.numel() // 4) + -(-2 * frozen // 4)
 
 
+def test_memory_plan_says_only_rank_0_holds_the_full_model_while_loading():
+    plan = distributed.plan_for(params=1000, layer_params=100, world_size=4, on_gpu=True, frozen_bytes=600)
+    assert plan.rank0_load_bytes == 4 * 1000 + 600  # fp32 trainable weights + the frozen ones, on rank 0 only
+    assert plan.per_rank_bytes == 4 * 250 + 150 + 1000 + 2000 + 200  # the training state is unchanged by it
+    assert "rank 0 alone holds the full model in CPU RAM" in plan.describe()
+    one = distributed.plan_for(1000, 100, 1, on_gpu=True)  # one process loads what it trains: nothing to add
+    assert one.rank0_load_bytes == 0 and "rank 0" not in one.describe()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_meta_built_model_has_the_loaded_models_parameters_and_buffers(dtype):
+    from gvpo_offline import rank0_load
+
+    loaded = load_model(STORIES, torch.device("cpu"), dtype)
+    meta = rank0_load.build_on_meta(STORIES, dtype)
+    assert all(p.is_meta for p in meta.parameters()) and not meta.training
+    assert rank0_load._layout(meta) == rank0_load._layout(loaded)
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight  # tied, as loaded
+    assert rank0_load._stateless_buffers(meta) == ["model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"]
+
+
+def test_a_model_that_cannot_be_loaded_stops_with_one_line(tmp_path):
+    from gvpo_offline import rank0_load
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(GvpoError, match=r"^rank 0 could not load the model .*: .*\S$"):
+        rank0_load.load_for_sharding(distributed.Dist(), tmp_path, torch.float32)
+
+
 def test_a_run_that_cannot_fit_stops_before_training(launch_free_cache, monkeypatch):
     monkeypatch.setattr(distributed, "available_ram_bytes", lambda: 1 << 20)  # 1 MiB of RAM
     with pytest.raises(GvpoError, match=r"does not fit: memory plan: 0\.3M trainable parameters"):

@@ -16,7 +16,7 @@
 6. rank0_load (rank 0 reads the weights, rank 1 builds on meta, broadcast into the shards): every parameter
    (gathered) and every rank's buffers of stories260K, of a LoRA model on a bfloat16 base (against rank 0's
    values before sharding) and of the merged adapter folder of 5. (as --init-model); the stories260K one with
-   --gradient-checkpointing runs the step of 1.
+   --gradient-checkpointing runs the step of 1.; and a model whose weights rank 0 cannot read stops both ranks.
 Rank 0 saves the gathered full gradients, the step's loss, each rank's groups and the eval report to OUT.pt.
 """
 
@@ -32,6 +32,7 @@ from cachefixture import set_lora_weights
 from gvpo_offline import adapters, cli, distributed, rank0_load
 from gvpo_offline.checkpoints import save_final
 from gvpo_offline.data import DataConfig
+from gvpo_offline.errors import GvpoError
 from gvpo_offline.evaluate import EvalConfig, evaluate
 from gvpo_offline.loss import OBJECTIVES
 from gvpo_offline.modeling import load_model, sequence_logps
@@ -124,9 +125,22 @@ checkpointed_stats = gvpo_backward(checkpointed, batch, 1.0, int(micro_tokens), 
 checkpointed_grads = {name: p.grad.full_tensor() for name, p in checkpointed.named_parameters()}
 loaded_lora = broadcast_loaded(STORIES, torch.bfloat16, lora=True)[1]
 loaded_merged = broadcast_loaded(Path(out).parent / "lora-step")[1]
+corrupt = Path(out).parent / "corrupt"  # weights only rank 0 reads, and cannot: every rank must stop at once
+if ctx.is_main:
+    shutil.copytree(STORIES, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+distributed.barrier(ctx)
+try:
+    rank0_load.load_for_sharding(ctx, corrupt, torch.float32)
+    load_error = None
+except GvpoError as err:
+    load_error = str(err)
+load_errors = distributed.all_gather_objects(ctx, load_error)
 if ctx.is_main:
     torch.save({"grads": grads, "loss": stats.loss, "dpo_grads": dpo_grads, "packed_grads": packed_grads, "dpo_loss": dpo_loss, "rank_groups": rank_groups, "eval": report.to_json(),
                 "lora_grads": lora_grads, "lora_loss": lora_stats.loss, "lora_logps": lora_logps,
                 "checkpointed_grads": checkpointed_grads, "checkpointed_loss": checkpointed_stats.loss,
                 "layer_calls": (plain_calls, layer_calls[0]),
-                "loaded": loaded, "loaded_lora": loaded_lora, "loaded_merged": loaded_merged}, out)
+                "loaded": loaded, "loaded_lora": loaded_lora, "loaded_merged": loaded_merged,
+                "load_errors": load_errors}, out)
+distributed.barrier(ctx)  # rank 1 waits for rank 0's save: both shut their process group down together

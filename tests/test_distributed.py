@@ -160,6 +160,10 @@ def test_rank0_loading_equals_a_plain_load_bit_for_bit(launch):
     _assert_loaded_as(got["loaded_merged"], dict(merged.named_parameters()), dict(merged.named_buffers()), n)
     assert got["loaded_merged"]["tied"] == [True, True]
 
+    # weights that rank 0 cannot read: rank 1 (which reads none) stops too, with rank 0's one line
+    first, second = got["load_errors"]
+    assert first == second and first.startswith("rank 0: cannot load the model ") and "\n" not in first
+
     # LoRA on a bfloat16 base: rank 0's values before sharding (its base is a plain bf16 load; its A is random)
     lora, prefix = got["loaded_lora"], "base_model.model."
     base = load_model(STORIES, torch.device("cpu"), torch.bfloat16)
@@ -539,7 +543,7 @@ def test_a_model_that_cannot_be_loaded_stops_with_one_line(tmp_path):
     from gvpo_offline import rank0_load
 
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(GvpoError, match=r"^rank 0 could not load the model .*: .*\S$"):
+    with pytest.raises(GvpoError, match=r"^cannot load the model .*: ValueError: .*\S$"):
         rank0_load.load_for_sharding(distributed.Dist(), tmp_path, torch.float32)
 
 

@@ -12,7 +12,7 @@ The steps (:func:`load_for_sharding`, then :func:`shard_and_broadcast`):
 1. rank 0: ``modeling.load_model`` on CPU (an adapter folder: its base with the adapter merged in); other
    ranks: the same class from the same config.json, same dtype, on ``meta`` (no memory, no weights read).
    The ranks then compare every parameter's and buffer's (name, shape, dtype) with rank 0's and agree on
-   success (a failed load on one rank stops all of them with one message, never a hang).
+   success (``distributed.agree``: a failed load on one rank stops all of them with one line, never a hang).
 2. the caller wraps it as usual (peft LoRA layers, gradient checkpointing, memory plan) on every rank;
 3. rank 0 keeps references to its full state dict; ``distributed.shard_model`` (``fully_shard``) on every
    rank; the meta ranks allocate their (uninitialised) shards with ``to_empty``; then
@@ -36,25 +36,24 @@ from gvpo_offline.errors import GvpoError
 def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
     """The model at ``path`` in ``dtype``, eval mode: loaded on CPU on rank 0, built on ``meta`` elsewhere.
 
-    A collective: every rank calls it. Raises the same GvpoError on every rank when any rank failed, or
-    when a meta-built model is not the architecture rank 0 loaded."""
+    A collective: every rank calls it. Raises the same GvpoError on every rank (``distributed.agree``:
+    "rank R: cannot load the model ...") when any rank failed, or when a meta-built model is not the
+    architecture rank 0 loaded; one process: the error itself."""
     from gvpo_offline.modeling import load_model
 
     model, error = None, None
     try:
         model = load_model(path, torch.device("cpu"), dtype, trust_remote_code) if ctx.is_main else \
             build_on_meta(path, dtype, trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - reported to every rank below, re-raised here
-        error = err
-    messages = distributed.all_gather_objects(ctx, None if error is None else _one_line(error))
-    if any(messages):  # every rank stops, with the first failed rank's reason
-        rank = next(r for r, m in enumerate(messages) if m)
-        raise GvpoError(f"rank {rank} could not load the model {path}: {messages[rank]}") from error
+    except Exception as err:  # noqa: BLE001 - any failure: every rank stops with its one line
+        error = GvpoError(f"cannot load the model {path}: {_one_line(err)}")
+    distributed.agree(ctx, error)
     mine, rank0 = _layout(model), distributed.broadcast_object(ctx, _layout(model))
     if mine != rank0:
         diff = sorted(set(mine.items()) ^ set(rank0.items()))[0]
-        raise GvpoError(f"{path}: the model built from its config.json is not the one rank 0 loaded "
-                        f"(first difference: {diff}); this architecture cannot be loaded on rank 0 only")
+        error = GvpoError(f"{path}: the model built from its config.json is not the one rank 0 loaded "
+                          f"(first difference: {diff}); this architecture cannot be loaded on rank 0 only")
+    distributed.agree(ctx, error)
     return model
 
 
@@ -128,5 +127,5 @@ def _broadcast_buffers(ctx: distributed.Dist, model, names: list[str]) -> None:
 
 
 def _one_line(error: Exception) -> str:
-    text = " ".join(str(error).split())
-    return (f"{type(error).__name__}: {text}" if not isinstance(error, GvpoError) else text)[:300]
+    text = " ".join(str(error).split())[:300]
+    return text if isinstance(error, GvpoError) else f"{type(error).__name__}: {text}"

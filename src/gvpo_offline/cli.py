@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except typer.Exit as exc:  # --help, or a command that ends early on purpose
         sys.exit(exc.exit_code)
+    if not code and "gvpo_offline.distributed" in sys.modules:  # under torchrun: every rank reaches the end
+        sys.modules["gvpo_offline.distributed"].finish()  # before any closes its process group
     if code == 130:  # typer caught a KeyboardInterrupt (Ctrl-C or SIGTERM) and returned its exit code
         console.print("interrupted", style="yellow")
         sys.exit(interrupts.exit_code())

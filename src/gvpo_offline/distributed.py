@@ -102,9 +102,15 @@ def single_process_only(command: str) -> None:
 
 
 def _shutdown() -> None:
+    """At exit: free what still holds communication handles, then close the process group. FSDP modules
+    live in reference cycles, so without the collection they (and gloo work objects holding tensors) would
+    be freed during interpreter finalization, where a rank now and then aborted (SIGABRT)."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -30,12 +30,11 @@ import resource
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from itertools import combinations
-from multiprocessing import get_context
 from pathlib import Path
 
 from precompute import STORIES, WORDS  # the bundled model and the benchmark's story words
+from shared_prompt import spawn  # fn(*args) in a fresh process
 
 
 def text(seed: int, n: int) -> str:
@@ -131,11 +130,6 @@ def run_trl(model: str, groups: list[dict], workdir: str, threads: int) -> dict:
     return {"precompute": precompute, "train": total - precompute, "steps": steps,
             "step": (total - precompute) / max(1, steps), "total": total, "pairs": len(pairs), "batch": batch,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def spawn(fn, *args) -> dict:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def main() -> None:

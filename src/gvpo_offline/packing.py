@@ -284,15 +284,25 @@ class Pieces:
         self.query_tokens = torch.cat([b.q_index[b.q_valid] for b in self.buckets])
         self._masks: dict[tuple[int, int | None, bool], Tensor] = {}
         self.calls = 0
-        # the same pieces without padding, for a variable-length kernel: concatenated query / key token
-        # indices and cumulative lengths (queries in query_tokens order)
-        ordered = [pieces[j] for g in groups for j in g]
-        self.varlen = _Varlen(
-            k_index=torch.tensor([t for _, k in ordered for t in k], device=device),
-            cu_q=torch.tensor([0, *itertools.accumulate(len(q) for q, _ in ordered)], dtype=torch.int32, device=device),
-            cu_k=torch.tensor([0, *itertools.accumulate(len(k) for _, k in ordered)], dtype=torch.int32, device=device),
-            max_q=max(len(q) for q, _ in ordered), max_k=max(len(k) for _, k in ordered),
-        )
+        self._ordered = [pieces[j] for g in groups for j in g]  # queries in query_tokens order
+        self._device = device
+        self._varlen: _Varlen | None = None
+
+    @property
+    def varlen(self) -> _Varlen:
+        """The same pieces without padding, for a variable-length kernel: concatenated key token indices
+        and cumulative query / key lengths. Built on first use (only the CUDA varlen path needs it)."""
+        if self._varlen is None:
+            ordered, device = self._ordered, self._device
+            self._varlen = _Varlen(
+                k_index=torch.tensor([t for _, k in ordered for t in k], device=device),
+                cu_q=torch.tensor([0, *itertools.accumulate(len(q) for q, _ in ordered)], dtype=torch.int32,
+                                  device=device),
+                cu_k=torch.tensor([0, *itertools.accumulate(len(k) for _, k in ordered)], dtype=torch.int32,
+                                  device=device),
+                max_q=max(len(q) for q, _ in ordered), max_k=max(len(k) for _, k in ordered),
+            )
+        return self._varlen
 
     @staticmethod
     def _bucket(members, flat_position, device) -> _Bucket:
@@ -435,11 +445,10 @@ def _routed(backend: str):
     """The attention function registered as 'gvpo_<backend>': the backend itself, except that a forward
     pass given ``gvpo_pieces`` is computed piece by piece."""
 
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     def attention(module, query, key, value, attention_mask, gvpo_pieces: Pieces | None = None, **kwargs):
-        if backend == "sdpa":
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward as inner
-        else:
-            inner = _eager_attention(module)
+        inner = sdpa_attention_forward if backend == "sdpa" else _eager_attention(module)
         if gvpo_pieces is None:
             return inner(module, query, key, value, attention_mask, **kwargs)
         return gvpo_pieces.attend(inner, backend == "eager", module, query, key, value, **kwargs)

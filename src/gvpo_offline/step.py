@@ -25,7 +25,9 @@ from torch import Tensor
 from gvpo_offline import packing, reference
 from gvpo_offline.distributed import StepShare
 from gvpo_offline.errors import GvpoError
-from gvpo_offline.loss import OBJECTIVES, Objective, gvpo_grad_weights, gvpo_loss, gvpo_loss_terms
+from gvpo_offline.loss import (
+    OBJECTIVES, Objective, _group_mean, _groups, gvpo_grad_weights, gvpo_loss, gvpo_loss_terms,
+)
 from gvpo_offline.modeling import compute_context, length_batches, sequence_logps
 
 # ---- data: whole groups from the cached train split -----------------------------------------------
@@ -320,10 +322,9 @@ def _check_implicit_reward(policy_logps: Tensor, ref_logps: Tensor, group_index:
     sequence log-probs, [n] group numbers."""
     ell = policy_logps.detach().double() - ref_logps
     implicit = beta * ell
-    _, index, counts = torch.unique(group_index, return_inverse=True, return_counts=True)
-    sums = torch.zeros(counts.shape[0], dtype=implicit.dtype, device=implicit.device)
-    means = sums.index_add(0, index, implicit) / counts
-    spread = torch.zeros_like(sums).index_add(0, index, (implicit - means[index]) ** 2)
+    index, counts = _groups(group_index)
+    deviation = implicit - _group_mean(implicit, index, counts)
+    spread = torch.zeros(counts.shape[0], dtype=implicit.dtype, device=implicit.device).index_add(0, index, deviation ** 2)
     if bool(torch.isfinite(spread).all()):
         return
     if not bool(torch.isfinite(ref_logps).all()):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from gvpo_offline import distributed
-from gvpo_offline.modeling import load_model
-from gvpo_offline.step import StepBatch, gvpo_backward
+from gvpo_offline.model import distributed
+from gvpo_offline.model.loading import load_model
+from gvpo_offline.stages.train.step import StepBatch, gvpo_backward
 
 STORIES = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
 

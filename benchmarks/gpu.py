@@ -7,7 +7,7 @@ A ~1.2B Llama-3.2-1B-shaped model built from a config (hidden 2048, 16 layers, 3
 vocabulary 128,256, tied embeddings; random init, nothing downloaded), float32 master weights with bf16
 autocast: the tool's own GPU regime. Synthetic long-prompt groups (prompt --prompt tokens, k responses
 of --response tokens). Measured with the tool's code at its GPU defaults, in one process:
-  precompute   modeling.batched_logps, --batch-tokens 16384, three paths: padded (packed=False),
+  precompute   scoring.batched_logps, --batch-tokens 16384, three paths: padded (packed=False),
                pieces (packed=True, SDPA per bucket of pieces) and varlen (packed=True, torch's flash
                varlen kernel; its first call is checked against the pieces path, and the check's
                outcome is printed: if it fails, the varlen rows are the pieces path again)
@@ -31,13 +31,12 @@ import time
 
 from shared_prompt import make_groups  # the same synthetic groups as the CPU benchmark
 
-
 PATHS = ("padded", "pieces", "varlen")
 
 
 def use_path(path: str) -> bool:
     """Set up one path; returns ``packed`` for the tool's functions."""
-    from gvpo_offline import packing
+    from gvpo_offline.model import packing
 
     if path == "pieces":
         packing._VARLEN_CHECK["ok"] = False  # the bucket path only
@@ -95,9 +94,9 @@ def main() -> None:
 
     import torch
 
-    from gvpo_offline import packing
-    from gvpo_offline.modeling import batched_logps
-    from gvpo_offline.step import StepBatch, gvpo_backward
+    from gvpo_offline.model import packing
+    from gvpo_offline.model.scoring import batched_logps
+    from gvpo_offline.stages.train.step import StepBatch, gvpo_backward
 
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     device = torch.device("cuda")

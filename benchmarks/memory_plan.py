@@ -3,7 +3,7 @@
     python benchmarks/memory_plan.py
 
 Builds Llama 3.2 1B, Llama 2 7B and Llama 3 70B from their published configs on the meta device (no
-weights, no download), counts their parameters and prints distributed.plan_for for 1, 8 and 16 GPUs:
+weights, no download), counts their parameters and prints memory_plan.plan_for for 1, 8 and 16 GPUs:
 fp32 master weights + fp32 gradients + AdamW moments (16 B/parameter) split over the ranks by FSDP,
 plus one decoder layer gathered in bf16. Activations are not included (they depend on
 --micro-batch-tokens and --gradient-checkpointing). Not a test.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from gvpo_offline.distributed import plan_for
+from gvpo_offline.model.memory_plan import plan_for
 
 MODELS = {  # published config.json values (hidden, intermediate, layers, heads, kv heads, vocab, tied)
     "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

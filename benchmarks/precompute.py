@@ -80,16 +80,17 @@ def measure(
     import transformers
     from rich.console import Console
 
-    from gvpo_offline import modeling, reference
     from gvpo_offline.data import DataConfig, load_groups
-    from gvpo_offline.tokenize import TokenizeConfig, encode_pair
+    from gvpo_offline.data.tokenize import TokenizeConfig, encode_pair
+    from gvpo_offline.model import loading
+    from gvpo_offline.stages import reference
 
     transformers.utils.logging.disable_progress_bar()
     if threads:
         torch.set_num_threads(threads)
     cfg = TokenizeConfig(MAX_LENGTH, MAX_PROMPT)
     dev = torch.device(device)
-    tokenizer, model = modeling.load_tokenizer(model_path), modeling.load_model(model_path, dev)  # warm-up
+    tokenizer, model = loading.load_tokenizer(model_path), loading.load_model(model_path, dev)  # warm-up
     rss_before = _rss_mb()
     start = time.perf_counter()
     if method == "precompute":

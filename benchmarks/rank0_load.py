@@ -39,8 +39,8 @@ def worker(path: str, mode: str) -> None:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before "before", in both paths)
 
-    from gvpo_offline import distributed, rank0_load
-    from gvpo_offline.modeling import load_model
+    from gvpo_offline.model import distributed, rank0_load
+    from gvpo_offline.model.loading import load_model
 
     torch.set_num_threads(1)
     ctx = distributed.context("cpu")

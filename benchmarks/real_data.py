@@ -39,7 +39,7 @@ SOURCES = {"oasst": ASSETS / "oasst" / "en_100_tree.jsonl", "gsm8k": ASSETS / "g
 
 def prepare(name: str, folder: Path, n_groups: int) -> Path:
     """The first n_groups groups of a bundled dataset, converted by the tool's own converter."""
-    from gvpo_offline.convert import convert
+    from gvpo_offline.stages.convert import convert
 
     full = folder / f"{name}-all.jsonl"
     convert(name, str(SOURCES[name]), full)
@@ -53,9 +53,9 @@ def run(data: str, model: str, workdir: str, packing: str, max_length: int, thre
     import torch
     from rich.console import Console
 
-    from gvpo_offline import reference
     from gvpo_offline.data import DataConfig
-    from gvpo_offline.tokenize import TokenizeConfig
+    from gvpo_offline.data.tokenize import TokenizeConfig
+    from gvpo_offline.stages import reference
 
     torch.set_num_threads(threads)
     template = (REPO / "examples" / "chat_template.jinja").read_text()
@@ -76,9 +76,9 @@ def run(data: str, model: str, workdir: str, packing: str, max_length: int, thre
 
 
 def padded_tokens(prompt_ids, response_ids, budget: int = 2048) -> int:
-    """Tokens the padded path's passes occupy: modeling.length_batches of separate sequences, each pass
+    """Tokens the padded path's passes occupy: logprobs.length_batches of separate sequences, each pass
     rows × its longest row."""
-    from gvpo_offline.modeling import length_batches
+    from gvpo_offline.model.logprobs import length_batches
 
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     return sum(len(b) * max(lengths[i] for i in b) for b in length_batches(lengths, budget))
@@ -99,7 +99,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gvpo_offline.packing import shared_fraction
+    from gvpo_offline.model.packing import shared_fraction
 
     console = Console(width=160)
     load = os.getloadavg()

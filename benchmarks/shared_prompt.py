@@ -9,7 +9,7 @@ synthetic token ids, scored by a random-init Llama built from a config (default 
 Llama-3-8B's ≈ 13, and sequence length / hidden size as in a 1-3B model; a 32k-vocabulary toy body would
 be dominated by the LM head, which both paths run on the same response positions). Both paths are the tool's own code at its CPU
 defaults:
-  precompute   modeling.batched_logps (what precompute-ref and eval run) over --groups groups,
+  precompute   scoring.batched_logps (what precompute-ref and eval run) over --groups groups,
                --batch-tokens 2048: packed=False (padded, length-bucketed) vs packed=True.
   train step   step.gvpo_backward + AdamW step over --step-groups groups, --micro-batch-tokens 2048:
                packed=False (a group over the budget is split: a no-grad pass for the weights, then
@@ -66,8 +66,8 @@ def measure(stage: str, packed: bool, k: int, args: dict) -> dict:
     """In a fresh process: one stage with one path; seconds, tokens, peak RSS and the log-probs."""
     import torch
 
-    from gvpo_offline.modeling import batched_logps
-    from gvpo_offline.step import StepBatch, gvpo_backward
+    from gvpo_offline.model.scoring import batched_logps
+    from gvpo_offline.stages.train.step import StepBatch, gvpo_backward
 
     torch.set_num_threads(args["threads"])
     model = build_model(args["hidden"], args["layers"], args["vocab"], args["device"])

@@ -51,7 +51,7 @@ def make_batch(groups: int, k: int, seed: int):
     """A StepBatch of synthetic token ids < 512 (valid for both models)."""
     import torch
 
-    from gvpo_offline.step import StepBatch
+    from gvpo_offline.stages.train.step import StepBatch
 
     g = torch.Generator().manual_seed(seed)
     prompts, responses, gids = [], [], []
@@ -72,7 +72,7 @@ def naive_backward(model, batch, beta: float) -> float:
     """One forward/backward per group over the full logits; returns the step's loss."""
     import torch
 
-    from gvpo_offline.loss import gvpo_loss
+    from gvpo_offline.math.loss import gvpo_loss
 
     device = next(model.parameters()).device
     total = 0.0
@@ -104,16 +104,16 @@ def measure(model_path: str, method: str, args: dict) -> dict:
     """Runs in a fresh process: load, one warm-up step, ``steps`` timed steps."""
     import torch
 
-    from gvpo_offline.modeling import load_model
-    from gvpo_offline.step import gvpo_backward
-    from gvpo_offline.train import _clip
+    from gvpo_offline.model.loading import load_model
+    from gvpo_offline.stages.train.recipe import _clip
+    from gvpo_offline.stages.train.step import gvpo_backward
 
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     device = torch.device(args["device"])
     model = load_model(model_path, device, torch.float32)
     if args.get("lora_r"):
-        from gvpo_offline.adapters import LoraSettings, add_lora
+        from gvpo_offline.model.adapters import LoraSettings, add_lora
 
         model = add_lora(model, LoraSettings(r=args["lora_r"]))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--groups-per-step", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
-    parser.add_argument("--chunk-tokens", type=int, default=None, help="LM-head chunk (default: modeling.logits_chunk_for(vocab))")
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="LM-head chunk (default: logprobs.logits_chunk_for(vocab))")
     parser.add_argument("--small-budget", type=int, default=1024, help="--micro-batch-tokens of the 3rd variant")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")

@@ -67,16 +67,16 @@ def make_model(path: Path, hidden: int, layers: int) -> None:
 
 
 def run_ours(model: str, data: str, workdir: str, step_groups: int, threads: int) -> dict:
+    import datasets  # noqa: F401 - imported before the clock starts, as TRL's are
     import torch
     from rich.console import Console
-
-    from gvpo_offline import reference
-    from gvpo_offline.data import DataConfig
-    from gvpo_offline.tokenize import TokenizeConfig
-    from gvpo_offline.train import TrainConfig, train
-
-    import datasets  # noqa: F401 - imported before the clock starts, as TRL's are
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    from gvpo_offline.data import DataConfig
+    from gvpo_offline.data.tokenize import TokenizeConfig
+    from gvpo_offline.stages import reference
+    from gvpo_offline.stages.train.config import TrainConfig
+    from gvpo_offline.stages.train.recipe import train
 
     torch.set_num_threads(threads)
     start = time.perf_counter()

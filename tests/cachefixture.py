@@ -1,6 +1,6 @@
 """Build a small reference-cache workdir directly (REF_SCHEMA shard + complete Manifest), for train tests.
 
-Uses the same pieces as `precompute-ref` (tokenize.encode_pair, modeling.sequence_logps, the atomic
+Uses the same pieces as `precompute-ref` (tokenize.encode_pair, logprobs.sequence_logps, the atomic
 writers of reference.py) so that a freshly initialised policy reproduces the cached ref_logp.
 """
 
@@ -12,10 +12,12 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from gvpo_offline.files import atomic_write_json, atomic_write_table, sha256_file
-from gvpo_offline import reference, workdir as workdirs
-from gvpo_offline.modeling import load_model, load_tokenizer, model_fingerprint, sequence_logps
-from gvpo_offline.tokenize import TokenizeConfig, encode_pair, tokenizer_fingerprint
+from gvpo_offline.data.tokenize import TokenizeConfig, encode_pair, tokenizer_fingerprint
+from gvpo_offline.model.loading import load_model, load_tokenizer, model_fingerprint
+from gvpo_offline.model.logprobs import sequence_logps
+from gvpo_offline.runtime import workdir as workdirs
+from gvpo_offline.runtime.files import atomic_write_json, atomic_write_table, sha256_file
+from gvpo_offline.stages import reference
 
 STORIES = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
 

@@ -63,7 +63,7 @@ def run_cli(capsys):
 
 @pytest.fixture(autouse=True, scope="session")
 def private_hash_cache(tmp_path_factory):
-    """Weight hashes are remembered on disk (gvpo_offline.hub); tests keep theirs out of ~/.cache."""
+    """Weight hashes are remembered on disk (gvpo_offline.model.hub); tests keep theirs out of ~/.cache."""
     import os
 
     before = os.environ.get("GVPO_OFFLINE_CACHE")

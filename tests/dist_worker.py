@@ -25,21 +25,22 @@ import sys
 from pathlib import Path
 
 import torch
+from cachefixture import set_lora_weights
 from rich.console import Console
 
-from cachefixture import set_lora_weights
-
-from gvpo_offline import adapters, cli, distributed, rank0_load
-from gvpo_offline.checkpoints import save_final
+from gvpo_offline import cli
 from gvpo_offline.data import DataConfig
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.evaluate import EvalConfig, evaluate
-from gvpo_offline.loss import OBJECTIVES
-from gvpo_offline.modeling import load_model, sequence_logps
-from gvpo_offline.reference import PrecomputeConfig, precompute
-from gvpo_offline.tokenize import TokenizeConfig
-from gvpo_offline.step import gvpo_backward, load_train_groups, make_batch
-from gvpo_offline.train import enable_gradient_checkpointing
+from gvpo_offline.data.tokenize import TokenizeConfig
+from gvpo_offline.math.loss import OBJECTIVES
+from gvpo_offline.model import adapters, distributed, rank0_load
+from gvpo_offline.model.loading import load_model
+from gvpo_offline.model.logprobs import sequence_logps
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate
+from gvpo_offline.stages.reference.compute import PrecomputeConfig, precompute
+from gvpo_offline.stages.train.checkpoints import save_final
+from gvpo_offline.stages.train.recipe import enable_gradient_checkpointing
+from gvpo_offline.stages.train.step import gvpo_backward, load_train_groups, make_batch
 
 STORIES = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
 LORA_TRAIN_ARGS = ["--beta", "1", "--lr", "1e-3", "--groups-per-step", "3", "--max-steps", "4", "--save-every", "2",

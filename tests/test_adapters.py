@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
 from safetensors.torch import load_file
 
-from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
-from gvpo_offline.adapters import LoraSettings
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.modeling import load_model, sequence_logps
-from gvpo_offline.train import TrainConfig, train
+from gvpo_offline.model.adapters import LoraSettings
+from gvpo_offline.model.loading import load_model
+from gvpo_offline.model.logprobs import sequence_logps
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.stages.train.config import TrainConfig
+from gvpo_offline.stages.train.recipe import train
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def test_lora_resume_is_exact(workdir, tmp_path):
 def test_eval_and_sample_take_an_adapter_the_card_and_a_changed_base(workdir, lora_cache, run_cli, tmp_path):
     from huggingface_hub import ModelCard
 
-    from gvpo_offline.evaluate import EvalConfig, evaluate
+    from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate
 
     train(config(workdir, max_steps=2, merge=True, lora=LoraSettings(r=2, target_modules="q_proj,v_proj")),
           log=lambda _: None)
@@ -192,9 +194,10 @@ def test_an_adapter_folder_as_the_reference_model(workdir, tmp_path):
     """precompute-ref --model ADAPTER scores with the adapter merged into its base; a new LoRA on top of
     an adapter is refused (its base would be an adapter)."""
     from gvpo_offline.data import DataConfig
-    from gvpo_offline.modeling import model_fingerprint
-    from gvpo_offline.reference import PrecomputeConfig, load_split, precompute
-    from gvpo_offline.tokenize import TokenizeConfig
+    from gvpo_offline.data.tokenize import TokenizeConfig
+    from gvpo_offline.model.loading import model_fingerprint
+    from gvpo_offline.stages.reference.cache import load_split
+    from gvpo_offline.stages.reference.compute import PrecomputeConfig, precompute
 
     train(config(workdir, max_steps=2), log=lambda _: None)
     adapter = workdir / "model"

@@ -14,7 +14,8 @@ import yaml
 from cachefixture import STORIES, STORY_GROUPS
 from conftest import REPO, write_jsonl
 
-from gvpo_offline import cli, config_file
+from gvpo_offline import cli
+from gvpo_offline.runtime import config_file
 
 EXAMPLES = sorted((REPO / "examples" / "configs").glob("*.yaml"))
 
@@ -87,7 +88,7 @@ def test_inspect_from_yaml_and_toml(tmp_path, run_cli):
 
 
 def test_precompute_ref_model_and_data_from_the_file(tmp_path, run_cli):
-    from gvpo_offline import reference
+    from gvpo_offline.stages import reference
 
     data = write_jsonl(tmp_path / "g.jsonl", [{"prompt": p, "responses": r, "rewards": w} for p, r, w in STORY_GROUPS[:2]])
     cfg = tmp_path / "pre.yaml"
@@ -141,7 +142,7 @@ def test_example_configs_parse_against_the_cli(path):
 
 def test_wandb_offline_run_gets_metrics_and_config(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from gvpo_offline.tracking import Tracker, parse_report_to
+    from gvpo_offline.runtime.tracking import Tracker, parse_report_to
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -165,8 +166,8 @@ def test_wandb_offline_run_gets_metrics_and_config(tmp_path, monkeypatch):
 def test_report_to_parsing_and_missing_package(monkeypatch):
     import builtins
 
-    from gvpo_offline.errors import GvpoError
-    from gvpo_offline.tracking import Tracker, parse_report_to
+    from gvpo_offline.runtime.errors import GvpoError
+    from gvpo_offline.runtime.tracking import Tracker, parse_report_to
 
     assert parse_report_to(["tensorboard,wandb", "none", "tensorboard"]) == ("tensorboard", "wandb")
     assert parse_report_to(None) == () and parse_report_to(["none"]) == ()

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from gvpo_offline.convert import HELPSTEER2_WEIGHTS
 from gvpo_offline.data import DataConfig, load_groups
+from gvpo_offline.stages.convert import HELPSTEER2_WEIGHTS
 
 
 def _uf_completion(model, response, overall, ratings):

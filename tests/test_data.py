@@ -14,8 +14,8 @@ import pytest
 from conftest import write_jsonl
 
 from gvpo_offline.data import ColumnMap, DataConfig, content_group_id, load_groups
-from gvpo_offline.files import sha256_file
-from gvpo_offline.errors import DataError
+from gvpo_offline.runtime.errors import DataError
+from gvpo_offline.runtime.files import sha256_file
 
 GROUPED = [
     {"prompt": "Say hi", "responses": ["hi", "hello", "hey"], "rewards": [1, 0.5, -2]},

@@ -10,9 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gvpo_offline import evaluate as ev
-from gvpo_offline import metrics
-from gvpo_offline.loss import gvpo_loss
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.stages.evaluate import generation
+from gvpo_offline.stages.evaluate import heldout as ev
+from gvpo_offline.math import metrics
+from gvpo_offline.math.loss import gvpo_loss
 
 BETA = 0.5
 
@@ -206,8 +208,9 @@ import random  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from gvpo_offline import reference  # noqa: E402
 from gvpo_offline.cli import main  # noqa: E402
+from gvpo_offline.stages import reference  # noqa: E402
+from gvpo_offline.stages.reference import compute as precompute_stage  # noqa: E402
 
 STORIES = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
 NAMES = ["Lily", "Tom", "Sue", "Ben", "Mia", "Max", "Anna", "Sam", "Lucy", "Tim", "Zoe", "Jack", "Amy", "Leo", "Kim", "Bob"]
@@ -247,9 +250,10 @@ def workdir(tmp_path_factory) -> Path:
     """precompute-ref on 48 train groups (names 0-9) with 16 held-out groups (names 10-15) as the eval
     split, then 8 GVPO steps (β = 1) with train.train: WORKDIR/model is the trained policy."""
     from gvpo_offline.data import DataConfig
-    from gvpo_offline.reference import PrecomputeConfig, precompute
-    from gvpo_offline.tokenize import TokenizeConfig
-    from gvpo_offline.train import TrainConfig, train
+    from gvpo_offline.data.tokenize import TokenizeConfig
+    from gvpo_offline.stages.reference.compute import PrecomputeConfig, precompute
+    from gvpo_offline.stages.train.config import TrainConfig
+    from gvpo_offline.stages.train.recipe import train
 
     root = tmp_path_factory.mktemp("eval")
     train_file = write_jsonl(root / "train.jsonl", story_groups(48, NAMES[:10], seed=1))
@@ -319,7 +323,7 @@ def test_the_reference_is_the_neutral_baseline(workdir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_forward_pass_of_the_reference_reproduces_the_cached_log_probs(workdir):
-    from gvpo_offline.modeling import load_model
+    from gvpo_offline.model.loading import load_model
 
     table = reference.load_split(workdir, "eval")
     model = load_model(STORIES, torch.device("cpu"))
@@ -333,8 +337,8 @@ def test_a_forward_pass_of_the_reference_reproduces_the_cached_log_probs(workdir
 def test_data_files_are_scored_once_and_cached(workdir, tmp_path, capsys, monkeypatch):
     new = write_jsonl(tmp_path / "new.jsonl", story_groups(10, NAMES[10:], seed=3))
     calls = []
-    real = reference._compute_shards  # the reference forward passes of precompute
-    monkeypatch.setattr(reference, "_compute_shards", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = precompute_stage._compute_shards  # the reference forward passes of precompute
+    monkeypatch.setattr(precompute_stage, "_compute_shards", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     first = run_eval(capsys, "--workdir", str(workdir), "--data", str(new))
     assert calls, "the first eval --data must compute the reference log-probs"
@@ -376,14 +380,14 @@ def test_read_eval_prompts(tmp_path):
     flat = tmp_path / "flat.jsonl"
     write_jsonl(flat, [{"prompt": "a", "response": "x", "reward": 1}, {"prompt": "a", "response": "y", "reward": 0},
                        {"prompt": [{"role": "user", "content": "hi"}], "response": "z", "reward": 0}])
-    assert ev.read_eval_prompts(flat) == ["a", [{"role": "user", "content": "hi"}]]
+    assert generation.read_eval_prompts(flat) == ["a", [{"role": "user", "content": "hi"}]]
     parquet = tmp_path / "groups.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "b", "responses": ["x", "y"], "rewards": [1, 0]},
                                          {"prompt": "c", "responses": ["x", "y"], "rewards": [0, 1]}]), parquet)
-    assert ev.read_eval_prompts(parquet) == ["b", "c"]
+    assert generation.read_eval_prompts(parquet) == ["b", "c"]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}])
-    with pytest.raises(ev.GvpoError, match="line 1"):
-        ev.read_eval_prompts(bad)
+    with pytest.raises(GvpoError, match="line 1"):
+        generation.read_eval_prompts(bad)
 
 
 @pytest.mark.slow
@@ -409,9 +413,9 @@ def test_resolve_beta(tmp_path):
     assert ev.resolve_beta(ev.EvalConfig(), ckpt) == (0.5, str(ckpt / "trainer_state.json"))
     assert ev.resolve_beta(ev.EvalConfig(beta=2.0), final) == (2.0, "--beta")  # an explicit --beta wins
     assert ev.resolve_beta(ev.EvalConfig(beta=2.0), bare) == (2.0, "--beta")
-    with pytest.raises(ev.GvpoError, match="--beta"):
+    with pytest.raises(GvpoError, match="--beta"):
         ev.resolve_beta(ev.EvalConfig(), bare)
-    with pytest.raises(ev.GvpoError):
+    with pytest.raises(GvpoError):
         ev.EvalConfig(beta=0.0)
 
 

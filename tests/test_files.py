@@ -4,7 +4,13 @@ import hashlib
 
 import pytest
 
-from gvpo_offline.files import atomic_dir, atomic_write_json, atomic_write_jsonl, remove_stale, sha256_file
+from gvpo_offline.runtime.files import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_jsonl,
+    remove_stale,
+    sha256_file,
+)
 
 
 def test_atomic_file_write_replaces_or_leaves_the_old_file(tmp_path):

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cachefixture import STORIES, STORY_GROUPS
-from gvpo_offline import hub
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.modeling import model_fingerprint
+
+from gvpo_offline.model import hub
+from gvpo_offline.model.loading import model_fingerprint
+from gvpo_offline.runtime.errors import GvpoError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -100,8 +100,9 @@ def test_local_weights_are_hashed_once_and_again_after_a_change(tmp_path, monkey
 
 def test_pipeline_from_a_hub_id_with_hf_hub_offline(tmp_path, hf_home, run_cli):
     """precompute-ref in a fresh process with HF_HOME + HF_HUB_OFFLINE=1 and the id; then train and eval."""
-    from gvpo_offline.evaluate import EvalConfig, evaluate
-    from gvpo_offline.train import TrainConfig, train
+    from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate
+    from gvpo_offline.stages.train.config import TrainConfig
+    from gvpo_offline.stages.train.recipe import train
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "responses": r, "rewards": w}) + "\n" for p, r, w in STORY_GROUPS))

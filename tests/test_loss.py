@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gvpo_offline.loss import gvpo_centered_residuals, gvpo_grad_weights, gvpo_loss
+from gvpo_offline.math.loss import gvpo_centered_residuals, gvpo_grad_weights, gvpo_loss
 
 
 def random_groups(seed: int, ks=(2, 3, 5, 4), shuffle=True):

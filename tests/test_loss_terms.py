@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gvpo_offline.loss import gvpo_loss, gvpo_loss_terms
+from gvpo_offline.math.loss import gvpo_loss, gvpo_loss_terms
 
 
 def test_terms_by_hand_and_recombined():

@@ -3,7 +3,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gvpo_offline.modeling import length_batches, sequence_logps
+from gvpo_offline.model.logprobs import length_batches, sequence_logps
 
 
 def tiny_llama(vocab=300, seed=0):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from test_train import grads, random_batch, tiny_llama
+
 from gvpo_offline import cli
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.loss import (
+from gvpo_offline.math.loss import (
     OBJECTIVES,
     dpo_loss,
     gvpo_grad_weights,
@@ -23,10 +23,11 @@ from gvpo_offline.loss import (
     rebel_loss,
     sft_best_loss,
 )
-from gvpo_offline.modeling import sequence_logps
-from gvpo_offline.step import gvpo_backward, load_train_groups, make_batch
-from gvpo_offline.train import TrainConfig, train
-from test_train import grads, random_batch, tiny_llama
+from gvpo_offline.model.logprobs import sequence_logps
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.stages.train.config import TrainConfig
+from gvpo_offline.stages.train.recipe import train
+from gvpo_offline.stages.train.step import gvpo_backward, load_train_groups, make_batch
 
 F64 = torch.float64
 
@@ -300,7 +301,7 @@ def test_unknown_loss_is_a_one_line_error(workdir, capsys):
 def test_eval_reports_the_objective(workdir, capsys, tmp_path):
     from rich.console import Console
 
-    from gvpo_offline.evaluate import EvalConfig, evaluate, report_table
+    from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate, report_table
 
     torch.set_num_threads(1)
     train(config(workdir, loss="ipo", max_steps=1), log=quiet)

@@ -11,17 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from cachefixture import STORIES, STORY_GROUPS
 from rich.console import Console
 
-from cachefixture import STORIES, STORY_GROUPS
-from gvpo_offline import packing
 from gvpo_offline.data import DataConfig
-from gvpo_offline.modeling import batched_logps, load_model, sequence_logps
-from gvpo_offline.packing import packed_logps, plan_rows, split_pairs
-from gvpo_offline.reference import PrecomputeConfig, load_split, precompute
-from gvpo_offline.tokenize import TokenizeConfig
-from gvpo_offline.step import StepBatch, gvpo_backward
-from gvpo_offline.train import TrainConfig, train
+from gvpo_offline.data.tokenize import TokenizeConfig
+from gvpo_offline.model import packing
+from gvpo_offline.model.loading import load_model
+from gvpo_offline.model.logprobs import sequence_logps
+from gvpo_offline.model.packing import packed_logps, plan_rows, split_pairs
+from gvpo_offline.model.scoring import batched_logps
+from gvpo_offline.stages.reference.cache import load_split
+from gvpo_offline.stages.reference.compute import PrecomputeConfig, precompute
+from gvpo_offline.stages.train.config import TrainConfig
+from gvpo_offline.stages.train.recipe import train
+from gvpo_offline.stages.train.step import StepBatch, gvpo_backward
 
 VOCAB = 120
 
@@ -245,7 +249,7 @@ def test_packed_gradient_equals_separate_sequences(kind):
 def test_packed_gradient_with_activation_checkpointing():
     """Checkpointed decoder layers re-run their forward in the backward pass: the recomputation must
     take the same pieces (the routing is permanent), so the gradient still equals separate sequences."""
-    from gvpo_offline.train import enable_gradient_checkpointing
+    from gvpo_offline.stages.train.recipe import enable_gradient_checkpointing
 
     model = tiny("qwen2")
     prompts, responses = groups_of_ids()

@@ -9,7 +9,7 @@ from conftest import write_jsonl
 
 pytest.importorskip("matplotlib")
 
-from gvpo_offline import plot  # noqa: E402
+from gvpo_offline.stages import plot
 
 
 def _records(n):
@@ -48,7 +48,7 @@ def figures(monkeypatch):
 def test_plot_draws_the_logged_numbers(tmp_path, figures, run_cli):
     import matplotlib.image
 
-    from gvpo_offline.workdir import claim
+    from gvpo_offline.runtime.workdir import claim
 
     claim(tmp_path)  # WORKDIR/plots is written only into a gvpo-offline workdir
     records = _records(5)

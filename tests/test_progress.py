@@ -8,11 +8,11 @@ import re
 import shutil
 import time
 
+from cachefixture import STORIES
 from rich.console import Console
 
-from cachefixture import STORIES
 from gvpo_offline import cli
-from gvpo_offline.progress import duration, plural, progress
+from gvpo_offline.runtime.progress import duration, plural, progress
 
 
 def plain_console() -> tuple[Console, io.StringIO]:

@@ -20,11 +20,13 @@ import torch
 from conftest import REPO, write_jsonl
 from rich.console import Console
 
-from gvpo_offline import modeling, reference
 from gvpo_offline.data import DataConfig
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.reference import PrecomputeConfig, load_split, precompute, precompute_extra
-from gvpo_offline.tokenize import TokenizeConfig
+from gvpo_offline.data.tokenize import TokenizeConfig
+from gvpo_offline.model import loading, scoring
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.stages import reference
+from gvpo_offline.stages.reference.cache import load_split
+from gvpo_offline.stages.reference.compute import PrecomputeConfig, precompute, precompute_extra
 
 STORIES = REPO / "sample_data" / "stories260K"
 WORDS = (
@@ -73,7 +75,7 @@ def tables(workdir: Path) -> list:
 
 @pytest.fixture(scope="module")
 def stories():
-    return modeling.load_model(STORIES, torch.device("cpu")), modeling.load_tokenizer(STORIES)
+    return loading.load_model(STORIES, torch.device("cpu")), loading.load_tokenizer(STORIES)
 
 
 def plain_logp(model, prompt_ids: list[int], response_ids: list[int]) -> float:
@@ -164,8 +166,8 @@ def test_cache_hit_does_no_forward(tmp_path, monkeypatch, run_cli):
     def boom(*args, **kwargs):
         raise AssertionError("the model was used on a cache hit")
 
-    monkeypatch.setattr(modeling, "load_model", boom)
-    monkeypatch.setattr(modeling, "sequence_logps", boom)
+    monkeypatch.setattr(loading, "load_model", boom)
+    monkeypatch.setattr(scoring, "sequence_logps", boom)
     result = run_cli(*argv, "--no-overwrite")
     assert result.code == 0 and "cache hit" in result.err and "no model loaded" in result.err
     assert all(x.equals(y) for x, y in zip(first, tables(workdir)))
@@ -176,7 +178,7 @@ def _copy_model(tmp_path: Path) -> Path:
 
 
 def _change_model(model_dir: Path) -> None:
-    model = modeling.load_model(model_dir, torch.device("cpu"))
+    model = loading.load_model(model_dir, torch.device("cpu"))
     with torch.no_grad():
         model.model.norm.weight.mul_(1.5)
     model.save_pretrained(model_dir)
@@ -245,7 +247,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_cache(tmp_path):
 def test_ctrl_c_keeps_finished_shards_and_the_rerun_resumes(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", make_groups(12))
     clean, _ = run(tmp_path / "clean", [data], shard_groups=3)
-    calls, real = [], modeling.batched_logps
+    calls, real = [], scoring.batched_logps
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -253,12 +255,12 @@ def test_ctrl_c_keeps_finished_shards_and_the_rerun_resumes(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(modeling, "batched_logps", interrupted)
+    monkeypatch.setattr(scoring, "batched_logps", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "w", [data], shard_groups=3)
     assert not json.loads((tmp_path / "w" / "manifest.json").read_text())["complete"]
     assert sorted(p.name for p in (tmp_path / "w" / "ref").iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
-    monkeypatch.setattr(modeling, "batched_logps", real)
+    monkeypatch.setattr(scoring, "batched_logps", real)
     resumed, out = run(tmp_path / "w", [data], shard_groups=3)
     assert "resuming: 2 of 4 shards" in out
     assert resumed.to_json() == clean.to_json()
@@ -289,7 +291,7 @@ def test_cli_clamps_to_the_model_context_and_reads_a_template_file(tmp_path, run
     assert manifest.tokenize == {"max_length": 512, "max_prompt_length": 511, "add_eos": False, "prompt_template": TEMPLATE}
     assert manifest.layout == "grouped" and manifest.model_path == str(STORIES)
     assert manifest.data_files[0]["sha256"] == hashlib.sha256(Path(data).read_bytes()).hexdigest()
-    assert manifest.model_fingerprint == modeling.model_fingerprint(STORIES)
+    assert manifest.model_fingerprint == loading.model_fingerprint(STORIES)
 
 
 def test_precompute_extra_uses_the_manifest_reference(tmp_path):
@@ -323,7 +325,7 @@ def test_no_recomputing_message_when_nothing_was_computed(tmp_path, monkeypatch)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(modeling, "batched_logps", interrupted)
+    monkeypatch.setattr(scoring, "batched_logps", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "w", [data])
     assert (tmp_path / "w" / reference.MANIFEST).is_file() and not list((tmp_path / "w").glob("ref/shard-*"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO
-from gvpo_offline.convert import GSM8K_MODELS
-from gvpo_offline.rewards import final_number, gsm8k_correct, reward_kwargs, score
+
+from gvpo_offline.data.rewards import final_number, gsm8k_correct, reward_kwargs, score
+from gvpo_offline.stages.convert import GSM8K_MODELS
 
 GSM8K = REPO / "sample_data" / "gsm8k" / "example_model_solutions.jsonl"
 

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
 from conftest import REPO, write_jsonl
 
@@ -91,7 +90,7 @@ def test_the_workdir_is_never_read_as_data(run_cli, tmp_path):
 
 
 def test_train_refuses_to_overwrite_the_reference_model(run_cli, tmp_path):
-    from gvpo_offline.workdir import claim
+    from gvpo_offline.runtime.workdir import claim
 
     work = claim(tmp_path / "run")
     shutil.copytree(STORIES, work / "model")  # round 1's model, now round 2's reference
@@ -150,7 +149,7 @@ def test_a_second_train_needs_overwrite_and_eval_names_the_caches(cache, run_cli
 
 
 def test_a_second_writer_stops_naming_the_first(cache, run_cli, tmp_path):
-    from gvpo_offline.workdir import lock
+    from gvpo_offline.runtime.workdir import lock
 
     with lock(cache, "train"):
         res = run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1")
@@ -165,7 +164,7 @@ def test_a_second_writer_stops_naming_the_first(cache, run_cli, tmp_path):
 def test_the_manifest_is_complete_only_over_shards_of_its_own_key(run_cli, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    from gvpo_offline import reference
+    from gvpo_offline.stages.reference import compute as reference
 
     data = small_data(tmp_path)
     work = tmp_path / "run"
@@ -380,7 +379,7 @@ def test_sigterm_during_train_saves_a_checkpoint_and_exits_143(cache, tmp_path):
 
 
 def test_ctrl_c_exit_code_is_130_not_0(cache, run_cli, monkeypatch):
-    from gvpo_offline import train as train_module
+    from gvpo_offline.stages.train import recipe as train_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -446,7 +445,7 @@ def test_eval_refuses_a_model_with_another_tokenizer(cache, run_cli, tmp_path):
 
 
 def test_generation_eval_refuses_a_changed_reference(run_cli, tmp_path):
-    from gvpo_offline.workdir import claim
+    from gvpo_offline.runtime.workdir import claim
 
     work = claim(tmp_path / "run")
     ref = tmp_path / "ref"
@@ -470,7 +469,7 @@ def test_generation_eval_refuses_a_changed_reference(run_cli, tmp_path):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    from gvpo_offline.files import FILE_MODE, atomic_write_json
+    from gvpo_offline.runtime.files import FILE_MODE, atomic_write_json
 
     atomic_write_json(tmp_path / "x.json", {})
     mask = os.umask(0)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, write_jsonl
+
 from gvpo_offline.data import DataConfig, load_groups
 
 MODEL = REPO / "sample_data" / "stories260K"
@@ -123,9 +123,9 @@ def test_sample_bad_prompts_file(run_cli, reward_py, tmp_path):
 
 
 def test_generate_responses_independent_of_batching():
-    from gvpo_offline.modeling import load_model, load_tokenizer
-    from gvpo_offline.sample import SamplingConfig, generate_responses
-    from gvpo_offline.tokenize import TokenizeConfig
+    from gvpo_offline.data.tokenize import TokenizeConfig
+    from gvpo_offline.model.loading import load_model, load_tokenizer
+    from gvpo_offline.stages.sample import SamplingConfig, generate_responses
 
     tokenizer = load_tokenizer(MODEL)
     model = load_model(MODEL, torch.device("cpu"))

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.tokenize import (
+from gvpo_offline.data.tokenize import (
     TokenizeConfig,
     clamp_to_model,
     encode_pair,
@@ -14,6 +13,7 @@ from gvpo_offline.tokenize import (
     load_prompt_template,
     tokenizer_fingerprint,
 )
+from gvpo_offline.runtime.errors import GvpoError
 
 MODEL = Path(__file__).resolve().parents[1] / "sample_data" / "stories260K"
 TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
@@ -89,7 +89,7 @@ def test_readme_template_file_puts_real_newlines_between_turns():
     """README's --prompt-template example is a file: each turn on its own line, no literal backslash-n."""
     from transformers import AutoTokenizer
 
-    from gvpo_offline.tokenize import TokenizeConfig, encode_prompt, load_prompt_template
+    from gvpo_offline.data.tokenize import TokenizeConfig, encode_prompt, load_prompt_template
 
     root = Path(__file__).resolve().parents[1]
     path = root / "examples" / "chat_template.jinja"

@@ -14,17 +14,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
 from safetensors.torch import load_file, save_file
 
-from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
 from gvpo_offline import cli
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.loss import gvpo_loss
-from gvpo_offline.modeling import load_model, load_tokenizer, sequence_logps
-from gvpo_offline.tokenize import tokenizer_fingerprint
-from gvpo_offline.checkpoints import truncate_metrics
-from gvpo_offline.step import StepBatch, epoch_order, gvpo_backward, load_train_groups, make_batch, pack_groups
-from gvpo_offline.train import TrainConfig, train
+from gvpo_offline.data.tokenize import tokenizer_fingerprint
+from gvpo_offline.math.loss import gvpo_loss
+from gvpo_offline.model.loading import load_model, load_tokenizer
+from gvpo_offline.model.logprobs import sequence_logps
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.stages.train.checkpoints import truncate_metrics
+from gvpo_offline.stages.train.config import TrainConfig
+from gvpo_offline.stages.train.recipe import train
+from gvpo_offline.stages.train.step import (
+    StepBatch,
+    epoch_order,
+    gvpo_backward,
+    load_train_groups,
+    make_batch,
+    pack_groups,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +162,7 @@ def test_whole_groups_go_in_one_pass_and_only_oversized_groups_are_split():
 
 
 def test_gradient_checkpointing_keeps_the_gradient():
-    from gvpo_offline.train import enable_gradient_checkpointing
+    from gvpo_offline.stages.train.recipe import enable_gradient_checkpointing
 
     model, batch = tiny_llama(), random_batch()
     calls, mlp = [], model.model.layers[0].mlp

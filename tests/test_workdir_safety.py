@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
 from conftest import REPO, write_jsonl
 
@@ -51,7 +50,7 @@ def one_line(res) -> str:
 
 
 def test_eval_stops_while_precompute_or_train_rewrites_what_it_reads(cache, run_cli, tmp_path):
-    from gvpo_offline.workdir import lock
+    from gvpo_offline.runtime.workdir import lock
 
     shutil.copytree(STORIES, cache / "model")  # as if trained
     with lock(cache, "ref"):  # a precompute-ref rewriting the cache
@@ -70,7 +69,7 @@ def test_eval_stops_while_precompute_or_train_rewrites_what_it_reads(cache, run_
 
 
 def test_evals_run_side_by_side_and_block_train_and_precompute(cache, run_cli, tmp_path):
-    from gvpo_offline.workdir import stage_locks
+    from gvpo_offline.runtime.workdir import stage_locks
 
     shutil.copytree(STORIES, cache / "model")  # a model in the workdir: eval locks its train
     with stage_locks(cache, "eval", cache / "model"):  # another eval is reading the workdir
@@ -143,8 +142,8 @@ def test_an_overflowing_implicit_reward_stops_training_naming_beta(cache, run_cl
 def test_the_implicit_reward_check_matches_the_loss():
     import torch
 
-    from gvpo_offline.loss import gvpo_loss
-    from gvpo_offline.step import NonFiniteError, _check_implicit_reward
+    from gvpo_offline.math.loss import gvpo_loss
+    from gvpo_offline.stages.train.step import NonFiniteError, _check_implicit_reward
 
     ref = torch.tensor([-10.0, -12.0, -5.0, -5.0], dtype=torch.float64)
     policy = torch.tensor([-10.0, -10.0, -5.0, -5.0])  # ℓ = 0, 2 (group 0) and 0, 0 (group 1)
@@ -167,7 +166,7 @@ def test_the_implicit_reward_check_matches_the_loss():
 
 def test_plot_writes_into_a_workdir_only(tmp_path, run_cli):
     pytest.importorskip("matplotlib")
-    from gvpo_offline.workdir import claim
+    from gvpo_offline.runtime.workdir import claim
 
     mine = tmp_path / "mine"  # the user's folder with a copied metrics.jsonl: no marker
     mine.mkdir()

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from gvpo_offline.config_file import ConfigCommand
-from gvpo_offline.errors import GvpoError
+from gvpo_offline.runtime.config_file import ConfigCommand
+from gvpo_offline.runtime.errors import GvpoError
 
 app = typer.Typer(
     name="gvpo-offline",
@@ -51,11 +51,11 @@ def sample_cmd(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """Generate k responses per prompt, score them with a reward and write grouped JSONL."""
-    from gvpo_offline.distributed import single_process_only
+    from gvpo_offline.model.distributed import single_process_only
 
     single_process_only("sample")
-    from gvpo_offline.sample import SampleConfig, SamplingConfig, parse_k_range, sample
-    from gvpo_offline.tokenize import TokenizeConfig, load_prompt_template
+    from gvpo_offline.data.tokenize import TokenizeConfig, load_prompt_template
+    from gvpo_offline.stages.sample import SampleConfig, SamplingConfig, parse_k_range, sample
 
     config = SampleConfig(
         prompts_path=prompts, model_path=model, reward=reward, output=output, k=k,
@@ -101,8 +101,8 @@ def precompute_ref_cmd(
     from pathlib import Path
 
     from gvpo_offline.data import ColumnMap, DataConfig
-    from gvpo_offline.reference import PrecomputeConfig, precompute
-    from gvpo_offline.tokenize import TokenizeConfig, load_prompt_template
+    from gvpo_offline.data.tokenize import TokenizeConfig, load_prompt_template
+    from gvpo_offline.stages.reference.compute import PrecomputeConfig, precompute
 
     config = PrecomputeConfig(
         data=DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col)),
@@ -155,9 +155,10 @@ def train_cmd(
     """
     from pathlib import Path
 
-    from gvpo_offline import config_file, tracking
-    from gvpo_offline.adapters import LoraSettings
-    from gvpo_offline.train import TrainConfig, train
+    from gvpo_offline.model.adapters import LoraSettings
+    from gvpo_offline.runtime import config_file, tracking
+    from gvpo_offline.stages.train.config import TrainConfig
+    from gvpo_offline.stages.train.recipe import train
 
     if lora_r is None and (lora_alpha is not None or lora_dropout or lora_target_modules != "all-linear"):
         raise GvpoError("--lora-alpha, --lora-dropout and --lora-target-modules need --lora-r")
@@ -207,8 +208,9 @@ def eval_cmd(
     from rich.console import Console as _Console
 
     from gvpo_offline.data import ColumnMap
-    from gvpo_offline.evaluate import EvalConfig, GenerationEvalConfig, evaluate, report_table
-    from gvpo_offline.sample import SamplingConfig
+    from gvpo_offline.stages.evaluate.generation import GenerationEvalConfig
+    from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate, report_table
+    from gvpo_offline.stages.sample import SamplingConfig
 
     if (prompts is None) != (reward is None):
         raise GvpoError("the generation eval needs both --prompts and --reward")
@@ -254,19 +256,24 @@ def inspect_cmd(
     DATA: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.
     """
     from gvpo_offline.data import ColumnMap, DataConfig, load_groups, summarize, summary_tables, token_stats
-    from gvpo_offline.modeling import load_tokenizer
+    from gvpo_offline.model.loading import load_tokenizer
 
     config = DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col))
     tokens = None
     if model is not None:
-        from gvpo_offline.tokenize import TokenizeConfig, fit_to_model, load_prompt_template, truncation_warning
+        from gvpo_offline.data.tokenize import (
+            TokenizeConfig,
+            fit_to_model,
+            load_prompt_template,
+            truncation_warning,
+        )
 
         cfg = TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template))
         tokenizer = load_tokenizer(model)
         cfg, clamp_note = fit_to_model(cfg, model)  # the same rule as precompute-ref
     grouped = load_groups(config)
     if model is not None:
-        from gvpo_offline.progress import progress
+        from gvpo_offline.runtime.progress import progress
 
         with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update:
             tokens = token_stats(grouped, tokenizer, cfg, lambda n: update(advance=n))
@@ -301,7 +308,7 @@ def convert_cmd(
     attributes), nectar (reward = -rank). INPUT: the dataset's .jsonl, .jsonl.gz or .parquet file (or use
     --from-hub).
     """
-    from gvpo_offline.convert import SOURCES, ConvertOptions, convert, parse_weights
+    from gvpo_offline.stages.convert import SOURCES, ConvertOptions, convert, parse_weights
 
     if source not in SOURCES:
         raise GvpoError(f"unknown source {source!r}: expected one of {', '.join(SOURCES)}")
@@ -323,7 +330,7 @@ def plot_cmd(
 
     WORKDIR: the train workdir (reads metrics.jsonl, and eval.json when there is one) [default: gvpo-run].
     """
-    from gvpo_offline.plot import plot_run
+    from gvpo_offline.stages.plot import plot_run
 
     for path in plot_run(workdir, eval_json, out_dir):
         console.print(f"wrote {path}", highlight=False, soft_wrap=True, markup=False)
@@ -338,7 +345,7 @@ _CLICK_ABORT = sys.modules[_USAGE_ERROR.__module__].__dict__.get("Abort", typer.
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app. Usage errors print typer's usage message and exit 2 (no
     arguments: the help, exit 2); user errors (GvpoError) one line and exit 2; Ctrl-C 130, SIGTERM 143."""
-    from gvpo_offline import interrupts
+    from gvpo_offline.runtime import interrupts
 
     args = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -358,8 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except typer.Exit as exc:  # --help, or a command that ends early on purpose
         sys.exit(exc.exit_code)
-    if not code and "gvpo_offline.distributed" in sys.modules:  # under torchrun: every rank reaches the end
-        sys.modules["gvpo_offline.distributed"].finish()  # before any closes its process group
+    if not code and "gvpo_offline.model.distributed" in sys.modules:  # under torchrun: every rank reaches the end
+        sys.modules["gvpo_offline.model.distributed"].finish()  # before any closes its process group
     if code == 130:  # typer caught a KeyboardInterrupt (Ctrl-C or SIGTERM) and returned its exit code
         console.print("interrupted", style="yellow")
         sys.exit(interrupts.exit_code())

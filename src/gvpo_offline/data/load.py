@@ -17,7 +17,7 @@ from gvpo_offline.data.records import LAYOUTS, TABLE_SCHEMA, DataConfig, DataSta
 from gvpo_offline.data.rows import _read_json_source
 from gvpo_offline.data.sources import _JSON_KINDS, _resolve, _Source, fingerprint
 from gvpo_offline.data.tables import _is_str, _normalise_table, _read_parquet, _read_saved_dataset, _table_layout
-from gvpo_offline.errors import DataError, GvpoError
+from gvpo_offline.runtime.errors import DataError, GvpoError
 
 
 def load_groups(config: DataConfig, files: list[FileInfo] | None = None) -> GroupedData:

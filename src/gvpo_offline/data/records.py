@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-
 Message = dict[str, str]
 
 LAYOUTS = ("auto", "grouped", "flat")

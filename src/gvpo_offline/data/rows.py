@@ -21,8 +21,7 @@ import pyarrow as pa
 from gvpo_offline.data.layout import _RAW, _detect_layout, _Names, _names, _Part, _RowError
 from gvpo_offline.data.records import ColumnMap, DataConfig
 from gvpo_offline.data.sources import _Source
-from gvpo_offline.errors import DataError
-
+from gvpo_offline.runtime.errors import DataError
 
 _WS = re.compile(r"[ \t\n\r]*")
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gvpo_offline.data.records import FileInfo
-from gvpo_offline.errors import DataError, GvpoError
-from gvpo_offline.files import sha256_file
-
+from gvpo_offline.runtime.errors import DataError, GvpoError
+from gvpo_offline.runtime.files import sha256_file
 
 SUPPORTED = ".jsonl, .jsonl.gz, .json, .parquet or a datasets.save_to_disk folder"
 

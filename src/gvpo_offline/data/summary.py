@@ -84,7 +84,7 @@ def token_stats(
     """
     from transformers.utils import logging as hf_logging
 
-    from gvpo_offline.tokenize import TokenizeConfig, encode_prompt, encode_response
+    from gvpo_offline.data.tokenize import TokenizeConfig, encode_prompt, encode_response
 
     unbounded = TokenizeConfig(2**62, 2**62 - 1, cfg.add_eos, cfg.prompt_template)
     prompt_lengths, response_lengths = [], []

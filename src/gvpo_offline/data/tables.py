@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from gvpo_offline.data.layout import _RAW, _detect_layout, _Names, _names, _needed, _RowError
 from gvpo_offline.data.records import DataConfig
 from gvpo_offline.data.sources import _Source
-from gvpo_offline.errors import DataError
+from gvpo_offline.runtime.errors import DataError
 
 
 def _table_layout(schema: pa.Schema, src: _Source, config: DataConfig) -> tuple[str, _Names]:

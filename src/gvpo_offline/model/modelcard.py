@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gvpo_offline.files import atomic_write_bytes
-from gvpo_offline.metrics import format_interval, format_value
+from gvpo_offline.math.metrics import format_interval, format_value
+from gvpo_offline.runtime.files import atomic_write_bytes
 
 CARD = "README.md"
 MARK = "gvpo-offline"  # a tag; a card without it is not ours
@@ -135,8 +135,8 @@ def write_model_folder(folder: Path, model, tokenizer, train_config: dict | None
     safetensors, or a peft model's adapter_config.json + adapter_model.safetensors), the tokenizer
     files, generation_config.json and, given a ``train_config``, train_config.json and the card.
     ``state_dict``: the weights to save instead of the model's own (a sharded model's, gathered)."""
-    from gvpo_offline.files import atomic_write_json
-    from gvpo_offline.modeling import unwrap_peft
+    from gvpo_offline.model.loading import unwrap_peft
+    from gvpo_offline.runtime.files import atomic_write_json
 
     folder = Path(folder)
     if state_dict is None:
@@ -160,7 +160,7 @@ def write_model_folder(folder: Path, model, tokenizer, train_config: dict | None
 def base_model_name(manifest, init_model: str | None, init_path: Path) -> tuple[str, str | None]:
     """(hub id or absolute folder, commit or None) of the model training starts from: what a LoRA
     adapter names as its base (adapter_config.json) and the card as base_model."""
-    from gvpo_offline.hub import resolve_model
+    from gvpo_offline.model.hub import resolve_model
 
     if init_model is None:
         if manifest.model_id:
@@ -175,8 +175,8 @@ def provenance(manifest, init_path: Path, base_name: tuple[str, str | None], tra
     """train_config.json entries for the card and for checks on the saved folder: the base model (hub id
     and commit when it came from the hub, content fingerprint: adapters.BASE_FINGERPRINT), the reference
     model's hub id, the data files (manifest) and the train split's size."""
-    from gvpo_offline.adapters import BASE_FINGERPRINT
-    from gvpo_offline.modeling import model_fingerprint
+    from gvpo_offline.model.adapters import BASE_FINGERPRINT
+    from gvpo_offline.model.loading import model_fingerprint
 
     name, revision = base_name
     return {

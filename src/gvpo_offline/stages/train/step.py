@@ -8,7 +8,7 @@
   micro-batches with the closed-form weights :func:`loss.gvpo_grad_weights`; under torchrun each rank
   computes its share of the step (distributed.StepShare).
 
-train.py runs the recipe around it (clip, AdamW step, metrics, checkpoints).
+recipe.py runs the recipe around it (clip, AdamW step, metrics, checkpoints).
 """
 
 from __future__ import annotations
@@ -22,13 +22,20 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from gvpo_offline import packing, reference
-from gvpo_offline.distributed import StepShare
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.loss import (
-    OBJECTIVES, Objective, _group_mean, _groups, gvpo_grad_weights, gvpo_loss, gvpo_loss_terms,
+from gvpo_offline.math.loss import (
+    OBJECTIVES,
+    Objective,
+    _group_mean,
+    _groups,
+    gvpo_grad_weights,
+    gvpo_loss,
+    gvpo_loss_terms,
 )
-from gvpo_offline.modeling import compute_context, length_batches, sequence_logps
+from gvpo_offline.model import packing
+from gvpo_offline.model.distributed import StepShare
+from gvpo_offline.model.logprobs import compute_context, length_batches, sequence_logps
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.stages import reference
 
 # ---- data: whole groups from the cached train split -----------------------------------------------
 
@@ -162,7 +169,7 @@ def gvpo_backward(
     micro-batch gets the exact same gradient in two phases: (a) its current policy log-probs without
     grad, hence the weights w_i = ∂L/∂log πθ(y_i|x) = 2β·c_i/((k−1)·G); (b) backward of
     Σ w_i·log πθ(y_i|x) micro-batch by micro-batch. Raises GvpoError when a loss is not finite (before
-    its backward). ``chunk_tokens``: response positions per LM-head chunk (None: modeling.logits_chunk_for).
+    its backward). ``chunk_tokens``: response positions per LM-head chunk (None: logprobs.logits_chunk_for).
 
     Another ``objective`` (loss.OBJECTIVES; its loss is Σ_x term_x / C over the C groups that carry a
     term) goes the same way: a pack backs ``Σ_{x∈pack} term_x / C``; a split group gets its weights

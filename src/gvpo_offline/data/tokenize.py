@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gvpo_offline.errors import GvpoError
+from gvpo_offline.runtime.errors import GvpoError
 
 Prompt = str | list[dict[str, str]]
 
@@ -91,7 +91,7 @@ def clamp_to_model(cfg: TokenizeConfig, max_position_embeddings: int | None) -> 
 def fit_to_model(cfg: TokenizeConfig, model_path, trust_remote_code: bool = False) -> tuple[TokenizeConfig, str | None]:
     """The one clamping rule of precompute-ref and inspect: ``cfg`` clamped to the model's context, and a
     note saying so (None when nothing changed)."""
-    from gvpo_offline.modeling import context_length
+    from gvpo_offline.model.loading import context_length
 
     fitted, clamped = clamp_to_model(cfg, context_length(model_path, trust_remote_code))
     if not clamped:

@@ -1,6 +1,6 @@
 """Packed rows: each prompt computed once for all its responses, and no padding between sequences.
 
-The sibling of :func:`gvpo_offline.modeling.sequence_logps` (same result to float rounding, same
+The sibling of :func:`gvpo_offline.model.logprobs.sequence_logps` (same result to float rounding, same
 arguments). Pairs that share a prompt (a group) become one *segment*: the prompt once, then each
 response; several segments fill one *row* of at most ``row_tokens`` tokens:
 
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gvpo_offline.modeling import logits_chunk_for, response_logps, unwrap_peft
+from gvpo_offline.model.loading import unwrap_peft
+from gvpo_offline.model.logprobs import logits_chunk_for, response_logps
 
 PACKING_CHOICES = ("auto", "on", "off")
 # 'auto' packs a batch when computing each distinct prompt once removes at least this share of its tokens.
@@ -479,7 +480,7 @@ def rows_logps(
     rows: list[list[Segment]], chunk_tokens: int | None = None,
 ) -> Tensor:
     """One forward pass over ``rows`` (a plan of some of the pairs) -> [B] float32: Σ log π(y|x) for the
-    pairs in the rows, 0 for the others. Differentiable, like modeling.sequence_logps."""
+    pairs in the rows, 0 for the others. Differentiable, like logprobs.sequence_logps."""
     if any(len(prompt_ids[i]) == 0 or len(response_ids[i]) == 0 for row in rows for s in row for i in s.pairs):
         raise ValueError("every prompt and every response needs at least one token")
     model = unwrap_peft(model)
@@ -505,7 +506,7 @@ def packed_logps(
     model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
     chunk_tokens: int | None = None, row_tokens: int | None = None,
 ) -> Tensor:
-    """:func:`gvpo_offline.modeling.sequence_logps` with each prompt computed once: [B] float32.
+    """:func:`gvpo_offline.model.logprobs.sequence_logps` with each prompt computed once: [B] float32.
 
     All B pairs go through the model in one pass, laid out by :func:`plan_rows` in rows of at most
     ``row_tokens`` tokens (None: a single row). Pairs with identical prompt ids share one copy of it.

@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.files import atomic_write_json, sha256_file
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.runtime.files import atomic_write_json, sha256_file
 
 # org/name or name, then an optional @revision (branch, tag or commit hash); no path-like pieces
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?)(?:@(?P<revision>[\w./-]+))?$")

@@ -74,9 +74,7 @@ from pathlib import Path
 import numpy as np
 
 from gvpo_offline.data import ColumnMap
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.files import atomic_write_json
-from gvpo_offline.metrics import (
+from gvpo_offline.math.metrics import (
     METRICS,
     aggregate_metrics,
     bootstrap_intervals,
@@ -85,38 +83,15 @@ from gvpo_offline.metrics import (
     format_value,
     group_index,
     group_statistics,
-    mean_difference_interval,
 )
-from gvpo_offline.sample import SamplingConfig
-
-GENERATION_KEYS = (
-    "prompts",
-    "samples_per_prompt",
-    "model_mean_reward",
-    "reference_mean_reward",
-    "mean_reward_difference",
-    "difference_interval",
-)
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.runtime.files import atomic_write_json
+from gvpo_offline.stages.evaluate.generation import GenerationEvalConfig, generation_eval
 
 # ---- the `eval` stage ----------------------------------------------------------------------------
 
-TRAIN_CONFIG = "train_config.json"  # train.py writes it next to the final model
+TRAIN_CONFIG = "train_config.json"  # train writes it next to the final model
 TRAINER_STATE = "trainer_state.json"  # in train checkpoints: {"config": {...}}
-
-
-@dataclass(frozen=True)
-class GenerationEvalConfig:
-    """``--prompts FILE --reward module:function``: sample from the model and the reference alike."""
-
-    prompts_path: str
-    reward: str
-    samples_per_prompt: int = 4
-    sampling: SamplingConfig = SamplingConfig()  # its seed is the one both models sample with
-    reward_timeout: float | None = None  # seconds per reward call (--reward-timeout)
-
-    def __post_init__(self):
-        if self.samples_per_prompt < 1:
-            raise GvpoError("--samples-per-prompt must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -128,7 +103,7 @@ class EvalConfig:
         are computed with the manifest's model and tokenization and cached in the workdir.
     beta: β; overrides the ``beta`` of ``MODEL/train_config.json``; required when there is none.
     dtype: None = the dtype the reference log-probs were computed in (the manifest's).
-    packing: auto|on|off (gvpo_offline.packing); None = the reference cache's setting.
+    packing: auto|on|off (gvpo_offline.model.packing); None = the reference cache's setting.
     bootstrap: resamples for the 95% intervals (0 = no intervals).
     """
 
@@ -137,7 +112,7 @@ class EvalConfig:
     data_paths: tuple[str, ...] = ()
     json_path: str | None = None
     beta: float | None = None
-    batch_tokens: int | None = None  # None: modeling.default_batch_tokens (2048 CPU, 16384 GPU)
+    batch_tokens: int | None = None  # None: logprobs.default_batch_tokens (2048 CPU, 16384 GPU)
     device: str = "auto"
     dtype: str | None = None
     packing: str | None = None
@@ -155,7 +130,7 @@ class EvalConfig:
             raise GvpoError("--bootstrap must be >= 0")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise GvpoError("--batch-tokens must be >= 1")
-        from gvpo_offline.packing import PACKING_CHOICES
+        from gvpo_offline.model.packing import PACKING_CHOICES
 
         if self.packing is not None and self.packing not in PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {self.packing!r}")
@@ -226,7 +201,7 @@ def metrics_from_arrays(
 ) -> tuple[dict, dict, dict, dict, dict]:
     """(model, reference, delta, intervals, counts) for per-response arrays; the reference row uses ℓ ≡ 0.
 
-    The loss is the per-group statistic whose mean equals :func:`gvpo_offline.loss.gvpo_loss` (tested),
+    The loss is the per-group statistic whose mean equals :func:`gvpo_offline.math.loss.gvpo_loss` (tested),
     so the point estimate and its bootstrap interval come from the same numbers.
     """
     gi = group_index(group_ids)
@@ -283,8 +258,8 @@ def _read_train_config(model_path: Path) -> tuple[dict | None, Path | None]:
 
 def check_model_tokenizer(model_path: Path, manifest, trust_remote_code: bool = False) -> None:
     """Refuse a model whose tokenizer is not the one the cached token ids were made with."""
-    from gvpo_offline.modeling import load_tokenizer
-    from gvpo_offline.tokenize import tokenizer_fingerprint
+    from gvpo_offline.data.tokenize import tokenizer_fingerprint
+    from gvpo_offline.model.loading import load_tokenizer
 
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((model_path / name).is_file() for name in tokenizer_files):
@@ -297,7 +272,7 @@ def check_model_tokenizer(model_path: Path, manifest, trust_remote_code: bool = 
 def trained_objective(train_cfg: dict | None) -> str | None:
     """The ``train --loss`` recorded in a model's training config; "gvpo" for configs written before
     --loss existed (their "loss" was a formula, or absent); None when there is no training config."""
-    from gvpo_offline.loss import OBJECTIVES
+    from gvpo_offline.math.loss import OBJECTIVES
 
     if not train_cfg:
         return None
@@ -306,7 +281,7 @@ def trained_objective(train_cfg: dict | None) -> str | None:
 
 
 def _weight_signature(path: Path) -> list[tuple[str, int]]:
-    from gvpo_offline.modeling import WEIGHT_SUFFIXES
+    from gvpo_offline.model.loading import WEIGHT_SUFFIXES
 
     return sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
@@ -315,7 +290,7 @@ def is_reference_model(model_path: Path, manifest) -> bool:
     """Is ``model_path`` the cached reference (same content fingerprint)? A model saved by ``train``
     (it has a training config) is not; otherwise the weights are hashed only when their file names and
     sizes match the reference folder's."""
-    from gvpo_offline.modeling import model_fingerprint
+    from gvpo_offline.model.loading import model_fingerprint
 
     if _read_train_config(model_path)[0] is not None:
         return False
@@ -327,130 +302,23 @@ def is_reference_model(model_path: Path, manifest) -> bool:
 
 def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=None, console=None,
                      packed: bool = False) -> np.ndarray:
-    """Σ log πθ(response | prompt) per pair, [N] float64 (modeling.batched_logps: no grad, batched by
+    """Σ log πθ(response | prompt) per pair, [N] float64 (scoring.batched_logps: no grad, batched by
     length under ``batch_tokens`` or ``packed`` rows, the shared numeric regime for ``dtype``), with a
     progress bar."""
     import torch
 
-    from gvpo_offline.modeling import batched_logps
-    from gvpo_offline.progress import progress
+    from gvpo_offline.model.scoring import batched_logps
+    from gvpo_offline.runtime.progress import progress
 
     with progress(console, "policy log-probs", len(prompt_ids), unit="responses") as update:
         return batched_logps(model, prompt_ids, response_ids, batch_tokens, dtype or torch.float32,
                              on_batch=lambda n, _tokens: update(advance=n), packed=packed)
 
 
-def read_eval_prompts(path: str | Path) -> list:
-    """Prompts for the generation eval, deduplicated in order (see :func:`read_eval_prompt_rows`)."""
-    return [prompt for prompt, _ in read_eval_prompt_rows(path)]
-
-
-def read_eval_prompt_rows(path: str | Path) -> list[tuple]:
-    """(prompt, other fields) for the generation eval, deduplicated by prompt in order. ``.txt`` (one per
-    line) and ``.jsonl``/``.json`` with a ``prompt`` field are read by sample.read_prompts (a line's other
-    fields, e.g. ``ground_truth``, go to a reward that accepts them); any other data file (Parquet,
-    ``.jsonl.gz``, a folder) by the data layer, whose ``prompt`` column is taken (no other fields)."""
-    from gvpo_offline.data import DataConfig, load_groups
-    from gvpo_offline.sample import read_prompts
-
-    if Path(path).suffix in (".txt", ".jsonl", ".json"):
-        candidates = [(record.prompt, record.fields) for record in read_prompts(path, unique_ids=False)]
-    else:
-        table = load_groups(DataConfig((str(path),))).table
-        candidates = [(json.loads(p), {}) for p in table["prompt"].to_pylist()]
-    rows, seen = [], set()
-    for prompt, fields in candidates:
-        key = json.dumps(prompt, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            rows.append((prompt, fields))
-    return rows
-
-
-def _score_all(fn, prompts, responses, fields) -> np.ndarray:
-    """[P, n] rewards of the sampled responses (``fields``: each prompt's other fields); a failing reward
-    names the prompt."""
-    from gvpo_offline.rewards import score_responses
-
-    out = np.zeros((len(prompts), max(len(r) for r in responses)))
-    for i, (prompt, group, extra) in enumerate(zip(prompts, responses, fields)):
-        out[i, : len(group)] = score_responses(fn, prompt, group, f"prompt {i + 1}", extra)
-    return out
-
-def generation_eval(
-    gen: GenerationEvalConfig,
-    model,
-    model_is_reference: bool,
-    manifest,
-    device,
-    dtype,
-    seed: int,
-    bootstrap: int,
-    console=None,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Sample ``samples_per_prompt`` responses per prompt from ``model`` and from the reference with the
-    same seeds and decoding settings (sample.generate_responses: each (prompt, j) has its own seeded
-    generator, so both models see the same noise), score them, and compare mean rewards."""
-    import torch
-
-    from gvpo_offline.modeling import load_model, load_tokenizer
-    from gvpo_offline.progress import progress
-    from gvpo_offline.rewards import load_reward_fn
-    from gvpo_offline.sample import generate_responses
-
-    rows = read_eval_prompt_rows(gen.prompts_path)
-    prompts, fields = [prompt for prompt, _ in rows], [extra for _, extra in rows]
-    reward_fn = load_reward_fn(gen.reward, gen.reward_timeout)
-    tokenizer = load_tokenizer(manifest.model_path, trust_remote_code)  # the cache's tokenization
-    sampling = gen.sampling
-    tok_cfg = manifest.tokenize_config
-    n, keys = gen.samples_per_prompt, list(range(len(prompts)))
-
-    def run(m, label: str) -> np.ndarray:
-        with progress(console, label, len(prompts) * n, unit="samples") as update:
-            texts = generate_responses(
-                m, tokenizer, prompts, n, sampling, tok_cfg, seed_keys=keys, progress=lambda k: update(advance=k)
-            )
-        return _score_all(reward_fn, prompts, texts, fields)
-
-    if not model_is_reference:
-        from gvpo_offline.modeling import model_fingerprint
-
-        if not (Path(manifest.model_path) / "config.json").is_file() or (
-                model_fingerprint(manifest.model_path) != manifest.model_fingerprint):
-            raise GvpoError(f"{manifest.model_path}: the reference model is missing or changed since precompute-ref "
-                            "(its fingerprint differs from the manifest's); the generation eval would not compare "
-                            "against the reference. Rerun precompute-ref")
-    model_rewards = run(model, "sampling (model)")
-    if model_is_reference:
-        ref_rewards = model_rewards
-    else:
-        ref_model = load_model(manifest.model_path, device, next(model.parameters()).dtype, trust_remote_code)
-        ref_rewards = run(ref_model, "sampling (reference)")
-        del ref_model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    per_prompt_m, per_prompt_r = model_rewards.mean(1), ref_rewards.mean(1)
-    return {
-        "prompts": len(prompts),
-        "samples_per_prompt": n,
-        "model_mean_reward": float(per_prompt_m.mean()),
-        "reference_mean_reward": float(per_prompt_r.mean()),
-        "mean_reward_difference": float((per_prompt_m - per_prompt_r).mean()),
-        "difference_interval": mean_difference_interval(per_prompt_m, per_prompt_r, bootstrap, seed),
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_new_tokens": sampling.max_new_tokens,
-        "model_rewards": model_rewards.tolist(),  # [prompts][samples_per_prompt], for plots/analysis
-        "reference_rewards": ref_rewards.tolist(),
-    }
-
-
 def _load_rows(config: EvalConfig, console=None):
     """The rows to evaluate (REF_SCHEMA table), a description of where they came from, and the key of
     the manifest they were read from (WORKDIR's, or that of the WORKDIR/extra/ cache of ``--data``)."""
-    from gvpo_offline import reference
+    from gvpo_offline.stages import reference
 
     if not config.data_paths:
         table = reference.load_split(config.workdir, "eval")
@@ -481,8 +349,9 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     rank 0 computes the metrics from all of them and returns the report, the other ranks return None."""
     from rich.console import Console
 
-    from gvpo_offline import distributed, workdir as workdirs
-    from gvpo_offline.modeling import model_folder
+    from gvpo_offline.model import distributed
+    from gvpo_offline.model.loading import model_folder
+    from gvpo_offline.runtime import workdir as workdirs
 
     console = console or Console(stderr=True)
     ctx = distributed.context(config.device)
@@ -498,9 +367,12 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
 
 
 def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport | None:
-    from gvpo_offline import distributed, reference
-    from gvpo_offline.modeling import default_batch_tokens, load_model, resolve_device, resolve_dtype
     import torch
+
+    from gvpo_offline.model import distributed
+    from gvpo_offline.model.loading import load_model, resolve_device, resolve_dtype
+    from gvpo_offline.model.logprobs import default_batch_tokens
+    from gvpo_offline.stages import reference
 
     manifest = reference.read_manifest(config.workdir)
     if not config.model_path:
@@ -548,7 +420,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
         top = max(max(max(p, default=0), max(r)) for p, r in zip(prompt_ids, response_ids))
         if top >= vocab:
             raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
-        from gvpo_offline import packing
+        from gvpo_offline.model import packing
 
         packing_mode, note = packing.resolve(config.packing or manifest.inputs.get("packing", "off"), model.config)
         packed = packing.use_packing(packing_mode, prompt_ids, response_ids)
@@ -586,7 +458,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
     )
     if config.json_path:
         atomic_write_json(Path(config.json_path), report.to_json())
-    from gvpo_offline.modelcard import update_card_with_eval
+    from gvpo_offline.model.modelcard import update_card_with_eval
 
     if update_card_with_eval(model_path, report.to_json()):
         console.print(f"note: the eval table is in {model_path / 'README.md'} (the model card)", highlight=False)

@@ -17,7 +17,7 @@ readable top to bottom.
 
 Where the parts live: the step's groups and its gradient (:func:`step.gvpo_backward`) in step.py;
 checkpoints, ``metrics.jsonl`` and the final model folder in checkpoints.py. This module keeps the
-settings (:class:`TrainConfig`), the checks and the recipe (:func:`train`).
+checks and the recipe (:func:`train`); its settings and result are in config.py.
 
 LoRA (``lora``, adapters.py): the same recipe on a peft model over the frozen base; only the adapter
 is trained, checkpointed and resumed.
@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -53,10 +52,24 @@ import torch
 import transformers
 from torch import Tensor
 
-from gvpo_offline import adapters, distributed, interrupts, modelcard, packing, rank0_load, reference
-from gvpo_offline import workdir as workdirs
-from gvpo_offline.adapters import LoraSettings
-from gvpo_offline.checkpoints import (
+from gvpo_offline.data.tokenize import tokenizer_fingerprint
+from gvpo_offline.math.loss import OBJECTIVES
+from gvpo_offline.model import adapters, distributed, loading, memory_plan, modelcard, packing, rank0_load
+from gvpo_offline.model.hub import resolve_model
+from gvpo_offline.model.loading import (
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+)
+from gvpo_offline.runtime import interrupts
+from gvpo_offline.runtime import workdir as workdirs
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.runtime.files import remove_stale, write_errors_as_os_errors
+from gvpo_offline.runtime.progress import duration, plural, progress
+from gvpo_offline.stages import reference
+from gvpo_offline.stages.train.checkpoints import (
     CHECKPOINTS,
     FINAL_MODEL,
     MERGED_MODEL,
@@ -74,91 +87,15 @@ from gvpo_offline.checkpoints import (
     save_final,
     truncate_metrics,
 )
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.files import remove_stale, write_errors_as_os_errors
-from gvpo_offline.hub import resolve_model
-from gvpo_offline.loss import OBJECTIVES
-from gvpo_offline.modeling import load_model, load_tokenizer, model_fingerprint, resolve_device, resolve_dtype
-from gvpo_offline.progress import duration, plural, progress
-from gvpo_offline.step import CachedGroups, NonFiniteError, epoch_order, gvpo_backward, load_train_groups, make_batch
-from gvpo_offline.tokenize import tokenizer_fingerprint
-
-
-@dataclass
-class TrainConfig:
-    """Everything `gvpo-offline train` needs. Units: learning rate per step, tokens = token ids."""
-
-    workdir: Path = Path("gvpo-run")
-    beta: float = 0.1
-    loss: str = "gvpo"  # the objective, a key of loss.OBJECTIVES: gvpo, dpo, ipo, rebel, sft-best
-    init_model: str | None = None  # None = the reference model recorded in the manifest
-    groups_per_step: int = 8  # whole groups (prompts) per optimizer step
-    micro_batch_tokens: int | None = None  # padded tokens (rows × longest) per pass; None = 8192 GPU, 2048 CPU
-    lr: float = 1e-6  # peak AdamW lr (≈ per-weight update size); verl's (m/(2n))× loss scale: AdamW mostly cancels it
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1  # fraction of the steps with linear warmup, then cosine to 0
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    epochs: int = 1
-    max_steps: int | None = None  # when set, overrides epochs (epochs keep cycling until it)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"  # compute dtype: float32 on CPU, bf16 autocast on GPU by default
-    gradient_checkpointing: bool = False
-    cpu_offload: bool = False  # under torchrun on GPUs: FSDP keeps shards, grads and AdamW state in CPU RAM
-    save_every: int = 500  # steps between checkpoints; 0 = never
-    keep_checkpoints: int = 2
-    resume: bool = False
-    overwrite: bool = False  # replace an earlier run's model/ and metrics.jsonl
-    trust_remote_code: bool = False
-    logits_chunk_tokens: int | None = None  # positions per LM-head chunk; None = modeling.logits_chunk_for
-    packing: str | None = None  # auto|on|off (packing.py); None = the reference cache's, so both use one path
-    progress: bool = True  # live progress on stderr
-    lora: LoraSettings | None = None  # train a LoRA adapter on the frozen model (gvpo_offline.adapters)
-    base_dtype: str = "float32"  # with LoRA: dtype of the frozen base weights (bfloat16 halves them)
-    merge: bool = False  # with LoRA: also write WORKDIR/model-merged/, the adapter merged into the weights
-
-    def __post_init__(self):
-        self.workdir = Path(self.workdir)
-        if not 0 < self.beta < math.inf:
-            raise GvpoError(f"--beta must be a finite number > 0, got {self.beta}")
-        if self.loss not in OBJECTIVES:
-            raise GvpoError(f"--loss must be one of {', '.join(OBJECTIVES)}, got {self.loss!r}")
-        for name in ("groups_per_step", "micro_batch_tokens", "epochs", "keep_checkpoints", "logits_chunk_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise GvpoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise GvpoError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise GvpoError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 < self.lr < math.inf:
-            raise GvpoError(f"--lr must be a finite number > 0, got {self.lr}")
-        for name in ("weight_decay", "max_grad_norm"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise GvpoError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.save_every < 0:
-            raise GvpoError("--save-every must be >= 0")
-        if self.packing is not None and self.packing not in packing.PACKING_CHOICES:
-            raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
-        adapters.base_dtype(self.base_dtype)
-        if self.lora is None and (self.merge or self.base_dtype != "float32"):
-            raise GvpoError("--merge and --base-dtype apply to LoRA training: add --lora-r")
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "workdir": str(self.workdir)}
-
-
-@dataclass
-class TrainResult:
-    model_dir: Path  # WORKDIR/model
-    steps: int  # optimizer steps done in total (including those before a resume)
-    resumed_from: int | None  # checkpoint step, or None
-    final_loss: float | None  # loss of the last step, None when no step ran in this call
-    metrics_path: Path
-    notes: list[str] = field(default_factory=list)
-    steps_run: int = 0  # optimizer steps done by this call
-    clipped_steps: int = 0  # of those, steps whose gradient norm exceeded max_grad_norm (and was clipped)
-    seconds: float = 0.0  # wall time of this call's steps
-
+from gvpo_offline.stages.train.config import TrainConfig, TrainResult
+from gvpo_offline.stages.train.step import (
+    CachedGroups,
+    NonFiniteError,
+    epoch_order,
+    gvpo_backward,
+    load_train_groups,
+    make_batch,
+)
 
 # ---- 1. the cache and the model we train from -----------------------------------------------------
 
@@ -325,9 +262,9 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        plan = distributed.memory_plan(model, ctx, device, cfg.cpu_offload)
+        plan = memory_plan.memory_plan(model, ctx, device, cfg.cpu_offload)
         log(plan.describe())
-        distributed.check_fits(ctx, plan)
+        memory_plan.check_fits(ctx, plan)
         if ctx.enabled:
             model = rank0_load.shard_and_broadcast(ctx, model, cfg.cpu_offload)
         elif cfg.cpu_offload:
@@ -459,7 +396,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     distributed.barrier(ctx)
     with distributed.together(ctx):  # rank 0 merges; its GvpoError (e.g. the base changed) stops every rank
         if cfg.merge and ctx.is_main:  # last: merging folds the LoRA layers into the base weights in place
-            merged_model = (adapters.load_merged(model_dir, torch.device("cpu"), adapters.base_dtype(cfg.base_dtype),
+            merged_model = (loading.load_merged(model_dir, torch.device("cpu"), adapters.base_dtype(cfg.base_dtype),
                                                  cfg.trust_remote_code) if ctx.enabled else model.merge_and_unload())
             with write_errors_as_os_errors(workdir / MERGED_MODEL):
                 merged = save_final(workdir, merged_model, tokenizer, {**train_config, "merged": True},

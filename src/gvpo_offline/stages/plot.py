@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.files import atomic_path
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.runtime.files import atomic_path
 
 EVAL_METRICS = (  # eval JSON key, panel title
     ("pairwise_accuracy", "pairwise accuracy"),
@@ -164,7 +164,7 @@ def plot_eval(report: dict, out_dir: Path, plt) -> list[Path]:
 
 def _require_workdir(workdir: Path) -> None:
     """WORKDIR/plots is written only into a gvpo-offline workdir (it has the marker), else GvpoError."""
-    from gvpo_offline import workdir as workdirs
+    from gvpo_offline.runtime import workdir as workdirs
 
     if not workdirs.is_marked(workdir):
         raise GvpoError(

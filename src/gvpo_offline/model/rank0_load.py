@@ -9,7 +9,7 @@ on an 8-GPU node). With it, while loading:
 
 The steps (:func:`load_for_sharding`, then :func:`shard_and_broadcast`):
 
-1. rank 0: ``modeling.load_model`` on CPU (an adapter folder: its base with the adapter merged in); other
+1. rank 0: ``loading.load_model`` on CPU (an adapter folder: its base with the adapter merged in); other
    ranks: the same class from the same config.json, same dtype, on ``meta`` (no memory, no weights read).
    The ranks then compare every parameter's and buffer's (name, shape, dtype) with rank 0's and agree on
    success (``distributed.agree``: a failed load on one rank stops all of them with one line, never a hang).
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from gvpo_offline import distributed
-from gvpo_offline.errors import GvpoError
+from gvpo_offline.model import distributed
+from gvpo_offline.runtime.errors import GvpoError
 
 
 def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
@@ -39,7 +39,7 @@ def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtyp
     A collective: every rank calls it. Raises the same GvpoError on every rank (``distributed.agree``:
     "rank R: cannot load the model ...") when any rank failed, or when a meta-built model is not the
     architecture rank 0 loaded; one process: the error itself."""
-    from gvpo_offline.modeling import load_model
+    from gvpo_offline.model.loading import load_model
 
     model, error = None, None
     try:
@@ -58,15 +58,15 @@ def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtyp
 
 
 def build_on_meta(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The model ``modeling.load_model(path, ..., dtype)`` would give, without weights, on ``meta``.
+    """The model ``loading.load_model(path, ..., dtype)`` would give, without weights, on ``meta``.
     An adapter folder gives its base model's architecture (merging keeps the base's class and shapes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gvpo_offline import adapters, modeling
+    from gvpo_offline.model import loading
 
-    folder = modeling.model_folder(path)
-    if modeling.is_adapter(folder):
-        folder = modeling.model_folder(adapters.base_spec(folder))
+    folder = loading.model_folder(path)
+    if loading.is_adapter(folder):
+        folder = loading.model_folder(loading.base_spec(folder))
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -43,8 +43,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from gvpo_offline.errors import DataError, GvpoError
-from gvpo_offline.files import atomic_write_jsonl
+from gvpo_offline.runtime.errors import DataError, GvpoError
+from gvpo_offline.runtime.files import atomic_write_jsonl
 
 GSM8K_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}

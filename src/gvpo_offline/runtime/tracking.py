@@ -1,6 +1,6 @@
 """Experiment tracking for `train --report-to`: TensorBoard and/or Weights & Biases, both optional.
 
-Each metrics.jsonl record (train.py) is also sent, as scalars at its ``step``, to:
+Each metrics.jsonl record (stages/train/recipe.py) is also sent, as scalars at its ``step``, to:
 
     tensorboard  WORKDIR/tb/ (``tensorboard --logdir WORKDIR/tb``); a resumed run purges the events at
                  and after its first step, so a step redone after a crash is not drawn twice.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gvpo_offline.errors import GvpoError
+from gvpo_offline.runtime.errors import GvpoError
 
 BACKENDS = ("none", "tensorboard", "wandb")
 TB_DIR = "tb"

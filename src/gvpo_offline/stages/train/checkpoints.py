@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gvpo_offline import adapters, distributed, modelcard
-from gvpo_offline.errors import GvpoError
-from gvpo_offline.files import atomic_dir, atomic_write_bytes, atomic_write_json
+from gvpo_offline.model import adapters, distributed, modelcard
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.runtime.files import atomic_dir, atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
-    from gvpo_offline.train import TrainConfig
+    from gvpo_offline.stages.train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"

@@ -37,7 +37,7 @@ import typer
 import typer.core
 import typer.main
 
-from gvpo_offline.errors import GvpoError
+from gvpo_offline.runtime.errors import GvpoError
 
 _RESOLVED: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("resolved_options", default=None)
 _SKIP = {"help", "config"}  # params that are not run settings
@@ -192,7 +192,7 @@ def resolved_options() -> dict[str, Any]:
 
 def write_resolved(path: str | Path) -> Path:
     """Write the running command's resolved options as JSON (a valid ``--config`` file), atomically."""
-    from gvpo_offline.files import atomic_write_json
+    from gvpo_offline.runtime.files import atomic_write_json
 
     atomic_write_json(path, resolved_options())
     return Path(path)

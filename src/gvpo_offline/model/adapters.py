@@ -20,19 +20,15 @@ The reference log-probs are already cached, so no second model and no adapter sw
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from gvpo_offline.errors import GvpoError
+from gvpo_offline.model.loading import ADAPTER_CONFIG, BASE_FINGERPRINT, TRAIN_CONFIG  # noqa: F401 (re-exported)
+from gvpo_offline.runtime.errors import GvpoError
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TRAIN_CONFIG = "train_config.json"
-BASE_FINGERPRINT = "base_model_fingerprint"  # key in train_config.json
 
 
 @dataclass(frozen=True)
@@ -91,79 +87,3 @@ def set_base_name(model, name: str, revision: str | None) -> None:
     for config in model.peft_config.values():
         config.base_model_name_or_path = name
         config.revision = revision
-
-
-# ---- reading an adapter folder ----------------------------------------------------------------------
-
-
-def _adapter_config(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as err:
-        raise GvpoError(f"{folder / ADAPTER_CONFIG}: unreadable ({err})") from None
-
-
-def base_spec(folder: Path) -> str:
-    """The adapter's base model as a --model spec: a folder, or ``org/name@commit`` for a hub id."""
-    config = _adapter_config(folder)
-    name = config.get("base_model_name_or_path")
-    if not name:
-        raise GvpoError(f"{folder / ADAPTER_CONFIG}: no base_model_name_or_path")
-    revision = config.get("revision")
-    if revision and not Path(name).exists():
-        return f"{name}@{revision}"
-    return name
-
-
-def _recorded_base_fingerprint(folder: Path) -> str | None:
-    path = Path(folder) / TRAIN_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get(BASE_FINGERPRINT)
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def check_base(folder: Path) -> str:
-    """The adapter's base spec, after checking (when train recorded it) that the base model there has
-    the content it was trained on; a GvpoError names the mismatch."""
-    from gvpo_offline.modeling import model_fingerprint
-
-    spec = base_spec(folder)
-    recorded = _recorded_base_fingerprint(folder)
-    if recorded is not None and model_fingerprint(spec) != recorded:
-        raise GvpoError(f"{folder}: the adapter was trained on another base model than the one at {spec} "
-                        "(its content fingerprint differs from train_config.json's)")
-    return spec
-
-
-def load_merged(folder: Path, device: torch.device, dtype: torch.dtype = torch.float32,
-                trust_remote_code: bool = False):
-    """The base model with the adapter at ``folder`` merged in: a plain transformers model in eval mode."""
-    from peft import PeftModel
-
-    from gvpo_offline.modeling import load_model
-
-    base = load_model(check_base(folder), device, dtype, trust_remote_code)
-    model = PeftModel.from_pretrained(base, folder)
-    return model.merge_and_unload().to(device).eval()
-
-
-def adapter_fingerprint(folder: Path) -> str:
-    """sha256 over the adapter's config (minus where its base lives), its weights and its base model's
-    content fingerprint."""
-    from gvpo_offline.hub import file_sha256
-    from gvpo_offline.modeling import WEIGHT_SUFFIXES, model_fingerprint
-
-    config = {k: v for k, v in _adapter_config(folder).items()
-              if k not in ("base_model_name_or_path", "revision", "peft_version")}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    weights = sorted(p for p in Path(folder).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    if not weights:
-        raise GvpoError(f"{folder}: no adapter weights (adapter_model.safetensors)")
-    for weight in weights:
-        h.update(weight.name.encode())
-        h.update(file_sha256(weight).encode())
-    h.update(model_fingerprint(base_spec(folder)).encode())
-    return h.hexdigest()

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from gvpo_offline.errors import GvpoError
+from gvpo_offline.runtime.errors import GvpoError
 
 MARKER = ".gvpo-offline"
 LAYOUT_VERSION = 1
@@ -51,7 +51,7 @@ def claim(folder: str | Path) -> Path:
         )
     folder.mkdir(parents=True, exist_ok=True)
     from gvpo_offline import __version__
-    from gvpo_offline.files import atomic_write_json
+    from gvpo_offline.runtime.files import atomic_write_json
 
     atomic_write_json(folder / MARKER, {"layout": LAYOUT_VERSION, "tool": "gvpo-offline", "tool_version": __version__})
     return folder

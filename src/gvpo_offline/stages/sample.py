@@ -3,7 +3,7 @@
 Two layers:
 
 * :func:`generate_responses` — batched sampling from a loaded model (also used by ``eval`` for its
-  generation eval). Prompts are tokenized with :func:`gvpo_offline.tokenize.encode_prompt`, exactly as
+  generation eval). Prompts are tokenized with :func:`gvpo_offline.data.tokenize.encode_prompt`, exactly as
   every other stage does.
 * :func:`sample` — the ``gvpo-offline sample`` stage: read prompts, generate, score with the user's
   reward, append one grouped JSON line per prompt (``{"id", "prompt", "responses", "rewards"}``),
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
-from gvpo_offline.errors import DataError, GvpoError
-from gvpo_offline.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt
+from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt
+from gvpo_offline.runtime.errors import DataError, GvpoError
 
 
 @dataclass(frozen=True)
@@ -395,9 +395,9 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     skipped; resuming assumes the same settings). Each prompt's samples are seeded by its position in
     the prompts file, so a resumed run writes what an uninterrupted one would have.
     """
-    from gvpo_offline.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from gvpo_offline.progress import progress
-    from gvpo_offline.rewards import NOT_REWARD_FIELDS, load_reward_fn, score_responses
+    from gvpo_offline.data.rewards import NOT_REWARD_FIELDS, load_reward_fn, score_responses
+    from gvpo_offline.model.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from gvpo_offline.runtime.progress import progress
 
     records = read_prompts(config.prompts_path)
     reward_fn = load_reward_fn(config.reward, config.reward_timeout)

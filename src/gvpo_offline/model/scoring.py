@@ -1,0 +1,56 @@
+"""Scoring many (prompt, response) pairs without grad: batched by length, or packed (each prompt once).
+
+Used by precompute-ref and eval; :func:`batched_logps` returns float64 sums in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from gvpo_offline.model import packing
+from gvpo_offline.model.logprobs import compute_context, length_batches, sequence_logps
+
+
+def batched_logps(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    batch_tokens: int,
+    dtype: torch.dtype = torch.float32,
+    chunk_tokens: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    packed: bool = False,
+) -> np.ndarray:
+    """:func:`sequence_logps` of many pairs without grad: [N] float64 (summed in fp32), in input order.
+
+    ``packed=False``: pairs are batched by length (:func:`length_batches`, rows × longest ≤
+    ``batch_tokens``). ``packed=True``: each prompt is computed once for its responses and sequences are
+    packed without padding (:mod:`gvpo_offline.model.packing`: rows of ≤ min(batch_tokens, MAX_ROW_TOKENS)
+    tokens, batched rows × longest ≤ ``batch_tokens``); same values to float rounding. Runs in
+    :func:`compute_context` for ``dtype``. ``on_batch(n_pairs, n_tokens)`` after each batch (progress;
+    n_tokens = prompt + response tokens of those pairs, as if scored separately).
+    """
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    out = np.zeros(len(lengths), dtype=np.float64)
+    if packed:
+        rows = packing.plan_rows(prompt_ids, response_ids, min(batch_tokens, packing.MAX_ROW_TOKENS))
+        plan = [[rows[j] for j in b] for b in length_batches([packing.row_tokens(r) for r in rows], batch_tokens)]
+    else:
+        plan = length_batches(lengths, batch_tokens)
+    with torch.no_grad(), compute_context(device, dtype):
+        for batch in plan:
+            if packed:
+                batch_rows, batch = batch, [i for row in batch for seg in row for i in seg.pairs]
+                logps = packing.rows_logps(model, prompt_ids, response_ids, batch_rows, chunk_tokens)[batch]
+            else:
+                logps = sequence_logps(
+                    model, [prompt_ids[i] for i in batch], [response_ids[i] for i in batch], chunk_tokens
+                )
+            out[batch] = logps.double().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(batch), sum(lengths[i] for i in batch))
+    return out

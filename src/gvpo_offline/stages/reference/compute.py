@@ -1,0 +1,484 @@
+"""``precompute-ref``: tokenize every (prompt, response) once and cache Σ log πref(y|x).
+
+The cache's format, manifest and semantics are documented in :mod:`gvpo_offline.stages.reference.cache`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+
+from gvpo_offline import __version__
+from gvpo_offline.data import DataConfig, FileInfo, input_files, load_groups
+from gvpo_offline.data.tokenize import (
+    TokenizeConfig,
+    encode_prompt,
+    encode_response,
+    fit_to_model,
+    tokenizer_fingerprint,
+    truncate_response,
+    truncation_warning,
+)
+from gvpo_offline.model import distributed, hub, loading, logprobs, packing, scoring
+from gvpo_offline.runtime import workdir as workdirs
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
+from gvpo_offline.runtime.progress import progress
+from gvpo_offline.stages.reference.cache import (
+    _KEY_META,
+    _LABELS,
+    _TRUNC_META,
+    MANIFEST,
+    REF_DIR,
+    REF_SCHEMA,
+    RERUN,
+    SPLITS,
+    Manifest,
+    SplitCounts,
+    _read_any_manifest,
+    _shard_meta,
+    describe_changes,
+    read_manifest,
+    verify_shard,
+)
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Options of ``precompute-ref``.
+
+    data: the training data (DATA...), read by data.load_groups.
+    model: the reference model: a local folder (save_pretrained layout), a LoRA adapter folder, or a hub
+        id org/name[@revision] resolved through the Hugging Face cache (manifest: model_id, model_revision).
+    tokenize: the settings used by every stage; max_length is clamped to the model's context.
+    eval_fraction: share of DATA's groups held out as 'eval', by a stable hash of the prompt; ignored
+        (recorded as 0) when ``eval_data`` gives the held-out groups instead. 1.0 puts everything in eval.
+    shard_groups: groups per shard file (a resumed run redoes at most one shard).
+    batch_tokens: padded tokens (rows × longest) per forward pass; None = 16384 on a GPU, 2048 on CPU
+        (measured on CPU: small batches stay in cache and run ~25% faster than 16384).
+    chunk_tokens: response positions per LM-head chunk; None = logprobs.logits_chunk_for(vocab).
+    packing: 'on' computes each prompt once for all its responses, in rows packed without padding
+        (packing.py; padded rows with a note where the model is not supported); 'off' pads separate
+        sequences; 'auto' packs a shard when that saves ≥ packing.MIN_SHARED_FRACTION of its tokens. Recorded in the manifest (the values differ at float-rounding level); train and eval
+        use the cache's setting by default.
+    overwrite: False refuses to replace a cache made from other inputs (``--no-overwrite``).
+    require_*_fingerprint: refuse unless the model/tokenizer at ``model`` has this fingerprint
+        (used by :func:`precompute_extra` to guarantee the same reference as the main cache).
+    """
+
+    data: DataConfig
+    model: str
+    workdir: Path = Path("gvpo-run")
+    tokenize: TokenizeConfig = TokenizeConfig()
+    eval_fraction: float = 0.1
+    eval_data: tuple[str, ...] = ()
+    shard_groups: int = 1000
+    batch_tokens: int | None = None
+    chunk_tokens: int | None = None
+    packing: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    overwrite: bool = True
+    progress: bool = True
+    require_model_fingerprint: str | None = None
+    require_tokenizer_fingerprint: str | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.eval_fraction <= 1.0:
+            raise GvpoError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
+        if self.shard_groups < 1 or any(n is not None and n < 1 for n in (self.batch_tokens, self.chunk_tokens)):
+            raise GvpoError("--shard-groups, --batch-tokens and chunk_tokens must be positive")
+        if self.packing not in packing.PACKING_CHOICES:
+            raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
+
+
+def split_value(prompt_json: str) -> float:
+    """Stable hash of a prompt (the data table's canonical JSON string) -> uniform in [0, 1)."""
+    digest = hashlib.sha256(prompt_json.encode("utf-8")).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2.0**53  # 53 bits: exact in a float, never 1.0
+
+
+def assign_split(prompt_json: str, eval_fraction: float) -> str:
+    """'eval' for a stable ``eval_fraction`` of prompts, else 'train'. Same prompt -> same split, always."""
+    return "eval" if split_value(prompt_json) < eval_fraction else "train"
+
+
+def file_infos(paths) -> list[dict]:
+    """[{"path" (absolute), "size" (bytes), "sha256"}] of the files data.load_groups reads for ``paths``."""
+    return _file_dicts(input_files(tuple(paths)))
+
+
+def _file_dicts(files: list[FileInfo]) -> list[dict]:
+    """data.FileInfo fingerprints as the manifest records them (absolute paths)."""
+    return [{**asdict(f), "path": str(Path(f.path).resolve())} for f in files]
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _encode_groups(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig) -> tuple[dict, int, int]:
+    """Tokenize one shard's groups -> (REF_SCHEMA columns but ref_logp, truncated prompts, truncated
+    responses). The prompt is encoded once per group; the pieces are those of tokenize.encode_pair."""
+    cols: dict[str, list] = {name: [] for name in REF_SCHEMA.names if name != "ref_logp"}
+    cut_prompts = cut_responses = 0
+    for g, split in zip(groups.to_pylist(), splits):
+        prompt_ids, prompt_cut = encode_prompt(tokenizer, json.loads(g["prompt"]), cfg)
+        cut_prompts += prompt_cut
+        for i, (response, reward) in enumerate(zip(g["responses"], g["rewards"])):
+            pair = truncate_response(prompt_ids, prompt_cut, encode_response(tokenizer, response, cfg), cfg)
+            if not pair.response_ids:
+                raise GvpoError(f"group {g['group_id']}: response {i} has no tokens (blank, and --no-eos)")
+            cut_responses += pair.response_truncated
+            row = (g["group_id"], split, i, pair.prompt_ids, pair.response_ids, float(reward), len(pair.response_ids))
+            for name, value in zip(cols, row):
+                cols[name].append(value)
+    return cols, cut_prompts, cut_responses
+
+
+def _describe_rate(fields: dict, elapsed: float) -> str:
+    """Responses/s and tokens/s (prompt + response tokens through the model) since the start."""
+    return f"{fields['responses'] / max(elapsed, 1e-9):,.1f} resp/s {fields['tokens'] / max(elapsed, 1e-9):,.0f} tok/s"
+
+
+def _say(console: Console, message: str) -> None:
+    """One message on the console: not wrapped, no rich markup (paths may hold [])."""
+    console.print(message, soft_wrap=True, highlight=False, markup=False)
+
+
+def precompute(config: PrecomputeConfig, console: Console | None = None) -> Manifest:
+    """Compute and cache Σ log πref(y|x) of every response (see CACHE FORMAT); return the manifest.
+
+    The same inputs again (data content, model and tokenizer fingerprints, settings: ``Manifest.inputs``)
+    are a cache hit that loads no model; an unfinished cache with the same inputs is resumed from its
+    finished shards; other inputs recompute it (or raise with ``overwrite=False``, naming the change).
+    The workdir must be new, empty or one of ours (workdir.claim); it is locked while the cache is written.
+    """
+    console = console or Console(stderr=True)
+    workdir = Path(config.workdir)
+    ctx = distributed.context(config.device)  # under torchrun: each rank scores a share of every shard
+    created = ctx.is_main and not workdir.exists()
+    try:  # rank 0 claims, locks and reports for all ranks
+        with distributed.main_only(ctx, _claimed(workdir)):
+            return _precompute(config, workdir, console if ctx.is_main else Console(quiet=True), ctx)
+    except BaseException:
+        if created:  # nothing of the user's is in a folder we made: leave no trace of a failed first run
+            _remove_if_only_ours(workdir)
+        raise
+
+
+@contextlib.contextmanager
+def _claimed(workdir: Path):
+    """Claim ``workdir`` (workdir.claim) and hold its precompute-ref lock for the block."""
+    workdirs.claim(workdir)
+    with workdirs.stage_locks(workdir, "precompute"):
+        yield
+
+
+def _remove_if_only_ours(folder: Path) -> None:
+    """Delete ``folder`` if it holds nothing but the marker and lock files (a run that wrote nothing)."""
+    import shutil
+
+    ours = {workdirs.MARKER, f"{workdirs.LOCK_PREFIX}ref", f"{workdirs.LOCK_PREFIX}train"}
+    try:
+        if folder.is_dir() and all(p.name in ours for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+    except OSError:
+        pass
+
+
+def _check_inputs_outside_workdirs(paths: list[dict]) -> None:
+    """Never read a workdir (its manifest, shards, model) as data: refuse data files inside one."""
+    for info in paths:
+        owner = workdirs.inside_workdir(Path(info["path"]).parent)
+        if owner is not None:
+            raise GvpoError(f"{info['path']}: this file lies in the gvpo-offline workdir {owner}; "
+                            "a workdir is never read as data")
+
+
+def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
+                ctx: distributed.Dist = distributed.Dist()) -> Manifest:
+    device = loading.resolve_device(distributed.stage_device(ctx, config.device))
+    dtype = loading.resolve_dtype(config.dtype, device)
+    source = hub.resolve_model(config.model)  # a local folder, or a hub id's snapshot in the HF cache
+    model_path = str(source.path.resolve())
+    tokenizer = loading.load_tokenizer(model_path, config.trust_remote_code)
+    tok_cfg, clamp_note = fit_to_model(config.tokenize, model_path, config.trust_remote_code)
+    if clamp_note:
+        _say(console, clamp_note)
+    fingerprints = input_files(config.data.paths), input_files(config.eval_data)  # hashed once, reused by _plan
+    data_files, eval_files = _file_dicts(fingerprints[0]), _file_dicts(fingerprints[1])
+    _check_inputs_outside_workdirs(data_files + eval_files)
+    inputs = {
+        "tool_version": __version__,
+        "data_files": [f["sha256"] for f in data_files],
+        "eval_data_files": [f["sha256"] for f in eval_files],
+        "layout": config.data.layout,
+        "columns": asdict(config.data.columns),
+        "model_fingerprint": loading.model_fingerprint(model_path),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenize": tok_cfg.to_json(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "eval_fraction": 0.0 if config.eval_data else float(config.eval_fraction),
+        "shard_groups": config.shard_groups,
+        "packing": config.packing,
+    }
+    for name, expected in (
+        ("model_fingerprint", config.require_model_fingerprint),
+        ("tokenizer_fingerprint", config.require_tokenizer_fingerprint),
+    ):
+        if expected is not None and inputs[name] != expected:
+            raise GvpoError(f"{model_path}: the reference {_LABELS[name]} changed since the cache was made")
+    key = _sha256_json(inputs)
+
+    old = _read_any_manifest(workdir)
+    changes: list[str] = []
+    if old is not None and old.key == key and old.complete:
+        bad = _bad_shards(workdir, old)
+        if not bad:
+            moved = replace(old, model_path=model_path, data_files=data_files, eval_data_files=eval_files,
+                            model_id=source.hub_id, model_revision=source.revision)
+            if moved != old:  # the same content at other paths: record where it is now
+                old = moved
+                if ctx.is_main:
+                    atomic_write_json(workdir / MANIFEST, old.to_json())
+            distributed.barrier(ctx)
+            _say(console, f"cache hit: {workdir / MANIFEST} matches the data, model, tokenizer and settings; "
+                          f"nothing to compute (no model loaded). {_summary(old)}")
+            return old
+        _say(console, "repairing the reference cache: " + "; ".join(f"{old.shards[s]} {why}" for s, why in bad.items()))
+        for s in bad if ctx.is_main else ():
+            (workdir / old.shards[s]).unlink(missing_ok=True)
+    # A manifest whose run stopped before its first shard holds nothing to replace: no "recomputing".
+    computed = old is None or any((workdir / s).is_file() for s in old.shards)
+    if (workdir / MANIFEST).exists() and (old is None or old.key != key) and computed:
+        changes = describe_changes(old.inputs, inputs) if old and old.inputs else ["unreadable/old manifest"]
+        if not config.overwrite:
+            raise GvpoError(
+                f"{workdir}: the cached reference log-probs were made from other inputs "
+                f"({'; '.join(changes)}); not overwriting them (--no-overwrite). "
+                "Use another --workdir or drop --no-overwrite."
+            )
+
+    groups, splits, layout = _plan(config, console, *fingerprints)
+    encoded: dict[int, tuple] = {}  # shard -> its tokenization, when it was needed up front
+    if old is None or old.key != key:  # validate every group's tokenization before touching the old cache
+        encoded = _encode_all(tokenizer, groups, splits, tok_cfg, config.shard_groups)
+        if changes:  # an earlier cache with computed shards is being replaced
+            _say(console, f"recomputing the reference cache: {'; '.join(changes)}")
+    manifest = Manifest(
+        tool_version=__version__, data_files=data_files, eval_data_files=eval_files, layout=layout,
+        columns=inputs["columns"], model_path=model_path, model_fingerprint=inputs["model_fingerprint"],
+        tokenizer_fingerprint=inputs["tokenizer_fingerprint"], tokenize=inputs["tokenize"],
+        dtype=inputs["dtype"], eval_fraction=inputs["eval_fraction"], model_id=source.hub_id,
+        model_revision=source.revision,
+        shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(math.ceil(groups.num_rows / config.shard_groups))],
+        shard_groups=config.shard_groups, inputs=inputs, key=key,
+    )
+    if ctx.is_main:
+        atomic_write_json(workdir / MANIFEST, manifest.to_json())  # complete=false: a rerun resumes
+        _clean_shards(workdir, manifest)
+    distributed.barrier(ctx)
+    todo = [s for s, name in enumerate(manifest.shards) if not (workdir / name).is_file()]
+    if len(todo) < len(manifest.shards):
+        _say(console, f"resuming: {len(manifest.shards) - len(todo)} of {len(manifest.shards)} shards already computed")
+    if todo:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        # float32 weights, autocast to ``dtype``: the numeric regime train and eval use too (ℓ = 0 at step 0)
+        model = loading.load_model(model_path, device, torch.float32, config.trust_remote_code)
+        batch_tokens = config.batch_tokens or logprobs.default_batch_tokens(device)
+        _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config,
+                        console, ctx, encoded)
+    distributed.barrier(ctx)
+    with distributed.together(ctx):  # rank 0 completes the manifest; its GvpoError stops every rank
+        if ctx.is_main:
+            _finish(workdir, manifest)
+    _say(console, f"reference log-probs cached in {workdir}: {_summary(manifest)}")
+    responses = sum(c.responses for c in manifest.counts.values())
+    warning = truncation_warning(manifest.truncated_responses, responses, manifest.tokenize_config)
+    if warning:
+        _say(console, warning)
+    return read_manifest(workdir) if ctx.enabled else manifest  # the manifest rank 0 completed
+
+
+def _bad_shards(workdir: Path, manifest: Manifest) -> dict[int, str]:
+    """{shard number: what is wrong} for the shards of a complete manifest that fail verify_shard."""
+    if len(manifest.shard_sizes) != len(manifest.shards) or len(manifest.shard_sha256) != len(manifest.shards):
+        return dict.fromkeys(range(len(manifest.shards)), "unverifiable (no checksum recorded)")
+    bad = {}
+    for s in range(len(manifest.shards)):
+        if (problem := verify_shard(workdir, manifest, s)) is not None:
+            bad[s] = problem if problem == "missing" else f"corrupt ({problem} differs)"
+    return bad
+
+
+def _encode_all(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig, size: int) -> dict[int, tuple]:
+    """Tokenize every shard's groups before anything is written, so that a template or tokenization
+    error stops the run first: {shard: (its columns as an Arrow table, truncated prompts, truncated
+    responses)}. Arrow keeps the token ids compact (int32) until :func:`_compute_shards` uses them."""
+    encoded = {}
+    for s, lo in enumerate(range(0, groups.num_rows, size)):
+        cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], cfg)
+        encoded[s] = (pa.table(cols, schema=REF_SCHEMA.remove(REF_SCHEMA.get_field_index("ref_logp"))), cut_p, cut_r)
+    return encoded
+
+
+def _plan(config: PrecomputeConfig, console: Console, data_files: list[FileInfo] | None = None,
+          eval_files: list[FileInfo] | None = None) -> tuple[pa.Table, list[str], str]:
+    """The groups to cache, in order (DATA, then --eval-data), their splits, and the data layout.
+    Shard s holds groups [s·shard_groups, (s+1)·shard_groups): the same on every run of the same inputs.
+    ``data_files``/``eval_files``: the inputs' fingerprints, already computed for the cache key."""
+    data = load_groups(config.data, data_files)
+    table = data.table.select(["group_id", "prompt", "responses", "rewards"])
+    if not config.eval_data:
+        return table, [assign_split(p, config.eval_fraction) for p in table["prompt"].to_pylist()], data.layout
+    held = load_groups(DataConfig(tuple(config.eval_data), config.data.layout, config.data.columns), eval_files)
+    overlap = pc.sum(pc.is_in(held.table["prompt"], value_set=table["prompt"])).as_py() or 0
+    if overlap:
+        _say(console, f"warning: {overlap} --eval-data prompts also appear in the training data")
+    groups = pa.concat_tables([table, held.table.select(table.column_names)], promote_options="default")
+    return groups.combine_chunks(), ["train"] * table.num_rows + ["eval"] * held.table.num_rows, data.layout
+
+
+def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config, console,
+                    ctx: distributed.Dist = distributed.Dist(), encoded: dict[int, tuple] | None = None):
+    """Tokenize (unless ``encoded`` by :func:`_encode_all` already), score and write (atomically) the
+    shards ``todo``, under a progress bar on ``console``.
+    Several processes: every rank scores a token-balanced share of each shard's groups, and rank
+    ``s % world_size`` writes shard s (the progress bar shows rank 0's share × world size)."""
+    size, tok_cfg = config.shard_groups, manifest.tokenize_config
+    k = pc.list_value_length(groups["responses"]).to_numpy()
+    packing_mode, note = packing.resolve(config.packing, model.config)
+    if note:
+        _say(console, f"note: {note}")
+    total = int(sum(k[s * size : (s + 1) * size].sum() for s in todo))
+    with progress(console, "reference log-probs", total, unit="responses", describe=_describe_rate,
+                  enabled=config.progress) as update:
+        done_pairs = done_tokens = 0
+
+        def advance(n_pairs: int, n_tokens: int) -> None:
+            nonlocal done_pairs, done_tokens
+            done_pairs, done_tokens = done_pairs + n_pairs * ctx.world_size, done_tokens + n_tokens * ctx.world_size
+            update(advance=n_pairs * ctx.world_size, responses=done_pairs, tokens=done_tokens)
+
+        for done, s in enumerate(todo):
+            lo = s * size
+            try:
+                if encoded and s in encoded:
+                    table, cut_p, cut_r = encoded.pop(s)
+                    cols = table.to_pydict()
+                else:
+                    cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size],
+                                                        tok_cfg)
+                packed = packing.use_packing(packing_mode, cols["prompt_ids"], cols["response_ids"])
+                cols["ref_logp"] = distributed.score_groups(
+                    ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],
+                    lambda rows: scoring.batched_logps(
+                        model, [cols["prompt_ids"][i] for i in rows], [cols["response_ids"][i] for i in rows],
+                        batch_tokens, dtype, config.chunk_tokens, advance, packed,
+                    ),
+                )
+            except KeyboardInterrupt:
+                finished = len(manifest.shards) - len(todo) + done
+                _say(console, f"stopped after {finished} of {len(manifest.shards)} shards; rerun to resume")
+                raise
+            if s % ctx.world_size != ctx.rank:
+                continue
+            meta = {_KEY_META: manifest.key.encode(), _TRUNC_META[0]: b"%d" % cut_p, _TRUNC_META[1]: b"%d" % cut_r}
+            atomic_write_table(workdir / manifest.shards[s], pa.table(cols, schema=REF_SCHEMA.with_metadata(meta)))
+
+
+def _clean_shards(workdir: Path, manifest: Manifest) -> list[int]:
+    """Delete temp files and shards not made under ``manifest.key``; return the shards still to compute."""
+    ref = workdir / REF_DIR
+    planned = set(manifest.shards)
+    if ref.is_dir():
+        for path in ref.iterdir():
+            name = f"{REF_DIR}/{path.name}"
+            stale = path.name.startswith(TMP_PREFIX)
+            if path.name.startswith("shard-") and path.suffix == ".parquet":
+                stale = name not in planned or _shard_meta(path).get(_KEY_META) != manifest.key.encode()
+            if stale:
+                path.unlink(missing_ok=True)
+    return [s for s, name in enumerate(manifest.shards) if not (workdir / name).is_file()]
+
+
+def _finish(workdir: Path, manifest: Manifest) -> None:
+    """Check that every shard was made under this manifest's key, fill the counts, sizes and checksums
+    from the shards on disk, set complete=true and write the manifest (atomically)."""
+    paths = [workdir / name for name in manifest.shards]
+    metas = [_shard_meta(p) for p in paths]
+    for path, meta in zip(paths, metas):
+        if meta.get(_KEY_META) != manifest.key.encode():
+            raise GvpoError(f"{path}: this shard was not computed from these inputs (another precompute-ref "
+                            f"wrote it?); {RERUN}")
+    manifest.shard_sizes = [p.stat().st_size for p in paths]
+    manifest.shard_sha256 = [sha256_file(p) for p in paths]
+    manifest.truncated_prompts = sum(int(m[_TRUNC_META[0]]) for m in metas)
+    manifest.truncated_responses = sum(int(m[_TRUNC_META[1]]) for m in metas)
+    rows = pa.concat_tables([pq.read_table(p, columns=["split", "response_index", "n_tokens"]) for p in paths])
+    manifest.counts = {}
+    for split in SPLITS:
+        mine = rows.filter(pc.equal(rows["split"], split))
+        manifest.counts[split] = SplitCounts(
+            groups=pc.sum(pc.equal(mine["response_index"], 0)).as_py() or 0,
+            responses=mine.num_rows,
+            tokens=pc.sum(mine["n_tokens"]).as_py() or 0,
+        )
+    manifest.complete = True
+    atomic_write_json(workdir / MANIFEST, manifest.to_json())
+
+
+def _summary(m: Manifest) -> str:
+    parts = [f"{s} {c.groups} groups / {c.responses} responses / {c.tokens} response tokens" for s, c in m.counts.items()]
+    t = m.tokenize_config
+    return (
+        f"{'; '.join(parts)}; truncated {m.truncated_prompts} prompts (> {t.max_prompt_length} tokens) "
+        f"and {m.truncated_responses} responses (prompt + response > {t.max_length} tokens)"
+    )
+
+
+def precompute_extra(
+    workdir: str | Path,
+    data: DataConfig,
+    *,
+    device: str = "auto",
+    batch_tokens: int | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> Path:
+    """Reference log-probs of other files (``eval --data FILE``) with WORKDIR's reference model and
+    tokenization, every row split='eval'. Cached like the main cache in its own workdir,
+    WORKDIR/extra/<sha256 of the files' content and data options, 16 hex>/, which is returned: read it
+    with ``load_split(path, "eval")``. Raises if the model or tokenizer changed since WORKDIR was made.
+    """
+    main = read_manifest(workdir)
+    name = _sha256_json({
+        "files": [f["sha256"] for f in file_infos(data.paths)],
+        "layout": data.layout,
+        "columns": asdict(data.columns),
+    })[:16]
+    sub = Path(workdir) / "extra" / name
+    config = PrecomputeConfig(
+        data=data, model=main.model_path, workdir=sub, tokenize=main.tokenize_config, eval_fraction=1.0,
+        shard_groups=main.shard_groups or 1000, batch_tokens=batch_tokens, device=device, dtype=main.dtype,
+        packing=main.inputs.get("packing", "off"),
+        trust_remote_code=trust_remote_code, progress=progress,
+        require_model_fingerprint=main.model_fingerprint, require_tokenizer_fingerprint=main.tokenizer_fingerprint,
+    )
+    precompute(config, console)
+    return sub

@@ -21,6 +21,7 @@ from conftest import REPO, write_jsonl
 from rich.console import Console
 
 from gvpo_offline.data import DataConfig
+from gvpo_offline.data import tokenize
 from gvpo_offline.data.tokenize import TokenizeConfig
 from gvpo_offline.model import loading, scoring
 from gvpo_offline.runtime.errors import GvpoError
@@ -112,9 +113,18 @@ def test_ref_logps_equal_plain_transformers_one_at_a_time(tmp_path, stories):
             text = tok.apply_chat_template(g["prompt"], chat_template=TEMPLATE, add_generation_prompt=True, tokenize=False)
             prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
         cut_prompts += len(prompt_ids) > 24
-        prompt_ids = prompt_ids[-24:]
+        full_prompt_ids, prompt_ids = prompt_ids, prompt_ids[-24:]
         for i, response in enumerate(g["responses"]):
-            response_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            if isinstance(g["prompt"], str):
+                response_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            else:  # the assistant turn as the template renders it: "<assistant>" + response + "\n", no EOS
+                whole = tok.apply_chat_template(g["prompt"] + [{"role": "assistant", "content": response}],
+                                                chat_template=TEMPLATE, tokenize=False)
+                assert whole == text + response + "\n"
+                whole_ids = tok(whole, add_special_tokens=False)["input_ids"]
+                assert whole_ids[: len(full_prompt_ids)] == full_prompt_ids
+                response_ids = whole_ids[len(full_prompt_ids):]
+                assert tok.eos_token_id not in response_ids
             cut_responses += len(prompt_ids) + len(response_ids) > 64
             response_ids = response_ids[: 64 - len(prompt_ids)]
             row = rows[(g["id"], i)]
@@ -124,6 +134,7 @@ def test_ref_logps_equal_plain_transformers_one_at_a_time(tmp_path, stories):
     assert (manifest.truncated_prompts, manifest.truncated_responses) == (cut_prompts, cut_responses)
     assert cut_prompts >= 2 and cut_responses >= 1
     assert manifest.complete and manifest.dtype == "float32" and len(manifest.shards) == 3
+    assert manifest.inputs["response_rule"] == tokenize.RESPONSE_RULE  # in the key: a new rule recomputes
 
 
 def test_split_is_stable_group_disjoint_and_independent_of_file_order(tmp_path):

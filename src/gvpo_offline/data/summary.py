@@ -98,7 +98,7 @@ def token_stats(
             prompts_cut += n_prompt > cfg.max_prompt_length
             room = cfg.max_length - min(n_prompt, cfg.max_prompt_length)
             for response in group.responses:
-                n_response = len(encode_response(tokenizer, response, unbounded))
+                n_response = len(encode_response(tokenizer, response, unbounded, group.prompt))
                 response_lengths.append(n_response)
                 responses_cut += n_response > room
             if progress is not None:

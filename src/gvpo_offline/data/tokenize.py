@@ -1,7 +1,16 @@
 """The one tokenization used everywhere: precompute-ref, train, eval, inspect and sample.
 
-A prompt becomes the tokenizer's ids *with* its special tokens (chat messages go through the chat
-template with ``add_generation_prompt=True``); a response becomes ids *without* special tokens, then EOS.
+A plain-text prompt becomes the tokenizer's ids *with* its special tokens, and its response ids
+*without* special tokens, then EOS (``add_eos``).
+
+A chat prompt (a list of messages) goes through the chat template with ``add_generation_prompt=True``,
+and its response is the assistant turn **exactly as the template renders it**, so it ends the way the
+model ends a turn (ChatML ``<|im_end|>`` + newline, Gemma ``<end_of_turn>``, Llama 3 ``<|eot_id|>``), not
+with the tokenizer's EOS: the ids of prompt + assistant message (rendered without a generation prompt)
+minus the ids of the prompt (rendered with one), as TRL does. The prompt's ids must be a prefix of the
+whole conversation's ids; a template for which they are not is refused (:data:`RESPONSE_RULE`, recorded
+in the reference cache's key).
+
 Prompts are truncated from the left (the end of the conversation is kept), responses from the right.
 Reference and policy log-probs are only comparable because they share this function.
 """
@@ -17,6 +26,9 @@ from gvpo_offline.runtime.errors import GvpoError
 
 Prompt = str | list[dict[str, str]]
 
+# How a response becomes token ids; part of the reference cache's key, so a changed rule recomputes it.
+RESPONSE_RULE = "text: response ids + EOS; chat: the template's assistant turn (conversation ids minus prompt ids)"
+
 
 @dataclass(frozen=True)
 class TokenizeConfig:
@@ -24,7 +36,8 @@ class TokenizeConfig:
 
     max_length: prompt + response tokens (clamped to the model's max_position_embeddings).
     max_prompt_length: prompt tokens kept (from the end).
-    add_eos: append the tokenizer's EOS id to every response.
+    add_eos: append the tokenizer's EOS id to every response of a plain-text prompt (a chat prompt's
+        response ends as the chat template ends an assistant turn).
     prompt_template: a Jinja chat template used for message prompts when the tokenizer has none.
     """
 
@@ -112,7 +125,7 @@ def truncation_warning(cut: int, total: int, cfg: TokenizeConfig) -> str | None:
             f"--max-length (up to the model's context) or lower --max-prompt-length if that is not intended")
 
 
-def _prompt_text(tokenizer, messages: list[dict[str, str]], cfg: TokenizeConfig) -> str:
+def _chat_text(tokenizer, messages: list[dict[str, str]], cfg: TokenizeConfig, add_generation_prompt: bool) -> str:
     template = cfg.prompt_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise GvpoError(
@@ -121,16 +134,28 @@ def _prompt_text(tokenizer, messages: list[dict[str, str]], cfg: TokenizeConfig)
         )
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+            messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
         )
     except Exception as err:  # noqa: BLE001 - jinja2 syntax/sandbox/undefined errors: one line
         import jinja2
 
         if not isinstance(err, (jinja2.TemplateError, TypeError, ValueError)):
             raise
-        source = "--prompt-template" if cfg.prompt_template else "the tokenizer's chat template"
         message = " ".join(str(err).split())
-        raise GvpoError(f"{source}: {type(err).__name__}: {message}") from None
+        raise GvpoError(f"{_template_name(tokenizer, cfg)}: {type(err).__name__}: {message}") from None
+
+
+def _template_name(tokenizer, cfg: TokenizeConfig) -> str:
+    """Which chat template is used, in words (for error messages)."""
+    if cfg.prompt_template:
+        return "--prompt-template"
+    return f"the chat template of the tokenizer {getattr(tokenizer, 'name_or_path', '') or ''}".rstrip()
+
+
+def _chat_ids(tokenizer, messages: list[dict[str, str]], cfg: TokenizeConfig, add_generation_prompt: bool) -> list[int]:
+    # The chat template writes BOS and friends itself: don't add them twice.
+    text = _chat_text(tokenizer, messages, cfg, add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_prompt(tokenizer, prompt: Prompt, cfg: TokenizeConfig) -> tuple[list[int], bool]:
@@ -138,8 +163,7 @@ def encode_prompt(tokenizer, prompt: Prompt, cfg: TokenizeConfig) -> tuple[list[
     if isinstance(prompt, str):
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     else:
-        # The chat template writes BOS and friends itself: don't add them twice.
-        ids = tokenizer(_prompt_text(tokenizer, prompt, cfg), add_special_tokens=False)["input_ids"]
+        ids = _chat_ids(tokenizer, prompt, cfg, add_generation_prompt=True)
     if not ids:  # a tokenizer without BOS and an empty prompt: nothing to condition the response on
         raise GvpoError(f"the prompt {prompt!r} has no tokens; give a non-empty prompt")
     if len(ids) > cfg.max_prompt_length:
@@ -147,8 +171,17 @@ def encode_prompt(tokenizer, prompt: Prompt, cfg: TokenizeConfig) -> tuple[list[
     return list(ids), False
 
 
-def encode_response(tokenizer, response: str, cfg: TokenizeConfig) -> list[int]:
-    """Response -> ids without special tokens, plus EOS unless ``cfg.add_eos`` is off. Not truncated."""
+def encode_response(tokenizer, response: str, cfg: TokenizeConfig, prompt: Prompt = "") -> list[int]:
+    """Response -> its target ids (not truncated), by :data:`RESPONSE_RULE`.
+
+    ``prompt`` a string: the response's ids without special tokens, plus EOS unless ``cfg.add_eos`` is
+    off. ``prompt`` chat messages: the assistant turn as the chat template renders it (its end-of-turn
+    tokens included; ``add_eos`` does not apply): ids of prompt + {"role": "assistant", "content":
+    response} minus ids of the prompt with the generation prompt. GvpoError (one line, naming the
+    template) when the prompt's ids are not a prefix of the conversation's.
+    """
+    if not isinstance(prompt, str):
+        return _assistant_turn_ids(tokenizer, prompt, response, cfg)
     ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if cfg.add_eos:
         if tokenizer.eos_token_id is None:
@@ -157,10 +190,23 @@ def encode_response(tokenizer, response: str, cfg: TokenizeConfig) -> list[int]:
     return ids
 
 
+def _assistant_turn_ids(tokenizer, messages: list[dict[str, str]], response: str, cfg: TokenizeConfig) -> list[int]:
+    prompt_ids = _chat_ids(tokenizer, messages, cfg, add_generation_prompt=True)
+    turn = [*messages, {"role": "assistant", "content": response}]
+    ids = _chat_ids(tokenizer, turn, cfg, add_generation_prompt=False)
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise GvpoError(
+            f"{_template_name(tokenizer, cfg)}: the prompt's tokens (rendered with the generation prompt) are not "
+            "a prefix of the tokens of prompt + assistant reply, so the reply's tokens are undefined; use a "
+            "template whose generation prompt is how it starts an assistant turn (--prompt-template)"
+        )
+    return ids[len(prompt_ids) :]
+
+
 def encode_pair(tokenizer, prompt: Prompt, response: str, cfg: TokenizeConfig) -> EncodedPair:
     """Tokenize and truncate one (prompt, response): prompt from the left, response from the right."""
     prompt_ids, prompt_cut = encode_prompt(tokenizer, prompt, cfg)
-    return truncate_response(prompt_ids, prompt_cut, encode_response(tokenizer, response, cfg), cfg)
+    return truncate_response(prompt_ids, prompt_cut, encode_response(tokenizer, response, cfg, prompt), cfg)
 
 
 def truncate_response(

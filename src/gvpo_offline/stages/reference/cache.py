@@ -11,7 +11,8 @@ CACHE FORMAT (``WORKDIR``, default ``gvpo-run/``):
         split           string   "train" or "eval" (whole groups, by a stable hash of the prompt)
         response_index  int32    position of the response within its group
         prompt_ids      list<int32>  prompt token ids (after truncation)
-        response_ids    list<int32>  response token ids (after truncation, EOS included)
+        response_ids    list<int32>  response token ids (after truncation; EOS, or a chat template's
+                                     end of turn, included: tokenize.RESPONSE_RULE)
         reward          float64  R(x, y)
         ref_logp        float64  Σ over response tokens of log πref(token | prompt, earlier tokens)
         n_tokens        int32    len(response_ids)
@@ -22,7 +23,7 @@ whenever a shard is loaded; shard paths must lie inside WORKDIR/ref/.
 
 CACHE SEMANTICS (:func:`precompute`):
     Manifest.inputs holds everything that decides the content (data files' sha256, layout, columns, model
-    and tokenizer fingerprints, tokenize settings after clamping, dtype, eval_fraction, shard_groups, packing,
+    and tokenizer fingerprints, tokenize settings after clamping, the response rule, dtype, eval_fraction, shard_groups, packing,
     tool version); Manifest.key = sha256 of it. Same key and complete -> cache hit (no model loaded). Same key,
     incomplete -> resume: shards already on disk (each carries the key in its Parquet metadata) are kept.
     Other key -> recompute (or refuse with overwrite=False, naming what changed). Everything (data,
@@ -231,6 +232,7 @@ _LABELS = {
     "model_fingerprint": "model fingerprint",
     "tokenizer_fingerprint": "tokenizer fingerprint",
     "dtype": "dtype",
+    "response_rule": "rule that tokenizes responses",
     "eval_fraction": "eval fraction",
     "shard_groups": "--shard-groups",
     "packing": "--packing",

@@ -21,6 +21,7 @@ from rich.console import Console
 from gvpo_offline import __version__
 from gvpo_offline.data import DataConfig, FileInfo, input_files, load_groups
 from gvpo_offline.data.tokenize import (
+    RESPONSE_RULE,
     TokenizeConfig,
     encode_prompt,
     encode_response,
@@ -134,10 +135,11 @@ def _encode_groups(tokenizer, groups: pa.Table, splits: list[str], cfg: Tokenize
     cols: dict[str, list] = {name: [] for name in REF_SCHEMA.names if name != "ref_logp"}
     cut_prompts = cut_responses = 0
     for g, split in zip(groups.to_pylist(), splits):
-        prompt_ids, prompt_cut = encode_prompt(tokenizer, json.loads(g["prompt"]), cfg)
+        prompt = json.loads(g["prompt"])
+        prompt_ids, prompt_cut = encode_prompt(tokenizer, prompt, cfg)
         cut_prompts += prompt_cut
         for i, (response, reward) in enumerate(zip(g["responses"], g["rewards"])):
-            pair = truncate_response(prompt_ids, prompt_cut, encode_response(tokenizer, response, cfg), cfg)
+            pair = truncate_response(prompt_ids, prompt_cut, encode_response(tokenizer, response, cfg, prompt), cfg)
             if not pair.response_ids:
                 raise GvpoError(f"group {g['group_id']}: response {i} has no tokens (blank, and --no-eos)")
             cut_responses += pair.response_truncated
@@ -229,6 +231,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         "model_fingerprint": loading.model_fingerprint(model_path),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "tokenize": tok_cfg.to_json(),
+        "response_rule": RESPONSE_RULE,
         "dtype": str(dtype).removeprefix("torch."),
         "eval_fraction": 0.0 if config.eval_data else float(config.eval_fraction),
         "shard_groups": config.shard_groups,

@@ -161,3 +161,34 @@ def test_sample_passes_other_prompt_fields_to_the_reward(run_cli, tmp_path):
     assert [r["rewards"] for r in rows] == [[3.0, 3.0], [5.0, 5.0]]
     assert [(r["ground_truth"], r["source"]) for r in rows] == [("3", "x"), ("5", "y")]
     assert load_groups(DataConfig((str(out),))).stats.n_groups == 2  # still valid grouped data
+
+
+@pytest.mark.parametrize("shape", ["chatml", "gemma", "llama3"])
+def test_chat_sampling_stops_at_the_turn_end_and_the_reply_tokenizes_back_to_what_was_sampled(shape):
+    """A chat reply stops where the template ends an assistant turn (not only at EOS), and its text,
+    tokenized again as every stage does, is the sampled tokens followed by the turn's end."""
+    from test_tokenize import CHAT_SHAPES, tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gvpo_offline.data.tokenize import TokenizeConfig, encode_pair, turn_end_id
+    from gvpo_offline.stages.sample import SamplingConfig, generate_responses
+
+    template, specials, bos, eos, turn_end = CHAT_SHAPES[shape]
+    tok = tiny_tokenizer(template, specials, bos, eos)
+    end = tok.convert_tokens_to_ids(turn_end[0])
+    assert turn_end_id(tok, TokenizeConfig()) == end
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128))
+    # logits that ignore the input: the turn's end first (forbidden as the first token), then "Hello"
+    word = tok("Hello", add_special_tokens=False).input_ids[0]
+    model.lm_head = torch.nn.Linear(16, len(tok), bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[word], model.lm_head.bias[end] = 1.0, 2.0
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    cfg = TokenizeConfig(max_length=128, max_prompt_length=64)
+    [[reply]] = generate_responses(model.eval(), tok, [messages], 1, SamplingConfig(temperature=0, max_new_tokens=8), cfg)
+    assert reply == tok.decode([word])
+    assert encode_pair(tok, messages, reply, cfg).response_ids[:2] == [word, end]

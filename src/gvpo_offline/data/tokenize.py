@@ -203,6 +203,23 @@ def _assistant_turn_ids(tokenizer, messages: list[dict[str, str]], response: str
     return ids[len(prompt_ids) :]
 
 
+def turn_end_id(tokenizer, cfg: TokenizeConfig) -> int | None:
+    """The token with which the chat template ends an assistant turn (ChatML ``<|im_end|>``, Gemma
+    ``<end_of_turn>``, Llama 3 ``<|eot_id|>``): where sampling a chat reply stops, so that the reply's
+    text, tokenized again by :func:`encode_response`, gives the tokens that were sampled followed by the
+    turn's end. Read off a probe reply: the first token after the reply's own tokens; None when the
+    template has no chat template or the probe's tokens do not show it."""
+    probe = "Hello"
+    try:
+        turn = _assistant_turn_ids(tokenizer, [{"role": "user", "content": "Hi"}], probe, cfg)
+    except GvpoError:
+        return None
+    body = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    if turn[: len(body)] != body or len(turn) == len(body):
+        return None
+    return turn[len(body)]
+
+
 def encode_pair(tokenizer, prompt: Prompt, response: str, cfg: TokenizeConfig) -> EncodedPair:
     """Tokenize and truncate one (prompt, response): prompt from the left, response from the right."""
     prompt_ids, prompt_cut = encode_prompt(tokenizer, prompt, cfg)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
-from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt
+from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt, turn_end_id
 from gvpo_offline.runtime.errors import DataError, GvpoError
 
 
@@ -75,18 +75,19 @@ def stable_int(*parts: object) -> int:
 class _RowSampler(LogitsProcessor):
     """Logits processor that turns greedy decoding into per-row seeded sampling (Gumbel-max).
 
-    Applies temperature and top-p, forbids EOS as the first new token (so no response is empty), and
-    adds Gumbel noise drawn from each row's own generator; ``generate`` then takes the argmax.
+    Applies temperature and top-p, forbids the stop tokens (EOS, a chat turn's end) as the first new
+    token (so no response is empty), and adds Gumbel noise drawn from each row's own generator;
+    ``generate`` then takes the argmax.
     """
 
-    def __init__(self, generators, temperature: float, top_p: float, eos_id: int | None, prompt_width: int):
+    def __init__(self, generators, temperature: float, top_p: float, stop_ids: list[int], prompt_width: int):
         self.generators, self.temperature, self.top_p = generators, temperature, top_p
-        self.eos_id, self.prompt_width = eos_id, prompt_width
+        self.stop_ids, self.prompt_width = stop_ids, prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float()
-        if self.eos_id is not None and input_ids.shape[1] == self.prompt_width:
-            scores[:, self.eos_id] = -float("inf")
+        if self.stop_ids and input_ids.shape[1] == self.prompt_width:
+            scores[:, self.stop_ids] = -float("inf")
         if self.temperature == 0:
             return scores
         scores = scores / self.temperature
@@ -147,9 +148,11 @@ def generate_responses(
         left to ``tokenize_cfg.max_prompt_length``).
     n: samples per prompt, one int for all or one per prompt.
     Rows are left-padded (attention mask; pad = the tokenizer's pad, else unk, else EOS), sorted by
-    prompt length and generated ``cfg.batch_size`` at a time; generation stops at EOS or after
+    prompt length and generated ``cfg.batch_size`` at a time; generation stops at EOS (and, for chat
+    prompts, at the token that ends the template's assistant turn, tokenize.turn_end_id) or after
     min(cfg.max_new_tokens, tokenize_cfg.max_length − prompt length) tokens. Only the new tokens are
-    decoded, special tokens skipped. EOS is never the first new token, so responses are not empty
+    decoded, special tokens skipped, so that tokenizing a reply again (tokenize.encode_response) gives
+    the sampled tokens and the turn's end. A stop token is never the first new token, so responses are not empty
     (bar the odd whitespace-only token).
     seed_keys: a stable identity per prompt for seeding (default: its position in ``prompts``). Give
         the prompt's id or file position when the same prompt may come in different calls (resuming).
@@ -162,7 +165,11 @@ def generate_responses(
     keys = list(range(len(prompts))) if seed_keys is None else list(seed_keys)
     tokenize_cfg, _ = clamp_to_model(tokenize_cfg, getattr(model.config, "max_position_embeddings", None))
     device = next(model.parameters()).device
-    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer)
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if any(not isinstance(p, str) for p in prompts):
+        turn_end = turn_end_id(tokenizer, tokenize_cfg)
+        stop_ids += [turn_end] if turn_end is not None and turn_end not in stop_ids else []
 
     encoded = [encode_prompt(tokenizer, p, tokenize_cfg)[0] for p in prompts]
     rows = [(i, j) for i, k in enumerate(counts) for j in range(k)]
@@ -177,7 +184,7 @@ def generate_responses(
                 batch = rows[start : start + cfg.batch_size]
                 texts = _generate_batch(model, tokenizer, [encoded[i] for i, _ in batch],
                                         [(cfg.seed, keys[i], j) for i, j in batch],
-                                        cfg, tokenize_cfg, pad_id, eos_id, device)
+                                        cfg, tokenize_cfg, pad_id, stop_ids, device)
                 for (i, j), text in zip(batch, texts):
                     results[i][j] = text
                 if progress is not None:
@@ -187,7 +194,7 @@ def generate_responses(
     return results
 
 
-def _generate_batch(model, tokenizer, prompt_ids, seeds, cfg, tokenize_cfg, pad_id, eos_id, device) -> list[str]:
+def _generate_batch(model, tokenizer, prompt_ids, seeds, cfg, tokenize_cfg, pad_id, stop_ids, device) -> list[str]:
     """One ``model.generate`` call over left-padded rows; returns the decoded new tokens per row."""
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -204,10 +211,10 @@ def _generate_batch(model, tokenizer, prompt_ids, seeds, cfg, tokenize_cfg, pad_
         g = torch.Generator(device=device)
         g.manual_seed(stable_int(*s))
         generators.append(g)
-    sampler = _RowSampler(generators, cfg.temperature, cfg.top_p, eos_id, width)
+    sampler = _RowSampler(generators, cfg.temperature, cfg.top_p, stop_ids, width)
     gen_cfg = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max(rooms), pad_token_id=pad_id,
-        eos_token_id=eos_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop_ids or None, bos_token_id=tokenizer.bos_token_id,
     )
     out = model.generate(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -216,8 +223,8 @@ def _generate_batch(model, tokenizer, prompt_ids, seeds, cfg, tokenize_cfg, pad_
     texts = []
     for b, room in enumerate(rooms):
         new = out[b, width : width + room].tolist()
-        if eos_id is not None and eos_id in new:
-            new = new[: new.index(eos_id)]
+        stops = [new.index(t) for t in stop_ids if t in new]
+        new = new[: min(stops)] if stops else new
         texts.append(tokenizer.decode(new, skip_special_tokens=True))
     return texts
 

@@ -4,8 +4,8 @@
                              [--steps 3] [--peak-tflops auto]
 
 A ~1.2B Llama-3.2-1B-shaped model built from a config (hidden 2048, 16 layers, 32/8 GQA heads, MLP 8192,
-vocabulary 128,256, tied embeddings; random init, nothing downloaded), float32 master weights with bf16
-autocast: the tool's own GPU regime. Synthetic long-prompt groups (prompt --prompt tokens, k responses
+vocabulary 128,256, tied embeddings; random init, nothing downloaded), in bf16 weights with fp32 master
+weights for AdamW (stages/train/master.py): the tool's own GPU regime. Synthetic long-prompt groups (prompt --prompt tokens, k responses
 of --response tokens). Measured with the tool's code at its GPU defaults, in one process:
   precompute   scoring.batched_logps, --batch-tokens 16384, three paths: padded (packed=False),
                pieces (packed=True, SDPA per bucket of pieces) and varlen (packed=True, torch's flash
@@ -96,16 +96,17 @@ def main() -> None:
 
     from gvpo_offline.model import packing
     from gvpo_offline.model.scoring import batched_logps
+    from gvpo_offline.stages.train.master import MasterWeights
     from gvpo_offline.stages.train.step import StepBatch, gvpo_backward
 
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(0)
     peak = peak_flops(name, args.peak_tflops)
-    model = build_model(device)
+    model = build_model(device).to(torch.bfloat16)  # the cache's weights dtype on a GPU, run in it
     vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters())
-    print(f"{name}; torch {torch.__version__}; model {params / 1e9:.2f}B params (fp32 weights, bf16 autocast); "
+    print(f"{name}; torch {torch.__version__}; model {params / 1e9:.2f}B params (bf16 weights, fp32 master weights); "
           f"attention {model.config._attn_implementation}; peak {peak / 1e12:.0f} TFLOP/s")
     header = f"{'stage':<11}{'k':>3}{'path':>8}{'tokens':>9}{'tok/s':>10}{'speed-up':>10}{'peak GiB':>10}{'MFU':>8}"
     print(header)
@@ -115,12 +116,12 @@ def main() -> None:
         base = None
         for path in PATHS:  # precompute
             packed = use_path(path)
-            batched_logps(model, prompts[:k], responses[:k], 16384, torch.bfloat16, packed=packed)  # warm-up
+            batched_logps(model, prompts[:k], responses[:k], 16384, packed=packed)  # warm-up
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            batched_logps(model, prompts, responses, 16384, torch.bfloat16, packed=packed)
+            batched_logps(model, prompts, responses, 16384, packed=packed)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             rate = tokens / seconds
@@ -140,7 +141,8 @@ def main() -> None:
         for path in PATHS:  # train step
             packed = use_path(path)
             model.train(False)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+            master = MasterWeights(list(model.parameters()))
+            optimizer = torch.optim.AdamW(master.master, lr=1e-7)
             times = []
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -148,9 +150,10 @@ def main() -> None:
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                gvpo_backward(model, batch, 0.1, 8192, autocast_dtype=torch.bfloat16, packed=packed)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                gvpo_backward(model, batch, 0.1, 8192, packed=packed)
+                torch.nn.utils.clip_grad_norm_(master.master, 1.0)
                 optimizer.step()
+                master.to_model()
                 torch.cuda.synchronize()
                 if step:  # the first step is warm-up (allocates the optimizer state)
                     times.append(time.perf_counter() - start)
@@ -160,7 +163,8 @@ def main() -> None:
             mfu = 3 * model_flops(model, batch.prompt_ids, batch.response_ids, packed) / seconds / peak
             print(f"{'train step':<11}{k:>3}{path:>8}{step_tokens:>9,}{rate:>10,.0f}"
                   f"{rate / base:>9.2f}x{torch.cuda.max_memory_allocated() / 2**30:>10.1f}{mfu:>8.1%}")
-            del optimizer
+            master.remove()
+            del optimizer, master
     print(f"varlen kernel check: {packing._VARLEN_CHECK or 'not reached'}")
 
 

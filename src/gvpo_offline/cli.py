@@ -90,7 +90,7 @@ def precompute_ref_cmd(
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", metavar="INT", help="Tokens per forward pass (rows × longest row) [default: 16384 on GPU, 2048 on CPU].")] = None,
     packing: Annotated[str, typer.Option("--packing", metavar="MODE", help="on: each prompt computed once for all its responses, in rows packed without padding (padded rows, with a note, for unsupported models); off: padded separate sequences, batched by length; auto: packed when sharing the prompt saves at least 15% of the tokens (long prompts, many responses). Train and eval follow the cache's setting.")] = "auto",
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Compute dtype: auto (float32 on CPU, bf16 autocast on a GPU that supports it), float32, bfloat16. Weights stay float32, as in train, so that ℓ = 0 at step 0.")] = "auto",
+    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Weights dtype: the model is loaded directly in it (no float32 copy) and runs in it. auto = bfloat16 on a GPU that supports it, float32 otherwise. Recorded in the manifest: train runs the policy in the same weights dtype, so ℓ = 0 at step 0.")] = "auto",
     no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
@@ -131,7 +131,7 @@ def train_cmd(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", metavar="INT", help="Total optimizer steps; overrides --epochs.")] = None,
     seed: Annotated[int, typer.Option(metavar="INT", help="Seed of the per-epoch shuffle of the groups.")] = 0,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Compute dtype: auto (float32 on CPU, bf16 autocast on GPU), float32, bfloat16. Weights stay float32.")] = "auto",
+    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Weights dtype of the policy's forward pass: auto = the cache's (precompute-ref --dtype), the only one accepted, so ℓ = 0 at step 0. Full fine-tuning in bfloat16 keeps float32 master weights for AdamW.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute decoder layers in the backward pass (less memory, slower).")] = False,
     packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto, on or off (see precompute-ref); default: the reference cache's setting, so policy and reference share one path.", show_default=False)] = None,
     cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Under torchrun on GPUs: keep the FSDP shards, gradients and AdamW state in CPU RAM (slower, fits larger models).")] = False,
@@ -146,7 +146,7 @@ def train_cmd(
     lora_dropout: Annotated[float, typer.Option("--lora-dropout", metavar="FLOAT", help="Dropout on the LoRA input. Keep 0: with dropout the policy is random, so ℓ ≠ 0 at step 0 and the GVPO gradient is noisier.")] = 0.0,
     lora_target_modules: Annotated[str, typer.Option("--lora-target-modules", metavar="TEXT", help="all-linear (every linear layer but the LM head) or module names, e.g. q_proj,v_proj.")] = "all-linear",
     merge: Annotated[bool, typer.Option("--merge", help="With --lora-r: also write WORKDIR/model-merged/, the adapter merged into the base weights (a plain transformers model).")] = False,
-    base_dtype: Annotated[str, typer.Option("--base-dtype", metavar="TEXT", help="With --lora-r: the frozen base weights' dtype, float32 or bfloat16 (half the memory on a GPU; ℓ at step 0 is then bf16 rounding, not 0). The adapter and its optimizer state stay float32.")] = "float32",
+    base_dtype: Annotated[Optional[str], typer.Option("--base-dtype", metavar="TEXT", help="With --lora-r: the frozen base weights' dtype, float32 or bfloat16; it must be the cache's weights dtype (precompute-ref --dtype), the default. The adapter and its optimizer state stay float32.", show_default=False)] = None,
 ) -> None:
     """Train the policy with GVPO (or --loss) on the cached train split; the final model goes to WORKDIR/model/.
 
@@ -188,7 +188,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(metavar="INT", help="Seed for the bootstrap and for sampling.")] = 0,
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", metavar="INT", help="Tokens per forward pass, rows × longest row (default 16384 on GPU, 2048 on CPU).", show_default=False)] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="float32, bfloat16, auto (default: the dtype of the cached reference log-probs).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Weights dtype the model is loaded and run in: float32, bfloat16, auto (default: the cache's, as train used).")] = None,
     packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto, on or off (see precompute-ref); default: the reference cache's setting.", show_default=False)] = None,
     layout: Annotated[str, typer.Option("--layout", metavar="LAYOUT", help="--data layout: auto, grouped or flat.")] = "auto",
     prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN")] = None,

@@ -307,10 +307,11 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(ctx: Dist, model, cpu_offload: bool = False):
-    """FSDP2: ``fully_shard`` each decoder layer, then the root, over all ranks (1-D mesh). On GPU the
-    parameters are all-gathered in bf16 and gradients reduced in fp32 (``MixedPrecisionPolicy``); the
-    master weights and the optimizer state stay fp32 shards. Gradients are **summed** over ranks
+def shard_model(ctx: Dist, model, cpu_offload: bool = False, param_dtype: torch.dtype | None = None):
+    """FSDP2: ``fully_shard`` each decoder layer, then the root, over all ranks (1-D mesh). With a
+    ``param_dtype`` below float32 (the cache's weights dtype, bf16) the parameters are all-gathered in it,
+    so the forward runs in the reference's weights dtype, and gradients are reduced in fp32
+    (``MixedPrecisionPolicy``); the master weights and the optimizer state stay fp32 shards. Gradients are **summed** over ranks
     (not averaged): each rank's loss already carries the step's global 1/G. ``cpu_offload`` keeps the
     shards, gradients and optimizer state in CPU memory. Returns the model (sharded in place)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -321,8 +322,8 @@ def shard_model(ctx: Dist, model, cpu_offload: bool = False):
     on_gpu = ctx.device is not None and ctx.device.type == "cuda"
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     kwargs = {"mesh": mesh}
-    if on_gpu:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if param_dtype is not None and param_dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if cpu_offload:
         if not on_gpu:
             raise GvpoError("--cpu-offload needs GPUs (on CPU everything already lives in CPU memory)")

@@ -1,16 +1,16 @@
 """The one sequence log-prob function, shared by precompute-ref, train and eval.
 
 Reference and policy log-probs are computed the same way: Σ over response tokens only (prompt and
-padding masked), log-softmax in float32, and never the full [batch, time, vocab] logits — only response
-positions, chunk by chunk. Many pairs without grad: :mod:`gvpo_offline.model.scoring`; packed rows:
+padding masked), log-softmax and the sums in float32, and never the full [batch, time, vocab] logits —
+only response positions, chunk by chunk. The forward pass runs in the dtype the weights are loaded in
+(no autocast): precompute-ref, train and eval load the same weights dtype (the cache's), so ℓ = 0 at
+step 0 to rounding. Many pairs without grad: :mod:`gvpo_offline.model.scoring`; packed rows:
 :mod:`gvpo_offline.model.packing`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -59,14 +59,6 @@ def logits_chunk_for(vocab_size: int, budget: int = LOGIT_BUDGET) -> int:
     return max(1, min(4096, budget // vocab_size))
 
 
-def compute_context(device: torch.device, dtype: torch.dtype):
-    """The one numeric regime of every log-prob: float32 weights, and autocast to ``dtype`` when it is
-    lower precision (bf16 on GPU). Reference, policy and eval all use it, so ℓ = 0 at step 0."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(device.type, dtype=dtype)
-    return nullcontext()
-
-
 def _logit_postprocess(config):
     """What some architectures do to the LM head's output before the softmax (applied in fp32)."""
     softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
@@ -105,7 +97,7 @@ def sequence_logps(
     :func:`logits_chunk_for` the vocabulary), so memory is O(chunk_tokens × vocab), not
     O(batch × time × vocab). With grad enabled, each chunk is recomputed in the backward pass (activation
     checkpointing) so its logits are not kept either. Differentiable; call under torch.no_grad() for the
-    reference. Run it inside :func:`compute_context` for the shared numeric regime.
+    reference. It runs in the weights' dtype (see the module docstring).
     """
     sharded = getattr(model, "gvpo_sequence_logps", None)  # distributed.shard_model: inside FSDP's hooks
     if sharded is not None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from gvpo_offline.model import packing
-from gvpo_offline.model.logprobs import compute_context, length_batches, sequence_logps
+from gvpo_offline.model.logprobs import length_batches, sequence_logps
 
 
 def batched_logps(
@@ -19,7 +19,6 @@ def batched_logps(
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
     batch_tokens: int,
-    dtype: torch.dtype = torch.float32,
     chunk_tokens: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     packed: bool = False,
@@ -29,11 +28,10 @@ def batched_logps(
     ``packed=False``: pairs are batched by length (:func:`length_batches`, rows × longest ≤
     ``batch_tokens``). ``packed=True``: each prompt is computed once for its responses and sequences are
     packed without padding (:mod:`gvpo_offline.model.packing`: rows of ≤ min(batch_tokens, MAX_ROW_TOKENS)
-    tokens, batched rows × longest ≤ ``batch_tokens``); same values to float rounding. Runs in
-    :func:`compute_context` for ``dtype``. ``on_batch(n_pairs, n_tokens)`` after each batch (progress;
+    tokens, batched rows × longest ≤ ``batch_tokens``); same values to float rounding. Runs in the
+    weights' dtype. ``on_batch(n_pairs, n_tokens)`` after each batch (progress;
     n_tokens = prompt + response tokens of those pairs, as if scored separately).
     """
-    device = next(model.parameters()).device
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     out = np.zeros(len(lengths), dtype=np.float64)
     if packed:
@@ -41,7 +39,7 @@ def batched_logps(
         plan = [[rows[j] for j in b] for b in length_batches([packing.row_tokens(r) for r in rows], batch_tokens)]
     else:
         plan = length_batches(lengths, batch_tokens)
-    with torch.no_grad(), compute_context(device, dtype):
+    with torch.no_grad():
         for batch in plan:
             if packed:
                 batch_rows, batch = batch, [i for row in batch for seg in row for i in seg.pairs]

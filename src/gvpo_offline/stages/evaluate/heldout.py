@@ -47,7 +47,8 @@ whose content fingerprint is the reference's gets ℓ ≡ 0 by definition (no fo
 exactly the reference row; a hub id is resolved through the Hugging Face cache, a LoRA adapter folder is
 loaded merged into its base (checked against the base's recorded fingerprint). β: ``--beta`` if given,
 else the ``beta`` of the model's ``train_config.json`` (a train checkpoint's ``trainer_state.json``).
-Policy log-probs run in the dtype of the cached reference log-probs unless ``--dtype`` says otherwise. A model whose train_config.json names another reference or
+The policy's weights are loaded in the weights dtype of the cached reference log-probs (and run in it)
+unless ``--dtype`` says otherwise. A model whose train_config.json names another reference or
 tokenizer than the workdir's manifest is refused. A model folder written by ``train`` gets this report
 as the eval table of its README.md card (modelcard.update_card_with_eval).
 
@@ -102,7 +103,7 @@ class EvalConfig:
     data_paths: files to evaluate instead of the workdir's ``eval`` split; their reference log-probs
         are computed with the manifest's model and tokenization and cached in the workdir.
     beta: β; overrides the ``beta`` of ``MODEL/train_config.json``; required when there is none.
-    dtype: None = the dtype the reference log-probs were computed in (the manifest's).
+    dtype: the weights dtype; None = the one the reference log-probs were computed in (the manifest's).
     packing: auto|on|off (gvpo_offline.model.packing); None = the reference cache's setting.
     bootstrap: resamples for the 95% intervals (0 = no intervals).
     """
@@ -300,19 +301,15 @@ def is_reference_model(model_path: Path, manifest) -> bool:
     return model_fingerprint(model_path) == manifest.model_fingerprint
 
 
-def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=None, console=None,
+def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, console=None,
                      packed: bool = False) -> np.ndarray:
     """Σ log πθ(response | prompt) per pair, [N] float64 (scoring.batched_logps: no grad, batched by
-    length under ``batch_tokens`` or ``packed`` rows, the shared numeric regime for ``dtype``), with a
-    progress bar."""
-    import torch
-
+    length under ``batch_tokens`` or ``packed`` rows, in the model's weights dtype), with a progress bar."""
     from gvpo_offline.model.scoring import batched_logps
     from gvpo_offline.runtime.progress import progress
 
     with progress(console, "policy log-probs", len(prompt_ids), unit="responses") as update:
-        return batched_logps(model, prompt_ids, response_ids, batch_tokens, dtype or torch.float32,
-                             on_batch=lambda n, _tokens: update(advance=n), packed=packed)
+        return batched_logps(model, prompt_ids, response_ids, batch_tokens, on_batch=lambda n, _tokens: update(advance=n), packed=packed)
 
 
 def _load_rows(config: EvalConfig, console=None):
@@ -413,7 +410,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        model = load_model(model_path, device, torch.float32, config.trust_remote_code)  # + autocast(dtype)
+        model = load_model(model_path, device, dtype, config.trust_remote_code)  # the weights in dtype, run in it
         vocab = model.get_output_embeddings().weight.shape[0]
         prompt_ids = table.column("prompt_ids").to_pylist()
         response_ids = table.column("response_ids").to_pylist()
@@ -429,8 +426,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
         batch_tokens = config.batch_tokens or default_batch_tokens(device)
         lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
         log_ratio = distributed.score_groups(ctx, group_ids, lengths, lambda rows: policy_log_probs(
-            model, [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], batch_tokens, dtype, console,
-            packed,
+            model, [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], batch_tokens, console, packed,
         )) - ref_logp
         if not np.isfinite(log_ratio).all():
             raise GvpoError(f"{model_path}: non-finite log-probs on the evaluation data")
@@ -443,7 +439,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
     generation = None
     if config.generation is not None:
         if model is None:
-            model = load_model(model_path, device, torch.float32, config.trust_remote_code)
+            model = load_model(model_path, device, dtype, config.trust_remote_code)
         generation = generation_eval(
             config.generation, model, model_is_ref, manifest, device, dtype, config.seed, config.bootstrap,
             console, config.trust_remote_code,

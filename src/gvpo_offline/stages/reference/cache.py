@@ -23,7 +23,7 @@ whenever a shard is loaded; shard paths must lie inside WORKDIR/ref/.
 
 CACHE SEMANTICS (:func:`precompute`):
     Manifest.inputs holds everything that decides the content (data files' sha256, layout, columns, model
-    and tokenizer fingerprints, tokenize settings after clamping, the response rule, dtype, eval_fraction, shard_groups, packing,
+    and tokenizer fingerprints, tokenize settings after clamping, the response rule, weights dtype, eval_fraction, shard_groups, packing,
     tool version); Manifest.key = sha256 of it. Same key and complete -> cache hit (no model loaded). Same key,
     incomplete -> resume: shards already on disk (each carries the key in its Parquet metadata) are kept.
     Other key -> recompute (or refuse with overwrite=False, naming what changed). Everything (data,
@@ -88,7 +88,7 @@ class Manifest:
     model_fingerprint: str
     tokenizer_fingerprint: str
     tokenize: dict  # TokenizeConfig as a dict
-    dtype: str
+    dtype: str  # the weights dtype the reference ran in (loaded directly in it; train must use the same)
     eval_fraction: float
     counts: dict[str, SplitCounts] = field(default_factory=dict)
     truncated_prompts: int = 0
@@ -232,6 +232,7 @@ _LABELS = {
     "model_fingerprint": "model fingerprint",
     "tokenizer_fingerprint": "tokenizer fingerprint",
     "dtype": "dtype",
+    "weights_dtype": "weights dtype",
     "response_rule": "rule that tokenizes responses",
     "eval_fraction": "eval fraction",
     "shard_groups": "--shard-groups",

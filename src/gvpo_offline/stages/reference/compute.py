@@ -232,7 +232,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "tokenize": tok_cfg.to_json(),
         "response_rule": RESPONSE_RULE,
-        "dtype": str(dtype).removeprefix("torch."),
+        "weights_dtype": str(dtype).removeprefix("torch."),  # the forward runs in it (no fp32 copy, no autocast)
         "eval_fraction": 0.0 if config.eval_data else float(config.eval_fraction),
         "shard_groups": config.shard_groups,
         "packing": config.packing,
@@ -284,7 +284,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         tool_version=__version__, data_files=data_files, eval_data_files=eval_files, layout=layout,
         columns=inputs["columns"], model_path=model_path, model_fingerprint=inputs["model_fingerprint"],
         tokenizer_fingerprint=inputs["tokenizer_fingerprint"], tokenize=inputs["tokenize"],
-        dtype=inputs["dtype"], eval_fraction=inputs["eval_fraction"], model_id=source.hub_id,
+        dtype=inputs["weights_dtype"], eval_fraction=inputs["eval_fraction"], model_id=source.hub_id,
         model_revision=source.revision,
         shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(math.ceil(groups.num_rows / config.shard_groups))],
         shard_groups=config.shard_groups, inputs=inputs, key=key,
@@ -300,10 +300,11 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        # float32 weights, autocast to ``dtype``: the numeric regime train and eval use too (ℓ = 0 at step 0)
-        model = loading.load_model(model_path, device, torch.float32, config.trust_remote_code)
+        # the weights loaded directly in ``dtype`` and run in it: train's policy and eval run the same
+        # weights dtype (train refuses another), so ℓ = 0 at step 0 to rounding
+        model = loading.load_model(model_path, device, dtype, config.trust_remote_code)
         batch_tokens = config.batch_tokens or logprobs.default_batch_tokens(device)
-        _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config,
+        _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, config,
                         console, ctx, encoded)
     distributed.barrier(ctx)
     with distributed.together(ctx):  # rank 0 completes the manifest; its GvpoError stops every rank
@@ -356,7 +357,7 @@ def _plan(config: PrecomputeConfig, console: Console, data_files: list[FileInfo]
     return groups.combine_chunks(), ["train"] * table.num_rows + ["eval"] * held.table.num_rows, data.layout
 
 
-def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config, console,
+def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, config, console,
                     ctx: distributed.Dist = distributed.Dist(), encoded: dict[int, tuple] | None = None):
     """Tokenize (unless ``encoded`` by :func:`_encode_all` already), score and write (atomically) the
     shards ``todo``, under a progress bar on ``console``.
@@ -391,7 +392,7 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
                     ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],
                     lambda rows: scoring.batched_logps(
                         model, [cols["prompt_ids"][i] for i in rows], [cols["response_ids"][i] for i in rows],
-                        batch_tokens, dtype, config.chunk_tokens, advance, packed,
+                        batch_tokens, config.chunk_tokens, advance, packed,
                     ),
                 )
             except KeyboardInterrupt:

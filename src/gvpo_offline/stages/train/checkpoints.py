@@ -22,6 +22,7 @@ import torch
 from gvpo_offline.model import adapters, distributed, modelcard
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import atomic_dir, atomic_write_bytes, atomic_write_json
+from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights
 
 if TYPE_CHECKING:
     from gvpo_offline.stages.train.config import TrainConfig
@@ -65,12 +66,13 @@ def checkpoint_dirs(workdir: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(
     workdir: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig, cache_key: str,
-    tokenizer=None,
+    tokenizer=None, master: MasterWeights | None = None,
 ) -> Path:
     """WORKDIR/checkpoints/step-N/: weights (safetensors; a LoRA adapter with --lora-r), tokenizer and
     generation_config.json (the folder loads with from_pretrained like the final model), optimizer,
     scheduler, torch RNG states, position, and the reference cache's key (a resume on another cache would
-    continue a different data order).
+    continue a different data order). ``master``: full fine-tuning in bf16 also saves the fp32 master
+    weights (master.py), so a resume continues them exactly.
 
     Written into a temp dir, then renamed (atomic); only the newest ``config.keep_checkpoints`` stay.
     """
@@ -79,6 +81,8 @@ def save_checkpoint(
         modelcard.write_model_folder(tmp, model, tokenizer)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if master is not None:
+            torch.save(master.state(), tmp / MASTER_WEIGHTS)
         rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()

@@ -30,7 +30,7 @@ class TrainConfig:
     max_steps: int | None = None  # when set, overrides epochs (epochs keep cycling until it)
     seed: int = 0
     device: str = "auto"
-    dtype: str = "auto"  # compute dtype: float32 on CPU, bf16 autocast on GPU by default
+    dtype: str = "auto"  # weights dtype of the policy's forward: auto = the cache's (the only one accepted)
     gradient_checkpointing: bool = False
     cpu_offload: bool = False  # under torchrun on GPUs: FSDP keeps shards, grads and AdamW state in CPU RAM
     save_every: int = 500  # steps between checkpoints; 0 = never
@@ -42,7 +42,7 @@ class TrainConfig:
     packing: str | None = None  # auto|on|off (packing.py); None = the reference cache's, so both use one path
     progress: bool = True  # live progress on stderr
     lora: LoraSettings | None = None  # train a LoRA adapter on the frozen model (gvpo_offline.adapters)
-    base_dtype: str = "float32"  # with LoRA: dtype of the frozen base weights (bfloat16 halves them)
+    base_dtype: str | None = None  # with LoRA: dtype of the frozen base weights; None = the cache's (the only one accepted)
     merge: bool = False  # with LoRA: also write WORKDIR/model-merged/, the adapter merged into the weights
 
     def __post_init__(self):
@@ -67,8 +67,9 @@ class TrainConfig:
             raise GvpoError("--save-every must be >= 0")
         if self.packing is not None and self.packing not in packing.PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
-        adapters.base_dtype(self.base_dtype)
-        if self.lora is None and (self.merge or self.base_dtype != "float32"):
+        if self.base_dtype is not None:
+            adapters.base_dtype(self.base_dtype)
+        if self.lora is None and (self.merge or self.base_dtype is not None):
             raise GvpoError("--merge and --base-dtype apply to LoRA training: add --lora-r")
 
     def to_json(self) -> dict:

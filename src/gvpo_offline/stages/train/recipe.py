@@ -5,7 +5,8 @@ readable top to bottom.
 
 1. **Check** the workdir's reference cache (complete manifest) against the model we train from: the
    reference model must be unchanged since precompute-ref, the tokenizer must be the cached one.
-2. **Set up** the policy (float32 master weights; bf16 autocast on GPU), AdamW and a linear-warmup +
+2. **Set up** the policy in the cache's weights dtype (the reference's regime: ℓ = 0 at step 0; in
+   bf16, full fine-tuning gives AdamW fp32 master weights, master.py), AdamW and a linear-warmup +
    cosine schedule; with ``resume`` reload all of it from the latest complete checkpoint.
 3. **Loop**: a step takes ``groups_per_step`` whole groups in the epoch's seeded shuffle order, computes
    the exact GVPO gradient (one pass, or micro-batch by micro-batch with :func:`loss.gvpo_grad_weights`
@@ -88,6 +89,7 @@ from gvpo_offline.stages.train.checkpoints import (
     truncate_metrics,
 )
 from gvpo_offline.stages.train.config import TrainConfig, TrainResult
+from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights
 from gvpo_offline.stages.train.step import (
     CachedGroups,
     NonFiniteError,
@@ -218,16 +220,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                         "base model (use its --merge folder, model-merged/), or train without --lora-r")
     groups = load_train_groups(workdir)
     device = resolve_device(distributed.stage_device(ctx, cfg.device))
-    compute_dtype = resolve_dtype(cfg.dtype, device)
+    weights_dtype = check_weights_dtype(manifest, cfg, device)
     micro_batch_tokens = cfg.micro_batch_tokens or (8192 if device.type == "cuda" else 2048)
-    if compute_dtype == torch.float16:
-        raise GvpoError("--dtype float16 is not supported for training: use bfloat16 or float32")
-    if str(manifest.dtype).removeprefix("torch.") != str(compute_dtype).removeprefix("torch."):
-        notes.append(f"the reference log-probs were computed in {manifest.dtype}, training computes in "
-                     f"{str(compute_dtype).removeprefix('torch.')}: ℓ is not exactly 0 at step 0")
-    if cfg.base_dtype != "float32":
-        notes.append(f"--base-dtype {cfg.base_dtype}: the reference log-probs came from float32 weights, so ℓ "
-                     "is the rounding of the base weights at step 0, not 0")
     for note in notes:
         log(f"note: {note}")
 
@@ -245,14 +239,15 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         remove_stale(workdir / CHECKPOINTS)  # left by a crash mid-save
         remove_stale(workdir)
 
-    # 3. the policy (fp32 master weights, eval mode = no dropout), optimizer, schedule, state
+    # 3. the policy (in the cache's weights dtype, eval mode = no dropout), optimizer, schedule, state
     torch.manual_seed(cfg.seed)
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
 
     def setup(weights: Path, checkpoint: Path | None):
         # several processes: rank 0 reads init_path on CPU, the others build it on meta; the weights reach
         # every rank's shards by broadcast (rank0_load.py), and a checkpoint's shards are loaded after that
-        dtype = torch.float32 if cfg.lora is None else adapters.base_dtype(cfg.base_dtype)
+        # sharded full fine-tuning: FSDP keeps fp32 shards and gathers them in weights_dtype for the forward
+        dtype = torch.float32 if ctx.enabled and cfg.lora is None else weights_dtype
         if ctx.enabled:
             model = rank0_load.load_for_sharding(ctx, init_path, dtype, cfg.trust_remote_code)
         else:
@@ -266,17 +261,23 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         log(plan.describe())
         memory_plan.check_fits(ctx, plan)
         if ctx.enabled:
-            model = rank0_load.shard_and_broadcast(ctx, model, cfg.cpu_offload)
+            model = rank0_load.shard_and_broadcast(ctx, model, cfg.cpu_offload, weights_dtype)
         elif cfg.cpu_offload:
             raise GvpoError("--cpu-offload shards the training state over processes: launch with torchrun on GPUs")
         params = [p for p in model.parameters() if p.requires_grad]
+        # one process, trainable weights in bf16 (full fine-tuning): AdamW steps fp32 copies of them
+        master = None if ctx.enabled or all(p.dtype == torch.float32 for p in params) else MasterWeights(params)
+        if master is not None:
+            params = master.master
+            if checkpoint is not None:
+                master.load(torch.load(checkpoint / MASTER_WEIGHTS, weights_only=True))
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
         if checkpoint and ctx.enabled:
             state = load_checkpoint_sharded(ctx, checkpoint, model, optimizer, scheduler)
         else:
             state = load_checkpoint(checkpoint, optimizer, scheduler) if checkpoint else TrainState()
-        return model, params, optimizer, scheduler, state
+        return model, params, optimizer, scheduler, state, master
 
     resume_from = None
     for step, path in reversed(checkpoints):  # newest first; a corrupt one falls back to the one before
@@ -284,7 +285,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             _check_resume_config(path, cfg, manifest.key)  # GvpoError: the user's settings differ
             _check_resume_world(path, ctx.world_size)  # GvpoError: another number of processes
             _check_checkpoint_files(path, ctx.world_size)
-            model, params, optimizer, scheduler, state = setup(path, path)
+            model, params, optimizer, scheduler, state, master = setup(path, path)
         except GvpoError:
             raise
         except Exception as err:  # noqa: BLE001 - truncated weights, missing files, bad pickles: all "corrupt"
@@ -298,12 +299,12 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         raise GvpoError(f"--resume: no usable checkpoint in {workdir / CHECKPOINTS} (all are incomplete or "
                         "corrupt); delete that folder to start over")
     if resume_from is None:
-        model, params, optimizer, scheduler, state = setup(init_path, None)
+        model, params, optimizer, scheduler, state, master = setup(init_path, None)
     check_vocabulary(model, groups, init_path if resume_from is None else resume_from[1])
     packing_mode, packing_note = packing.resolve(cfg.packing or manifest.inputs.get("packing", "off"), model.config)
     if packing_note:
         log(f"note: {packing_note}")
-    log(setting_line(device, compute_dtype, sum(p.numel() for p in params), groups, cfg, total_steps, warmup_steps,
+    log(setting_line(device, weights_dtype, sum(p.numel() for p in params), groups, cfg, total_steps, warmup_steps,
                      micro_batch_tokens))
     metrics_path = workdir / METRICS
     if ctx.is_main:
@@ -330,7 +331,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             try:
                 share = distributed.step_share(ctx, batch.group_tokens)  # None with one process
                 stats = gvpo_backward(model, batch, cfg.beta, micro_batch_tokens, cfg.logits_chunk_tokens,
-                                      compute_dtype, OBJECTIVES[cfg.loss],
+                                      OBJECTIVES[cfg.loss],
                                       packing.use_packing(packing_mode, batch.prompt_ids, batch.response_ids), share)
             except NonFiniteError as err:  # under torchrun: after the step's passes, on the ranks whose groups failed
                 failure = GvpoError(f"{where}: {err}; {stop}. {err.hint}")
@@ -340,6 +341,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                 raise GvpoError(f"{where}: the gradient is not finite (norm {grad_norm}); {stop}. Lower --lr")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            if master is not None:
+                master.to_model()
             scheduler.step()
             state.step += 1
             state.position += len(chosen)
@@ -371,7 +374,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                                                                 manifest.key))
                     else:
                         last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg,
-                                                        manifest.key, tokenizer))
+                                                        manifest.key, tokenizer, master))
             if signum:
                 log(f"interrupted after step {state.step}/{total_steps}; checkpoint saved to {last_good}. "
                     f"Continue with: gvpo-offline train --workdir {workdir} --resume (same options)")
@@ -384,7 +387,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         "warmup_steps": warmup_steps, "reference_model_path": manifest.model_path,
         "reference_model_fingerprint": manifest.model_fingerprint,
         "tokenizer_fingerprint": manifest.tokenizer_fingerprint, "cache_key": manifest.key,
-        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "weights_dtype": str(weights_dtype).removeprefix("torch."),
+        "base_dtype": str(weights_dtype).removeprefix("torch.") if cfg.lora is not None else None,
         "loss_formula": OBJECTIVES[cfg.loss].formula,  # "loss" (the --loss name) comes with cfg
         **modelcard.provenance(manifest, init_path, base_name, groups.n_groups, groups.table.num_rows),
     }
@@ -396,7 +400,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     distributed.barrier(ctx)
     with distributed.together(ctx):  # rank 0 merges; its GvpoError (e.g. the base changed) stops every rank
         if cfg.merge and ctx.is_main:  # last: merging folds the LoRA layers into the base weights in place
-            merged_model = (loading.load_merged(model_dir, torch.device("cpu"), adapters.base_dtype(cfg.base_dtype),
+            merged_model = (loading.load_merged(model_dir, torch.device("cpu"), weights_dtype,
                                                  cfg.trust_remote_code) if ctx.enabled else model.merge_and_unload())
             with write_errors_as_os_errors(workdir / MERGED_MODEL):
                 merged = save_final(workdir, merged_model, tokenizer, {**train_config, "merged": True},
@@ -409,6 +413,23 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
 
 
 # ---- safety checks ---------------------------------------------------------------------------------
+
+
+def check_weights_dtype(manifest: reference.Manifest, cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The weights dtype the policy runs in: the one the cache's reference log-probs were computed with
+    (precompute-ref --dtype), so that ℓ = 0 at step 0 to rounding. An explicit ``--dtype`` (or, with LoRA,
+    ``--base-dtype``) naming another is refused in one line."""
+    cached = str(manifest.dtype).removeprefix("torch.")
+    for flag, value in (("--dtype", cfg.dtype), ("--base-dtype", cfg.base_dtype)):
+        if value not in (None, "auto") and str(resolve_dtype(value, device)).removeprefix("torch.") != cached:
+            raise GvpoError(f"{flag} {value}: the reference log-probs in {cfg.workdir} were computed with {cached} "
+                            f"weights and the policy must run in the same weights dtype; drop {flag}, or rerun "
+                            f"precompute-ref --dtype {value}")
+    dtype = resolve_dtype(cached, device)
+    if dtype == torch.float16:
+        raise GvpoError("float16 weights are not supported for training: precompute-ref --dtype bfloat16 or float32")
+    return dtype
+
 
 
 def check_outputs(workdir: Path, manifest: reference.Manifest, init_path: Path, cfg: TrainConfig) -> None:

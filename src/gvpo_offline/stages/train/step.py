@@ -33,7 +33,7 @@ from gvpo_offline.math.loss import (
 )
 from gvpo_offline.model import packing
 from gvpo_offline.model.distributed import StepShare
-from gvpo_offline.model.logprobs import compute_context, length_batches, sequence_logps
+from gvpo_offline.model.logprobs import length_batches, sequence_logps
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.stages import reference
 
@@ -157,7 +157,6 @@ def gvpo_backward(
     beta: float,
     micro_batch_tokens: int,
     chunk_tokens: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
     objective: Objective = OBJECTIVES["gvpo"],
     packed: bool = False,
     share: StepShare | None = None,
@@ -214,15 +213,13 @@ def gvpo_backward(
 
     def logps(rows: list[int]) -> Tensor:
         prompts, responses = [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows]
-        with compute_context(device, autocast_dtype or torch.float32):
-            if packed:  # sharded: through FSDP's hooks (distributed.shard_model)
-                packed_logps = getattr(model, "gvpo_packed_logps", None) or functools.partial(packing.packed_logps, model)
-                return packed_logps(prompts, responses, chunk_tokens, row_cap)
-            return sequence_logps(model, prompts, responses, chunk_tokens)
+        if packed:  # sharded: through FSDP's hooks (distributed.shard_model)
+            packed_logps = getattr(model, "gvpo_packed_logps", None) or functools.partial(packing.packed_logps, model)
+            return packed_logps(prompts, responses, chunk_tokens, row_cap)
+        return sequence_logps(model, prompts, responses, chunk_tokens)
 
     def padding() -> Tensor:  # a one-token pair: log-probs of a pass that only joins the others' collectives
-        with compute_context(device, autocast_dtype or torch.float32):
-            return sequence_logps(model, [[0]], [[0]], chunk_tokens)
+        return sequence_logps(model, [[0]], [[0]], chunk_tokens)
 
     n_tokens = torch.tensor([len(r) for r in batch.response_ids], dtype=torch.float64, device=device)
     is_gvpo = objective.name == "gvpo"

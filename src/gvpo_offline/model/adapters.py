@@ -6,8 +6,8 @@ The reference log-probs are already cached, so no second model and no adapter sw
 - **ℓ = 0 at step 0**: peft initialises B = 0, so the wrapped model computes exactly the base model's
   function; the policy stays in eval mode, and the default ``lora_dropout = 0`` keeps it deterministic
   (a dropout > 0 would only act in training mode, but even there it would make ℓ random).
-- **Precision**: the base weights are ``base_dtype`` (float32 by default, the reference's regime;
-  bfloat16 halves their memory on a GPU, at the price of ℓ at step 0 being bf16 rounding, not 0); the
+- **Precision**: the base weights are in the cache's weights dtype (``precompute-ref --dtype``: the
+  reference ran the same weights, so ℓ = 0 at step 0; bfloat16 halves their memory on a GPU); the
   adapter weights and their AdamW state are always float32 (peft's ``autocast_adapter_dtype``).
 - **Folder**: ``save_pretrained`` of the peft model = ``adapter_config.json`` +
   ``adapter_model.safetensors``, loadable with ``peft.AutoPeftModelForCausalLM.from_pretrained``;

@@ -105,3 +105,18 @@ def test_master_weights_keep_updates_below_bf16_resolution_and_accumulate_grads_
     expected = 1 - 10 * 1e-3 * torch.tensor([2.0, 4.0, 6.0, 8.0])
     assert torch.allclose(master.master[0].detach(), expected)
     assert torch.equal(weight.detach(), expected.to(torch.bfloat16))
+
+
+def test_resume_of_bf16_full_fine_tuning_continues_the_fp32_master_weights_exactly(bf16_run):
+    from safetensors.torch import load_file
+
+    cfg = dict(max_steps=3, save_every=1, keep_checkpoints=5, lr=2e-3)
+    train(config(bf16_run, **cfg), log=lambda _: None)
+    straight = load_file(bf16_run / "model" / "model.safetensors")
+    assert (bf16_run / "checkpoints" / "step-1" / "master_weights.pt").is_file()
+    for step in (2, 3):
+        shutil.rmtree(bf16_run / "checkpoints" / f"step-{step}")
+    assert train(config(bf16_run, resume=True, **cfg), log=lambda _: None).resumed_from == 1
+    resumed = load_file(bf16_run / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

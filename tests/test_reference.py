@@ -344,3 +344,14 @@ def test_no_recomputing_message_when_nothing_was_computed(tmp_path, monkeypatch)
     tokenize = TokenizeConfig(max_length=48, max_prompt_length=24)
     manifest, out = run(tmp_path / "w", [data], tokenize=tokenize, overwrite=False)
     assert manifest.complete and "recomputing the reference cache" not in out
+
+
+def test_a_changed_response_rule_recomputes_the_cache(tmp_path, monkeypatch):
+    from gvpo_offline.stages.reference import compute
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_groups(3))
+    first, _ = run(tmp_path / "w", [data])
+    monkeypatch.setattr(compute, "RESPONSE_RULE", "another rule")
+    second, out = run(tmp_path / "w", [data])
+    assert second.key != first.key and second.inputs["response_rule"] == "another rule"
+    assert "recomputing the reference cache: rule that tokenizes responses changed" in out

@@ -120,3 +120,13 @@ def test_resume_of_bf16_full_fine_tuning_continues_the_fp32_master_weights_exact
     resumed = load_file(bf16_run / "model" / "model.safetensors")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_the_memory_plan_counts_the_master_weights_beside_bf16_weights():
+    from gvpo_offline.model import memory_plan
+    from gvpo_offline.model.distributed import Dist
+
+    model = loading.load_model(STORIES, torch.device("cpu"), torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    plan = memory_plan.memory_plan(model, Dist(), torch.device("cpu"))
+    assert (plan.params_bytes, plan.grads_bytes, plan.optimizer_bytes) == (6 * n, 4 * n, 8 * n)  # 2 + 4 master

@@ -53,6 +53,10 @@ def memory_plan(model, ctx: Dist, device: torch.device, cpu_offload: bool = Fals
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # frozen weights (a LoRA run's base): in their own dtype, with no gradient and no optimizer state
     frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    if ctx.world_size == 1:  # trainable bf16 weights: the optimizer steps fp32 master copies (counted as the
+        # trainable weights below) and the model keeps its bf16 ones beside them, without a gradient
+        frozen_bytes += sum(p.numel() * p.element_size() for p in model.parameters()
+                            if p.requires_grad and p.dtype != torch.float32)
     layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in _maybe_layers(model)), default=0)
     if device.type == "cuda" and not cpu_offload:
         capacity, where = torch.cuda.get_device_properties(device).total_memory, str(device)

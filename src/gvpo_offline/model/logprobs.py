@@ -11,6 +11,7 @@ step 0 to rounding. Many pairs without grad: :mod:`gvpo_offline.model.scoring`; 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint

@@ -364,8 +364,6 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
 
 
 def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport | None:
-    import torch
-
     from gvpo_offline.model import distributed
     from gvpo_offline.model.loading import load_model, resolve_device, resolve_dtype
     from gvpo_offline.model.logprobs import default_batch_tokens

@@ -207,8 +207,8 @@ def turn_end_id(tokenizer, cfg: TokenizeConfig) -> int | None:
     """The token with which the chat template ends an assistant turn (ChatML ``<|im_end|>``, Gemma
     ``<end_of_turn>``, Llama 3 ``<|eot_id|>``): where sampling a chat reply stops, so that the reply's
     text, tokenized again by :func:`encode_response`, gives the tokens that were sampled followed by the
-    turn's end. Read off a probe reply: the first token after the reply's own tokens; None when the
-    template has no chat template or the probe's tokens do not show it."""
+    turn's end. Read off a probe reply: the first token after the reply's own tokens; None when there
+    is no chat template or the probe's tokens do not show it."""
     probe = "Hello"
     try:
         turn = _assistant_turn_ids(tokenizer, [{"role": "user", "content": "Hi"}], probe, cfg)

@@ -174,14 +174,14 @@ def summary_line(model_dir: Path, steps: int, steps_run: int, seconds: float, fi
     return f"train done: {done}{loss}{clip}; model saved to {model_dir}"
 
 
-def setting_line(device, compute_dtype, n_params: int, groups: CachedGroups, cfg: TrainConfig, total_steps: int,
+def setting_line(device, weights_dtype, n_params: int, groups: CachedGroups, cfg: TrainConfig, total_steps: int,
                  warmup_steps: int, micro_batch_tokens: int) -> str:
     """What this run does, printed before the first step."""
     table = groups.table
     tokens = sum(pa.compute.sum(pa.compute.list_value_length(table[c])).as_py() or 0
                  for c in ("prompt_ids", "response_ids"))
     per_step = tokens / groups.n_groups * min(cfg.groups_per_step, groups.n_groups)
-    dtype = str(compute_dtype).removeprefix("torch.")
+    dtype = str(weights_dtype).removeprefix("torch.")
     return (
         f"train: {device} {dtype}, {n_params:,} trainable parameters; {groups.n_groups:,} groups "
         f"({table.num_rows:,} responses), {cfg.groups_per_step} groups per step, ~{per_step:,.0f} tokens per step; "

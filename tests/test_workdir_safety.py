@@ -214,3 +214,62 @@ def test_precompute_hashes_each_data_file_once(run_cli, tmp_path, monkeypatch):
     assert [f["sha256"] for f in manifest["data_files"] + manifest["eval_data_files"]] == [
         hashlib.sha256(p.read_bytes()).hexdigest() for p in (train, held)]
     assert manifest["inputs"]["data_files"] == [manifest["data_files"][0]["sha256"]]
+
+
+# ---- issue 20: planted links and foreign output folders ---------------------------------------------------
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo"])
+def test_a_lock_path_that_is_not_our_own_file_is_refused_and_its_target_untouched(cache, run_cli, tmp_path, plant):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("the user's notes\n")
+    for name in ("ref", "train"):
+        lock_path = cache / f".gvpo-lock-{name}"
+        lock_path.unlink(missing_ok=True)
+        if plant == "symlink":
+            lock_path.symlink_to(victim)
+        elif plant == "hardlink":
+            os.link(victim, lock_path)
+        else:
+            os.mkfifo(lock_path)
+    err = one_line(run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0"))
+    assert ".gvpo-lock-train" in err and "remove it" in err
+    assert victim.read_text() == "the user's notes\n"
+    assert not (cache / "model").exists()
+
+
+def test_a_lock_file_is_never_truncated_and_names_its_holder(cache):
+    from gvpo_offline.runtime.workdir import _holder, lock
+
+    path = cache / ".gvpo-lock-ref"
+    path.write_bytes(b"")
+    with lock(cache, "ref"):
+        assert f"pid {os.getpid()}" in _holder(cache, "ref")
+        size = path.stat().st_size
+    assert path.stat().st_size == size  # released by overwriting the pid, not by truncating
+    assert "an eval" in _holder(cache, "ref")  # no pid left
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints", "model-merged", "tb"])
+def test_train_refuses_a_link_planted_where_it_writes(cache, run_cli, tmp_path, name):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    (cache / name).symlink_to(target if name != "metrics.jsonl" else target / "keep.txt")
+    err = one_line(run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "1"))
+    assert f"{name}: is a symbolic link" in err
+    assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
+
+
+def test_plot_and_precompute_refuse_links_where_they_write(cache, run_cli, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (cache / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "log_ratio": 0.0}) + "\n")
+    (cache / "plots").symlink_to(target)
+    assert "plots: is a symbolic link" in one_line(run_cli("plot", cache))
+    shutil.rmtree(cache / "ref")
+    (cache / "ref").symlink_to(target)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "responses": ["b", "c"], "rewards": [0, 1]}])
+    err = one_line(run_cli("precompute-ref", data, "--model", STORIES, "--workdir", cache, "--device", "cpu"))
+    assert "ref: is a symbolic link" in err
+    assert list(target.iterdir()) == []

@@ -557,3 +557,23 @@ def test_ctrl_c_stops_the_generation_eval(tmp_path):
            "--prompts", prompts, "--reward", f"{slow}:r", "--max-new-tokens", "4", "--json", tmp_path / "r.json"]
     code, err = _interrupt_when(cmd, started.exists, signal.SIGINT)
     assert code == 130 and "interrupted" in err and not (tmp_path / "r.json").exists(), err
+
+
+# ---- issue 20: data lost or silently wrong -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [
+    "my notes, one line without a newline",  # does not parse: still not ours
+    '{"id": "1", "prompt": "p", "responses": ["a", "b"], "rewards": [0, 1]}',  # a group, but not ours
+])
+def test_sample_never_cuts_an_unterminated_line_it_did_not_write(run_cli, tmp_path, content):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n")
+    reward = tmp_path / "reward.py"
+    reward.write_text("def length(prompt, response):\n    return float(len(response))\n")
+    out = tmp_path / "notes.jsonl"
+    out.write_text(content)
+    res = run_cli("sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{reward}:length", "-o", out,
+                  "--max-new-tokens", "4", "--device", "cpu")
+    assert res.code == 2 and "line 1" in res.err and "no newline" in res.err and "Traceback" not in res.err
+    assert out.read_text() == content

@@ -273,3 +273,27 @@ def test_plot_and_precompute_refuse_links_where_they_write(cache, run_cli, tmp_p
     err = one_line(run_cli("precompute-ref", data, "--model", STORIES, "--workdir", cache, "--device", "cpu"))
     assert "ref: is a symbolic link" in err
     assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["model", "model-merged"])
+def test_a_foreign_output_folder_is_refused_even_with_overwrite(cache, run_cli, name):
+    (cache / name).mkdir()
+    (cache / name / "config.json").write_text('{"mine": true}')
+    before = {p.name: p.read_bytes() for p in (cache / name).iterdir()}
+    args = ["train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0", "--lora-r", "2", "--merge"]
+    for extra in ([], ["--overwrite"]):
+        err = one_line(run_cli(*args, *extra))
+        assert f"{name}: not a model folder written by gvpo-offline train" in err
+    assert {p.name: p.read_bytes() for p in (cache / name).iterdir()} == before
+
+
+def test_an_earlier_merged_model_goes_with_its_run(cache, run_cli):
+    args = ["train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0", "--lora-r", "2"]
+    assert run_cli(*args, "--merge").code == 0
+    assert (cache / "model-merged" / "train_config.json").is_file()
+    shutil.rmtree(cache / "model")
+    (cache / "metrics.jsonl").unlink()
+    assert "--overwrite" in one_line(run_cli(*args))  # model-merged/ alone is an earlier run too
+    assert run_cli(*args, "--overwrite").code == 0
+    assert (cache / "model" / "adapter_config.json").is_file() and not (cache / "model-merged").exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".gvpo-old-")]

@@ -352,37 +352,70 @@ def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord
     return records
 
 
+def journal_path(output: str | Path) -> Path:
+    """Where ``sample`` records what it is appending to ``output``: ``.gvpo-sample-NAME.json`` beside it,
+    ``{"size": bytes of the output before the block, "pending": the block's text}``, written (atomically)
+    before each block and removed when the run ends. It is what lets a resumed run tell its own torn
+    write from a file of the user's whose last line lacks a newline."""
+    output = Path(output)
+    return output.parent / f".gvpo-sample-{output.name}.json"
+
+
+def _own_torn_tail(path: Path, data: bytes) -> bool:
+    """Is the unterminated end of ``data`` (the output's bytes) a piece of the block an interrupted
+    ``sample`` was writing, as its journal records?"""
+    try:
+        journal = json.loads(journal_path(path).read_text(encoding="utf-8"))
+        size, pending = int(journal["size"]), journal["pending"].encode("utf-8")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    written = data[size:] if 0 <= size <= len(data) else None
+    return written is not None and len(written) < len(pending) and pending.startswith(written) and (
+        size == 0 or data[size - 1 : size] == b"\n")
+
+
 def read_done_ids(path: str | Path) -> set[str]:
-    """Ids already in an output file, for resuming. A partial last line (an interrupted write) is cut
-    off the file; a bad line elsewhere is an error (the file is not ours to repair)."""
+    """Ids already in an output file, for resuming. Its last line may lack its newline only when it is a
+    piece of what an interrupted run was writing (:func:`journal_path` says so): that piece is cut off.
+    Any other unterminated last line (a file of the user's, e.g. notes without a final newline) or a bad
+    line elsewhere is an error: the file is not ours to repair."""
     path = Path(path)
     if not path.exists():
         return set()
     data = path.read_bytes()
+    good_end = len(data)
+    if data and not data.endswith(b"\n"):
+        line_no = data.count(b"\n") + 1
+        if not _own_torn_tail(path, data):
+            raise DataError(str(path), "the last line has no newline and is not a piece of a group this tool was "
+                            "writing; not appending to it: end the file with a newline (or choose another -o)",
+                            line=line_no)
+        good_end = data.rfind(b"\n") + 1
     done: set[str] = set()
-    good_end = 0
-    lines = data.split(b"\n")
-    for line_no, raw in enumerate(lines, 1):
-        last = line_no == len(lines)
+    for line_no, raw in enumerate(data[:good_end].split(b"\n")[:-1], 1):
         if not raw.strip():
-            if not last:
-                good_end += len(raw) + 1
             continue
         try:
-            obj = json.loads(raw)
-            if last:  # complete JSON but no newline yet: treat as partial too
-                raise ValueError
-            done.add(str(obj["id"]))
-        except (ValueError, KeyError, TypeError):
-            if last:
-                break
+            done.add(str(json.loads(raw)["id"]))
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise DataError(str(path), "not a complete group line; fix or remove the output file to resume",
                             line=line_no) from None
-        good_end += len(raw) + 1
     if good_end < len(data):
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return done
+
+
+def _append_block(out, text: str, journal: Path) -> None:
+    """Append ``text`` (whole group lines) to the open output ``out``: first record it in the journal
+    (with the output's size before it), then write, flush and fsync."""
+    from gvpo_offline.runtime.files import atomic_write_json
+
+    out.flush()
+    atomic_write_json(journal, {"size": os.fstat(out.fileno()).st_size, "pending": text})
+    out.write(text)
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def sample(config: SampleConfig, progress_console=None) -> SampleResult:
@@ -424,6 +457,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
         rows_in_block += k_for(config, r.index)
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    journal = journal_path(output)
     total = sum(k_for(config, r.index) for r in todo)
     with progress(progress_console, "sampling", total, unit="responses") as update, \
             open(output, "a", encoding="utf-8") as out:
@@ -445,8 +479,8 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
                     {"id": record.id, "prompt": record.prompt, **extra, "responses": kept, "rewards": rewards},
                     ensure_ascii=False,
                 ) + "\n")
-            out.write("".join(lines))
-            out.flush()
-            os.fsync(out.fileno())
+            if lines:
+                _append_block(out, "".join(lines), journal)
             result.written += len(lines)
+    journal.unlink(missing_ok=True)
     return result

@@ -577,3 +577,50 @@ def test_sample_never_cuts_an_unterminated_line_it_did_not_write(run_cli, tmp_pa
                   "--max-new-tokens", "4", "--device", "cpu")
     assert res.code == 2 and "line 1" in res.err and "no newline" in res.err and "Traceback" not in res.err
     assert out.read_text() == content
+
+
+def _sample(run_cli, tmp_path, rows, reward_body, fn, *extra):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    reward = tmp_path / "reward.py"
+    reward.write_text(reward_body)
+    out = tmp_path / "groups.jsonl"
+    res = run_cli("sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{reward}:{fn}", "-o", out,
+                  "--max-new-tokens", "4", "--device", "cpu", "--prompt-template", "{{ messages[0]['content'] }}",
+                  *extra)
+    return res, out
+
+
+def test_a_reward_that_mutates_its_inputs_changes_nothing_that_is_written(run_cli, tmp_path):
+    rows = [{"id": "a", "prompt": [{"role": "user", "content": "Once upon a time"}], "tags": ["x"]}]
+    body = ("def grab(prompt, response, tags):\n"
+            "    prompt.append({'role': 'assistant', 'content': response})\n"
+            "    tags.append('seen')\n"
+            "    return float(len(prompt) + len(tags))\n")
+    res, out = _sample(run_cli, tmp_path, rows, body, "grab")
+    assert res.code == 0, res.err
+    (group,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert group["prompt"] == rows[0]["prompt"] and group["tags"] == ["x"]
+    assert group["rewards"] == [4.0, 4.0]  # every call saw the row as read, not the previous call's edits
+
+
+def test_a_row_the_reward_cannot_score_is_skipped_and_counted_never_written(run_cli, tmp_path):
+    rows = [{"id": "1", "prompt": "Once upon a time", "ground_truth": "#### 18"},
+            {"id": "2", "prompt": "Once upon a time", "ground_truth": None},
+            {"id": "3", "prompt": "Once upon a time", "ground_truth": "no number at all"}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "groups.jsonl"
+    res = run_cli("sample", prompts, "--model", STORIES, "--k", "2", "--reward",
+                  "gvpo_offline.rewards:gsm8k_correct", "-o", out, "--max-new-tokens", "4", "--device", "cpu")
+    assert res.code == 0, res.err
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["1"]
+    assert "skipped 2 prompts the reward could not score" in " ".join(res.err.split())
+
+
+def test_a_row_field_named_like_the_rewards_response_parameter_is_one_line(run_cli, tmp_path, monkeypatch):
+    from gvpo_offline.model import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    rows = [{"id": "a", "prompt": "Once upon a time", "text": "a field"}]
+    res, out = _sample(run_cli, tmp_path, rows, "def r(prompt, text, **row):\n    return 1.0\n", "r")
+    assert res.code == 2 and "Traceback" not in res.err and "multiple values" not in res.err
+    assert "prompt id 'a': the field 'text'" in " ".join(res.err.split()) and not out.exists()

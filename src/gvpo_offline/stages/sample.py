@@ -275,6 +275,8 @@ class SampleResult:
     total: int  # prompts in the input
     empty_responses: int  # responses dropped because they decoded to whitespace (groups left with
     # fewer than two are not written)
+    unscorable: int = 0  # prompts the reward could not score (rewards.Unscorable): skipped, not written
+    first_unscorable: str = ""  # the first of them, and why
 
 
 def parse_k_range(value: str) -> tuple[int, int]:
@@ -428,12 +430,19 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     skipped; resuming assumes the same settings). Each prompt's samples are seeded by its position in
     the prompts file, so a resumed run writes what an uninterrupted one would have.
     """
-    from gvpo_offline.data.rewards import NOT_REWARD_FIELDS, load_reward_fn, score_responses
+    from gvpo_offline.data.rewards import (
+        NOT_REWARD_FIELDS,
+        Unscorable,
+        check_reward_fields,
+        load_reward_fn,
+        score_responses,
+    )
     from gvpo_offline.model.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
     from gvpo_offline.runtime.progress import progress
 
     records = read_prompts(config.prompts_path)
     reward_fn = load_reward_fn(config.reward, config.reward_timeout)
+    check_reward_fields(reward_fn, ((f"{config.prompts_path}: prompt id {r.id!r}", r.fields) for r in records))
     output = Path(config.output)
     done = read_done_ids(output)
     todo = [r for r in records if r.id not in done]
@@ -473,7 +482,13 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
                 result.empty_responses += len(group) - len(kept)
                 if len(kept) < 2:  # rare: not a GVPO group any more (a resumed run retries it)
                     continue
-                rewards = score_responses(reward_fn, record.prompt, kept, f"prompt id {record.id!r}", record.fields)
+                try:
+                    rewards = score_responses(reward_fn, record.prompt, kept, f"prompt id {record.id!r}",
+                                              record.fields)
+                except Unscorable as err:  # e.g. no ground truth: skipped and counted, never written as 0s
+                    result.unscorable += 1
+                    result.first_unscorable = result.first_unscorable or str(err)
+                    continue
                 extra = {k: v for k, v in record.fields.items() if k not in NOT_REWARD_FIELDS}
                 lines.append(json.dumps(
                     {"id": record.id, "prompt": record.prompt, **extra, "responses": kept, "rewards": rewards},

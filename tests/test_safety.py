@@ -624,3 +624,40 @@ def test_a_row_field_named_like_the_rewards_response_parameter_is_one_line(run_c
     res, out = _sample(run_cli, tmp_path, rows, "def r(prompt, text, **row):\n    return 1.0\n", "r")
     assert res.code == 2 and "Traceback" not in res.err and "multiple values" not in res.err
     assert "prompt id 'a': the field 'text'" in " ".join(res.err.split()) and not out.exists()
+
+
+# ---- issue 20: hostile config and data files ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lr: true\n", "key 'lr': expected a number, got True"),
+    ("train:\n  groups_per_step: yes\n", "key 'groups_per_step': expected an integer, got True"),
+    ("train:\n  groups_per_step: 2.5\n", "key 'groups_per_step': expected an integer, got 2.5"),
+    ("train:\n  max_steps: many\n", "key 'max_steps': expected an integer, got 'many'"),
+    ("train:\n  merge: 'no'\n", "key 'merge': expected true or false, got 'no'"),
+    ("workdir: yes\n", "key 'workdir': expected a string, got True"),
+    ("train:\n  report_to: [tensorboard, {a: 1}]\n", "key 'report_to': expected a string (or a list of them)"),
+])
+def test_a_config_value_of_the_wrong_type_is_refused_naming_file_and_key(run_cli, tmp_path, text, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("beta: 0.1\n" + text)
+    res = run_cli("train", "--config", cfg, "--workdir", tmp_path / "nowhere")
+    assert res.code == 2 and message in res.err and str(cfg) in res.err and "Traceback" not in res.err
+    cfg.write_text("beta: 0.1\ntrain:\n  lr: '1e-3'\n  groups_per_step: 4\n  merge: false\n")  # still accepted
+    assert "no such workdir" in run_cli("train", "--config", cfg, "--workdir", tmp_path / "nowhere").err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+     + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+     + "beta: *i\n", "expands to more than"),  # a "billion laughs" file: 9^9 values from 400 bytes
+    ("a: &a [*a]\n", "contains itself"),
+    ("beta: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("beta: 0.1\n#" + "x" * (1 << 20) + "\n", "at most"),
+])
+def test_a_hostile_yaml_config_is_refused_in_one_line(run_cli, tmp_path, text, message):
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(text)
+    res = run_cli("train", "--config", cfg)
+    assert res.code == 2 and message in res.err and str(cfg) in res.err
+    assert len(res.err.strip().splitlines()) == 1 and "Traceback" not in res.err

@@ -661,3 +661,14 @@ def test_a_hostile_yaml_config_is_refused_in_one_line(run_cli, tmp_path, text, m
     res = run_cli("train", "--config", cfg)
     assert res.code == 2 and message in res.err and str(cfg) in res.err
     assert len(res.err.strip().splitlines()) == 1 and "Traceback" not in res.err
+
+
+def test_rewards_too_large_for_the_loss_are_refused_by_the_first_stage(run_cli, tmp_path):
+    rows = [{"prompt": "a", "responses": ["b", "c"], "rewards": [0.5, 1.0]},
+            {"prompt": "d", "id": "huge", "responses": ["e", "f", "g"], "rewards": [1e200, 0.0, -1e200]}]
+    data = write_jsonl(tmp_path / "huge.jsonl", rows)
+    for cmd in (precompute_args(data, tmp_path / "run"), ["inspect", data]):
+        res = run_cli(*cmd)
+        assert res.code == 2 and "group 'huge'" in res.err and "rescale the rewards" in res.err
+        assert "Traceback" not in res.err
+    assert not (tmp_path / "run").exists()

@@ -672,3 +672,23 @@ def test_rewards_too_large_for_the_loss_are_refused_by_the_first_stage(run_cli, 
         assert res.code == 2 and "group 'huge'" in res.err and "rescale the rewards" in res.err
         assert "Traceback" not in res.err
     assert not (tmp_path / "run").exists()
+
+
+def test_convert_from_hub_refuses_names_that_escape_and_bounds_the_scan(run_cli, tmp_path, monkeypatch):
+    from gvpo_offline.stages import convert
+
+    inner = tmp_path / "a" / "b" / "c"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    for name, message in (("../../..", "contains the current folder"), ("/", "contains the current folder"),
+                          ("org/../../etc", "neither a hub dataset id"), ("~nobody-here/x", "neither a hub")):
+        res = run_cli("convert", "nectar", "--from-hub", name, "-o", tmp_path / "out.jsonl")
+        assert res.code == 2 and message in res.err and "Traceback" not in res.err, (name, res.err)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(8):
+        (big / f"f{i}.jsonl").write_text("{}\n")
+    monkeypatch.setattr(convert, "MAX_DATASET_FILES", 5)
+    res = run_cli("convert", "nectar", "--from-hub", big, "-o", tmp_path / "out.jsonl")
+    assert res.code == 2 and "more than 5 files" in res.err
+    assert not (tmp_path / "out.jsonl").exists()

@@ -692,3 +692,33 @@ def test_convert_from_hub_refuses_names_that_escape_and_bounds_the_scan(run_cli,
     res = run_cli("convert", "nectar", "--from-hub", big, "-o", tmp_path / "out.jsonl")
     assert res.code == 2 and "more than 5 files" in res.err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_deeply_nested_json_is_one_line_with_file_and_line(run_cli, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    good = json.dumps({"prompt": "a", "responses": ["b", "c"], "rewards": [0, 1]})
+    data = tmp_path / "deep.jsonl"
+    data.write_text(good + "\n" + '{"prompt": "a", "responses": ' + deep + ', "rewards": [0, 1]}\n')
+    array = tmp_path / "deep.json"
+    array.write_text("[" + good + ",\n" + deep + "]")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a"}) + "\n" + '{"prompt": "b", "x": ' + deep + "}\n")
+    first = tmp_path / "first.jsonl"  # convert reads rows lazily: the deep one first
+    first.write_text('{"question": ' + deep + "}\n")
+    shallow = tmp_path / "shallow.jsonl"  # parses, but too deep to copy for a reward
+    shallow.write_text('{"prompt": "b", "x": ' + "[" * 500 + "]" * 500 + "}\n")
+    reward = tmp_path / "reward.py"
+    reward.write_text("def one(prompt, response, **row):\n    return 1.0\n")
+    for cmd, where in (
+        (["inspect", data], f"{data}: line 2:"),
+        (["inspect", array], f"{array}: line 2:"),
+        (["convert", "gsm8k", first, "-o", tmp_path / "out.jsonl"], f"{first}: line 1:"),
+        (["sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{reward}:one", "-o", tmp_path / "g.jsonl"],
+         f"{prompts}: line 2:"),
+        (["sample", shallow, "--model", STORIES, "--k", "2", "--reward", f"{reward}:one", "-o", tmp_path / "g.jsonl"],
+         f"{shallow}: line 1:"),
+    ):
+        res = run_cli(*cmd)
+        assert res.code == 2 and where in res.err and "nested" in res.err, (cmd[0], res.err[-300:])
+        assert "Traceback" not in res.err and "RecursionError" not in res.err
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "g.jsonl").exists()

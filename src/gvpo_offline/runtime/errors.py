@@ -7,6 +7,9 @@ class GvpoError(Exception):
     """An error the user can fix (bad input, bad option, mismatched cache). Printed as one line."""
 
 
+TOO_DEEP = "nested too deeply to read (a JSON value nested more than about a thousand levels)"  # the DataError message for JSON that overflows Python's recursion limit
+
+
 class DataError(GvpoError):
     """Bad input data, located precisely: file, then JSONL line (1-based) or table row (0-based), then field.
 

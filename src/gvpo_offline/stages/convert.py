@@ -44,7 +44,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from gvpo_offline.runtime.errors import DataError, GvpoError
+from gvpo_offline.runtime.errors import TOO_DEEP, DataError, GvpoError
 from gvpo_offline.runtime.files import atomic_write_jsonl
 
 GSM8K_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
@@ -251,6 +251,8 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
                 raise DataError(str(path), "invalid UTF-8", line=line) from None
             except json.JSONDecodeError as exc:
                 raise DataError(str(path), f"malformed JSON: {exc.msg} (column {exc.colno})", line=line) from None
+            except RecursionError:
+                raise DataError(str(path), TOO_DEEP, line=line) from None
 
 
 def _text(rows: Rows, pos: int, value: Any, field: str) -> str:

@@ -33,7 +33,7 @@ import torch
 from transformers import LogitsProcessor
 
 from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt
-from gvpo_offline.runtime.errors import DataError, GvpoError
+from gvpo_offline.runtime.errors import TOO_DEEP, DataError, GvpoError
 
 
 @dataclass(frozen=True)
@@ -311,6 +311,21 @@ def _check_prompt(path: str, line: int, prompt: object) -> Prompt:
                     line=line, field="prompt")
 
 
+MAX_FIELD_DEPTH = 100  # nesting levels of a prompts-file row (lists and objects)
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Is ``value`` (parsed JSON) nested more than ``limit`` levels of lists/objects? Iterative."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord]:
     """Prompts from a ``.txt`` file (one per line, blank lines skipped) or JSONL with a ``prompt`` field
     (a string or chat messages) and an optional ``id``; other fields are kept in ``PromptRecord.fields``
@@ -336,8 +351,12 @@ def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(str(path), f"invalid JSON ({err.msg})", line=line_no) from None
+        except RecursionError:
+            raise DataError(str(path), TOO_DEEP, line=line_no) from None
         if not isinstance(obj, dict) or "prompt" not in obj:
             raise DataError(str(path), "expected an object with a \"prompt\" field", line=line_no)
+        if _deeper_than(obj, MAX_FIELD_DEPTH):  # copied for the reward and written back out: keep it shallow
+            raise DataError(str(path), f"nested more than {MAX_FIELD_DEPTH} levels deep", line=line_no)
         raw_id = obj.get("id", line_no)
         if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
             raise DataError(str(path), f"expected a string or integer, got {raw_id!r}", line=line_no, field="id")

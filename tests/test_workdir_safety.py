@@ -297,3 +297,29 @@ def test_an_earlier_merged_model_goes_with_its_run(cache, run_cli):
     assert run_cli(*args, "--overwrite").code == 0
     assert (cache / "model" / "adapter_config.json").is_file() and not (cache / "model-merged").exists()
     assert not [p for p in cache.iterdir() if p.name.startswith(".gvpo-old-")]
+
+
+# ---- issue 20: resource blow-ups ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
+def test_the_adapter_size_is_known_before_it_is_allocated(targets):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from gvpo_offline.model.adapters import LoraSettings, add_lora, lora_param_count
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=32))
+    for base, names in ((AutoModelForCausalLM.from_pretrained(STORIES), targets), (gpt2, "c_attn,c_fc")):
+        settings = LoraSettings(r=3, target_modules=names)
+        expected = lora_param_count(base, settings)
+        peft_model = add_lora(base, settings)
+        assert expected > 0 and expected == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+
+
+def test_an_adapter_too_large_for_cpu_ram_is_refused_before_allocating(cache, run_cli, monkeypatch):
+    from gvpo_offline.model import adapters, memory_plan
+
+    monkeypatch.setattr(memory_plan, "available_ram_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(adapters, "add_lora", lambda *a, **k: pytest.fail("allocated the adapter"))
+    err = one_line(run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--lora-r", "100000"))
+    assert "does not fit: the LoRA adapter has" in err and "1.00 GiB free" in err and "--lora-r" in err

@@ -260,6 +260,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         else:
             model = load_model(weights if cfg.lora is None else init_path, device, dtype, cfg.trust_remote_code)
         if cfg.lora is not None:  # frozen base + float32 LoRA layers (B = 0: the base's function)
+            memory_plan.check_adapter_fits(ctx, adapters.lora_param_count(model, cfg.lora), device, cfg.cpu_offload)
             model = adapters.add_lora(model, cfg.lora, None if ctx.enabled else checkpoint)  # sharded: loaded below
             adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:

@@ -250,14 +250,19 @@ def test_a_lock_file_is_never_truncated_and_names_its_holder(cache):
     assert "an eval" in _holder(cache, "ref")  # no pid left
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints", "model-merged", "tb"])
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints", "model-merged", "tb", "hard:metrics.jsonl"])
 def test_train_refuses_a_link_planted_where_it_writes(cache, run_cli, tmp_path, name):
     target = tmp_path / "elsewhere"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    (cache / name).symlink_to(target if name != "metrics.jsonl" else target / "keep.txt")
-    err = one_line(run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "1"))
-    assert f"{name}: is a symbolic link" in err
+    hard, name = name.startswith("hard:"), name.removeprefix("hard:")
+    if hard:
+        os.link(target / "keep.txt", cache / name)
+    else:
+        (cache / name).symlink_to(target if name != "metrics.jsonl" else target / "keep.txt")
+    err = one_line(run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "1",
+                           "--report-to", "tensorboard", *(["--overwrite"] if name == "metrics.jsonl" else [])))
+    assert f"{name}: is a {'hard' if hard else 'symbolic'} link" in err
     assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
 
 

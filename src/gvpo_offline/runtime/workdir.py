@@ -103,14 +103,17 @@ _PID_WIDTH = 20  # bytes of the pid record at the start of a lock file (padded: 
 
 
 def refuse_links(folder: str | Path, names: tuple[str, ...] | list[str]) -> None:
-    """GvpoError when ``folder/name`` is a symbolic link, for each of the names the tool writes there: a
-    link planted in a (shared) workdir would make the tool write or delete through it, in a folder or a
-    file of someone else's. A workdir itself may be a link (e.g. to scratch space); what is in it may not."""
+    """GvpoError when ``folder/name`` is a symbolic link (or a file with a second name, a hard link), for
+    each of the names the tool writes there: a link planted in a (shared) workdir would make the tool write
+    or delete through it, in a folder or a file of someone else's. A workdir itself may be a link (e.g. to scratch space); what is in it may not."""
     for name in names:
         path = Path(folder) / name
         if path.is_symlink():
             raise GvpoError(f"{path}: is a symbolic link; the tool never writes through a link inside its "
                             "workdir (it may point at a file of yours): remove the link")
+        if path.is_file() and path.stat().st_nlink > 1:  # appended to in place (metrics.jsonl)
+            raise GvpoError(f"{path}: is a hard link (another name of a file that may be yours); the tool "
+                            "never writes into it: remove it")
 
 
 def _open_lock(path: Path) -> int:

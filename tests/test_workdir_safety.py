@@ -307,6 +307,7 @@ def test_an_earlier_merged_model_goes_with_its_run(cache, run_cli):
 # ---- issue 20: resource blow-ups ---------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out")
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
 def test_the_adapter_size_is_known_before_it_is_allocated(targets):
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel

@@ -7,7 +7,8 @@ class GvpoError(Exception):
     """An error the user can fix (bad input, bad option, mismatched cache). Printed as one line."""
 
 
-TOO_DEEP = "nested too deeply to read (a JSON value nested more than about a thousand levels)"  # the DataError message for JSON that overflows Python's recursion limit
+# The DataError message for JSON nested beyond what Python's parser can read (its recursion limit).
+TOO_DEEP = "nested too deeply to read (a JSON value nested more than about a thousand levels)"
 
 
 class DataError(GvpoError):

@@ -28,7 +28,7 @@ from gvpo_offline.runtime.errors import GvpoError
 MARKER = ".gvpo-offline"
 LAYOUT_VERSION = 1
 LOCK_PREFIX = ".gvpo-lock-"
-# What each stage writes inside its workdir (none of them may be a symbolic link: refuse_links).
+# What each stage writes inside its workdir (none of them may be a link: refuse_links).
 STAGE_OUTPUTS = {
     "precompute": ("manifest.json", "ref"),
     "train": ("checkpoints", "metrics.jsonl", "model", "model-merged", "tb", "wandb", "train_config.json"),
@@ -105,7 +105,8 @@ _PID_WIDTH = 20  # bytes of the pid record at the start of a lock file (padded: 
 def refuse_links(folder: str | Path, names: tuple[str, ...] | list[str]) -> None:
     """GvpoError when ``folder/name`` is a symbolic link (or a file with a second name, a hard link), for
     each of the names the tool writes there: a link planted in a (shared) workdir would make the tool write
-    or delete through it, in a folder or a file of someone else's. A workdir itself may be a link (e.g. to scratch space); what is in it may not."""
+    or delete through it, in a folder or a file of someone else's. A workdir itself may be a link (e.g. to
+    scratch space); what is in it may not."""
     for name in names:
         path = Path(folder) / name
         if path.is_symlink():

@@ -209,11 +209,13 @@ def _fits(value: Any, kind: type | None) -> bool:
         return False
     if kind is str:
         return isinstance(value, (str, int, float))
-    try:
-        (int if kind is int else float)(value) if isinstance(value, str) else None
-    except ValueError:
-        return False
-    return isinstance(value, (int, str)) if kind is int else isinstance(value, (int, float, str))
+    if isinstance(value, str):  # as typed on the command line: "1e-6", "8"
+        try:
+            (int if kind is int else float)(value)
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, int) if kind is int else isinstance(value, (int, float))
 
 
 def check_value(key: str, value: Any, param, path: str | Path) -> None:

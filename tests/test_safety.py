@@ -557,3 +557,168 @@ def test_ctrl_c_stops_the_generation_eval(tmp_path):
            "--prompts", prompts, "--reward", f"{slow}:r", "--max-new-tokens", "4", "--json", tmp_path / "r.json"]
     code, err = _interrupt_when(cmd, started.exists, signal.SIGINT)
     assert code == 130 and "interrupted" in err and not (tmp_path / "r.json").exists(), err
+
+
+# ---- issue 20: data lost or silently wrong -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [
+    "my notes, one line without a newline",  # does not parse: still not ours
+    '{"id": "1", "prompt": "p", "responses": ["a", "b"], "rewards": [0, 1]}',  # a group, but not ours
+])
+def test_sample_never_cuts_an_unterminated_line_it_did_not_write(run_cli, tmp_path, content):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n")
+    reward = tmp_path / "reward.py"
+    reward.write_text("def length(prompt, response):\n    return float(len(response))\n")
+    out = tmp_path / "notes.jsonl"
+    out.write_text(content)
+    res = run_cli("sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{reward}:length", "-o", out,
+                  "--max-new-tokens", "4", "--device", "cpu")
+    assert res.code == 2 and "line 1" in res.err and "no newline" in res.err and "Traceback" not in res.err
+    assert out.read_text() == content
+
+
+def _sample(run_cli, tmp_path, rows, reward_body, fn, *extra):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    reward = tmp_path / "reward.py"
+    reward.write_text(reward_body)
+    out = tmp_path / "groups.jsonl"
+    res = run_cli("sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{reward}:{fn}", "-o", out,
+                  "--max-new-tokens", "4", "--device", "cpu", "--prompt-template", "{{ messages[0]['content'] }}",
+                  *extra)
+    return res, out
+
+
+def test_a_reward_that_mutates_its_inputs_changes_nothing_that_is_written(run_cli, tmp_path):
+    rows = [{"id": "a", "prompt": [{"role": "user", "content": "Once upon a time"}], "tags": ["x"]}]
+    body = ("def grab(prompt, response, tags):\n"
+            "    prompt.append({'role': 'assistant', 'content': response})\n"
+            "    tags.append('seen')\n"
+            "    return float(len(prompt) + len(tags))\n")
+    res, out = _sample(run_cli, tmp_path, rows, body, "grab")
+    assert res.code == 0, res.err
+    (group,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert group["prompt"] == rows[0]["prompt"] and group["tags"] == ["x"]
+    assert group["rewards"] == [4.0, 4.0]  # every call saw the row as read, not the previous call's edits
+
+
+def test_a_row_the_reward_cannot_score_is_skipped_and_counted_never_written(run_cli, tmp_path):
+    rows = [{"id": "1", "prompt": "Once upon a time", "ground_truth": "#### 18"},
+            {"id": "2", "prompt": "Once upon a time", "ground_truth": None},
+            {"id": "3", "prompt": "Once upon a time", "ground_truth": "no number at all"}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "groups.jsonl"
+    res = run_cli("sample", prompts, "--model", STORIES, "--k", "2", "--reward",
+                  "gvpo_offline.rewards:gsm8k_correct", "-o", out, "--max-new-tokens", "4", "--device", "cpu")
+    assert res.code == 0, res.err
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["1"]
+    assert "skipped 2 prompts the reward could not score" in " ".join(res.err.split())
+
+
+def test_a_row_field_named_like_the_rewards_response_parameter_is_one_line(run_cli, tmp_path, monkeypatch):
+    from gvpo_offline.model import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    rows = [{"id": "a", "prompt": "Once upon a time", "text": "a field"}]
+    res, out = _sample(run_cli, tmp_path, rows, "def r(prompt, text, **row):\n    return 1.0\n", "r")
+    assert res.code == 2 and "Traceback" not in res.err and "multiple values" not in res.err
+    assert "prompt id 'a': the field 'text'" in " ".join(res.err.split()) and not out.exists()
+
+
+# ---- issue 20: hostile config and data files ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lr: true\n", "key 'lr': expected a number, got True"),
+    ("train:\n  groups_per_step: yes\n", "key 'groups_per_step': expected an integer, got True"),
+    ("train:\n  groups_per_step: 2.5\n", "key 'groups_per_step': expected an integer, got 2.5"),
+    ("train:\n  max_steps: many\n", "key 'max_steps': expected an integer, got 'many'"),
+    ("train:\n  merge: 'no'\n", "key 'merge': expected true or false, got 'no'"),
+    ("workdir: yes\n", "key 'workdir': expected a string, got True"),
+    ("train:\n  report_to: [tensorboard, {a: 1}]\n", "key 'report_to': expected a string (or a list of them)"),
+])
+def test_a_config_value_of_the_wrong_type_is_refused_naming_file_and_key(run_cli, tmp_path, text, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("beta: 0.1\n" + text)
+    res = run_cli("train", "--config", cfg, "--workdir", tmp_path / "nowhere")
+    assert res.code == 2 and message in res.err and str(cfg) in res.err and "Traceback" not in res.err
+    cfg.write_text("beta: 0.1\ntrain:\n  lr: '1e-3'\n  groups_per_step: 4\n  merge: false\n")  # still accepted
+    assert "no such workdir" in run_cli("train", "--config", cfg, "--workdir", tmp_path / "nowhere").err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+     + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+     + "beta: *i\n", "expands to more than"),  # a "billion laughs" file: 9^9 values from 400 bytes
+    ("a: &a [*a]\n", "contains itself"),
+    ("beta: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("beta: 0.1\n#" + "x" * (1 << 20) + "\n", "at most"),
+])
+def test_a_hostile_yaml_config_is_refused_in_one_line(run_cli, tmp_path, text, message):
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(text)
+    res = run_cli("train", "--config", cfg)
+    assert res.code == 2 and message in res.err and str(cfg) in res.err
+    assert len(res.err.strip().splitlines()) == 1 and "Traceback" not in res.err
+
+
+def test_rewards_too_large_for_the_loss_are_refused_by_the_first_stage(run_cli, tmp_path):
+    rows = [{"prompt": "a", "responses": ["b", "c"], "rewards": [0.5, 1.0]},
+            {"prompt": "d", "id": "huge", "responses": ["e", "f", "g"], "rewards": [1e200, 0.0, -1e200]}]
+    data = write_jsonl(tmp_path / "huge.jsonl", rows)
+    for cmd in (precompute_args(data, tmp_path / "run"), ["inspect", data]):
+        res = run_cli(*cmd)
+        assert res.code == 2 and "group 'huge'" in res.err and "rescale the rewards" in res.err
+        assert "Traceback" not in res.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_convert_from_hub_refuses_names_that_escape_and_bounds_the_scan(run_cli, tmp_path, monkeypatch):
+    from gvpo_offline.stages import convert
+
+    inner = tmp_path / "a" / "b" / "c"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    for name, message in (("../../..", "contains the current folder"), ("/", "contains the current folder"),
+                          ("org/../../etc", "neither a hub dataset id"), ("~nobody-here/x", "neither a hub")):
+        res = run_cli("convert", "nectar", "--from-hub", name, "-o", tmp_path / "out.jsonl")
+        assert res.code == 2 and message in res.err and "Traceback" not in res.err, (name, res.err)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(8):
+        (big / f"f{i}.jsonl").write_text("{}\n")
+    monkeypatch.setattr(convert, "MAX_DATASET_FILES", 5)
+    res = run_cli("convert", "nectar", "--from-hub", big, "-o", tmp_path / "out.jsonl")
+    assert res.code == 2 and "more than 5 files" in res.err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_deeply_nested_json_is_one_line_with_file_and_line(run_cli, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    good = json.dumps({"prompt": "a", "responses": ["b", "c"], "rewards": [0, 1]})
+    data = tmp_path / "deep.jsonl"
+    data.write_text(good + "\n" + '{"prompt": "a", "responses": ' + deep + ', "rewards": [0, 1]}\n')
+    array = tmp_path / "deep.json"
+    array.write_text("[" + good + ",\n" + deep + "]")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a"}) + "\n" + '{"prompt": "b", "x": ' + deep + "}\n")
+    first = tmp_path / "first.jsonl"  # convert reads rows lazily: the deep one first
+    first.write_text('{"question": ' + deep + "}\n")
+    shallow = tmp_path / "shallow.jsonl"  # parses, but too deep to copy for a reward
+    shallow.write_text('{"prompt": "b", "x": ' + "[" * 500 + "]" * 500 + "}\n")
+    reward = tmp_path / "reward.py"
+    reward.write_text("def one(prompt, response, **row):\n    return 1.0\n")
+    for cmd, where in (
+        (["inspect", data], f"{data}: line 2:"),
+        (["inspect", array], f"{array}: line 2:"),
+        (["convert", "gsm8k", first, "-o", tmp_path / "out.jsonl"], f"{first}: line 1:"),
+        (["sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{reward}:one", "-o", tmp_path / "g.jsonl"],
+         f"{prompts}: line 2:"),
+        (["sample", shallow, "--model", STORIES, "--k", "2", "--reward", f"{reward}:one", "-o", tmp_path / "g.jsonl"],
+         f"{shallow}: line 1:"),
+    ):
+        res = run_cli(*cmd)
+        assert res.code == 2 and where in res.err and "nested" in res.err, (cmd[0], res.err[-300:])
+        assert "Traceback" not in res.err and "RecursionError" not in res.err
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "g.jsonl").exists()

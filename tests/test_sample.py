@@ -64,13 +64,38 @@ def test_sample_writes_valid_groups_within_k_range(run_cli, prompts_txt, reward_
     assert data.stats.n_groups == 5 and data.stats.dropped_k1_groups == 0
 
 
-def test_sample_is_deterministic_and_resumes_without_duplicates(run_cli, prompts_txt, reward_py, tmp_path):
+def test_sample_is_deterministic_and_resumes_without_duplicates(run_cli, prompts_txt, reward_py, tmp_path,
+                                                                monkeypatch):
+    from gvpo_offline.stages import sample
+
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     args = ("--k", "3", "--reward", f"{reward_py}:length", *FAST)
     assert run_cli("sample", prompts_txt, "--model", MODEL, "-o", full, *args).code == 0
+    assert not sample.journal_path(full).exists()  # a finished run leaves no record behind
+
+    append, blocks = sample._append_block, []
+
+    class TornFile:  # half of what is written reaches the disk, then the run dies
+        def __init__(self, out):
+            self.out = out
+
+        def write(self, text):
+            self.out.write(text[: len(text) // 2])
+            self.out.flush()
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.out, name)
+
+    def killed_in_the_third_block(out, text, journal):  # one prompt (3 rows of 4) per block
+        blocks.append(text)
+        append(TornFile(out) if len(blocks) == 3 else out, text, journal)
+
+    monkeypatch.setattr(sample, "_append_block", killed_in_the_third_block)
+    assert run_cli("sample", prompts_txt, "--model", MODEL, "-o", part, *args).code == 130
+    monkeypatch.undo()
     lines = full.read_text().splitlines(keepends=True)
-    # An interrupted run: two complete groups and half a line.
-    part.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    assert part.read_text() == lines[0] + lines[1] + lines[2][: len(lines[2]) // 2]
     res = run_cli("sample", prompts_txt, "--model", MODEL, "-o", part, *args)
     assert res.code == 0, res.err
     assert "2 already there" in res.err

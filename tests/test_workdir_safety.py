@@ -214,3 +214,118 @@ def test_precompute_hashes_each_data_file_once(run_cli, tmp_path, monkeypatch):
     assert [f["sha256"] for f in manifest["data_files"] + manifest["eval_data_files"]] == [
         hashlib.sha256(p.read_bytes()).hexdigest() for p in (train, held)]
     assert manifest["inputs"]["data_files"] == [manifest["data_files"][0]["sha256"]]
+
+
+# ---- issue 20: planted links and foreign output folders ---------------------------------------------------
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo"])
+def test_a_lock_path_that_is_not_our_own_file_is_refused_and_its_target_untouched(cache, run_cli, tmp_path, plant):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("the user's notes\n")
+    for name in ("ref", "train"):
+        lock_path = cache / f".gvpo-lock-{name}"
+        lock_path.unlink(missing_ok=True)
+        if plant == "symlink":
+            lock_path.symlink_to(victim)
+        elif plant == "hardlink":
+            os.link(victim, lock_path)
+        else:
+            os.mkfifo(lock_path)
+    err = one_line(run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0"))
+    assert ".gvpo-lock-train" in err and "remove it" in err
+    assert victim.read_text() == "the user's notes\n"
+    assert not (cache / "model").exists()
+
+
+def test_a_lock_file_is_never_truncated_and_names_its_holder(cache):
+    from gvpo_offline.runtime.workdir import _holder, lock
+
+    path = cache / ".gvpo-lock-ref"
+    path.write_bytes(b"")
+    with lock(cache, "ref"):
+        assert f"pid {os.getpid()}" in _holder(cache, "ref")
+        size = path.stat().st_size
+    assert path.stat().st_size == size  # released by overwriting the pid, not by truncating
+    assert "an eval" in _holder(cache, "ref")  # no pid left
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints", "model-merged", "tb", "hard:metrics.jsonl"])
+def test_train_refuses_a_link_planted_where_it_writes(cache, run_cli, tmp_path, name):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    hard, name = name.startswith("hard:"), name.removeprefix("hard:")
+    if hard:
+        os.link(target / "keep.txt", cache / name)
+    else:
+        (cache / name).symlink_to(target if name != "metrics.jsonl" else target / "keep.txt")
+    err = one_line(run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "1",
+                           "--report-to", "tensorboard", *(["--overwrite"] if name == "metrics.jsonl" else [])))
+    assert f"{name}: is a {'hard' if hard else 'symbolic'} link" in err
+    assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
+
+
+def test_plot_and_precompute_refuse_links_where_they_write(cache, run_cli, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (cache / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "log_ratio": 0.0}) + "\n")
+    (cache / "plots").symlink_to(target)
+    assert "plots: is a symbolic link" in one_line(run_cli("plot", cache))
+    shutil.rmtree(cache / "ref")
+    (cache / "ref").symlink_to(target)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "responses": ["b", "c"], "rewards": [0, 1]}])
+    err = one_line(run_cli("precompute-ref", data, "--model", STORIES, "--workdir", cache, "--device", "cpu"))
+    assert "ref: is a symbolic link" in err
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["model", "model-merged"])
+def test_a_foreign_output_folder_is_refused_even_with_overwrite(cache, run_cli, name):
+    (cache / name).mkdir()
+    (cache / name / "config.json").write_text('{"mine": true}')
+    before = {p.name: p.read_bytes() for p in (cache / name).iterdir()}
+    args = ["train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0", "--lora-r", "2", "--merge"]
+    for extra in ([], ["--overwrite"]):
+        err = one_line(run_cli(*args, *extra))
+        assert f"{name}: not a model folder written by gvpo-offline train" in err
+    assert {p.name: p.read_bytes() for p in (cache / name).iterdir()} == before
+
+
+def test_an_earlier_merged_model_goes_with_its_run(cache, run_cli):
+    args = ["train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0", "--lora-r", "2"]
+    assert run_cli(*args, "--merge").code == 0
+    assert (cache / "model-merged" / "train_config.json").is_file()
+    shutil.rmtree(cache / "model")
+    (cache / "metrics.jsonl").unlink()
+    assert "--overwrite" in one_line(run_cli(*args))  # model-merged/ alone is an earlier run too
+    assert run_cli(*args, "--overwrite").code == 0
+    assert (cache / "model" / "adapter_config.json").is_file() and not (cache / "model-merged").exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".gvpo-old-")]
+
+
+# ---- issue 20: resource blow-ups ---------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out")
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
+def test_the_adapter_size_is_known_before_it_is_allocated(targets):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from gvpo_offline.model.adapters import LoraSettings, add_lora, lora_param_count
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=32))
+    for base, names in ((AutoModelForCausalLM.from_pretrained(STORIES), targets), (gpt2, "c_attn,c_fc")):
+        settings = LoraSettings(r=3, target_modules=names)
+        expected = lora_param_count(base, settings)
+        peft_model = add_lora(base, settings)
+        assert expected > 0 and expected == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+
+
+def test_an_adapter_too_large_for_cpu_ram_is_refused_before_allocating(cache, run_cli, monkeypatch):
+    from gvpo_offline.model import adapters, memory_plan
+
+    monkeypatch.setattr(memory_plan, "available_ram_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(adapters, "add_lora", lambda *a, **k: pytest.fail("allocated the adapter"))
+    err = one_line(run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--lora-r", "100000"))
+    assert "does not fit: the LoRA adapter has" in err and "1.00 GiB free" in err and "--lora-r" in err

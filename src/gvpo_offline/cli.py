@@ -67,6 +67,9 @@ def sample_cmd(
     result = sample(config, progress_console=console)
     note = f" ({result.skipped} already there)" if result.skipped else ""
     dropped = f"; {result.empty_responses} empty responses dropped" if result.empty_responses else ""
+    if result.unscorable:
+        dropped += (f"; skipped {result.unscorable} prompts the reward could not score (first: "
+                    f"{result.first_unscorable})")
     console.print(f"wrote {result.written} groups to {output}{note}{dropped}", highlight=False, soft_wrap=True, markup=False)
 
 

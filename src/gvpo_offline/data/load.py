@@ -61,10 +61,35 @@ def load_groups(config: DataConfig, files: list[FileInfo] | None = None) -> Grou
     out = pa.table(
         [table["gid"], table["prompt"], table["responses"], table["rewards"]], names=TABLE_SCHEMA.names
     ).cast(TABLE_SCHEMA)
+    check_reward_spread(out, ", ".join(str(p) for p in config.paths))
     stats = compute_stats(out)
     stats.n_rows = sum(p.n_rows for p in parts)
     stats.dropped_k1_groups = dropped
     return GroupedData(out, files, layout, stats)
+
+
+def check_reward_spread(table: pa.Table, where: str) -> None:
+    """DataError naming the group when its rewards are finite but so large that the loss overflows
+    (Σ (R − mean R)² beyond float64, e.g. ±1e200): refused when the data is read, by the first stage
+    (precompute-ref, inspect), not later by train. ``table``: TABLE_SCHEMA rows."""
+    import numpy as np
+
+    sizes = pc.list_value_length(table["rewards"]).to_numpy(zero_copy_only=False)  # k >= 2 each
+    rewards = pc.list_flatten(table["rewards"]).to_numpy(zero_copy_only=False)
+    if rewards.size == 0:
+        return
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    starts = offsets[:-1]
+    with np.errstate(over="ignore", invalid="ignore"):
+        means = np.add.reduceat(rewards, starts) / sizes
+        spread = np.add.reduceat((rewards - np.repeat(means, sizes)) ** 2, starts)
+    bad = np.flatnonzero(~np.isfinite(spread))
+    if bad.size:
+        g = int(bad[0])
+        group = table["group_id"][g].as_py()
+        biggest = np.abs(rewards[offsets[g]:offsets[g + 1]]).max()
+        raise DataError(where, f"group {group!r}: rewards too large for the loss (their squared differences "
+                               f"overflow float64; max |R| {biggest:.3g}); rescale the rewards", field="rewards")
 
 
 def _read_source(src: _Source, index: int, config: DataConfig) -> _Part:

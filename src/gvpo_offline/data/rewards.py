@@ -6,13 +6,20 @@
 A reward may also take the prompt row's other fields as keyword arguments, e.g.
 ``def correct(prompt, response, ground_truth): ...``: a JSONL prompts file with a ``ground_truth`` field
 (as ``convert gsm8k`` writes) then passes it. A field is passed when the function names it or has
-``**kwargs``; ``id`` and the data-layout columns (responses, rewards, ...) are not passed.
+``**kwargs``; ``id`` and the data-layout columns (responses, rewards, ...) are not passed. A field named
+like the parameter that receives the prompt or the response is refused up front
+(:func:`check_reward_fields`). The reward gets copies: whatever it does to the prompt or a field, what is
+written is what was read.
+
+A reward that cannot score a row (its reference answer is missing) raises :class:`Unscorable`: ``sample``
+skips that prompt and counts it, the generation eval stops naming it.
 
 Shipped rewards: :func:`gsm8k_correct`.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import importlib.util
@@ -115,10 +122,41 @@ def reward_kwargs(fn: RewardFn, fields: dict | None) -> dict:
     return {k: v for k, v in fields.items() if k in named}
 
 
+class Unscorable(ValueError):
+    """Raised by a reward for a row it cannot score (e.g. a null or number-less ground truth): never a 0."""
+
+
+def reward_field_clash(fn: RewardFn, fields: dict | None) -> str | None:
+    """The name of a row field that would reach ``fn`` as a keyword and that is also the name of the
+    parameter receiving the prompt or the response (Python would fail with "multiple values"), or None."""
+    passed = reward_kwargs(fn, fields)
+    try:
+        params = list(inspect.signature(fn).parameters.values())[:2]
+    except (TypeError, ValueError):
+        return None
+    return next((p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name in passed), None)
+
+
+def check_reward_fields(fn: RewardFn, rows) -> None:
+    """GvpoError (one line) for the first of ``rows`` — (where, fields) pairs — whose fields collide with
+    the reward's prompt/response parameter names: checked before any model is loaded."""
+    for where, fields in rows:
+        name = reward_field_clash(fn, fields)
+        if name is not None:
+            raise GvpoError(f"{where}: the field {name!r} would be passed to the reward function, whose parameter "
+                            f"{name!r} already receives the {'prompt' if _position(fn, name) == 0 else 'response'}; "
+                            "rename the field or the parameter")
+
+
+def _position(fn: RewardFn, name: str) -> int:
+    return [p.name for p in inspect.signature(fn).parameters.values()].index(name)
+
+
 def score(fn: RewardFn, prompt, response: str, fields: dict | None = None) -> float:
-    """Call the reward (with the row's ``fields`` it accepts, see :func:`reward_kwargs`); insist on a
-    finite real number (not a string such as "1.5", not a bool)."""
-    value = fn(prompt, response, **reward_kwargs(fn, fields))
+    """Call the reward (with the row's ``fields`` it accepts, see :func:`reward_kwargs`) on copies of the
+    prompt and the fields (a reward that appends to the message list changes nothing the caller writes);
+    insist on a finite real number (not a string such as "1.5", not a bool)."""
+    value = fn(copy.deepcopy(prompt), response, **copy.deepcopy(reward_kwargs(fn, fields)))
     item = value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value  # numpy/torch scalar
     if isinstance(item, bool) or not isinstance(item, numbers.Real):
         raise GvpoError(f"the reward function returned {value!r} ({type(value).__name__}), not a number")
@@ -140,6 +178,8 @@ def score_responses(
             rewards.append(score(fn, prompt, response, fields))
         except GvpoError as err:
             raise GvpoError(f"{where}: {err}") from None
+        except Unscorable as err:
+            raise Unscorable(f"{where}: {err}") from None
         except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's code failed (or exited): one line
             raise GvpoError(f"the reward function failed on {where}: {type(err).__name__}: {err}") from None
     return rewards
@@ -169,6 +209,12 @@ def final_number(text: str) -> float | None:
 def gsm8k_correct(prompt, response: str, ground_truth: str) -> float:
     """1.0 when the response's final number equals the ground truth's (``#### 18`` or ``A: 18`` solutions,
     or a bare number), else 0.0. Use with ``--reward gvpo_offline.rewards:gsm8k_correct`` on prompts that
-    carry a ``ground_truth`` field (``gvpo-offline convert gsm8k`` writes it)."""
-    expected, answered = final_number(str(ground_truth)), final_number(response)
+    carry a ``ground_truth`` field (``gvpo-offline convert gsm8k`` writes it). A ground truth that is
+    null or holds no number raises :class:`Unscorable` (the row is skipped and counted, never scored 0)."""
+    expected = final_number(ground_truth) if isinstance(ground_truth, str) else (
+        float(ground_truth) if isinstance(ground_truth, (int, float)) and not isinstance(ground_truth, bool)
+        and math.isfinite(ground_truth) else None)
+    if expected is None:
+        raise Unscorable(f"ground_truth {ground_truth!r} holds no number to compare with")
+    answered = final_number(response)
     return float(expected is not None and answered is not None and math.isclose(answered, expected, abs_tol=1e-6))

@@ -21,7 +21,7 @@ import pyarrow as pa
 from gvpo_offline.data.layout import _RAW, _detect_layout, _Names, _names, _Part, _RowError
 from gvpo_offline.data.records import ColumnMap, DataConfig
 from gvpo_offline.data.sources import _Source
-from gvpo_offline.runtime.errors import DataError
+from gvpo_offline.runtime.errors import TOO_DEEP, DataError
 
 _WS = re.compile(r"[ \t\n\r]*")
 
@@ -40,6 +40,8 @@ def _parse_line(path: str, raw: bytes | str, line: int) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise DataError(path, f"malformed JSON: {exc.msg} (column {exc.colno})", line=line) from None
+    except RecursionError:
+        raise DataError(path, TOO_DEEP, line=line) from None
 
 
 def _json_lines(src: _Source) -> Iterator[tuple[int, Any]]:
@@ -89,6 +91,8 @@ def _json_array(src: _Source) -> Iterator[tuple[int, Any]]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise DataError(src.path, f"malformed JSON: {exc.msg} (column {exc.colno})", line=exc.lineno) from None
+        except RecursionError:
+            raise DataError(src.path, TOO_DEEP, line=line) from None
         yield line, obj
         pos = _WS.match(text, end).end()
         if text.startswith(",", pos):

@@ -67,6 +67,30 @@ def base_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+def lora_param_count(base, settings: LoraSettings) -> int:
+    """Trainable parameters the adapter will have, from the shapes of ``base``'s layers, without
+    allocating it: r·(in + out) for each targeted linear layer (``torch.nn.Linear``, or transformers'
+    Conv1D with its (in, out) weight). "all-linear" targets every linear layer but the output embedding
+    (peft's rule); names match a module's name or its last dotted part."""
+    targets = settings.target_modules.strip()
+    names = None if targets == "all-linear" else {m.strip() for m in targets.split(",") if m.strip()}
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    total = 0
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            fan_in, fan_out = module.in_features, module.out_features
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+            fan_in, fan_out = module.weight.shape
+        else:
+            continue
+        if names is None and module is head:
+            continue
+        if names is not None and name not in names and name.rsplit(".", 1)[-1] not in names:
+            continue
+        total += settings.r * (fan_in + fan_out)
+    return total
+
+
 def add_lora(base, settings: LoraSettings, checkpoint: Path | None = None):
     """The peft model to train: fresh LoRA layers (B = 0: the base's function exactly) or, with
     ``checkpoint``, the adapter saved there (trainable, for --resume). Eval mode; adapter in float32."""

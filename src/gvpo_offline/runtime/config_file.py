@@ -48,6 +48,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise GvpoError(f"--config {path}: no such file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise GvpoError(f"--config {path}: {path.stat().st_size} bytes; a config file holds at most "
+                        f"{MAX_CONFIG_BYTES} (is this the right file?)")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".toml":
@@ -57,7 +60,12 @@ def load_file(path: str | Path) -> dict[str, Any]:
         else:  # YAML is a superset of JSON
             import yaml
 
+            _check_yaml_size(path, yaml.compose(text, Loader=yaml.SafeLoader))
             data = yaml.safe_load(text)
+    except RecursionError:
+        raise GvpoError(f"--config {path}: nested too deeply to read") from None
+    except GvpoError:
+        raise
     except ImportError as exc:
         need = "Python >= 3.11 (tomllib)" if path.suffix.lower() == ".toml" else "PyYAML (pip install pyyaml)"
         raise GvpoError(f"--config {path}: reading it needs {need}") from exc
@@ -69,6 +77,41 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise GvpoError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
     return data
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; anything near this is not one
+MAX_CONFIG_NODES = 100_000  # values in the document once every alias is expanded
+
+
+def _check_yaml_size(path: Path, root) -> None:
+    """GvpoError unless the YAML node graph ``root`` expands (aliases followed) to at most
+    MAX_CONFIG_NODES values and has no alias that contains itself: a "billion laughs" file of a few
+    hundred bytes would otherwise expand to gigabytes when its values are read. Counted without expanding:
+    each distinct node's expanded size is computed once."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            raise GvpoError(f"--config {path}: a YAML alias that contains itself (a recursive document)")
+        visiting.add(key)
+        total = 1
+        if isinstance(node.value, list):
+            for item in node.value:
+                for child in (item if isinstance(item, tuple) else (item,)):  # mapping: (key, value) pairs
+                    total += size(child)
+                    if total > MAX_CONFIG_NODES:
+                        raise GvpoError(f"--config {path}: expands to more than {MAX_CONFIG_NODES} values (YAML "
+                                        "aliases nested in aliases); not read")
+        visiting.discard(key)
+        sizes[key] = total
+        return total
+
+    if root is not None:
+        size(root)
 
 
 def config_key(param) -> str:
@@ -130,8 +173,62 @@ def default_map(data: dict[str, Any], command, commands: dict[str, Any], path: s
         many = getattr(param, "multiple", False) or param.nargs == -1
         if many and value is not None and not isinstance(value, (list, tuple)):
             value = [value]
+        check_value(key, value, param, path)
         result[param.name] = value
     return result
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _option_type(param) -> type | None:
+    """bool, int, float or str: the type of one value of ``param`` (typer's annotation, unwrapping
+    Optional[...] and list[...]); None when it cannot be told."""
+    import typing
+
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if annotation is None:  # older typer: the click type's name
+        name = getattr(getattr(param, "type", None), "name", None)
+        return {"boolean": bool, "integer": int, "float": float, "text": str}.get(name)
+    while typing.get_origin(annotation) is not None:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if not args:
+            return None
+        annotation = args[0]
+    return annotation if annotation in _EXPECTED else str if isinstance(annotation, type) else None
+
+
+def _fits(value: Any, kind: type | None) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (dict, list, tuple)):
+        return False
+    if kind is bool or kind is None:
+        return kind is None or isinstance(value, bool)
+    if isinstance(value, bool):  # `lr: true`, `groups_per_step: yes` are not numbers (nor strings)
+        return False
+    if kind is str:
+        return isinstance(value, (str, int, float))
+    if isinstance(value, str):  # as typed on the command line: "1e-6", "8"
+        try:
+            (int if kind is int else float)(value)
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, int) if kind is int else isinstance(value, (int, float))
+
+
+def check_value(key: str, value: Any, param, path: str | Path) -> None:
+    """GvpoError naming the file, the key and the expected type unless ``value`` has the option's type
+    (click would coerce ``true`` to 1.0 or 1 silently). Strings that parse as the number are accepted, as
+    on the command line (YAML reads ``1e-6`` as a string)."""
+    kind = _option_type(param)
+    many = getattr(param, "multiple", False) or param.nargs == -1
+    items = value if many and isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if not _fits(item, kind):
+            expected = _EXPECTED.get(kind, "a value") + (" (or a list of them)" if many else "")
+            raise GvpoError(f"--config {path}: key '{key}': expected {expected}, got {item!r}")
 
 
 def _load_into_context(ctx, param, value) -> None:

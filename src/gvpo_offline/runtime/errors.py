@@ -7,6 +7,10 @@ class GvpoError(Exception):
     """An error the user can fix (bad input, bad option, mismatched cache). Printed as one line."""
 
 
+# The DataError message for JSON nested beyond what Python's parser can read (its recursion limit).
+TOO_DEEP = "nested too deeply to read (a JSON value nested more than about a thousand levels)"
+
+
 class DataError(GvpoError):
     """Bad input data, located precisely: file, then JSONL line (1-based) or table row (0-based), then field.
 

@@ -28,6 +28,12 @@ from gvpo_offline.runtime.errors import GvpoError
 MARKER = ".gvpo-offline"
 LAYOUT_VERSION = 1
 LOCK_PREFIX = ".gvpo-lock-"
+# What each stage writes inside its workdir (none of them may be a link: refuse_links).
+STAGE_OUTPUTS = {
+    "precompute": ("manifest.json", "ref"),
+    "train": ("checkpoints", "metrics.jsonl", "model", "model-merged", "tb", "wandb", "train_config.json"),
+    "eval": ("extra",),
+}
 
 
 def is_marked(folder: str | Path) -> bool:
@@ -93,30 +99,73 @@ def inside_workdir(path: str | Path) -> Path | None:
 # ---- locks ---------------------------------------------------------------------------------------
 
 
+_PID_WIDTH = 20  # bytes of the pid record at the start of a lock file (padded: never truncated)
+
+
+def refuse_links(folder: str | Path, names: tuple[str, ...] | list[str]) -> None:
+    """GvpoError when ``folder/name`` is a symbolic link (or a file with a second name, a hard link), for
+    each of the names the tool writes there: a link planted in a (shared) workdir would make the tool write
+    or delete through it, in a folder or a file of someone else's. A workdir itself may be a link (e.g. to
+    scratch space); what is in it may not."""
+    for name in names:
+        path = Path(folder) / name
+        if path.is_symlink():
+            raise GvpoError(f"{path}: is a symbolic link; the tool never writes through a link inside its "
+                            "workdir (it may point at a file of yours): remove the link")
+        if path.is_file() and path.stat().st_nlink > 1:  # appended to in place (metrics.jsonl)
+            raise GvpoError(f"{path}: is a hard link (another name of a file that may be yours); the tool "
+                            "never writes into it: remove it")
+
+
+def _open_lock(path: Path) -> int:
+    """Open (create) a lock file without following a link; refuse anything but a regular file with one
+    name (a symlink, a folder, a FIFO, a hard link to another file are someone else's)."""
+    import errno
+    import stat
+
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EMLINK):
+            raise GvpoError(f"{path}: the lock path is a link or not a regular file; the tool never writes "
+                            "through it: remove it") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > _PID_WIDTH:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else (
+            "a hard link to another file" if st.st_nlink != 1 else "not a lock file of this tool (too large)")
+        raise GvpoError(f"{path}: the lock path is {what}; the tool never writes into it: remove it")
+    return fd
+
+
 @contextmanager
 def lock(folder: str | Path, name: str, *, shared: bool = False) -> Iterator[None]:
     """Hold ``WORKDIR/.gvpo-lock-<name>`` (exclusive, or shared) for the block, or raise GvpoError at once
-    naming the process that holds it. Without fcntl (Windows) this is a no-op."""
+    naming the process that holds it. The file is opened with O_NOFOLLOW and never truncated: an exclusive
+    holder writes its pid, padded to a fixed width, over the first bytes. Without fcntl (Windows) this is
+    a no-op."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux/macOS
         yield
         return
     path = Path(folder) / f"{LOCK_PREFIX}{name}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise GvpoError(f"{folder}: {_holder(Path(folder), name)}; wait for it to finish or stop it") from None
         if not shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()}".ljust(_PID_WIDTH - 1).encode() + b"\n", 0)
         try:
             yield
         finally:
             if not shared:
-                os.ftruncate(fd, 0)
+                os.pwrite(fd, b" " * (_PID_WIDTH - 1) + b"\n", 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -127,8 +176,8 @@ def _holder(folder: Path, name: str) -> str:
     else an eval (the only other shared holder, which writes no pid)."""
     for lock_name, stage in ((name, name), ("train", "train")):
         try:
-            pid = (folder / f"{LOCK_PREFIX}{lock_name}").read_text().strip()
-        except OSError:
+            pid = (folder / f"{LOCK_PREFIX}{lock_name}").read_text()[:_PID_WIDTH].strip()
+        except (OSError, ValueError):
             pid = ""
         if pid:
             what = "precompute-ref" if stage == "ref" else stage
@@ -142,6 +191,7 @@ def stage_locks(folder: str | Path, stage: str, model: str | Path | None = None)
     (shared); ``eval`` -> ref (shared) + train (shared) of the workdir that ``model`` lies in, if any
     (``folder`` itself for WORKDIR/model; none for the reference or a model outside every workdir)."""
     with ExitStack() as stack:
+        refuse_links(folder, STAGE_OUTPUTS.get(stage, ()))
         if stage == "precompute":
             stack.enter_context(lock(folder, "ref"))
         elif stage == "train":

@@ -37,13 +37,14 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from gvpo_offline.runtime.errors import DataError, GvpoError
+from gvpo_offline.runtime.errors import TOO_DEEP, DataError, GvpoError
 from gvpo_offline.runtime.files import atomic_write_jsonl
 
 GSM8K_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
@@ -152,8 +153,41 @@ def open_rows(input_path: str | Path, from_hub: bool = False, split: str = "trai
     return Rows(str(path), lambda: _json_lines(path), "line")
 
 
+MAX_DATASET_FILES = 10_000  # a local --from-hub folder with more entries than this is not a dataset
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_hub_name(name: str) -> None:
+    """GvpoError unless ``name`` is a hub dataset id (``org/name``) or a local dataset folder that neither
+    contains the current folder (``..``, ``/``: datasets would scan the whole tree) nor holds more than
+    MAX_DATASET_FILES entries (counted with an early stop, so the check itself is bounded)."""
+    import os
+
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # ~user that does not exist
+        path = Path(name)
+    if not path.exists():
+        if not _HUB_ID.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
+            raise GvpoError(f"--from-hub {name}: neither a hub dataset id (org/name) nor an existing local folder")
+        return
+    if not path.is_dir():
+        return
+    folder, here = path.resolve(), Path.cwd().resolve()
+    if folder == Path(folder.anchor) or folder in here.parents:
+        raise GvpoError(f"--from-hub {name}: {folder} contains the current folder; point it at the dataset's own "
+                        "folder (reading it would scan the whole tree)")
+    seen = 0
+    for _, dirs, files in os.walk(folder):
+        seen += len(dirs) + len(files)
+        if seen > MAX_DATASET_FILES:
+            raise GvpoError(f"--from-hub {name}: more than {MAX_DATASET_FILES} files and folders below {folder}; "
+                            "point it at the dataset's own folder")
+
+
 def _hub_rows(name: str, split: str) -> Rows:
     """``datasets.load_dataset(name, split=split)``; a ``save_to_disk`` folder via ``load_from_disk``."""
+    check_hub_name(name)
     import datasets
 
     try:
@@ -217,6 +251,8 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
                 raise DataError(str(path), "invalid UTF-8", line=line) from None
             except json.JSONDecodeError as exc:
                 raise DataError(str(path), f"malformed JSON: {exc.msg} (column {exc.colno})", line=line) from None
+            except RecursionError:
+                raise DataError(str(path), TOO_DEEP, line=line) from None
 
 
 def _text(rows: Rows, pos: int, value: Any, field: str) -> str:

@@ -172,6 +172,7 @@ def _require_workdir(workdir: Path) -> None:
             "folder of yours: pass --out-dir for the plots"
         )
     workdirs.check_layout(workdir)
+    workdirs.refuse_links(workdir, ("plots",))
 
 
 def plot_run(workdir: str | Path, eval_path: str | Path | None = None, out_dir: str | Path | None = None) -> list[Path]:

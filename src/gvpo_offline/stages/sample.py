@@ -32,8 +32,13 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
+<<<<<<< HEAD
 from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt, turn_end_id
 from gvpo_offline.runtime.errors import DataError, GvpoError
+=======
+from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt
+from gvpo_offline.runtime.errors import TOO_DEEP, DataError, GvpoError
+>>>>>>> safety-a
 
 
 @dataclass(frozen=True)
@@ -282,6 +287,8 @@ class SampleResult:
     total: int  # prompts in the input
     empty_responses: int  # responses dropped because they decoded to whitespace (groups left with
     # fewer than two are not written)
+    unscorable: int = 0  # prompts the reward could not score (rewards.Unscorable): skipped, not written
+    first_unscorable: str = ""  # the first of them, and why
 
 
 def parse_k_range(value: str) -> tuple[int, int]:
@@ -316,6 +323,21 @@ def _check_prompt(path: str, line: int, prompt: object) -> Prompt:
                     line=line, field="prompt")
 
 
+MAX_FIELD_DEPTH = 100  # nesting levels of a prompts-file row (lists and objects)
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Is ``value`` (parsed JSON) nested more than ``limit`` levels of lists/objects? Iterative."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord]:
     """Prompts from a ``.txt`` file (one per line, blank lines skipped) or JSONL with a ``prompt`` field
     (a string or chat messages) and an optional ``id``; other fields are kept in ``PromptRecord.fields``
@@ -341,8 +363,12 @@ def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(str(path), f"invalid JSON ({err.msg})", line=line_no) from None
+        except RecursionError:
+            raise DataError(str(path), TOO_DEEP, line=line_no) from None
         if not isinstance(obj, dict) or "prompt" not in obj:
             raise DataError(str(path), "expected an object with a \"prompt\" field", line=line_no)
+        if _deeper_than(obj, MAX_FIELD_DEPTH):  # copied for the reward and written back out: keep it shallow
+            raise DataError(str(path), f"nested more than {MAX_FIELD_DEPTH} levels deep", line=line_no)
         raw_id = obj.get("id", line_no)
         if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
             raise DataError(str(path), f"expected a string or integer, got {raw_id!r}", line=line_no, field="id")
@@ -359,37 +385,70 @@ def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord
     return records
 
 
+def journal_path(output: str | Path) -> Path:
+    """Where ``sample`` records what it is appending to ``output``: ``.gvpo-sample-NAME.json`` beside it,
+    ``{"size": bytes of the output before the block, "pending": the block's text}``, written (atomically)
+    before each block and removed when the run ends. It is what lets a resumed run tell its own torn
+    write from a file of the user's whose last line lacks a newline."""
+    output = Path(output)
+    return output.parent / f".gvpo-sample-{output.name}.json"
+
+
+def _own_torn_tail(path: Path, data: bytes) -> bool:
+    """Is the unterminated end of ``data`` (the output's bytes) a piece of the block an interrupted
+    ``sample`` was writing, as its journal records?"""
+    try:
+        journal = json.loads(journal_path(path).read_text(encoding="utf-8"))
+        size, pending = int(journal["size"]), journal["pending"].encode("utf-8")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    written = data[size:] if 0 <= size <= len(data) else None
+    return written is not None and len(written) < len(pending) and pending.startswith(written) and (
+        size == 0 or data[size - 1 : size] == b"\n")
+
+
 def read_done_ids(path: str | Path) -> set[str]:
-    """Ids already in an output file, for resuming. A partial last line (an interrupted write) is cut
-    off the file; a bad line elsewhere is an error (the file is not ours to repair)."""
+    """Ids already in an output file, for resuming. Its last line may lack its newline only when it is a
+    piece of what an interrupted run was writing (:func:`journal_path` says so): that piece is cut off.
+    Any other unterminated last line (a file of the user's, e.g. notes without a final newline) or a bad
+    line elsewhere is an error: the file is not ours to repair."""
     path = Path(path)
     if not path.exists():
         return set()
     data = path.read_bytes()
+    good_end = len(data)
+    if data and not data.endswith(b"\n"):
+        line_no = data.count(b"\n") + 1
+        if not _own_torn_tail(path, data):
+            raise DataError(str(path), "the last line has no newline and is not a piece of a group this tool was "
+                            "writing; not appending to it: end the file with a newline (or choose another -o)",
+                            line=line_no)
+        good_end = data.rfind(b"\n") + 1
     done: set[str] = set()
-    good_end = 0
-    lines = data.split(b"\n")
-    for line_no, raw in enumerate(lines, 1):
-        last = line_no == len(lines)
+    for line_no, raw in enumerate(data[:good_end].split(b"\n")[:-1], 1):
         if not raw.strip():
-            if not last:
-                good_end += len(raw) + 1
             continue
         try:
-            obj = json.loads(raw)
-            if last:  # complete JSON but no newline yet: treat as partial too
-                raise ValueError
-            done.add(str(obj["id"]))
-        except (ValueError, KeyError, TypeError):
-            if last:
-                break
+            done.add(str(json.loads(raw)["id"]))
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise DataError(str(path), "not a complete group line; fix or remove the output file to resume",
                             line=line_no) from None
-        good_end += len(raw) + 1
     if good_end < len(data):
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return done
+
+
+def _append_block(out, text: str, journal: Path) -> None:
+    """Append ``text`` (whole group lines) to the open output ``out``: first record it in the journal
+    (with the output's size before it), then write, flush and fsync."""
+    from gvpo_offline.runtime.files import atomic_write_json
+
+    out.flush()
+    atomic_write_json(journal, {"size": os.fstat(out.fileno()).st_size, "pending": text})
+    out.write(text)
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def sample(config: SampleConfig, progress_console=None) -> SampleResult:
@@ -402,12 +461,19 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     skipped; resuming assumes the same settings). Each prompt's samples are seeded by its position in
     the prompts file, so a resumed run writes what an uninterrupted one would have.
     """
-    from gvpo_offline.data.rewards import NOT_REWARD_FIELDS, load_reward_fn, score_responses
+    from gvpo_offline.data.rewards import (
+        NOT_REWARD_FIELDS,
+        Unscorable,
+        check_reward_fields,
+        load_reward_fn,
+        score_responses,
+    )
     from gvpo_offline.model.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
     from gvpo_offline.runtime.progress import progress
 
     records = read_prompts(config.prompts_path)
     reward_fn = load_reward_fn(config.reward, config.reward_timeout)
+    check_reward_fields(reward_fn, ((f"{config.prompts_path}: prompt id {r.id!r}", r.fields) for r in records))
     output = Path(config.output)
     done = read_done_ids(output)
     todo = [r for r in records if r.id not in done]
@@ -431,6 +497,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
         rows_in_block += k_for(config, r.index)
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    journal = journal_path(output)
     total = sum(k_for(config, r.index) for r in todo)
     with progress(progress_console, "sampling", total, unit="responses") as update, \
             open(output, "a", encoding="utf-8") as out:
@@ -446,14 +513,20 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
                 result.empty_responses += len(group) - len(kept)
                 if len(kept) < 2:  # rare: not a GVPO group any more (a resumed run retries it)
                     continue
-                rewards = score_responses(reward_fn, record.prompt, kept, f"prompt id {record.id!r}", record.fields)
+                try:
+                    rewards = score_responses(reward_fn, record.prompt, kept, f"prompt id {record.id!r}",
+                                              record.fields)
+                except Unscorable as err:  # e.g. no ground truth: skipped and counted, never written as 0s
+                    result.unscorable += 1
+                    result.first_unscorable = result.first_unscorable or str(err)
+                    continue
                 extra = {k: v for k, v in record.fields.items() if k not in NOT_REWARD_FIELDS}
                 lines.append(json.dumps(
                     {"id": record.id, "prompt": record.prompt, **extra, "responses": kept, "rewards": rewards},
                     ensure_ascii=False,
                 ) + "\n")
-            out.write("".join(lines))
-            out.flush()
-            os.fsync(out.fileno())
+            if lines:
+                _append_block(out, "".join(lines), journal)
             result.written += len(lines)
+    journal.unlink(missing_ok=True)
     return result

@@ -69,11 +69,14 @@ def read_eval_prompt_rows(path: str | Path) -> list[tuple]:
 def _score_all(fn, prompts, responses, fields) -> np.ndarray:
     """[P, n] rewards of the sampled responses (``fields``: each prompt's other fields); a failing reward
     names the prompt."""
-    from gvpo_offline.data.rewards import score_responses
+    from gvpo_offline.data.rewards import Unscorable, score_responses
 
     out = np.zeros((len(prompts), max(len(r) for r in responses)))
     for i, (prompt, group, extra) in enumerate(zip(prompts, responses, fields)):
-        out[i, : len(group)] = score_responses(fn, prompt, group, f"prompt {i + 1}", extra)
+        try:
+            out[i, : len(group)] = score_responses(fn, prompt, group, f"prompt {i + 1}", extra)
+        except Unscorable as err:  # a mean over rewards that are not there would be silently wrong
+            raise GvpoError(f"the reward function cannot score {err}") from None
     return out
 
 def generation_eval(
@@ -93,7 +96,7 @@ def generation_eval(
     generator, so both models see the same noise), score them, and compare mean rewards."""
     import torch
 
-    from gvpo_offline.data.rewards import load_reward_fn
+    from gvpo_offline.data.rewards import check_reward_fields, load_reward_fn
     from gvpo_offline.model.loading import load_model, load_tokenizer
     from gvpo_offline.runtime.progress import progress
     from gvpo_offline.stages.sample import generate_responses
@@ -101,6 +104,7 @@ def generation_eval(
     rows = read_eval_prompt_rows(gen.prompts_path)
     prompts, fields = [prompt for prompt, _ in rows], [extra for _, extra in rows]
     reward_fn = load_reward_fn(gen.reward, gen.reward_timeout)
+    check_reward_fields(reward_fn, ((f"{gen.prompts_path}: prompt {i + 1}", extra) for i, extra in enumerate(fields)))
     tokenizer = load_tokenizer(manifest.model_path, trust_remote_code)  # the cache's tokenization
     sampling = gen.sampling
     tok_cfg = manifest.tokenize_config

@@ -476,6 +476,8 @@ def precompute_extra(
         "columns": asdict(data.columns),
     })[:16]
     sub = Path(workdir) / "extra" / name
+    workdirs.refuse_links(Path(workdir), ("extra",))
+    workdirs.refuse_links(Path(workdir) / "extra", (name,))
     config = PrecomputeConfig(
         data=data, model=main.model_path, workdir=sub, tokenize=main.tokenize_config, eval_fraction=1.0,
         shard_groups=main.shard_groups or 1000, batch_tokens=batch_tokens, device=device, dtype=main.dtype,

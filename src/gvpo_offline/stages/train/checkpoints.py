@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from gvpo_offline.model import adapters, distributed, modelcard
 from gvpo_offline.runtime.errors import GvpoError
-from gvpo_offline.runtime.files import atomic_dir, atomic_write_bytes, atomic_write_json
+from gvpo_offline.runtime.files import OLD_PREFIX, atomic_dir, atomic_write_bytes, atomic_write_json
 from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights
 
 if TYPE_CHECKING:
@@ -212,6 +213,28 @@ def save_final(workdir: Path, model, tokenizer, train_config: dict, state_dict: 
         if state_dict is not None:
             distributed.fix_saved_architecture(tmp)
     return final
+
+
+def written_by_train(folder: Path) -> bool:
+    """Is ``folder`` a model folder that train wrote (a real folder whose train_config.json records the
+    run's cache key)? Only such a folder is ever replaced or removed (--overwrite)."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        return "cache_key" in json.loads((folder / "train_config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def remove_output(workdir: Path, name: str) -> None:
+    """Remove WORKDIR/``name`` if train wrote it (renamed to a ``.gvpo-old-`` name first, so a crash never
+    leaves half a folder under the real name); anything else is left alone."""
+    folder = Path(workdir) / name
+    if written_by_train(folder):
+        old = folder.parent / f"{OLD_PREFIX}{name}-{os.getpid()}"
+        os.rename(folder, old)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 _CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE)

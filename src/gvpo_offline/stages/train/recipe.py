@@ -83,10 +83,12 @@ from gvpo_offline.stages.train.checkpoints import (
     checkpoint_dirs,
     load_checkpoint,
     load_checkpoint_sharded,
+    remove_output,
     save_checkpoint,
     save_checkpoint_sharded,
     save_final,
     truncate_metrics,
+    written_by_train,
 )
 from gvpo_offline.stages.train.config import TrainConfig, TrainResult
 from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights
@@ -253,6 +255,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         else:
             model = load_model(weights if cfg.lora is None else init_path, device, dtype, cfg.trust_remote_code)
         if cfg.lora is not None:  # frozen base + float32 LoRA layers (B = 0: the base's function)
+            memory_plan.check_adapter_fits(ctx, adapters.lora_param_count(model, cfg.lora), device, cfg.cpu_offload)
             model = adapters.add_lora(model, cfg.lora, None if ctx.enabled else checkpoint)  # sharded: loaded below
             adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:
@@ -395,6 +398,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     full_weights = distributed.full_state_dict(model)  # sharded: gathered on every rank (a collective)
     model_dir = workdir / FINAL_MODEL
     if ctx.is_main:
+        remove_output(workdir, MERGED_MODEL)  # an earlier run's merge never stays beside this run's model
         with write_errors_as_os_errors(workdir / FINAL_MODEL):
             save_final(workdir, model, tokenizer, train_config, full_weights)
     distributed.barrier(ctx)
@@ -446,7 +450,14 @@ def check_outputs(workdir: Path, manifest: reference.Manifest, init_path: Path, 
                     f"{label} {path} is inside {out}, which train would overwrite; for another round, "
                     "precompute-ref with that model into a new --workdir"
                 )
-    earlier = [p for p in (workdir / FINAL_MODEL, workdir / METRICS) if p.exists()]
+    for name in (FINAL_MODEL, MERGED_MODEL):
+        folder = workdir / name
+        if (folder.exists() or folder.is_symlink()) and not written_by_train(folder):
+            raise GvpoError(
+                f"{folder}: not a model folder written by gvpo-offline train (no train_config.json of a run); "
+                "the tool never replaces a folder of yours, not even with --overwrite: move it out of the workdir"
+            )
+    earlier = [p for p in (workdir / FINAL_MODEL, workdir / MERGED_MODEL, workdir / METRICS) if p.exists()]
     if earlier and not (cfg.overwrite or cfg.resume):
         raise GvpoError(
             f"{workdir} holds an earlier training run ({', '.join(p.name for p in earlier)}); pass --overwrite "

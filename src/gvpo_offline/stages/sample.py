@@ -32,13 +32,8 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
-<<<<<<< HEAD
 from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt, turn_end_id
-from gvpo_offline.runtime.errors import DataError, GvpoError
-=======
-from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt
 from gvpo_offline.runtime.errors import TOO_DEEP, DataError, GvpoError
->>>>>>> safety-a
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,10 @@ def add_lora(base, settings: LoraSettings, checkpoint: Path | None = None):
 
 
 def set_base_name(model, name: str, revision: str | None) -> None:
-    """What adapter_config.json will call the base model (a hub id and commit, or a folder)."""
+    """What adapter_config.json and the README.md card peft writes with it (checkpoints) will call the
+    base model: a hub id and commit, or a folder (never a hub snapshot's local folder)."""
     for config in model.peft_config.values():
         config.base_model_name_or_path = name
         config.revision = revision
+    base = model.get_base_model()  # peft's card takes base_model and its base_model:adapter tag from these
+    base.config._name_or_path = base.name_or_path = name

@@ -83,7 +83,7 @@ def save_checkpoint(
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key})
+        atomic_write_json(tmp / STATE, {**asdict(state), "config": _portable(config), "cache_key": cache_key})
     for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -121,7 +121,7 @@ def save_checkpoint_sharded(
                     raise GvpoError(f"{workdir}: ranks {missing} wrote their checkpoint shards elsewhere; with "
                                     "several nodes WORKDIR must be on storage shared by all of them")
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-                atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key,
+                atomic_write_json(tmp / STATE, {**asdict(state), "config": _portable(config), "cache_key": cache_key,
                                                 "world_size": ctx.world_size})
     if ctx.is_main:
         for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
@@ -140,6 +140,11 @@ def load_checkpoint_sharded(ctx: distributed.Dist, path: Path, model, optimizer,
         torch.cuda.set_rng_state(rng["cuda"][ctx.local_rank], ctx.device)
     saved = json.loads((path / STATE).read_text())
     return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
+
+
+def _portable(config: TrainConfig) -> dict:
+    """The settings a checkpoint records, its workdir by name only (no local path in a loadable folder)."""
+    return {**config.to_json(), "workdir": Path(config.workdir).name}
 
 
 def _rng_states() -> dict:

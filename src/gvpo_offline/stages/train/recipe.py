@@ -379,15 +379,14 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
 
     # 5. the final model (never a non-finite one)
     check_finite_parameters(model, f"after step {state.step}", last_good, ctx)
-    train_config = {
-        **cfg.to_json(), "init_model_path": str(init_path), "total_steps": total_steps,
-        "warmup_steps": warmup_steps, "reference_model_path": manifest.model_path,
+    train_config = modelcard.portable({  # no local paths in the folder a user uploads
+        **cfg.to_json(), "total_steps": total_steps, "warmup_steps": warmup_steps,
         "reference_model_fingerprint": manifest.model_fingerprint,
         "tokenizer_fingerprint": manifest.tokenizer_fingerprint, "cache_key": manifest.key,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "loss_formula": OBJECTIVES[cfg.loss].formula,  # "loss" (the --loss name) comes with cfg
         **modelcard.provenance(manifest, init_path, base_name, groups.n_groups, groups.table.num_rows),
-    }
+    }, base_name)
     full_weights = distributed.full_state_dict(model)  # sharded: gathered on every rank (a collective)
     model_dir = workdir / FINAL_MODEL
     if ctx.is_main:

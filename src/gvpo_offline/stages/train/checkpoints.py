@@ -35,7 +35,7 @@ STATE = "trainer_state.json"
 # Fields that decide the trajectory: a resumed run must use the same values as the run it continues.
 TRAJECTORY_FIELDS = (
     "beta", "init_model", "groups_per_step", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-    "epochs", "max_steps", "seed", "loss", "lora", "base_dtype",
+    "epochs", "max_steps", "seed", "loss", "lora", "base_dtype", "load_in_4bit",
 )
 
 
@@ -167,8 +167,10 @@ def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> Non
     if state.get("cache_key") != cache_key:
         raise GvpoError(f"--resume from {path}: the reference cache changed since this checkpoint (precompute-ref "
                         "was rerun on other inputs); start a new run (delete the checkpoints folder)")
-    saved = {"loss": "gvpo", **state["config"]}  # checkpoints from before --loss existed trained GVPO
+    saved = {"loss": "gvpo", "load_in_4bit": False, **state["config"]}  # defaults of options added since
     now = config.to_json()
+    if isinstance(saved.get("lora"), dict) and isinstance(now.get("lora"), dict):  # options added since: defaults
+        saved["lora"] = {**json.loads(json.dumps(asdict(adapters.LoraSettings(r=1)))), **saved["lora"]}
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]
     ]

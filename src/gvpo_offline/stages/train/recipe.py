@@ -54,7 +54,7 @@ from torch import Tensor
 
 from gvpo_offline.data.tokenize import tokenizer_fingerprint
 from gvpo_offline.math.loss import OBJECTIVES
-from gvpo_offline.model import adapters, distributed, loading, memory_plan, modelcard, packing, rank0_load
+from gvpo_offline.model import adapters, distributed, loading, memory_plan, modelcard, packing, quantization, rank0_load
 from gvpo_offline.model.hub import resolve_model
 from gvpo_offline.model.loading import (
     load_model,
@@ -210,6 +210,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
 
     # 1. check the cache against the model we train from
     manifest = reference.read_manifest(workdir)
+    quantization.check_same_base(bool(manifest.inputs.get("load_in_4bit")), cfg.load_in_4bit)
     init_path, tokenizer, notes = check_start(manifest, cfg.init_model, cfg.trust_remote_code)
     check_outputs(workdir, manifest, init_path, cfg)
     base_name = modelcard.base_model_name(manifest, cfg.init_model, init_path)
@@ -219,13 +220,17 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     groups = load_train_groups(workdir)
     device = resolve_device(distributed.stage_device(ctx, cfg.device))
     compute_dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.load_in_4bit:  # QLoRA: one CUDA process
+        quantization.require_cuda(device)
+        if ctx.enabled:
+            raise GvpoError("--load-in-4bit trains on one GPU: launch without torchrun")
     micro_batch_tokens = cfg.micro_batch_tokens or (8192 if device.type == "cuda" else 2048)
     if compute_dtype == torch.float16:
         raise GvpoError("--dtype float16 is not supported for training: use bfloat16 or float32")
     if str(manifest.dtype).removeprefix("torch.") != str(compute_dtype).removeprefix("torch."):
         notes.append(f"the reference log-probs were computed in {manifest.dtype}, training computes in "
                      f"{str(compute_dtype).removeprefix('torch.')}: ℓ is not exactly 0 at step 0")
-    if cfg.base_dtype != "float32":
+    if cfg.base_dtype != "float32" and not cfg.load_in_4bit:
         notes.append(f"--base-dtype {cfg.base_dtype}: the reference log-probs came from float32 weights, so ℓ "
                      "is the rounding of the base weights at step 0, not 0")
     for note in notes:
@@ -255,6 +260,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         dtype = torch.float32 if cfg.lora is None else adapters.base_dtype(cfg.base_dtype)
         if ctx.enabled:
             model = rank0_load.load_for_sharding(ctx, init_path, dtype, cfg.trust_remote_code)
+        elif cfg.load_in_4bit:  # the same 4-bit base the reference log-probs came from
+            model = quantization.load_4bit(init_path, device, cfg.trust_remote_code)
         else:
             model = load_model(weights if cfg.lora is None else init_path, device, dtype, cfg.trust_remote_code)
         if cfg.lora is not None:  # frozen base + float32 LoRA layers (B = 0: the base's function)
@@ -397,6 +404,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         if cfg.merge and ctx.is_main:  # last: merging folds the LoRA layers into the base weights in place
             merged_model = (loading.load_merged(model_dir, torch.device("cpu"), adapters.base_dtype(cfg.base_dtype),
                                                  cfg.trust_remote_code) if ctx.enabled else model.merge_and_unload())
+            merged_model = adapters.in_checkpoint_dtype(merged_model, init_path)  # the base's own dtype
             with write_errors_as_os_errors(workdir / MERGED_MODEL):
                 merged = save_final(workdir, merged_model, tokenizer, {**train_config, "merged": True},
                                     name=MERGED_MODEL)

@@ -145,12 +145,12 @@ def test_model_folders_of_a_hub_base_name_it_by_id_with_its_license_and_no_local
     """Whether the base came as a hub id or as its snapshot folder in the HF cache: adapter_config.json,
     config.json, the card (base_model, the base card's license) and train_config.json of model/,
     model-merged/ and every checkpoint name the hub id, and no file holds a local absolute path."""
+    from cachefixture import build_cache, text_groups
     from huggingface_hub import ModelCard
 
     from gvpo_offline.model.adapters import LoraSettings
     from gvpo_offline.stages.train.config import TrainConfig
     from gvpo_offline.stages.train.recipe import train
-    from cachefixture import build_cache, text_groups
 
     snapshot = hf_home / "hub" / "models--tiny-org--stories260K" / "snapshots" / COMMIT
     (snapshot / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\n"

@@ -346,3 +346,36 @@ def test_load_in_4bit_is_refused_without_cuda_and_against_a_cache_made_the_other
     res = run_cli("train", "--workdir", workdir, "--beta", "1", "--lora-r", "2", "--load-in-4bit", "--device", "cpu")
     assert res.code == 2 and len(res.err.strip().splitlines()) == 1 and "needs a CUDA GPU" in res.err, res.err
     assert not (workdir / "model").exists()
+
+
+def test_resume_with_the_new_adapter_options_and_from_a_checkpoint_older_than_them(workdir):
+    """Settings with modules_to_save (a tuple, a list in JSON) resume; a checkpoint written before the
+    options existed (no use_rslora/use_dora/modules_to_save/load_in_4bit keys) resumes a plain LoRA run;
+    a changed option is refused."""
+
+    def run(lora: LoraSettings, **kw):
+        return train(config(workdir, max_steps=2, save_every=1, keep_checkpoints=5, overwrite=True, lora=lora, **kw),
+                     log=lambda _: None)
+
+    def back_to_step_1():
+        shutil.rmtree(workdir / "checkpoints" / "step-2")
+        shutil.rmtree(workdir / "model")
+
+    options = LoraSettings(r=4, use_rslora=True, modules_to_save=("lm_head",))
+    run(options)
+    back_to_step_1()
+    assert run(options, resume=True).resumed_from == 1
+    back_to_step_1()
+    with pytest.raises(GvpoError, match="--lora"):
+        run(LoraSettings(r=4, use_rslora=True), resume=True)
+
+    shutil.rmtree(workdir / "checkpoints")
+    run(LoraSettings(r=4))
+    back_to_step_1()
+    state_path = workdir / "checkpoints" / "step-1" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("use_rslora", "use_dora", "modules_to_save"):
+        del state["config"]["lora"][key]
+    del state["config"]["load_in_4bit"]
+    state_path.write_text(json.dumps(state))
+    assert run(LoraSettings(r=4), resume=True).resumed_from == 1

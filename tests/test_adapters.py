@@ -379,3 +379,15 @@ def test_resume_with_the_new_adapter_options_and_from_a_checkpoint_older_than_th
     del state["config"]["load_in_4bit"]
     state_path.write_text(json.dumps(state))
     assert run(LoraSettings(r=4), resume=True).resumed_from == 1
+
+
+def test_load_in_4bit_without_bitsandbytes_names_the_extra(monkeypatch):
+    import sys
+
+    from gvpo_offline.model import quantization
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(GvpoError, match=r"--load-in-4bit needs bitsandbytes: pip install 'gvpo-offline\[qlora\]'"):
+        quantization.require_cuda(torch.device("cuda"))  # the CUDA check passes on a cuda device
+    with pytest.raises(GvpoError, match="needs a CUDA GPU"):
+        quantization.require_cuda(torch.device("cpu"))

@@ -6,10 +6,13 @@ Folder: weights (or a PEFT adapter), tokenizer files, generation_config.json, tr
 
 A YAML header (``huggingface_hub.ModelCardData``: base_model when the base is a hub id, the base card's
 license, library_name ``transformers`` or ``peft``, tags incl. the objective's name), then what was trained
-and by which objective (base model, full fine-tuning or LoRA, data files, β, steps, learning rate) read from the folder's ``train_config.json``, and the eval
-table (model, reference, Δ with 95% bootstrap intervals) once ``eval`` has run on the folder: ``eval``
-rewrites the card with its latest report (:func:`update_card_with_eval`). A README.md not written by
-this tool is never touched.
+and by which objective (base model, full fine-tuning or LoRA, data files, β, steps, learning rate) read
+from the folder's ``train_config.json``, and the eval table (model, reference, Δ with 95% bootstrap
+intervals) once ``eval`` has run on the folder: ``eval`` rewrites the card with its latest report
+(:func:`update_card_with_eval`). A README.md not written by this tool is never touched.
+
+The folder is ready to upload: the base is named by its hub id when it has one, and no file holds a
+local absolute path (:func:`portable`, :func:`provenance`).
 """
 
 from __future__ import annotations
@@ -110,8 +113,8 @@ def card_text(train_config: dict, report: dict | None = None) -> str:
     data_desc = ", ".join(f"`{Path(f.get('name') or f.get('path', '')).name}` (sha256 {f['sha256'][:12]})"
                           for f in files) or "—"
     revision = train_config.get("base_model_revision")
-    reference = train_config.get("reference_model_id") or train_config.get("reference_model_name") or \
-        Path(str(train_config.get("reference_model_path"))).name
+    reference = (train_config.get("reference_model_id") or train_config.get("reference_model_name")
+                 or Path(str(train_config.get("reference_model_path"))).name)  # folders from before: their name
     rows = [
         ("base model", f"`{base}`" + (f" (commit {revision})" if revision else "")),
         ("reference model", f"`{reference}`"),

@@ -391,3 +391,24 @@ def test_load_in_4bit_without_bitsandbytes_names_the_extra(monkeypatch):
         quantization.require_cuda(torch.device("cuda"))  # the CUDA check passes on a cuda device
     with pytest.raises(GvpoError, match="needs a CUDA GPU"):
         quantization.require_cuda(torch.device("cpu"))
+
+
+def test_lora_dropout_acts_while_training(workdir, tmp_path):
+    """--lora-dropout used to be a no-op (the policy trains in eval mode): now the LoRA dropout layers
+    alone train, so a run with dropout ends elsewhere than the same run without; ℓ = 0 at step 0 still."""
+    plain = tmp_path / "plain"
+    shutil.copytree(workdir, plain)
+    train(config(plain, max_steps=2, lr=1e-2), log=lambda _: None)
+    train(config(workdir, max_steps=2, lr=1e-2, lora=LoraSettings(r=4, dropout=0.5)), log=lambda _: None)
+    assert first_metrics(workdir)["log_ratio_absmax"] < 1e-5  # B = 0 at step 0: dropout cannot act yet
+    with_dropout = load_file(workdir / "model" / "adapter_model.safetensors")
+    without = load_file(plain / "model" / "adapter_model.safetensors")
+    assert any(not torch.equal(with_dropout[k], without[k]) for k in without)
+
+    from gvpo_offline.model.adapters import add_lora, train_dropout
+
+    model = add_lora(load_model(STORIES, torch.device("cpu")), LoraSettings(r=2, dropout=0.5))
+    assert train_dropout(model) > 0
+    dropouts = [m for n, m in model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+    assert {m.training for m in dropouts} == {True}
+    assert not model.get_base_model().model.layers[0].self_attn.training  # everything else: eval mode

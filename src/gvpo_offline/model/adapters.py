@@ -4,8 +4,9 @@
 The reference log-probs are already cached, so no second model and no adapter switching is needed.
 
 - **ℓ = 0 at step 0**: peft initialises B = 0, so the wrapped model computes exactly the base model's
-  function; the policy stays in eval mode, and the default ``lora_dropout = 0`` keeps it deterministic
-  (a dropout > 0 would only act in training mode, but even there it would make ℓ random).
+  function; the policy stays in eval mode. ``lora_dropout > 0`` puts only the LoRA dropout layers in
+  training mode (:func:`train_dropout`): ℓ is still 0 at step 0 (B = 0), later steps' log-probs and
+  gradients are random draws (the default 0 keeps them deterministic).
 - **Precision**: the base weights are ``base_dtype`` (float32 by default, the reference's regime;
   bfloat16 halves their memory on a GPU, at the price of ℓ at step 0 being bf16 rounding, not 0); the
   adapter weights and their AdamW state are always float32 (peft's ``autocast_adapter_dtype``).
@@ -123,6 +124,17 @@ def add_lora(base, settings: LoraSettings, checkpoint: Path | None = None):
     except ValueError as err:  # e.g. target modules not found in the model
         raise GvpoError(f"LoRA: {str(err).splitlines()[0]}") from None
     return model.eval()
+
+
+def train_dropout(model) -> int:
+    """Put the LoRA dropout layers (``lora_dropout``) in training mode, the rest of the model staying in
+    eval mode, so that ``--lora-dropout`` acts while the policy trains (in eval mode it is a no-op).
+    Returns how many there are. ℓ = 0 at step 0 still (B = 0 zeroes the dropped LoRA branch)."""
+    layers = [m for name, m in model.named_modules() if ".lora_dropout." in f".{name}."
+              and isinstance(m, torch.nn.Dropout)]
+    for layer in layers:
+        layer.train()
+    return len(layers)
 
 
 def set_base_name(model, name: str, revision: str | None) -> None:

@@ -269,6 +269,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if cfg.lora is not None and cfg.lora.dropout > 0:  # only the LoRA dropout trains; the rest stays eval
+            adapters.train_dropout(model)
         plan = memory_plan.memory_plan(model, ctx, device, cfg.cpu_offload)
         log(plan.describe())
         memory_plan.check_fits(ctx, plan)

@@ -412,3 +412,20 @@ def test_lora_dropout_acts_while_training(workdir, tmp_path):
     dropouts = [m for n, m in model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
     assert {m.training for m in dropouts} == {True}
     assert not model.get_base_model().model.layers[0].self_attn.training  # everything else: eval mode
+
+
+def test_eval_of_a_model_against_a_4bit_reference_says_it_is_scored_unquantised(workdir):
+    import io
+
+    from rich.console import Console
+
+    from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate
+
+    train(config(workdir, max_steps=1), log=lambda _: None)
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    manifest["inputs"]["load_in_4bit"] = True  # what precompute-ref --load-in-4bit records
+    (workdir / "manifest.json").write_text(json.dumps(manifest))
+    out = io.StringIO()
+    evaluate(EvalConfig(workdir=str(workdir), model_path=str(workdir / "model"), bootstrap=0, device="cpu"),
+             Console(file=out, width=400))
+    assert "the reference log-probs came from the 4-bit base" in out.getvalue()

@@ -133,3 +133,65 @@ def test_pipeline_from_a_hub_id_with_hf_hub_offline(tmp_path, hf_home, run_cli):
     report = evaluate(EvalConfig(workdir=str(work), model_path="tiny-org/stories260K", beta=1.0, bootstrap=0,
                                  device="cpu"))
     assert report.model_is_reference  # the id is the cached reference: same content fingerprint
+
+
+def _files_naming(folder: Path, text: str) -> list[str]:
+    """Files under ``folder`` whose bytes contain ``text``."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and text.encode() in p.read_bytes())
+
+
+def test_model_folders_of_a_hub_base_name_it_by_id_with_its_license_and_no_local_path(tmp_path, hf_home):
+    """Whether the base came as a hub id or as its snapshot folder in the HF cache: adapter_config.json,
+    config.json, the card (base_model, the base card's license) and train_config.json of model/,
+    model-merged/ and every checkpoint name the hub id, and no file holds a local absolute path."""
+    from cachefixture import build_cache, text_groups
+    from huggingface_hub import ModelCard
+
+    from gvpo_offline.model.adapters import LoraSettings
+    from gvpo_offline.stages.train.config import TrainConfig
+    from gvpo_offline.stages.train.recipe import train
+
+    snapshot = hf_home / "hub" / "models--tiny-org--stories260K" / "snapshots" / COMMIT
+    (snapshot / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\n"
+                                        "license_link: https://example.org/LICENSE\n---\n# stories260K\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "responses": r, "rewards": w}) + "\n" for p, r, w in STORY_GROUPS))
+    work = tmp_path / "run"
+    build_cache(work, snapshot, text_groups(snapshot, STORY_GROUPS))  # --model given as the snapshot folder
+    common = dict(workdir=work, beta=1.0, lr=1e-3, groups_per_step=2, max_steps=2, save_every=1, progress=False,
+                  device="cpu")
+    folders = {}
+    for label, kw in (("lora", dict(lora=LoraSettings(r=2), merge=True)),
+                      ("dpo", dict(loss="dpo", init_model="tiny-org/stories260K"))):
+        train(TrainConfig(**common, **kw), log=lambda _: None)
+        folders[label] = work.rename(tmp_path / f"run-{label}")
+        shutil.copytree(folders[label], work, ignore=shutil.ignore_patterns("model*", "checkpoints", "metrics.jsonl"))
+
+    lora, dpo = folders["lora"], folders["dpo"]
+    uploads = [lora / "model", lora / "model-merged", *(lora / "checkpoints").iterdir(), dpo / "model"]
+    for folder in uploads:
+        assert _files_naming(folder, str(tmp_path)) == [], folder  # no local path anywhere (hf_home is in tmp_path)
+    adapter_config = json.loads((lora / "model" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "tiny-org/stories260K" and adapter_config["revision"] == COMMIT
+    for step in (lora / "checkpoints").iterdir():
+        assert json.loads((step / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-org/stories260K"
+    for folder, title in ((lora / "model", "# GVPO policy (LoRA adapter)"), (lora / "model-merged", "# GVPO policy"),
+                          (dpo / "model", "# DPO policy")):
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.base_model == "tiny-org/stories260K"
+        assert (card.data.license, card.data.license_name) == ("other", "tiny-license")
+        assert card.data.license_link == "https://example.org/LICENSE"
+        assert title + "\n" in card.text and ("GVPO" not in card.text) == (folder.parent == dpo)
+    assert "`--loss dpo`" in (dpo / "model" / "README.md").read_text()
+    assert "dpo" in ModelCard.load(dpo / "model" / "README.md").data.tags
+
+
+def test_a_base_without_a_card_gives_no_license(tmp_path):
+    from gvpo_offline.model.modelcard import base_license
+
+    assert base_license(STORIES) == {}
+    (tmp_path / "README.md").write_text("# no YAML header\n")
+    assert base_license(tmp_path) == {}
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\ntext\n")
+    assert base_license(tmp_path) == {"license": "apache-2.0"}

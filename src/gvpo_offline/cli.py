@@ -95,6 +95,7 @@ def precompute_ref_cmd(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Weights dtype: the model is loaded directly in it (no float32 copy) and runs in it. auto = bfloat16 on a GPU that supports it, float32 otherwise. Recorded in the manifest: train runs the policy in the same weights dtype, so ℓ = 0 at step 0.")] = "auto",
     no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Score with the model's weights in 4-bit NF4 (bitsandbytes, CUDA only: pip install 'gvpo-offline[qlora]'), for train --load-in-4bit (QLoRA): the same quantised base on both sides, so ℓ = 0 at step 0. Recorded in the manifest.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """Compute log pi_ref(y|x) of every response once and cache it in WORKDIR (train and eval read it).
@@ -113,7 +114,7 @@ def precompute_ref_cmd(
         tokenize=TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template)),
         eval_fraction=eval_fraction, eval_data=tuple(eval_data or ()), shard_groups=shard_groups,
         batch_tokens=batch_tokens, packing=packing, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        overwrite=not no_overwrite,
+        overwrite=not no_overwrite, load_in_4bit=load_in_4bit,
     )
     precompute(config, console)
 
@@ -146,9 +147,13 @@ def train_cmd(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     lora_r: Annotated[Optional[int], typer.Option("--lora-r", metavar="INT", help="Train a LoRA adapter of rank R on the frozen model (peft) instead of all weights; WORKDIR/model/ is then a PEFT adapter folder.", show_default=False)] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", metavar="FLOAT", help="LoRA scale numerator α (scale α/r) [default: r].", show_default=False)] = None,
-    lora_dropout: Annotated[float, typer.Option("--lora-dropout", metavar="FLOAT", help="Dropout on the LoRA input. Keep 0: with dropout the policy is random, so ℓ ≠ 0 at step 0 and the GVPO gradient is noisier.")] = 0.0,
-    lora_target_modules: Annotated[str, typer.Option("--lora-target-modules", metavar="TEXT", help="all-linear (every linear layer but the LM head) or module names, e.g. q_proj,v_proj.")] = "all-linear",
-    merge: Annotated[bool, typer.Option("--merge", help="With --lora-r: also write WORKDIR/model-merged/, the adapter merged into the base weights (a plain transformers model).")] = False,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", metavar="FLOAT", help="Dropout on the LoRA input while training (the rest of the model stays in eval mode). ℓ = 0 at step 0 still (B = 0), but each later log-prob and gradient is a random draw: noisier GVPO gradients, and a group split over micro-batches gets its weights from another draw than its gradient. 0 keeps training deterministic.")] = 0.0,
+    lora_target: Annotated[str, typer.Option("--lora-target", "--lora-target-modules", metavar="TEXT", help="Layers that get LoRA: all-linear (every linear layer but the LM head), module names (a name matches the end of a module's name), e.g. q_proj,v_proj, or a regular expression the whole module name must match, e.g. '.*layers\\.[0-9]\\..*(q|v)_proj'. --lora-target-modules is the old name.")] = "all-linear",
+    use_rslora: Annotated[bool, typer.Option("--use-rslora", help="With --lora-r: rank-stabilised LoRA, scale α/√r instead of α/r (keeps the update's size as r grows).")] = False,
+    use_dora: Annotated[bool, typer.Option("--use-dora", help="With --lora-r: DoRA, LoRA on the direction of each weight plus a trained magnitude (slower per step; ℓ = 0 at step 0 to rounding).")] = False,
+    modules_to_save: Annotated[Optional[str], typer.Option("--modules-to-save", metavar="NAMES", help="With --lora-r: modules trained in full and saved in the adapter folder, e.g. lm_head or embed_tokens,lm_head.", show_default=False)] = None,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: with --lora-r, hold the frozen base in 4-bit NF4 (bitsandbytes, CUDA only: pip install 'gvpo-offline[qlora]'). The reference cache must come from precompute-ref --load-in-4bit, so that ℓ = 0 at step 0.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="With --lora-r: also write WORKDIR/model-merged/, the adapter merged into the base weights, saved in the base checkpoint's own dtype (a plain transformers model). Refused with --load-in-4bit.")] = False,
     base_dtype: Annotated[Optional[str], typer.Option("--base-dtype", metavar="TEXT", help="With --lora-r: the frozen base weights' dtype, float32 or bfloat16; it must be the cache's weights dtype (precompute-ref --dtype), the default. The adapter and its optimizer state stay float32.", show_default=False)] = None,
 ) -> None:
     """Train the policy with GVPO (or --loss) on the cached train split; the final model goes to WORKDIR/model/.
@@ -158,21 +163,24 @@ def train_cmd(
     """
     from pathlib import Path
 
-    from gvpo_offline.model.adapters import LoraSettings
+    from gvpo_offline.model.adapters import LoraSettings, parse_modules
     from gvpo_offline.runtime import config_file, tracking
     from gvpo_offline.stages.train.config import TrainConfig
     from gvpo_offline.stages.train.recipe import train
 
-    if lora_r is None and (lora_alpha is not None or lora_dropout or lora_target_modules != "all-linear"):
-        raise GvpoError("--lora-alpha, --lora-dropout and --lora-target-modules need --lora-r")
-    lora = LoraSettings(lora_r, lora_alpha, lora_dropout, lora_target_modules) if lora_r is not None else None
+    if lora_r is None and (lora_alpha is not None or lora_dropout or lora_target != "all-linear" or use_rslora
+                           or use_dora or modules_to_save):
+        raise GvpoError("--lora-alpha, --lora-dropout, --lora-target, --use-rslora, --use-dora and "
+                        "--modules-to-save need --lora-r")
+    lora = (LoraSettings(lora_r, lora_alpha, lora_dropout, lora_target, use_rslora, use_dora,
+                         parse_modules(modules_to_save)) if lora_r is not None else None)
     config = TrainConfig(
         workdir=Path(workdir), beta=beta, loss=loss, init_model=init_model, groups_per_step=groups_per_step,
         micro_batch_tokens=micro_batch_tokens, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, cpu_offload=cpu_offload, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
-        packing=packing, lora=lora, merge=merge, base_dtype=base_dtype,
+        packing=packing, lora=lora, merge=merge, base_dtype=base_dtype, load_in_4bit=load_in_4bit,
     )
     with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
         log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731

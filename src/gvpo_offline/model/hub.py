@@ -56,10 +56,13 @@ def resolve_model(spec: str | Path) -> ModelSource:
     """A local folder as is, or a hub id resolved to its snapshot folder in the Hugging Face cache.
 
     Raises a one-line GvpoError when ``spec`` is neither an existing folder nor a hub id that is cached
-    or downloadable (hub unreachable, HF_HUB_OFFLINE=1, unknown repo or revision)."""
+    or downloadable (hub unreachable, HF_HUB_OFFLINE=1, unknown repo or revision). A local folder that is
+    a snapshot of the Hugging Face cache (``.../models--ORG--NAME/snapshots/COMMIT``) keeps its hub id and
+    commit, so what train writes names the model by its id, never by that local path."""
     spec = str(spec)
     if Path(spec).exists() or not is_hub_id(spec):
-        return ModelSource(Path(spec))
+        snapshot = snapshot_id(Path(spec))
+        return ModelSource(Path(spec), *snapshot) if snapshot else ModelSource(Path(spec))
     match = _HUB_ID.match(spec)
     repo, revision = match["repo"], match["revision"]
     path = _snapshot(spec, repo, revision)
@@ -94,6 +97,15 @@ def _snapshot(spec: str, repo: str, revision: str | None) -> Path:
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise GvpoError(f"{spec}: not a local folder, not in {where}, and the hub could not provide it "
                         f"({type(cause).__name__}: {first})") from None
+
+
+def snapshot_id(path: Path) -> tuple[str, str] | None:
+    """(hub id, commit) when ``path`` is a snapshot folder of the Hugging Face cache, else None."""
+    commit = snapshot_commit(path)
+    if commit is None or not Path(path).is_dir():
+        return None
+    repo = Path(path).absolute().parent.parent.name.removeprefix("models--").replace("--", "/", 1)
+    return (repo, commit) if _HUB_ID.match(repo) else None
 
 
 def snapshot_commit(path: Path) -> str | None:

@@ -4,12 +4,15 @@ convention.
 Folder: weights (or a PEFT adapter), tokenizer files, generation_config.json, train_config.json (with
 :func:`provenance`: base model id, commit and fingerprint, data files) and README.md, the card:
 
-A YAML header (``huggingface_hub.ModelCardData``: base_model when the base is a hub id, library_name
-``transformers`` or ``peft``, tags incl. ``gvpo``), then what was trained (base model, full fine-tuning or
-LoRA, data files, β, steps, learning rate) read from the folder's ``train_config.json``, and the eval
-table (model, reference, Δ with 95% bootstrap intervals) once ``eval`` has run on the folder: ``eval``
-rewrites the card with its latest report (:func:`update_card_with_eval`). A README.md not written by
-this tool is never touched.
+A YAML header (``huggingface_hub.ModelCardData``: base_model when the base is a hub id, the base card's
+license, library_name ``transformers`` or ``peft``, tags incl. the objective's name), then what was trained
+and by which objective (base model, full fine-tuning or LoRA, data files, β, steps, learning rate) read
+from the folder's ``train_config.json``, and the eval table (model, reference, Δ with 95% bootstrap
+intervals) once ``eval`` has run on the folder: ``eval`` rewrites the card with its latest report
+(:func:`update_card_with_eval`). A README.md not written by this tool is never touched.
+
+The folder is ready to upload: the base is named by its hub id when it has one, and no file holds a
+local absolute path (:func:`portable`, :func:`provenance`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,35 @@ def eval_section(report: dict) -> str:
     return "\n".join(lines)
 
 
+# What the card calls the model, by the objective that trained it (train --loss; loss.OBJECTIVES)
+OBJECTIVE_TITLES = {
+    "gvpo": ("GVPO policy", "GVPO (Group Variance Policy Optimization, Zhang et al.): prompts with k ≥ 2 "
+                            "scored responses pull the model toward π* ∝ πref·exp(R/β)"),
+    "dpo": ("DPO policy", "DPO (Rafailov et al.) on every within-group pair of responses with different rewards"),
+    "ipo": ("IPO policy", "IPO (Azar et al.) on every within-group pair of responses with different rewards"),
+    "rebel": ("REBEL policy", "REBEL (Gao et al.): regression of β·(ℓ_i − ℓ_j) onto reward differences, "
+                              "all within-group pairs"),
+    "sft-best": ("SFT policy (best response per group)", "supervised fine-tuning on the highest-reward "
+                                                         "response of each group"),
+}
+LICENSE_FIELDS = ("license", "license_name", "license_link")  # copied from the base model's card
+
+
+def base_license(folder: Path) -> dict:
+    """``license`` (and ``license_name``, ``license_link`` for "other" licenses) from the YAML header of
+    the model card (README.md) in ``folder``; {} when there is none or it cannot be read."""
+    from huggingface_hub import ModelCard
+
+    card = Path(folder) / CARD
+    if not card.is_file():
+        return {}
+    try:
+        data = ModelCard.load(card).data.to_dict()
+    except Exception:  # noqa: BLE001 - no header, bad YAML: no license to copy
+        return {}
+    return {k: data[k] for k in LICENSE_FIELDS if isinstance(data.get(k), str) and data[k]}
+
+
 def card_text(train_config: dict, report: dict | None = None) -> str:
     """The whole README.md for a folder whose train_config.json is ``train_config``."""
     from huggingface_hub import ModelCardData
@@ -56,23 +88,36 @@ def card_text(train_config: dict, report: dict | None = None) -> str:
     lora = train_config.get("lora")
     merged = bool(train_config.get("merged"))
     adapter = bool(lora) and not merged
+    objective = str(train_config.get("loss") or "gvpo")
+    title, about = OBJECTIVE_TITLES.get(objective, (f"{objective} policy", f"the `{objective}` objective"))
     base_id = train_config.get("base_model_id")
-    base = base_id or train_config.get("init_model_path")
-    tags = ["gvpo", MARK, "text-generation"] + (["lora"] if lora else [])
+    base = base_id or train_config.get("base_model_name") or Path(str(train_config.get("init_model_path"))).name
+    tags = [objective, MARK, "text-generation"] + (["lora"] if lora else [])
+    license_fields = train_config.get("base_model_license") or {}
     data = ModelCardData(base_model=base_id, library_name="peft" if adapter else "transformers", tags=tags,
-                         pipeline_tag="text-generation")
+                         pipeline_tag="text-generation", **{k: license_fields[k] for k in LICENSE_FIELDS
+                                                             if license_fields.get(k)})
     if lora:
+        extras = [name for name, on in (("rsLoRA", lora.get("use_rslora")), ("DoRA", lora.get("use_dora"))) if on]
+        saved = lora.get("modules_to_save")
         method = (f"LoRA r = {lora['r']}, α = {lora.get('alpha') or lora['r']}, dropout {lora.get('dropout', 0)}, "
-                  f"target modules {lora.get('target_modules')}; base weights in {train_config.get('base_dtype')}"
+                  f"target modules {lora.get('target_modules')}"
+                  + "".join(f", {name}" for name in extras)
+                  + (f", fully trained modules {', '.join(saved)}" if saved else "")
+                  + f"; base weights in {train_config.get('base_dtype')}"
+                  + (" (4-bit NF4, QLoRA)" if train_config.get("load_in_4bit") else "")
                   + ("; the adapter merged into the base weights" if merged else ""))
     else:
         method = "full fine-tuning (float32 master weights)"
     files = train_config.get("data_files") or []
-    data_desc = ", ".join(f"`{Path(f['path']).name}` (sha256 {f['sha256'][:12]})" for f in files) or "—"
+    data_desc = ", ".join(f"`{Path(f.get('name') or f.get('path', '')).name}` (sha256 {f['sha256'][:12]})"
+                          for f in files) or "—"
     revision = train_config.get("base_model_revision")
+    reference = (train_config.get("reference_model_id") or train_config.get("reference_model_name")
+                 or Path(str(train_config.get("reference_model_path"))).name)  # folders from before: their name
     rows = [
         ("base model", f"`{base}`" + (f" (commit {revision})" if revision else "")),
-        ("reference model", f"`{train_config.get('reference_model_id') or train_config.get('reference_model_path')}`"),
+        ("reference model", f"`{reference}`"),
         ("method", method),
         ("data", f"{data_desc}; train split: {train_config.get('train_groups')} groups, "
                  f"{train_config.get('train_responses')} scored responses"),
@@ -80,7 +125,7 @@ def card_text(train_config: dict, report: dict | None = None) -> str:
         ("steps", f"{train_config.get('total_steps')} × {train_config.get('groups_per_step')} groups, "
                   f"peak lr {train_config.get('lr')}, warmup ratio {train_config.get('warmup_ratio')}, "
                   f"seed {train_config.get('seed')}"),
-        ("loss", str(train_config.get("loss", "GVPO eq. 16"))),
+        ("objective", f"`--loss {objective}`: {train_config.get('loss_formula') or about}"),
     ]
     loader = "peft import AutoPeftModelForCausalLM" if adapter else "transformers import AutoModelForCausalLM"
     auto = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
@@ -88,9 +133,8 @@ def card_text(train_config: dict, report: dict | None = None) -> str:
            f"model = {auto}.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```")
     body = [
         "---", data.to_yaml(), "---", "",
-        "# GVPO policy" + (" (LoRA adapter)" if adapter else ""), "",
-        "Post-trained offline with GVPO (Group Variance Policy Optimization, Zhang et al.) by gvpo-offline: "
-        "prompts with k ≥ 2 scored responses pull the model toward π* ∝ πref·exp(R/β).", "",
+        f"# {title}" + (" (LoRA adapter)" if adapter else ""), "",
+        f"Post-trained offline by gvpo-offline with {about}.", "",
         "## Training", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
         "## Evaluation", "",
         eval_section(report) if report else NOT_EVALUATED,
@@ -158,23 +202,26 @@ def write_model_folder(folder: Path, model, tokenizer, train_config: dict | None
 
 
 def base_model_name(manifest, init_model: str | None, init_path: Path) -> tuple[str, str | None]:
-    """(hub id or absolute folder, commit or None) of the model training starts from: what a LoRA
-    adapter names as its base (adapter_config.json) and the card as base_model."""
+    """(hub id, or absolute folder when the base has no hub id; commit or None) of the model training
+    starts from: what a LoRA adapter names as its base (adapter_config.json) and the card as base_model.
+    A folder of the Hugging Face cache counts as its hub id (hub.resolve_model)."""
     from gvpo_offline.model.hub import resolve_model
 
     if init_model is None:
         if manifest.model_id:
             return manifest.model_id, manifest.model_revision
-        return str(init_path.resolve()), None
-    source = resolve_model(init_model)
+        source = resolve_model(init_path)
+    else:
+        source = resolve_model(init_model)
     return (source.hub_id, source.revision) if source.hub_id else (str(init_path.resolve()), None)
 
 
 def provenance(manifest, init_path: Path, base_name: tuple[str, str | None], train_groups: int,
                train_responses: int) -> dict:
     """train_config.json entries for the card and for checks on the saved folder: the base model (hub id
-    and commit when it came from the hub, content fingerprint: adapters.BASE_FINGERPRINT), the reference
-    model's hub id, the data files (manifest) and the train split's size."""
+    and commit when it came from the hub, else its folder's name; content fingerprint:
+    adapters.BASE_FINGERPRINT; the license of its card), the reference model's hub id or folder name, the
+    data files (names, sizes and sha256: no local paths) and the train split's size."""
     from gvpo_offline.model.adapters import BASE_FINGERPRINT
     from gvpo_offline.model.loading import model_fingerprint
 
@@ -182,9 +229,26 @@ def provenance(manifest, init_path: Path, base_name: tuple[str, str | None], tra
     return {
         "base_model_id": name if revision else None,
         "base_model_revision": revision,
+        "base_model_name": name if revision else Path(name).name,
+        "base_model_license": base_license(init_path),
         BASE_FINGERPRINT: model_fingerprint(init_path),
         "reference_model_id": manifest.model_id,
-        "data_files": list(manifest.data_files),
+        "reference_model_name": manifest.model_id or Path(manifest.model_path).name,
+        "data_files": [{"name": Path(f["path"]).name, "size": f.get("size"), "sha256": f["sha256"]}
+                       for f in manifest.data_files],
         "train_groups": train_groups,
         "train_responses": train_responses,
     }
+
+
+def portable(train_config: dict, base_name: tuple[str, str | None]) -> dict:
+    """``train_config`` as the model folder keeps it: the workdir by its name, ``init_model`` by its hub
+    id (or folder name), no absolute local path (a folder is uploaded to the hub as it is)."""
+    name, revision = base_name
+    out = dict(train_config)
+    out["workdir"] = Path(str(out.get("workdir", ""))).name
+    if out.get("init_model") is not None:
+        out["init_model"] = name if revision else Path(name).name
+    for key in ("init_model_path", "reference_model_path"):
+        out.pop(key, None)
+    return out

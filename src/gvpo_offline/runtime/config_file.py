@@ -127,8 +127,16 @@ def _norm(key: Any) -> str:
 
 
 def _command_keys(command) -> dict[str, Any]:
-    """config key -> click parameter, for the command's settings."""
-    return {config_key(p): p for p in command.params if p.name not in _SKIP}
+    """config key -> click parameter, for the command's settings; an option's other long names (an old
+    name kept as an alias, e.g. lora_target_modules for lora_target) are keys too."""
+    keys = {}
+    for p in command.params:
+        if p.name in _SKIP:
+            continue
+        keys[config_key(p)] = p
+        for alias in (o for o in p.opts[1:] if o.startswith("--")) if p.param_type_name == "option" else ():
+            keys.setdefault(alias.lstrip("-").replace("-", "_"), p)
+    return keys
 
 
 def _all_commands(ctx) -> dict[str, Any]:

@@ -4,7 +4,9 @@ A reader never sees a half-written file: every writer goes through :func:`atomic
 a temp name in the target's folder (``.gvpo-tmp-NAME.XXXX``), fsyncs it and renames it over the target.
 Temp names always start with ``.gvpo-tmp-`` or ``.gvpo-old-`` (:data:`TMP_PREFIX`, :data:`OLD_PREFIX`),
 so cleaning up after a crash never touches a file the tool did not write. Files get the mode any other
-tool would give them (0666 minus the umask), not mkstemp's 0600.
+tool would give them (0666 minus the umask; folders 0777 minus the umask), not mkstemp's 0600: also the
+files that libraries write into an :func:`atomic_dir` through their own temp files (transformers'
+``save_pretrained`` writes ``model.safetensors`` 0600), which are set right before the folder is swapped in.
 """
 
 from __future__ import annotations
@@ -31,7 +33,17 @@ def _umask() -> int:
     return mask
 
 
-FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (under the umask at import)
+
+
+def file_mode() -> int:
+    """What open() gives a new file under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """What mkdir() gives a new folder under the current umask."""
+    return 0o777 & ~_umask()
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -50,7 +62,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
     os.close(fd)
-    os.chmod(tmp, FILE_MODE)
+    os.chmod(tmp, file_mode())
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
@@ -123,7 +135,9 @@ def _fsync_dir(path: Path) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder ``.gvpo-tmp-NAME-PID`` beside ``path`` to fill; on success fsync it and
     swap it in by renames (an existing ``path`` is first renamed to ``.gvpo-old-NAME-PID``, then deleted), so
-    ``path`` is always either the old folder or the complete new one. On failure the temp folder goes."""
+    ``path`` is always either the old folder or the complete new one. On failure the temp folder goes.
+    Every file and folder in it gets the umask's usual mode (:func:`file_mode`, :func:`folder_mode`),
+    whatever mode the writer's own temp files had."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}"
@@ -132,10 +146,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for file in tmp.rglob("*"):
+        modes = file_mode(), folder_mode()
+        for file in [tmp, *tmp.rglob("*")]:
+            if file.is_symlink():
+                continue
             if file.is_file():
+                os.chmod(file, modes[0])
                 with open(file, "rb+") as fh:
                     os.fsync(fh.fileno())
+            elif file.is_dir():
+                os.chmod(file, modes[1])
         _fsync_dir(tmp)
         if path.exists():
             os.rename(path, old)

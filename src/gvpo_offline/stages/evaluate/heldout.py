@@ -409,6 +409,10 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
 
         transformers.utils.logging.disable_progress_bar()
         model = load_model(model_path, device, dtype, config.trust_remote_code)  # the weights in dtype, run in it
+        if manifest.inputs.get("load_in_4bit"):  # QLoRA: not yet scored on its 4-bit base here
+            console.print(f"note: the reference log-probs came from the 4-bit base (precompute-ref --load-in-4bit); "
+                          f"{model_path} is scored unquantised, so ℓ includes the base's 4-bit rounding",
+                          markup=False, highlight=False)
         vocab = model.get_output_embeddings().weight.shape[0]
         prompt_ids = table.column("prompt_ids").to_pylist()
         response_ids = table.column("response_ids").to_pylist()

@@ -237,6 +237,7 @@ _LABELS = {
     "eval_fraction": "eval fraction",
     "shard_groups": "--shard-groups",
     "packing": "--packing",
+    "load_in_4bit": "--load-in-4bit",
 }
 
 

@@ -29,7 +29,7 @@ from gvpo_offline.data.tokenize import (
     truncate_response,
     truncation_warning,
 )
-from gvpo_offline.model import distributed, hub, loading, logprobs, packing, scoring
+from gvpo_offline.model import distributed, hub, loading, logprobs, packing, quantization, scoring
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
@@ -89,6 +89,7 @@ class PrecomputeConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    load_in_4bit: bool = False  # QLoRA: score with the weights in 4-bit NF4 (model/quantization.py), CUDA only
     overwrite: bool = True
     progress: bool = True
     require_model_fingerprint: str | None = None
@@ -212,6 +213,8 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
                 ctx: distributed.Dist = distributed.Dist()) -> Manifest:
     device = loading.resolve_device(distributed.stage_device(ctx, config.device))
     dtype = loading.resolve_dtype(config.dtype, device)
+    if config.load_in_4bit:
+        quantization.require_cuda(device)
     source = hub.resolve_model(config.model)  # a local folder, or a hub id's snapshot in the HF cache
     model_path = str(source.path.resolve())
     tokenizer = loading.load_tokenizer(model_path, config.trust_remote_code)
@@ -235,6 +238,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         "eval_fraction": 0.0 if config.eval_data else float(config.eval_fraction),
         "shard_groups": config.shard_groups,
         "packing": config.packing,
+        **({"load_in_4bit": True} if config.load_in_4bit else {}),  # absent otherwise: earlier caches keep their key
     }
     for name, expected in (
         ("model_fingerprint", config.require_model_fingerprint),
@@ -301,7 +305,8 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         transformers.utils.logging.disable_progress_bar()
         # the weights loaded directly in ``dtype`` and run in it: train's policy and eval run the same
         # weights dtype (train refuses another), so ℓ = 0 at step 0 to rounding
-        model = loading.load_model(model_path, device, dtype, config.trust_remote_code)
+        model = (quantization.load_4bit(model_path, device, config.trust_remote_code) if config.load_in_4bit
+                 else loading.load_model(model_path, device, dtype, config.trust_remote_code))
         batch_tokens = config.batch_tokens or logprobs.default_batch_tokens(device)
         _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, config,
                         console, ctx, encoded)
@@ -481,7 +486,7 @@ def precompute_extra(
     config = PrecomputeConfig(
         data=data, model=main.model_path, workdir=sub, tokenize=main.tokenize_config, eval_fraction=1.0,
         shard_groups=main.shard_groups or 1000, batch_tokens=batch_tokens, device=device, dtype=main.dtype,
-        packing=main.inputs.get("packing", "off"),
+        packing=main.inputs.get("packing", "off"), load_in_4bit=bool(main.inputs.get("load_in_4bit")),
         trust_remote_code=trust_remote_code, progress=progress,
         require_model_fingerprint=main.model_fingerprint, require_tokenizer_fingerprint=main.tokenizer_fingerprint,
     )

@@ -37,7 +37,7 @@ STATE = "trainer_state.json"
 # Fields that decide the trajectory: a resumed run must use the same values as the run it continues.
 TRAJECTORY_FIELDS = (
     "beta", "init_model", "groups_per_step", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-    "epochs", "max_steps", "seed", "loss", "lora", "base_dtype",
+    "epochs", "max_steps", "seed", "loss", "lora", "base_dtype", "load_in_4bit",
 )
 
 
@@ -88,7 +88,7 @@ def save_checkpoint(
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key})
+        atomic_write_json(tmp / STATE, {**asdict(state), "config": _portable(config), "cache_key": cache_key})
     for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -126,7 +126,7 @@ def save_checkpoint_sharded(
                     raise GvpoError(f"{workdir}: ranks {missing} wrote their checkpoint shards elsewhere; with "
                                     "several nodes WORKDIR must be on storage shared by all of them")
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-                atomic_write_json(tmp / STATE, {**asdict(state), "config": config.to_json(), "cache_key": cache_key,
+                atomic_write_json(tmp / STATE, {**asdict(state), "config": _portable(config), "cache_key": cache_key,
                                                 "world_size": ctx.world_size})
     if ctx.is_main:
         for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
@@ -145,6 +145,11 @@ def load_checkpoint_sharded(ctx: distributed.Dist, path: Path, model, optimizer,
         torch.cuda.set_rng_state(rng["cuda"][ctx.local_rank], ctx.device)
     saved = json.loads((path / STATE).read_text())
     return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
+
+
+def _portable(config: TrainConfig) -> dict:
+    """The settings a checkpoint records, its workdir by name only (no local path in a loadable folder)."""
+    return {**config.to_json(), "workdir": Path(config.workdir).name}
 
 
 def _rng_states() -> dict:
@@ -167,8 +172,10 @@ def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> Non
     if state.get("cache_key") != cache_key:
         raise GvpoError(f"--resume from {path}: the reference cache changed since this checkpoint (precompute-ref "
                         "was rerun on other inputs); start a new run (delete the checkpoints folder)")
-    saved = {"loss": "gvpo", **state["config"]}  # checkpoints from before --loss existed trained GVPO
+    saved = {"loss": "gvpo", "load_in_4bit": False, **state["config"]}  # defaults of options added since
     now = config.to_json()
+    if isinstance(saved.get("lora"), dict) and isinstance(now.get("lora"), dict):  # options added since: defaults
+        saved["lora"] = {**json.loads(json.dumps(asdict(adapters.LoraSettings(r=1)))), **saved["lora"]}
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class TrainConfig:
     lora: LoraSettings | None = None  # train a LoRA adapter on the frozen model (gvpo_offline.adapters)
     base_dtype: str | None = None  # with LoRA: dtype of the frozen base weights; None = the cache's (the only one accepted)
     merge: bool = False  # with LoRA: also write WORKDIR/model-merged/, the adapter merged into the weights
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA), as precompute-ref's
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -69,11 +71,16 @@ class TrainConfig:
             raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
         if self.base_dtype is not None:
             adapters.base_dtype(self.base_dtype)
-        if self.lora is None and (self.merge or self.base_dtype is not None):
-            raise GvpoError("--merge and --base-dtype apply to LoRA training: add --lora-r")
+        if self.lora is None and (self.merge or self.base_dtype is not None or self.load_in_4bit):
+            raise GvpoError("--merge, --base-dtype and --load-in-4bit apply to LoRA training: add --lora-r")
+        if self.load_in_4bit and self.merge:
+            raise GvpoError("--merge with --load-in-4bit: the adapter cannot be merged into 4-bit weights without "
+                            "dequantising them; drop --merge and load WORKDIR/model (the adapter) onto the "
+                            "unquantised base, or merge it there with peft's merge_and_unload")
 
     def to_json(self) -> dict:
-        return {**asdict(self), "workdir": str(self.workdir)}
+        """The settings as JSON would give them back (tuples as lists)."""
+        return json.loads(json.dumps({**asdict(self), "workdir": str(self.workdir)}))
 
 
 @dataclass

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from gvpo_offline.data.tokenize import tokenizer_fingerprint
 from gvpo_offline.math.loss import OBJECTIVES
-from gvpo_offline.model import adapters, distributed, loading, memory_plan, modelcard, packing, rank0_load
+from gvpo_offline.model import adapters, distributed, loading, memory_plan, modelcard, packing, quantization, rank0_load
 from gvpo_offline.model.hub import resolve_model
 from gvpo_offline.model.loading import (
     load_model,
@@ -214,6 +214,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
 
     # 1. check the cache against the model we train from
     manifest = reference.read_manifest(workdir)
+    quantization.check_same_base(bool(manifest.inputs.get("load_in_4bit")), cfg.load_in_4bit)
     init_path, tokenizer, notes = check_start(manifest, cfg.init_model, cfg.trust_remote_code)
     check_outputs(workdir, manifest, init_path, cfg)
     base_name = modelcard.base_model_name(manifest, cfg.init_model, init_path)
@@ -223,6 +224,10 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     groups = load_train_groups(workdir)
     device = resolve_device(distributed.stage_device(ctx, cfg.device))
     weights_dtype = check_weights_dtype(manifest, cfg, device)
+    if cfg.load_in_4bit:  # QLoRA: one CUDA process
+        quantization.require_cuda(device)
+        if ctx.enabled:
+            raise GvpoError("--load-in-4bit trains on one GPU: launch without torchrun")
     micro_batch_tokens = cfg.micro_batch_tokens or (8192 if device.type == "cuda" else 2048)
     for note in notes:
         log(f"note: {note}")
@@ -252,6 +257,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         dtype = torch.float32 if ctx.enabled and cfg.lora is None else weights_dtype
         if ctx.enabled:
             model = rank0_load.load_for_sharding(ctx, init_path, dtype, cfg.trust_remote_code)
+        elif cfg.load_in_4bit:  # the same 4-bit base the reference log-probs came from
+            model = quantization.load_4bit(init_path, device, cfg.trust_remote_code)
         else:
             model = load_model(weights if cfg.lora is None else init_path, device, dtype, cfg.trust_remote_code)
         if cfg.lora is not None:  # frozen base + float32 LoRA layers (B = 0: the base's function)
@@ -260,6 +267,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if cfg.lora is not None and cfg.lora.dropout > 0:  # only the LoRA dropout trains; the rest stays eval
+            adapters.train_dropout(model)
         plan = memory_plan.memory_plan(model, ctx, device, cfg.cpu_offload)
         log(plan.describe())
         memory_plan.check_fits(ctx, plan)
@@ -385,16 +394,15 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
 
     # 5. the final model (never a non-finite one)
     check_finite_parameters(model, f"after step {state.step}", last_good, ctx)
-    train_config = {
-        **cfg.to_json(), "init_model_path": str(init_path), "total_steps": total_steps,
-        "warmup_steps": warmup_steps, "reference_model_path": manifest.model_path,
+    train_config = modelcard.portable({  # no local paths in the folder a user uploads
+        **cfg.to_json(), "total_steps": total_steps, "warmup_steps": warmup_steps,
         "reference_model_fingerprint": manifest.model_fingerprint,
         "tokenizer_fingerprint": manifest.tokenizer_fingerprint, "cache_key": manifest.key,
         "weights_dtype": str(weights_dtype).removeprefix("torch."),
         "base_dtype": str(weights_dtype).removeprefix("torch.") if cfg.lora is not None else None,
         "loss_formula": OBJECTIVES[cfg.loss].formula,  # "loss" (the --loss name) comes with cfg
         **modelcard.provenance(manifest, init_path, base_name, groups.n_groups, groups.table.num_rows),
-    }
+    }, base_name)
     full_weights = distributed.full_state_dict(model)  # sharded: gathered on every rank (a collective)
     model_dir = workdir / FINAL_MODEL
     if ctx.is_main:
@@ -406,6 +414,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         if cfg.merge and ctx.is_main:  # last: merging folds the LoRA layers into the base weights in place
             merged_model = (loading.load_merged(model_dir, torch.device("cpu"), weights_dtype,
                                                  cfg.trust_remote_code) if ctx.enabled else model.merge_and_unload())
+            merged_model = adapters.in_checkpoint_dtype(merged_model, init_path)  # the base's own dtype
             with write_errors_as_os_errors(workdir / MERGED_MODEL):
                 merged = save_final(workdir, merged_model, tokenizer, {**train_config, "merged": True},
                                     name=MERGED_MODEL)

@@ -89,6 +89,17 @@ def test_eval_needs_the_workdir_marker(cache, run_cli):
     (cache / ".gvpo-offline").unlink()
     err = one_line(run_cli("eval", "--workdir", cache, "--model", STORIES, "--beta", "0.1", *EVAL))
     assert "not a gvpo-offline workdir (no .gvpo-offline marker" in err
+    assert "older version" in err  # it holds a reference cache: an older version made it
+
+
+def test_a_folder_that_is_no_workdir_says_so(tmp_path, run_cli):
+    """Issue 22.8: a wrong --workdir (a folder of the user's) is "no workdir here", not an older version's."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    for args in (("train", "--workdir", mine, "--beta", "1"), ("eval", "--workdir", mine, "--beta", "1")):
+        err = one_line(run_cli(*args))
+        assert f"{mine}: no workdir here" in err and "older version" not in err, err
 
 
 # ---- 2. the eval JSON says which caches produced it -----------------------------------------------------

@@ -255,11 +255,19 @@ def inspect_cmd(
 
     DATA: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.
     """
-    from gvpo_offline.data import ColumnMap, DataConfig, load_groups, summarize, summary_tables, token_stats
-    from gvpo_offline.model.loading import load_tokenizer
+    from gvpo_offline.data import (
+        ColumnMap,
+        DataConfig,
+        check_inputs,
+        load_groups,
+        summarize,
+        summary_tables,
+        token_stats,
+    )
 
     config = DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col))
     tokens = None
+    check_inputs(config)  # a missing file or column is reported before the tokenizer loads
     if model is not None:
         from gvpo_offline.data.tokenize import (
             TokenizeConfig,
@@ -267,14 +275,14 @@ def inspect_cmd(
             load_prompt_template,
             truncation_warning,
         )
+        from gvpo_offline.model.loading import load_tokenizer
+        from gvpo_offline.runtime.progress import progress
 
         cfg = TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template))
         tokenizer = load_tokenizer(model)
         cfg, clamp_note = fit_to_model(cfg, model)  # the same rule as precompute-ref
     grouped = load_groups(config)
     if model is not None:
-        from gvpo_offline.runtime.progress import progress
-
         with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update:
             tokens = token_stats(grouped, tokenizer, cfg, lambda n: update(advance=n))
         for line in (clamp_note, truncation_warning(tokens.responses.truncated, tokens.responses.n, cfg)):

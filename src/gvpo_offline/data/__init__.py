@@ -33,7 +33,7 @@ Where things are (the public names below are importable from ``gvpo_offline.data
 """
 
 from gvpo_offline.data.grouping import content_group_id
-from gvpo_offline.data.load import compute_stats, load_groups
+from gvpo_offline.data.load import check_inputs, compute_stats, load_groups
 from gvpo_offline.data.records import (
     LAYOUTS,
     TABLE_SCHEMA,
@@ -62,6 +62,7 @@ __all__ = [
     "Message",
     "Summary",
     "TokenStats",
+    "check_inputs",
     "compute_stats",
     "content_group_id",
     "fingerprint",

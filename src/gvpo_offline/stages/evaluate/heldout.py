@@ -360,6 +360,10 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     if not ctx.is_main:
         console = Console(quiet=True)
     workdirs.require(config.workdir)
+    if config.data_paths:  # a missing file or column: reported now, before any model work
+        from gvpo_offline.data import DataConfig, check_inputs
+
+        check_inputs(DataConfig(tuple(config.data_paths), config.layout, config.columns))
     # a folder (model, adapter, checkpoint) or a hub id
     model_path = model_folder(config.model_path) if config.model_path else Path(config.workdir) / "model"
     with distributed.main_only(ctx, workdirs.stage_locks(config.workdir, "eval", model_path)):  # rank 0 locks

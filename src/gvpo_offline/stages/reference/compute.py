@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from gvpo_offline import __version__
-from gvpo_offline.data import DataConfig, FileInfo, input_files, load_groups
+from gvpo_offline.data import DataConfig, FileInfo, check_inputs, input_files, load_groups
 from gvpo_offline.data.tokenize import (
     TokenizeConfig,
     encode_prompt,
@@ -167,6 +167,9 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
     """
     console = console or Console(stderr=True)
     workdir = Path(config.workdir)
+    check_inputs(config.data)  # a missing file or column: reported now, before any model work
+    if config.eval_data:
+        check_inputs(replace(config.data, paths=tuple(config.eval_data)))
     ctx = distributed.context(config.device)  # under torchrun: each rank scores a share of every shard
     created = ctx.is_main and not workdir.exists()
     try:  # rank 0 claims, locks and reports for all ranks

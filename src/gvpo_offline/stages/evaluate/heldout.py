@@ -55,7 +55,7 @@ JSON (``--json FILE``, written atomically): {"model": {metric: value}, "referenc
 {...}, "intervals": {"model": {metric: [lo, hi]}, "delta": {...}}, "counts": {...}, "generation": {...}
 or null, "meta": {model_path, data, beta, beta_source, model_is_reference, objective, cache_key,
 data_cache_key, model_cache_key, bootstrap, seed, confidence}}. ``objective`` is the ``train --loss`` that
-made the model (gvpo, dpo, ipo, rebel, sft-best; "gvpo" for models trained before --loss existed; null for
+made the model (gvpo, dpo, ipo, ipo-trl, rebel, sft-best; "gvpo" for models trained before --loss existed; null for
 the reference or a model not saved by ``train``). The cache keys (reference.Manifest.key: the sha256 of
 everything that decided a cache's content) say what the numbers were computed from: ``cache_key`` is
 WORKDIR/manifest.json's (reference model, tokenization), ``data_cache_key`` that of the cache the scored

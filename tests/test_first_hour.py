@@ -57,3 +57,77 @@ def test_inspect_with_a_model_reports_bad_data_before_the_tokenizer(tmp_path, ru
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     res = run_cli("inspect", data, "--model", STORIES, "--prompt-col", "question")
     assert res.code == 2 and "missing column 'question' (--prompt-col maps the prompt" in res.err, res.err
+
+
+# ---- 22.7: habits ------------------------------------------------------------------------------
+
+
+def _commands():
+    import typer
+
+    from gvpo_offline.cli import app
+
+    group = typer.main.get_command(app)
+    return group, group.commands
+
+
+def _parse(command: str, args: list[str]) -> dict:
+    """The values a command would run with (click parses, nothing runs), config file and overrides applied."""
+    group, commands = _commands()
+    parent = type(group.context_class(group))(group, info_name="gvpo-offline")
+    with commands[command].make_context(command, [str(a) for a in args], parent=parent) as ctx:
+        return dict(ctx.params)
+
+
+def test_every_option_of_every_command_has_help():
+    group, commands = _commands()
+    missing = [f"{name} {p.opts[0]}" for name, cmd in [("gvpo-offline", group), *commands.items()]
+               for p in cmd.params if p.param_type_name == "option" and not (p.help or "").strip()]
+    assert missing == []
+
+
+def test_version(run_cli):
+    from gvpo_offline import __version__
+
+    res = run_cli("--version")
+    assert res.code == 0 and res.out.strip() == f"gvpo-offline {__version__}"
+
+
+def test_hf_trl_names_are_aliases():
+    from gvpo_offline.cli import _hyphenated
+
+    assert _hyphenated(["train", "--learning_rate=1e-5", "--num_train_epochs", "3", "--", "--a_b"]) == [
+        "train", "--learning-rate=1e-5", "--num-train-epochs", "3", "--", "--a_b"]
+    values = _parse("train", ["--beta", "1", "--learning-rate", "3e-4", "--num-train-epochs", "2"])
+    assert (values["lr"], values["epochs"]) == (3e-4, 2)
+    assert _parse("plot", ["w", "--out-dir", "figs"])["out_dir"] == "figs"  # the old spelling still works
+    assert _parse("plot", ["w", "--output-dir", "figs"])["out_dir"] == "figs"
+    assert _parse("eval", ["-o", "e.json"])["json_path"] == "e.json"
+
+
+def test_unknown_options_get_a_did_you_mean_or_the_equivalent(run_cli):
+    res = run_cli("train", "--beta", "1", "--learnin-rate", "1e-5")
+    assert res.code == 2 and "No such option: --learnin-rate (did you mean --learning-rate?)" in res.err
+    res = run_cli("train", "--beta", "1", "--per_device_train_batch_size", "8")
+    assert res.code == 2 and "--per-device-train-batch-size (HF/TRL name; here: --groups-per-step" in res.err
+
+
+def test_key_value_overrides_after_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("workdir: from-file\ntrain:\n  beta: 0.5\n  lr: 0.001\n  seed: 3\n  report_to: [tensorboard]\n")
+    values = _parse("train", ["--config", config, "lr=2e-5", "beta=0.25", "resume=true", "report_to=none,wandb"])
+    assert (values["lr"], values["beta"], values["resume"], values["report_to"]) == (2e-5, 0.25, True, ["none", "wandb"])
+    assert (values["workdir"], values["seed"]) == ("from-file", 3)  # the rest from the file
+    # aliases as keys, and the command line wins over an override
+    values = _parse("train", ["learning_rate=7e-4", "--config", config, "--lr", "1e-3", "num_train_epochs=4"])
+    assert (values["lr"], values["epochs"], values["beta"]) == (1e-3, 4, 0.5)
+    # an option's value is never an override; DATA arguments that are files stay files
+    weird = tmp_path / "a=b.jsonl"
+    weird.write_text("")
+    values = _parse("precompute-ref", [weird, "--model", "m", "--prompt-template", "x=y", "workdir=w"])
+    assert (values["data"], values["prompt_template"], values["workdir"]) == ([str(weird)], "x=y", "w")
+
+
+def test_an_unknown_override_is_an_error(run_cli):
+    res = run_cli("train", "--beta", "1", "lrr=1e-5")
+    assert res.code == 2 and "'lrr=1e-5': `train` has no option 'lrr' to set (did you mean 'lr=1e-5'?)" in res.err

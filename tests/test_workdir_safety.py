@@ -184,7 +184,7 @@ def test_plot_writes_into_a_workdir_only(tmp_path, run_cli):
     write_jsonl(mine / "metrics.jsonl", [{"step": s, "loss": 1.0 / s, "log_ratio_per_token": 0.0} for s in (1, 2)])
     before = sorted(p.name for p in mine.iterdir())
     err = one_line(run_cli("plot", mine))
-    assert f"{mine}: not a gvpo-offline workdir (no .gvpo-offline marker)" in err and "--out-dir" in err
+    assert f"{mine}: not a gvpo-offline workdir (no .gvpo-offline marker)" in err and "--output-dir" in err
     assert sorted(p.name for p in mine.iterdir()) == before
     res = run_cli("plot", mine, "--out-dir", tmp_path / "figs")  # a folder the user names: fine
     assert res.code == 0, res.err

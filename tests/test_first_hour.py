@@ -131,3 +131,63 @@ def test_key_value_overrides_after_config(tmp_path):
 def test_an_unknown_override_is_an_error(run_cli):
     res = run_cli("train", "--beta", "1", "lrr=1e-5")
     assert res.code == 2 and "'lrr=1e-5': `train` has no option 'lrr' to set (did you mean 'lr=1e-5'?)" in res.err
+
+
+# ---- 23.2: fixed cost per command --------------------------------------------------------------
+
+
+def _imports_in_subprocess(code: str) -> dict:
+    """Run ``code`` in a fresh interpreter (other tests' imports do not count) -> which heavy libraries
+    it imported, and what it printed."""
+    probe = (f"import sys, json\n{code}\n"
+             "print(json.dumps({m: m in sys.modules for m in ('torch', 'transformers', 'datasets')}))")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_the_cli_and_every_help_import_no_torch():
+    code = ("from gvpo_offline import cli\n"
+            "import contextlib, io\n"
+            "for command in ([], ['sample'], ['precompute-ref'], ['train'], ['eval'], ['inspect'], ['convert'], ['plot']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            cli.main([*command, '--help'])\n"
+            "        except SystemExit as exc:\n"
+            "            assert exc.code == 0, (command, exc.code)")
+    assert _imports_in_subprocess(code) == {"torch": False, "transformers": False, "datasets": False}
+
+
+def test_a_cache_hit_imports_no_torch(tmp_path, run_cli):
+    from gvpo_offline.model.packing import PACKING_CHOICES
+    from gvpo_offline.stages.reference import config, read_manifest
+
+    assert config.PACKING_CHOICES == PACKING_CHOICES
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    args = ["precompute-ref", str(data), "--model", str(STORIES), "--workdir", str(tmp_path / "w"), "--device", "cpu"]
+    assert run_cli(*args).code == 0
+    manifest = read_manifest(tmp_path / "w")
+    assert manifest.request_key and manifest.complete
+    code = (f"from gvpo_offline import cli\ntry:\n    cli.main({args!r})\nexcept SystemExit as exc:\n"
+            "    assert not exc.code, exc.code")
+    assert _imports_in_subprocess(code) == {"torch": False, "transformers": False, "datasets": False}
+    # another request goes the full way, which decides by the cache key itself: here a recompute
+    res = run_cli(*args, "--max-prompt-length", "64")
+    assert res.code == 0 and "recomputing the reference cache" in res.err, res.err
+    assert read_manifest(tmp_path / "w").request_key not in (None, manifest.request_key)
+
+
+def test_the_request_key_covers_the_tokenizer_files(tmp_path):
+    import shutil
+
+    from gvpo_offline.stages.reference.hit import model_files_fingerprint
+
+    copy = tmp_path / "m"
+    shutil.copytree(STORIES, copy)
+    before = model_files_fingerprint(copy)
+    (copy / "README.md").write_text("a card eval rewrote\n")  # not a model input
+    assert model_files_fingerprint(copy) == before
+    tok = next(p for p in copy.iterdir() if p.name.startswith("tokenizer"))
+    tok.write_bytes(tok.read_bytes() + b" ")
+    assert model_files_fingerprint(copy) != before

@@ -119,7 +119,8 @@ def precompute_ref_cmd(
 
     from gvpo_offline.data import ColumnMap, DataConfig
     from gvpo_offline.data.tokenize import TokenizeConfig, load_prompt_template
-    from gvpo_offline.stages.reference.compute import PrecomputeConfig, precompute
+    from gvpo_offline.stages.reference.config import PrecomputeConfig
+    from gvpo_offline.stages.reference.hit import cache_hit
 
     config = PrecomputeConfig(
         data=DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col)),
@@ -129,7 +130,10 @@ def precompute_ref_cmd(
         batch_tokens=batch_tokens, packing=packing, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         overwrite=not no_overwrite,
     )
-    precompute(config, console)
+    if cache_hit(config, console) is None:  # a hit imports neither torch nor transformers
+        from gvpo_offline.stages.reference.compute import precompute
+
+        precompute(config, console)
 
 
 @app.command("train", cls=ConfigCommand)

@@ -101,6 +101,7 @@ class Manifest:
     shard_sha256: list[str] = field(default_factory=list)  # hex sha256 of each finished shard
     model_id: str | None = None  # the hub id --model was given as (None: a local folder)
     model_revision: str | None = None  # the hub snapshot's commit hash
+    request_key: str | None = None  # sha256 of the options as given (stages/reference/hit.py): a hit without torch
 
     @property
     def tokenize_config(self) -> TokenizeConfig:
@@ -270,3 +271,24 @@ def _shard_meta(path: Path) -> dict[bytes, bytes]:
         return pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowException):
         return {}
+
+
+def bad_shards(workdir: Path, manifest: Manifest) -> dict[int, str]:
+    """{shard number: what is wrong} for the shards of a complete manifest that fail verify_shard."""
+    if len(manifest.shard_sizes) != len(manifest.shards) or len(manifest.shard_sha256) != len(manifest.shards):
+        return dict.fromkeys(range(len(manifest.shards)), "unverifiable (no checksum recorded)")
+    bad = {}
+    for s in range(len(manifest.shards)):
+        if (problem := verify_shard(workdir, manifest, s)) is not None:
+            bad[s] = problem if problem == "missing" else f"corrupt ({problem} differs)"
+    return bad
+
+
+def cache_summary(m: Manifest) -> str:
+    """One line: groups, responses and tokens per split, and the truncation counts."""
+    parts = [f"{s} {c.groups} groups / {c.responses} responses / {c.tokens} response tokens" for s, c in m.counts.items()]
+    t = m.tokenize_config
+    return (
+        f"{'; '.join(parts)}; truncated {m.truncated_prompts} prompts (> {t.max_prompt_length} tokens) "
+        f"and {m.truncated_responses} responses (prompt + response > {t.max_length} tokens)"
+    )

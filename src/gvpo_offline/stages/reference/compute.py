@@ -34,6 +34,8 @@ from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
 from gvpo_offline.runtime.progress import progress
+from gvpo_offline.stages.reference.config import PrecomputeConfig  # noqa: F401  (re-exported)
+from gvpo_offline.stages.reference.hit import dtype_without_torch, request_key
 from gvpo_offline.stages.reference.cache import (
     _KEY_META,
     _LABELS,
@@ -47,60 +49,12 @@ from gvpo_offline.stages.reference.cache import (
     SplitCounts,
     _read_any_manifest,
     _shard_meta,
+    bad_shards,
+    cache_summary,
     describe_changes,
     read_manifest,
     verify_shard,
 )
-
-
-@dataclass(frozen=True)
-class PrecomputeConfig:
-    """Options of ``precompute-ref``.
-
-    data: the training data (DATA...), read by data.load_groups.
-    model: the reference model: a local folder (save_pretrained layout), a LoRA adapter folder, or a hub
-        id org/name[@revision] resolved through the Hugging Face cache (manifest: model_id, model_revision).
-    tokenize: the settings used by every stage; max_length is clamped to the model's context.
-    eval_fraction: share of DATA's groups held out as 'eval', by a stable hash of the prompt; ignored
-        (recorded as 0) when ``eval_data`` gives the held-out groups instead. 1.0 puts everything in eval.
-    shard_groups: groups per shard file (a resumed run redoes at most one shard).
-    batch_tokens: padded tokens (rows × longest) per forward pass; None = 16384 on a GPU, 2048 on CPU
-        (measured on CPU: small batches stay in cache and run ~25% faster than 16384).
-    chunk_tokens: response positions per LM-head chunk; None = logprobs.logits_chunk_for(vocab).
-    packing: 'on' computes each prompt once for all its responses, in rows packed without padding
-        (packing.py; padded rows with a note where the model is not supported); 'off' pads separate
-        sequences; 'auto' packs a shard when that saves ≥ packing.MIN_SHARED_FRACTION of its tokens. Recorded in the manifest (the values differ at float-rounding level); train and eval
-        use the cache's setting by default.
-    overwrite: False refuses to replace a cache made from other inputs (``--no-overwrite``).
-    require_*_fingerprint: refuse unless the model/tokenizer at ``model`` has this fingerprint
-        (used by :func:`precompute_extra` to guarantee the same reference as the main cache).
-    """
-
-    data: DataConfig
-    model: str
-    workdir: Path = Path("gvpo-run")
-    tokenize: TokenizeConfig = TokenizeConfig()
-    eval_fraction: float = 0.1
-    eval_data: tuple[str, ...] = ()
-    shard_groups: int = 1000
-    batch_tokens: int | None = None
-    chunk_tokens: int | None = None
-    packing: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    overwrite: bool = True
-    progress: bool = True
-    require_model_fingerprint: str | None = None
-    require_tokenizer_fingerprint: str | None = None
-
-    def __post_init__(self):
-        if not 0.0 <= self.eval_fraction <= 1.0:
-            raise GvpoError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
-        if self.shard_groups < 1 or any(n is not None and n < 1 for n in (self.batch_tokens, self.chunk_tokens)):
-            raise GvpoError("--shard-groups, --batch-tokens and chunk_tokens must be positive")
-        if self.packing not in packing.PACKING_CHOICES:
-            raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
 
 
 def split_value(prompt_json: str) -> float:
@@ -244,21 +198,24 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         if expected is not None and inputs[name] != expected:
             raise GvpoError(f"{model_path}: the reference {_LABELS[name]} changed since the cache was made")
     key = _sha256_json(inputs)
+    request = None  # the options as given, for a cache hit without torch next time (hit.py)
+    if dtype_without_torch(config.device, config.dtype) == inputs["dtype"]:
+        request = request_key(config, Path(model_path), *fingerprints)
 
     old = _read_any_manifest(workdir)
     changes: list[str] = []
     if old is not None and old.key == key and old.complete:
-        bad = _bad_shards(workdir, old)
+        bad = bad_shards(workdir, old)
         if not bad:
             moved = replace(old, model_path=model_path, data_files=data_files, eval_data_files=eval_files,
-                            model_id=source.hub_id, model_revision=source.revision)
+                            model_id=source.hub_id, model_revision=source.revision, request_key=request)
             if moved != old:  # the same content at other paths: record where it is now
                 old = moved
                 if ctx.is_main:
                     atomic_write_json(workdir / MANIFEST, old.to_json())
             distributed.barrier(ctx)
             _say(console, f"cache hit: {workdir / MANIFEST} matches the data, model, tokenizer and settings; "
-                          f"nothing to compute (no model loaded). {_summary(old)}")
+                          f"nothing to compute (no model loaded). {cache_summary(old)}")
             return old
         _say(console, "repairing the reference cache: " + "; ".join(f"{old.shards[s]} {why}" for s, why in bad.items()))
         for s in bad if ctx.is_main else ():
@@ -287,7 +244,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         dtype=inputs["dtype"], eval_fraction=inputs["eval_fraction"], model_id=source.hub_id,
         model_revision=source.revision,
         shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(math.ceil(groups.num_rows / config.shard_groups))],
-        shard_groups=config.shard_groups, inputs=inputs, key=key,
+        shard_groups=config.shard_groups, inputs=inputs, key=key, request_key=request,
     )
     if ctx.is_main:
         atomic_write_json(workdir / MANIFEST, manifest.to_json())  # complete=false: a rerun resumes
@@ -309,23 +266,12 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     with distributed.together(ctx):  # rank 0 completes the manifest; its GvpoError stops every rank
         if ctx.is_main:
             _finish(workdir, manifest)
-    _say(console, f"reference log-probs cached in {workdir}: {_summary(manifest)}")
+    _say(console, f"reference log-probs cached in {workdir}: {cache_summary(manifest)}")
     responses = sum(c.responses for c in manifest.counts.values())
     warning = truncation_warning(manifest.truncated_responses, responses, manifest.tokenize_config)
     if warning:
         _say(console, warning)
     return read_manifest(workdir) if ctx.enabled else manifest  # the manifest rank 0 completed
-
-
-def _bad_shards(workdir: Path, manifest: Manifest) -> dict[int, str]:
-    """{shard number: what is wrong} for the shards of a complete manifest that fail verify_shard."""
-    if len(manifest.shard_sizes) != len(manifest.shards) or len(manifest.shard_sha256) != len(manifest.shards):
-        return dict.fromkeys(range(len(manifest.shards)), "unverifiable (no checksum recorded)")
-    bad = {}
-    for s in range(len(manifest.shards)):
-        if (problem := verify_shard(workdir, manifest, s)) is not None:
-            bad[s] = problem if problem == "missing" else f"corrupt ({problem} differs)"
-    return bad
 
 
 def _encode_all(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig, size: int) -> dict[int, tuple]:
@@ -443,15 +389,6 @@ def _finish(workdir: Path, manifest: Manifest) -> None:
         )
     manifest.complete = True
     atomic_write_json(workdir / MANIFEST, manifest.to_json())
-
-
-def _summary(m: Manifest) -> str:
-    parts = [f"{s} {c.groups} groups / {c.responses} responses / {c.tokens} response tokens" for s, c in m.counts.items()]
-    t = m.tokenize_config
-    return (
-        f"{'; '.join(parts)}; truncated {m.truncated_prompts} prompts (> {t.max_prompt_length} tokens) "
-        f"and {m.truncated_responses} responses (prompt + response > {t.max_length} tokens)"
-    )
 
 
 def precompute_extra(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -23,14 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO / "sample_data" / "stories260K"
 
 
-def run(src: Path, args: list[str]) -> float:
+def run(src: Path, args: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one command in a fresh interpreter."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "gvpo_offline.cli", *args], env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if res.returncode != 0:
         raise SystemExit(f"{src}: {' '.join(args)} failed:\n{res.stderr}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -55,17 +59,20 @@ def main() -> None:
             "precompute-ref cache hit": lambda wd: ["precompute-ref", str(data), "--model", str(STORIES),
                                                     "--workdir", str(wd), "--device", "cpu"],
         }
-        times: dict[str, dict[str, float]] = {case: {} for case in cases}
+        times: dict[str, dict[str, tuple[float, float]]] = {case: {} for case in cases}
         for n, (name, src) in enumerate(versions.items()):
             workdir = tmp / f"w{n}"
             run(src, cases["precompute-ref cache hit"](workdir))  # builds the cache (not timed)
             for case, args in cases.items():
-                times[case][name] = statistics.median(run(src, args(workdir)) for _ in range(opts.repeat))
+                runs = [run(src, args(workdir)) for _ in range(opts.repeat)]
+                times[case][name] = tuple(statistics.median(r[i] for r in runs) for i in (0, 1))
         names = list(versions)
-        print(f"median wall seconds of {opts.repeat} runs (OMP_NUM_THREADS=1, {os.cpu_count()} CPUs)")
-        print(f"{'command':30} {names[0]:>16} {names[1]:>20} {'old/new':>8}")
+        print(f"median of {opts.repeat} runs, seconds (OMP_NUM_THREADS=1, {os.cpu_count()} CPUs); CPU = user + system")
+        print(f"{'command':28} {'old wall':>9} {'old CPU':>8} {'new wall':>9} {'new CPU':>8} {'old/new CPU':>12}")
         for case, t in times.items():
-            print(f"{case:30} {t[names[0]]:16.3f} {t[names[1]]:20.3f} {t[names[0]] / t[names[1]]:8.2f}x")
+            (ow, oc), (nw, nc) = t[names[0]], t[names[1]]
+            print(f"{case:28} {ow:9.3f} {oc:8.3f} {nw:9.3f} {nc:8.3f} {oc / nc:11.2f}x")
+        print(f"old = {names[0]}, new = {names[1]}")
 
 
 if __name__ == "__main__":

@@ -191,3 +191,43 @@ def test_the_request_key_covers_the_tokenizer_files(tmp_path):
     tok = next(p for p in copy.iterdir() if p.name.startswith("tokenizer"))
     tok.write_bytes(tok.read_bytes() + b" ")
     assert model_files_fingerprint(copy) != before
+
+
+# ---- 22.2: threads -----------------------------------------------------------------------------
+
+
+def test_the_thread_rule(monkeypatch):
+    from gvpo_offline.model.threads import resolve_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resolve_threads(None, on_cpu=True) == 1  # the CPU default
+    assert resolve_threads(None, on_cpu=False) is None  # a GPU run: torch's default
+    assert resolve_threads(3, on_cpu=True) == 3 and resolve_threads(0, on_cpu=True) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert resolve_threads(None, on_cpu=True) == 2 and resolve_threads(4, on_cpu=True) == 4
+
+
+def test_threads_option_sets_torch_threads_and_reruns_are_bit_identical(story_cache, tmp_path, run_cli,
+                                                                         monkeypatch):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    models = []
+    for name in ("a", "b"):
+        workdir = tmp_path / name
+        shutil.copytree(story_cache, workdir)
+        res = run_cli("train", "--workdir", workdir, "--beta", "1", "--lr", "1e-3", "--groups-per-step", "2",
+                      "--max-steps", "2", "--save-every", "0", "--device", "cpu")
+        assert res.code == 0, res.err
+        assert torch.get_num_threads() == 1  # the CPU default, whatever torch had
+        models.append(load_file(workdir / "model" / "model.safetensors"))
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])  # the same settings: the same bits
+    saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
+    assert "threads" in saved  # the rerun file repeats it
+    res = run_cli("train", "--workdir", tmp_path / "nowhere", "--beta", "1", "--threads", "2", "--device", "cpu")
+    assert res.code == 2 and torch.get_num_threads() == 2

@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+THREADS = "CPU threads for the model: 1 on the CPU by default (fastest for these small batches, and bit-identical reruns), torch's default on a GPU; OMP_NUM_THREADS when set; 0 = one per core. Resume with the same value."
 TRUST_REMOTE_CODE = "Run the model's own Python code from its folder or hub repo (models whose architecture transformers lacks); only for code you trust."
 
 
@@ -65,12 +66,16 @@ def sample_cmd(
     max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", metavar="INT", help="Prompt tokens kept (from the end).")] = 512,
     prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", metavar="TEMPLATE|FILE", help="Jinja chat template (or file) for message prompts.")] = None,
     reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", metavar="SECONDS", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
 ) -> None:
     """Generate k responses per prompt, score them with a reward and write grouped JSONL."""
     from gvpo_offline.model.distributed import single_process_only
 
     single_process_only("sample")
+    from gvpo_offline.model.threads import apply_threads
+
+    apply_threads(threads, device)
     from gvpo_offline.data.tokenize import TokenizeConfig, load_prompt_template
     from gvpo_offline.stages.sample import SampleConfig, SamplingConfig, parse_k_range, sample
 
@@ -109,6 +114,7 @@ def precompute_ref_cmd(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Compute dtype: auto (float32 on CPU, bf16 autocast on a GPU that supports it), float32, bfloat16. Weights stay float32, as in train, so that ℓ = 0 at step 0.")] = "auto",
     no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
 ) -> None:
     """Compute log pi_ref(y|x) of every response once and cache it in WORKDIR (train and eval read it).
@@ -131,8 +137,10 @@ def precompute_ref_cmd(
         overwrite=not no_overwrite,
     )
     if cache_hit(config, console) is None:  # a hit imports neither torch nor transformers
+        from gvpo_offline.model.threads import apply_threads
         from gvpo_offline.stages.reference.compute import precompute
 
+        apply_threads(threads, device)
         precompute(config, console)
 
 
@@ -161,6 +169,7 @@ def train_cmd(
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", metavar="INT", help="How many of the newest checkpoints to keep.")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run's WORKDIR/model and metrics.jsonl (refused otherwise).")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
     lora_r: Annotated[Optional[int], typer.Option("--lora-r", metavar="INT", help="Train a LoRA adapter of rank R on the frozen model (peft) instead of all weights; WORKDIR/model/ is then a PEFT adapter folder.", show_default=False)] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", metavar="FLOAT", help="LoRA scale numerator α (scale α/r) [default: r].", show_default=False)] = None,
@@ -177,6 +186,7 @@ def train_cmd(
     from pathlib import Path
 
     from gvpo_offline.model.adapters import LoraSettings
+    from gvpo_offline.model.threads import apply_threads
     from gvpo_offline.runtime import config_file, tracking
     from gvpo_offline.stages.train.config import TrainConfig
     from gvpo_offline.stages.train.recipe import train
@@ -192,6 +202,7 @@ def train_cmd(
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
         packing=packing, lora=lora, merge=merge, base_dtype=base_dtype,
     )
+    apply_threads(threads, device)
     with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
         log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
         train(config, log=log, on_step=tracker)
@@ -223,12 +234,14 @@ def eval_cmd(
     top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT", help="Generation eval: nucleus sampling mass.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT", help="Generation eval: most tokens generated per response.")] = 128,
     reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", metavar="SECONDS", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
 ) -> None:
     """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
     from rich.console import Console as _Console
 
     from gvpo_offline.data import ColumnMap
+    from gvpo_offline.model.threads import apply_threads
     from gvpo_offline.stages.evaluate.generation import GenerationEvalConfig
     from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate, report_table
     from gvpo_offline.stages.sample import SamplingConfig
@@ -245,6 +258,7 @@ def eval_cmd(
         batch_tokens=batch_tokens, device=device, dtype=dtype, packing=packing, bootstrap=bootstrap, seed=seed,
         generation=generation, layout=layout, columns=columns, trust_remote_code=trust_remote_code,
     )
+    apply_threads(threads, device)
     report = evaluate(config, console)
     if report is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return

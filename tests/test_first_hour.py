@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO, write_jsonl
 
 STORIES = REPO / "sample_data" / "stories260K"
@@ -231,3 +230,43 @@ def test_threads_option_sets_torch_threads_and_reruns_are_bit_identical(story_ca
     assert "threads" in saved  # the rerun file repeats it
     res = run_cli("train", "--workdir", tmp_path / "nowhere", "--beta", "1", "--threads", "2", "--device", "cpu")
     assert res.code == 2 and torch.get_num_threads() == 2
+
+
+def test_shards_are_cut_by_text_size_and_group_count():
+    import pyarrow as pa
+
+    from gvpo_offline.stages.reference.compute import shard_starts
+
+    prompts = ["p" * 10, "q" * 100, "r", "s" * 50, "t" * 5]
+    responses = [["a", "bb"], ["c" * 20, "d", "e"], ["f" * 300, "g"], ["h", "i"], ["j", "k"]]
+    groups = pa.table({"prompt": prompts, "responses": responses})
+    # independent: the cost of each group, by hand (every response with its prompt)
+    cost = [len(p) * len(r) + sum(map(len, r)) for p, r in zip(prompts, responses)]
+    assert cost == [23, 322, 303, 102, 12]
+    assert shard_starts(groups, 1000, 10**6) == [0]
+    assert shard_starts(groups, 2, 10**6) == [0, 2, 4]
+    assert shard_starts(groups, 1000, 400) == [0, 2, 3]  # 23+322 | 303 (+102 > 400) | 102+12
+    assert shard_starts(groups, 1000, 1) == [0, 1, 2, 3, 4]  # at least one group per shard
+
+
+def test_auto_shard_size_follows_the_model_size(tmp_path, run_cli):
+    from gvpo_offline.stages.reference import read_manifest
+    from gvpo_offline.stages.reference.config import SHARD_BYTES_RANGE, auto_shard_bytes
+
+    stories = sum(p.stat().st_size for p in STORIES.glob("*.safetensors"))
+    assert 450_000 < auto_shard_bytes(stories) < 550_000  # about 0.5 MB of text for stories260K
+    assert auto_shard_bytes(2 * 10**9) == SHARD_BYTES_RANGE[0] and auto_shard_bytes(1) == SHARD_BYTES_RANGE[1]
+    rows = [{"prompt": f"prompt {i // 2} " * 5, "response": f"response {i} " * 4, "reward": i % 2} for i in range(40)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    base = ["precompute-ref", data, "--model", STORIES, "--device", "cpu", "--eval-fraction", "0"]
+    assert run_cli(*base, "--workdir", tmp_path / "one").code == 0
+    assert run_cli(*base, "--workdir", tmp_path / "many", "--shard-bytes", "600").code == 0
+    one, many = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "many")
+    assert len(one.shards) == 1 and one.inputs["shard_bytes"] == auto_shard_bytes(stories)
+    assert len(many.shards) == len(many.shard_starts) > 3 and many.inputs["shard_bytes"] == 600
+    from gvpo_offline.stages.reference import load_split
+
+    a, b = load_split(tmp_path / "one", "train"), load_split(tmp_path / "many", "train")
+    assert a["group_id"].to_pylist() == b["group_id"].to_pylist()
+    for x, y in zip(a["ref_logp"].to_pylist(), b["ref_logp"].to_pylist()):
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x))  # the same cache, cut into other files

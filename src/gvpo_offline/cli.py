@@ -108,7 +108,8 @@ def precompute_ref_cmd(
     max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", metavar="INT", help="Prompt tokens kept (from the end).")] = 512,
     no_eos: Annotated[bool, typer.Option("--no-eos", help="Do not append EOS to responses.")] = False,
     prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", metavar="TEMPLATE|FILE", help="Jinja chat template (or file) for message prompts.")] = None,
-    shard_groups: Annotated[int, typer.Option("--shard-groups", metavar="INT", help="Groups per cache shard.")] = 1000,
+    shard_groups: Annotated[int, typer.Option("--shard-groups", metavar="INT", help="At most this many groups per cache shard.")] = 1000,
+    shard_bytes: Annotated[Optional[int], typer.Option("--shard-bytes", metavar="INT", help="At most this much text per cache shard (UTF-8 bytes of every response with its prompt, ~4 per token), so that Ctrl-C loses about a minute of work [default: from the model's size: 0.5 MB for stories260K, 64 KB from ~500M parameters up]. Both limits are in the cache key: changing one recomputes.", show_default=False)] = None,
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", metavar="INT", help="Tokens per forward pass (rows × longest row) [default: 16384 on GPU, 2048 on CPU].")] = None,
     packing: Annotated[str, typer.Option("--packing", metavar="MODE", help="on: each prompt computed once for all its responses, in rows packed without padding (padded rows, with a note, for unsupported models); off: padded separate sequences, batched by length; auto: packed when sharing the prompt saves at least 15% of the tokens (long prompts, many responses). Train and eval follow the cache's setting.")] = "auto",
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
@@ -132,7 +133,7 @@ def precompute_ref_cmd(
         data=DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col)),
         model=model, workdir=Path(workdir),
         tokenize=TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template)),
-        eval_fraction=eval_fraction, eval_data=tuple(eval_data or ()), shard_groups=shard_groups,
+        eval_fraction=eval_fraction, eval_data=tuple(eval_data or ()), shard_groups=shard_groups, shard_bytes=shard_bytes,
         batch_tokens=batch_tokens, packing=packing, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         overwrite=not no_overwrite,
     )

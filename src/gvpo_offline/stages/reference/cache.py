@@ -22,7 +22,7 @@ whenever a shard is loaded; shard paths must lie inside WORKDIR/ref/.
 
 CACHE SEMANTICS (:func:`precompute`):
     Manifest.inputs holds everything that decides the content (data files' sha256, layout, columns, model
-    and tokenizer fingerprints, tokenize settings after clamping, dtype, eval_fraction, shard_groups, packing,
+    and tokenizer fingerprints, tokenize settings after clamping, dtype, eval_fraction, shard_groups, shard_bytes, packing,
     tool version); Manifest.key = sha256 of it. Same key and complete -> cache hit (no model loaded). Same key,
     incomplete -> resume: shards already on disk (each carries the key in its Parquet metadata) are kept.
     Other key -> recompute (or refuse with overwrite=False, naming what changed). Everything (data,
@@ -31,7 +31,9 @@ CACHE SEMANTICS (:func:`precompute`):
     Split: a group is 'eval' iff split_value(prompt JSON) < eval_fraction, split_value = the first 53
     bits of sha256(prompt JSON from the data table) / 2**53, uniform in [0, 1);
     with --eval-data, DATA is all 'train' and the --eval-data groups all 'eval'.
-    Shard s holds groups [s·shard_groups, (s+1)·shard_groups) in data order (DATA, then --eval-data).
+    Shards hold consecutive groups in data order (DATA, then --eval-data); shard s starts at group
+    shard_starts[s]. A shard closes at shard_groups groups or shard_bytes of text (each response with its
+    prompt, UTF-8), whichever comes first: both are in the key, so the same inputs give the same shards.
     Other files' reference log-probs for eval: :func:`precompute_extra` -> WORKDIR/extra/<hash>/.
 """
 
@@ -95,6 +97,7 @@ class Manifest:
     shards: list[str] = field(default_factory=list)
     complete: bool = False
     shard_groups: int = 0
+    shard_starts: list[int] = field(default_factory=list)  # the first group of each shard (data order)
     inputs: dict = field(default_factory=dict)  # everything that decides the content (hashed into key)
     key: str = ""  # sha256 of ``inputs``: same key -> same cache, so a rerun is a hit or a resume
     shard_sizes: list[int] = field(default_factory=list)  # bytes of each finished shard (complete only)
@@ -234,6 +237,7 @@ _LABELS = {
     "dtype": "dtype",
     "eval_fraction": "eval fraction",
     "shard_groups": "--shard-groups",
+    "shard_bytes": "shard size (--shard-bytes)",
     "packing": "--packing",
 }
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,7 +34,7 @@ from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
 from gvpo_offline.runtime.progress import progress
-from gvpo_offline.stages.reference.config import PrecomputeConfig  # noqa: F401  (re-exported)
+from gvpo_offline.stages.reference.config import PrecomputeConfig, auto_shard_bytes  # noqa: F401  (re-exported)
 from gvpo_offline.stages.reference.hit import dtype_without_torch, request_key
 from gvpo_offline.stages.reference.cache import (
     _KEY_META,
@@ -53,7 +53,6 @@ from gvpo_offline.stages.reference.cache import (
     cache_summary,
     describe_changes,
     read_manifest,
-    verify_shard,
 )
 
 
@@ -189,6 +188,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         "dtype": str(dtype).removeprefix("torch."),
         "eval_fraction": 0.0 if config.eval_data else float(config.eval_fraction),
         "shard_groups": config.shard_groups,
+        "shard_bytes": config.shard_bytes or auto_shard_bytes(_weight_bytes(Path(model_path))),
         "packing": config.packing,
     }
     for name, expected in (
@@ -232,9 +232,10 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
             )
 
     groups, splits, layout = _plan(config, console, *fingerprints)
+    starts = shard_starts(groups, config.shard_groups, inputs["shard_bytes"])
     encoded: dict[int, tuple] = {}  # shard -> its tokenization, when it was needed up front
     if old is None or old.key != key:  # validate every group's tokenization before touching the old cache
-        encoded = _encode_all(tokenizer, groups, splits, tok_cfg, config.shard_groups)
+        encoded = _encode_all(tokenizer, groups, splits, tok_cfg, starts)
         if changes:  # an earlier cache with computed shards is being replaced
             _say(console, f"recomputing the reference cache: {'; '.join(changes)}")
     manifest = Manifest(
@@ -243,7 +244,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         tokenizer_fingerprint=inputs["tokenizer_fingerprint"], tokenize=inputs["tokenize"],
         dtype=inputs["dtype"], eval_fraction=inputs["eval_fraction"], model_id=source.hub_id,
         model_revision=source.revision,
-        shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(math.ceil(groups.num_rows / config.shard_groups))],
+        shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(len(starts))], shard_starts=starts,
         shard_groups=config.shard_groups, inputs=inputs, key=key, request_key=request,
     )
     if ctx.is_main:
@@ -274,21 +275,51 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     return read_manifest(workdir) if ctx.enabled else manifest  # the manifest rank 0 completed
 
 
-def _encode_all(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig, size: int) -> dict[int, tuple]:
+def _encode_all(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig,
+                starts: list[int]) -> dict[int, tuple]:
     """Tokenize every shard's groups before anything is written, so that a template or tokenization
     error stops the run first: {shard: (its columns as an Arrow table, truncated prompts, truncated
     responses)}. Arrow keeps the token ids compact (int32) until :func:`_compute_shards` uses them."""
     encoded = {}
-    for s, lo in enumerate(range(0, groups.num_rows, size)):
-        cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], cfg)
+    for s, (lo, hi) in enumerate(_shard_ranges(starts, groups.num_rows)):
+        cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, hi - lo), splits[lo:hi], cfg)
         encoded[s] = (pa.table(cols, schema=REF_SCHEMA.remove(REF_SCHEMA.get_field_index("ref_logp"))), cut_p, cut_r)
     return encoded
+
+
+def shard_starts(groups: pa.Table, max_groups: int, max_bytes: int) -> list[int]:
+    """The first group of each shard: consecutive groups until the next would pass ``max_groups`` groups
+    or ``max_bytes`` of text (Σ over responses of prompt + response UTF-8 bytes: what scoring costs, about
+    4 bytes per token); at least one group per shard. Deterministic in the data and the two limits."""
+    k = pc.list_value_length(groups["responses"]).to_numpy().astype(np.int64)
+    prompt = pc.binary_length(groups["prompt"]).to_numpy().astype(np.int64)
+    flat = pc.binary_length(pc.list_flatten(groups["responses"])).to_numpy().astype(np.int64)
+    responses = np.add.reduceat(flat, np.concatenate([[0], np.cumsum(k)[:-1]])) if len(k) else flat
+    cost = k * prompt + responses
+    starts, size, count = [], 0, 0
+    for g, c in enumerate(cost.tolist()):
+        if not starts or count >= max_groups or (count and size + c > max_bytes):
+            starts.append(g)
+            size, count = 0, 0
+        size, count = size + c, count + 1
+    return starts
+
+
+def _shard_ranges(starts: list[int], n_groups: int) -> list[tuple[int, int]]:
+    """[(first group, end)] of each shard."""
+    return list(zip(starts, [*starts[1:], n_groups]))
+
+
+def _weight_bytes(model_path: Path) -> int:
+    """Bytes of the model's weight files (an adapter's base model's for an adapter folder)."""
+    folder = loading.model_folder(loading.base_spec(model_path)) if loading.is_adapter(model_path) else model_path
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in loading.WEIGHT_SUFFIXES and p.is_file())
 
 
 def _plan(config: PrecomputeConfig, console: Console, data_files: list[FileInfo] | None = None,
           eval_files: list[FileInfo] | None = None) -> tuple[pa.Table, list[str], str]:
     """The groups to cache, in order (DATA, then --eval-data), their splits, and the data layout.
-    Shard s holds groups [s·shard_groups, (s+1)·shard_groups): the same on every run of the same inputs.
+    Shards are cut by :func:`shard_starts`: the same on every run of the same inputs.
     ``data_files``/``eval_files``: the inputs' fingerprints, already computed for the cache key."""
     data = load_groups(config.data, data_files)
     table = data.table.select(["group_id", "prompt", "responses", "rewards"])
@@ -308,12 +339,12 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
     shards ``todo``, under a progress bar on ``console``.
     Several processes: every rank scores a token-balanced share of each shard's groups, and rank
     ``s % world_size`` writes shard s (the progress bar shows rank 0's share × world size)."""
-    size, tok_cfg = config.shard_groups, manifest.tokenize_config
+    ranges, tok_cfg = _shard_ranges(manifest.shard_starts, groups.num_rows), manifest.tokenize_config
     k = pc.list_value_length(groups["responses"]).to_numpy()
     packing_mode, note = packing.resolve(config.packing, model.config)
     if note:
         _say(console, f"note: {note}")
-    total = int(sum(k[s * size : (s + 1) * size].sum() for s in todo))
+    total = int(sum(k[ranges[s][0] : ranges[s][1]].sum() for s in todo))
     with progress(console, "reference log-probs", total, unit="responses", describe=_describe_rate,
                   enabled=config.progress) as update:
         done_pairs = done_tokens = 0
@@ -324,14 +355,13 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
             update(advance=n_pairs * ctx.world_size, responses=done_pairs, tokens=done_tokens)
 
         for done, s in enumerate(todo):
-            lo = s * size
+            lo, hi = ranges[s]
             try:
                 if encoded and s in encoded:
                     table, cut_p, cut_r = encoded.pop(s)
                     cols = table.to_pydict()
                 else:
-                    cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size],
-                                                        tok_cfg)
+                    cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, hi - lo), splits[lo:hi], tok_cfg)
                 packed = packing.use_packing(packing_mode, cols["prompt_ids"], cols["response_ids"])
                 cols["ref_logp"] = distributed.score_groups(
                     ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],
@@ -415,7 +445,7 @@ def precompute_extra(
     sub = Path(workdir) / "extra" / name
     config = PrecomputeConfig(
         data=data, model=main.model_path, workdir=sub, tokenize=main.tokenize_config, eval_fraction=1.0,
-        shard_groups=main.shard_groups or 1000, batch_tokens=batch_tokens, device=device, dtype=main.dtype,
+        shard_groups=main.shard_groups or 1000, shard_bytes=main.inputs.get("shard_bytes"), batch_tokens=batch_tokens, device=device, dtype=main.dtype,
         packing=main.inputs.get("packing", "off"),
         trust_remote_code=trust_remote_code, progress=progress,
         require_model_fingerprint=main.model_fingerprint, require_tokenizer_fingerprint=main.tokenizer_fingerprint,

@@ -23,7 +23,11 @@ class PrecomputeConfig:
     tokenize: the settings used by every stage; max_length is clamped to the model's context.
     eval_fraction: share of DATA's groups held out as 'eval', by a stable hash of the prompt; ignored
         (recorded as 0) when ``eval_data`` gives the held-out groups instead. 1.0 puts everything in eval.
-    shard_groups: groups per shard file (a resumed run redoes at most one shard).
+    shard_groups: at most this many groups per shard file (a resumed run redoes at most one shard).
+    shard_bytes: at most this much text per shard (UTF-8 bytes of each response with its prompt, Σ over the
+        shard's responses, ~4 bytes per token), so that a Ctrl-C loses about a minute of work at most;
+        None = :func:`auto_shard_bytes` of the model's weight size. A shard closes at whichever limit
+        comes first (and holds at least one group).
     batch_tokens: padded tokens (rows × longest) per forward pass; None = 16384 on a GPU, 2048 on CPU
         (measured on CPU: small batches stay in cache and run ~25% faster than 16384).
     chunk_tokens: response positions per LM-head chunk; None = logprobs.logits_chunk_for(vocab).
@@ -43,6 +47,7 @@ class PrecomputeConfig:
     eval_fraction: float = 0.1
     eval_data: tuple[str, ...] = ()
     shard_groups: int = 1000
+    shard_bytes: int | None = None
     batch_tokens: int | None = None
     chunk_tokens: int | None = None
     packing: str = "auto"
@@ -57,7 +62,23 @@ class PrecomputeConfig:
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction <= 1.0:
             raise GvpoError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
-        if self.shard_groups < 1 or any(n is not None and n < 1 for n in (self.batch_tokens, self.chunk_tokens)):
-            raise GvpoError("--shard-groups, --batch-tokens and chunk_tokens must be positive")
+        if self.shard_groups < 1 or any(n is not None and n < 1
+                                        for n in (self.batch_tokens, self.chunk_tokens, self.shard_bytes)):
+            raise GvpoError("--shard-groups, --shard-bytes, --batch-tokens and chunk_tokens must be positive")
         if self.packing not in PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {self.packing!r}")
+
+
+# Calibration of the automatic shard size: the CPU cost of scoring grows with tokens × weights. stories260K
+# (1.04 MB of float32 weights) scores ~9,800 tok/s on one idle thread and ~460 on a busy 2-core machine
+# (issue 22); 0.5 MB of text (~125k tokens) per shard is 13 s to 4.5 min there, and the product
+# 0.5 MB × 1.04 MB sets the budget for other models, within [64 KB, 4 MB] (a 1B model in bf16 gets 64 KB,
+# ~16k tokens per shard: minutes on a CPU, a second on a GPU; fewer, larger files are not worth more).
+SHARD_BYTE_BUDGET = 5e5 * 1.04e6
+SHARD_BYTES_RANGE = (64 * 1024, 4 * 1024 * 1024)
+
+
+def auto_shard_bytes(weight_bytes: int) -> int:
+    """Text bytes per shard for a model with ``weight_bytes`` of weights (see SHARD_BYTE_BUDGET)."""
+    lo, hi = SHARD_BYTES_RANGE
+    return int(min(hi, max(lo, SHARD_BYTE_BUDGET / max(weight_bytes, 1))))

@@ -7,7 +7,7 @@ the tokenizer (its fingerprint) and torch (the dtype "auto" resolves to). A fini
     tool version, data and --eval-data file contents, layout, columns, model fingerprint (config.json and
     weights), the model folder's other files (tokenizer files, chat template...), the tokenize options
     before clamping to the model's context (config.json decides the clamp), the dtype, the eval
-    fraction, the shard size and the packing setting.
+    fraction, the shard limits and the packing setting.
 
 The same request key again means the same key, so the cache is a hit and no model library is imported.
 Anything else (another request key, an older manifest without one, a dtype that needs torch to resolve:
@@ -84,6 +84,7 @@ def request_key(config: PrecomputeConfig, model_path: Path, data_files: list[Fil
         "dtype": dtype,
         "eval_fraction": 0.0 if config.eval_data else float(config.eval_fraction),
         "shard_groups": config.shard_groups,
+        "shard_bytes": config.shard_bytes,  # None: from the weights' size, which the model fingerprint covers
         "packing": config.packing,
     }
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()

@@ -45,7 +45,7 @@ from gvpo_offline.data.records import (
     GroupedData,
     Message,
 )
-from gvpo_offline.data.sources import SUPPORTED, fingerprint, input_files
+from gvpo_offline.data.sources import SUPPORTED, fingerprint, input_files, input_paths
 from gvpo_offline.data.summary import LengthStats, Summary, TokenStats, summarize, summary_tables, token_stats
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "content_group_id",
     "fingerprint",
     "input_files",
+    "input_paths",
     "load_groups",
     "summarize",
     "summary_tables",

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from gvpo_offline import __version__
-from gvpo_offline.data import DataConfig, FileInfo, check_inputs, input_files, load_groups
+from gvpo_offline.data import DataConfig, FileInfo, check_inputs, input_files, input_paths, load_groups
 from gvpo_offline.data.tokenize import (
     TokenizeConfig,
     encode_prompt,
@@ -120,6 +120,8 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
     """
     console = console or Console(stderr=True)
     workdir = Path(config.workdir)
+    paths = [{"path": p} for p in input_paths(config.data.paths) + input_paths(config.eval_data)]
+    _check_inputs_outside_workdirs(paths)  # never a workdir's own files (before reading any of them)
     check_inputs(config.data)  # a missing file or column: reported now, before any model work
     if config.eval_data:
         check_inputs(replace(config.data, paths=tuple(config.eval_data)))

@@ -104,3 +104,15 @@ def test_convert_failure_writes_nothing(tmp_path, run_cli):
     assert result.code == 2 and "unknown source 'reddit'" in result.err
     result = run_cli("convert", "oasst", tmp_path / "nope.jsonl", "-o", out)
     assert result.code == 2 and "nope.jsonl" in result.err
+
+
+def test_convert_that_writes_no_group_is_an_error(tmp_path, run_cli):
+    """Issue 22.7: a conversion that finds no group (here: OpenAssistant trees with one ranked reply, or
+    the wrong SOURCE for the file) exits 2 and writes nothing, rather than an empty file and exit 0."""
+    tree = _msg("q1", "prompter", "Hi?", replies=[_msg("a1", "assistant", "Only", rank=0)])
+    src = write_jsonl(tmp_path / "in.jsonl", [{"message_tree_id": "T", "tree_state": "ready_for_export", "prompt": tree}])
+    out = tmp_path / "out.jsonl"
+    result = run_cli("convert", "oasst", src, "-o", out)
+    assert result.code == 2 and "in.jsonl: no groups to write (skipped 1 prompter messages" in result.err, result.err
+    assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no temporary file

@@ -300,7 +300,8 @@ ERROR_CASES = [
     ("truncated gzip", "d.jsonl.gz", _gz_truncated, None, None, "gzip"),
     ("not parquet", "d.parquet", lambda p: p.write_text("prompt,response\n"), None, None, "not a Parquet file"),
     ("missing field", "d.jsonl", _rows(OK, {"prompt": "p", "responses": ["a", "b"]}), "line 2", "rewards", "missing field"),
-    ("missing column", "d.parquet", _parquet([{"prompt": "p", "responses": ["a", "b"]}]), None, "rewards", "missing column"),
+    ("missing column", "d.parquet", _parquet([{"prompt": "p", "responses": ["a", "b"]}]), None, None, "missing column 'rewards' (--reward-col maps the reward)"),
+    ("missing column jsonl", "d.jsonl", _rows({"prompt": "p", "responses": ["a", "b"], "reward": [1, 0]}), "line 1", None, "missing column 'rewards' (--reward-col maps the reward; did you mean 'reward'?)"),
     ("no layout column", "d.jsonl", _rows({"prompt": "p", "answer": "a"}), "line 1", None, "cannot detect the layout"),
     ("length mismatch", "d.jsonl", _rows(OK, dict(OK, rewards=[1])), "line 2", "rewards", "has 1 values but 'responses' has 2"),
     ("length mismatch pq", "d.parquet", _parquet([OK, dict(OK, rewards=[1.0])]), "row 1", "rewards", "has 1 values but 'responses' has 2"),
@@ -364,6 +365,35 @@ def test_data_errors_through_cli(tmp_path, run_cli, case):
         assert ": line " not in err and ": row " not in err
     if field is not None:
         assert f"field '{field}'" in err
+
+
+USER_ROWS = [{"question": f"q{i // 2}", "completion": f"c{i}", "score": i % 2, "conversation_id": f"g{i // 2}"}
+             for i in range(4)]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_every_missing_column_in_one_message(tmp_path, run_cli, suffix):
+    """Issue 22.1: a file of the user's own column names: one message lists every missing field with the
+    flag that maps it, the file's columns, and a did-you-mean; a mistyped --group-col is an error."""
+    path = tmp_path / f"mine.{suffix}"
+    write_jsonl(path, USER_ROWS) if suffix == "jsonl" else pq.write_table(pa.Table.from_pylist(USER_ROWS), path)
+    err = run_cli("inspect", path).err.strip()
+    assert "\n" not in err and "Traceback" not in err and "cannot detect the layout" in err
+    for flag in ("--prompt-col", "--response-col", "--reward-col"):
+        assert flag in err, err
+    assert "this file's columns: question, completion, score, conversation_id" in err
+    # the response mapped: the prompt and the reward still missing, named together
+    err = run_cli("inspect", path, "--response-col", "completion").err.strip()
+    assert "flat layout: missing columns 'prompt' (--prompt-col maps the prompt), 'reward' (--reward-col" in err, err
+    # a mistyped --group-col: an error with a did-you-mean, not rows grouped by prompt
+    ok = ("--prompt-col", "question", "--response-col", "completion", "--reward-col", "score")
+    res = run_cli("inspect", path, *ok, "--group-col", "conversaton_id")
+    assert res.code == 2 and res.out == ""
+    assert ("missing column 'conversaton_id' (--group-col maps the group; did you mean 'conversation_id'?)"
+            in res.err), res.err
+    res = run_cli("inspect", path, *ok, "--group-col", "conversation_id", "--json")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["stats"]["n_groups"] == 2
 
 
 def test_missing_paths_empty_folder_and_mixed_layouts(tmp_path, run_cli):

@@ -87,6 +87,26 @@ def test_ipo_matches_trls_ipo_loss_by_hand():
     assert got.item() == pytest.approx(2.5, rel=1e-12)
 
 
+def test_ipo_trl_matches_trls_length_normalised_ipo_by_hand():
+    """TRL's DPOTrainer(loss_type="ipo") divides each sequence log-prob by its length before the pair
+    margin; ``--loss ipo-trl`` does the same, ``--loss ipo`` does not."""
+    target = 1 / (2 * BETA)
+    per_group = []
+    for pairs in hand_pairs().values():
+        if pairs:
+            avg = lambda i, logps: logps[i] / TOKENS[i]  # noqa: E731  (TRL: all_logps / size_completion)
+            losses = [(trl_pair(avg(c, POLICY), avg(r, POLICY), avg(c, REF), avg(r, REF), BETA) - target) ** 2
+                      for c, r in pairs]
+            per_group.append(sum(losses) / len(losses))
+    # group 7: margins 1/4 + 1/5 and 1/4 − 1/2; group 3: chosen 4 (ℓ −1/3), rejected 3 (ℓ 0): −1/3
+    assert per_group == pytest.approx([((0.45 - 1) ** 2 + (-0.25 - 1) ** 2) / 2, (-1 / 3 - 1) ** 2], rel=1e-12)
+    got = OBJECTIVES["ipo-trl"].loss(t(POLICY), t(REF), t(REWARDS), torch.tensor(GIDS), BETA, t(TOKENS))
+    assert got.item() == pytest.approx(sum(per_group) / 2, rel=1e-12)
+    assert got.item() != pytest.approx(ipo_loss(t(POLICY), t(REF), t(REWARDS), torch.tensor(GIDS), BETA).item())
+    with pytest.raises(ValueError, match="n_tokens"):
+        OBJECTIVES["ipo-trl"].loss(t(POLICY), t(REF), t(REWARDS), torch.tensor(GIDS), BETA)
+
+
 def test_dpo_gradient_is_the_papers_weight():
     """Paper §2.3: for one pair, ∂L/∂log πθ(y_w) = −β·σ(β·ℓ_l − β·ℓ_w) and ∂L/∂log πθ(y_l) = −that."""
     p = t([-3.0, -4.5]).requires_grad_()
@@ -189,7 +209,7 @@ def batch_with_ties():
     return batch
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "rebel", "sft-best"])
+@pytest.mark.parametrize("name", ["dpo", "ipo", "ipo-trl", "rebel", "sft-best"])
 def test_split_micro_batches_give_the_one_pass_gradient(name):
     model, batch, beta, objective = tiny_llama(), batch_with_ties(), 0.3, OBJECTIVES[name]
     one = gvpo_backward(model, batch, beta, micro_batch_tokens=100_000, objective=objective)
@@ -295,7 +315,7 @@ def test_unknown_loss_is_a_one_line_error(workdir, capsys):
         cli.main(["train", "--workdir", str(workdir), "--beta", "0.1", "--loss", "ppo"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1
-    assert "--loss must be one of gvpo, dpo, ipo, rebel, sft-best" in err[0]
+    assert "--loss must be one of gvpo, dpo, ipo, ipo-trl, rebel, sft-best" in err[0]
 
 
 def test_eval_reports_the_objective(workdir, capsys, tmp_path):

@@ -89,6 +89,17 @@ def test_eval_needs_the_workdir_marker(cache, run_cli):
     (cache / ".gvpo-offline").unlink()
     err = one_line(run_cli("eval", "--workdir", cache, "--model", STORIES, "--beta", "0.1", *EVAL))
     assert "not a gvpo-offline workdir (no .gvpo-offline marker" in err
+    assert "older version" in err  # it holds a reference cache: an older version made it
+
+
+def test_a_folder_that_is_no_workdir_says_so(tmp_path, run_cli):
+    """Issue 22.8: a wrong --workdir (a folder of the user's) is "no workdir here", not an older version's."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    for args in (("train", "--workdir", mine, "--beta", "1"), ("eval", "--workdir", mine, "--beta", "1")):
+        err = one_line(run_cli(*args))
+        assert f"{mine}: no workdir here" in err and "older version" not in err, err
 
 
 # ---- 2. the eval JSON says which caches produced it -----------------------------------------------------
@@ -173,7 +184,7 @@ def test_plot_writes_into_a_workdir_only(tmp_path, run_cli):
     write_jsonl(mine / "metrics.jsonl", [{"step": s, "loss": 1.0 / s, "log_ratio_per_token": 0.0} for s in (1, 2)])
     before = sorted(p.name for p in mine.iterdir())
     err = one_line(run_cli("plot", mine))
-    assert f"{mine}: not a gvpo-offline workdir (no .gvpo-offline marker)" in err and "--out-dir" in err
+    assert f"{mine}: not a gvpo-offline workdir (no .gvpo-offline marker)" in err and "--output-dir" in err
     assert sorted(p.name for p in mine.iterdir()) == before
     res = run_cli("plot", mine, "--out-dir", tmp_path / "figs")  # a folder the user names: fine
     assert res.code == 0, res.err

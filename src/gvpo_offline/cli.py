@@ -24,6 +24,24 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+THREADS = "CPU threads for the model: 1 on the CPU by default (fastest for these small batches, and bit-identical reruns), torch's default on a GPU; OMP_NUM_THREADS when set; 0 = one per core. Resume with the same value."
+TRUST_REMOTE_CODE = "Run the model's own Python code from its folder or hub repo (models whose architecture transformers lacks); only for code you trust."
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from gvpo_offline import __version__
+
+        typer.echo(f"gvpo-offline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False,
+) -> None:
+    """Offline GVPO post-training: precompute-ref -> train -> eval on prompts with k>=2 scored responses."""
+
 
 # ---- commands ------------------------------------------------------------------------------------
 # Each command parses options into the stage's config dataclass and calls the stage. Keep them thin.
@@ -39,7 +57,7 @@ def sample_cmd(
     k_range: Annotated[Optional[str], typer.Option("--k-range", metavar="A:B", help="A:B, k per prompt drawn from [A, B] by seed and index.")] = None,
     temperature: Annotated[float, typer.Option(metavar="FLOAT", help="Sampling temperature (0 = greedy).")] = 1.0,
     top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT", help="Nucleus sampling mass.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT")] = 128,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT", help="Most tokens generated per response.")] = 128,
     seed: Annotated[int, typer.Option(metavar="INT", help="Seed for sampling and for k per prompt.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="INT", help="Rows per generate call.")] = 32,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
@@ -48,12 +66,16 @@ def sample_cmd(
     max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", metavar="INT", help="Prompt tokens kept (from the end).")] = 512,
     prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", metavar="TEMPLATE|FILE", help="Jinja chat template (or file) for message prompts.")] = None,
     reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", metavar="SECONDS", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
 ) -> None:
     """Generate k responses per prompt, score them with a reward and write grouped JSONL."""
     from gvpo_offline.model.distributed import single_process_only
 
     single_process_only("sample")
+    from gvpo_offline.model.threads import apply_threads
+
+    apply_threads(threads, device)
     from gvpo_offline.data.tokenize import TokenizeConfig, load_prompt_template
     from gvpo_offline.stages.sample import SampleConfig, SamplingConfig, parse_k_range, sample
 
@@ -89,14 +111,16 @@ def precompute_ref_cmd(
     max_prompt_length: Annotated[int, typer.Option("--max-prompt-length", metavar="INT", help="Prompt tokens kept (from the end).")] = 512,
     no_eos: Annotated[bool, typer.Option("--no-eos", help="Do not append EOS to responses.")] = False,
     prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", metavar="TEMPLATE|FILE", help="Jinja chat template (or file) for message prompts.")] = None,
-    shard_groups: Annotated[int, typer.Option("--shard-groups", metavar="INT", help="Groups per cache shard.")] = 1000,
+    shard_groups: Annotated[int, typer.Option("--shard-groups", metavar="INT", help="At most this many groups per cache shard.")] = 1000,
+    shard_bytes: Annotated[Optional[int], typer.Option("--shard-bytes", metavar="INT", help="At most this much text per cache shard (UTF-8 bytes of every response with its prompt, ~4 per token), so that Ctrl-C loses about a minute of work [default: from the model's size: 0.5 MB for stories260K, 64 KB from ~500M parameters up]. Both limits are in the cache key: changing one recomputes.", show_default=False)] = None,
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", metavar="INT", help="Tokens per forward pass (rows × longest row) [default: 16384 on GPU, 2048 on CPU].")] = None,
     packing: Annotated[str, typer.Option("--packing", metavar="MODE", help="on: each prompt computed once for all its responses, in rows packed without padding (padded rows, with a note, for unsupported models); off: padded separate sequences, batched by length; auto: packed when sharing the prompt saves at least 15% of the tokens (long prompts, many responses). Train and eval follow the cache's setting.")] = "auto",
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Weights dtype: the model is loaded directly in it (no float32 copy) and runs in it. auto = bfloat16 on a GPU that supports it, float32 otherwise. Recorded in the manifest: train runs the policy in the same weights dtype, so ℓ = 0 at step 0.")] = "auto",
     no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Score with the model's weights in 4-bit NF4 (bitsandbytes, CUDA only: pip install 'gvpo-offline[qlora]'), for train --load-in-4bit (QLoRA): the same quantised base on both sides, so ℓ = 0 at step 0. Recorded in the manifest.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
 ) -> None:
     """Compute log pi_ref(y|x) of every response once and cache it in WORKDIR (train and eval read it).
 
@@ -106,32 +130,38 @@ def precompute_ref_cmd(
 
     from gvpo_offline.data import ColumnMap, DataConfig
     from gvpo_offline.data.tokenize import TokenizeConfig, load_prompt_template
-    from gvpo_offline.stages.reference.compute import PrecomputeConfig, precompute
+    from gvpo_offline.stages.reference.config import PrecomputeConfig
+    from gvpo_offline.stages.reference.hit import cache_hit
 
     config = PrecomputeConfig(
         data=DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col)),
         model=model, workdir=Path(workdir),
         tokenize=TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template)),
-        eval_fraction=eval_fraction, eval_data=tuple(eval_data or ()), shard_groups=shard_groups,
+        eval_fraction=eval_fraction, eval_data=tuple(eval_data or ()), shard_groups=shard_groups, shard_bytes=shard_bytes,
         batch_tokens=batch_tokens, packing=packing, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         overwrite=not no_overwrite, load_in_4bit=load_in_4bit,
     )
-    precompute(config, console)
+    if cache_hit(config, console) is None:  # a hit imports neither torch nor transformers
+        from gvpo_offline.model.threads import apply_threads
+        from gvpo_offline.stages.reference.compute import precompute
+
+        apply_threads(threads, device)
+        precompute(config, console)
 
 
 @app.command("train", cls=ConfigCommand)
 def train_cmd(
     beta: Annotated[float, typer.Option("--beta", metavar="FLOAT", help="KL strength β > 0. The target is π* ∝ πref·exp(R/β): a reward gap ΔR between two responses becomes a log-prob gap ΔR/β, so pick β on the scale of the reward differences (small β: far from πref; large β: close to it).")],
     workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
-    loss: Annotated[str, typer.Option("--loss", metavar="LOSS", help="Objective on the same groups: gvpo, or the baselines dpo, ipo (every pair with different rewards), rebel (all pairs; = 2 × gvpo), sft-best (NLL of each group's best response).")] = "gvpo",
+    loss: Annotated[str, typer.Option("--loss", metavar="LOSS", help="Objective on the same groups: gvpo, or the baselines dpo, ipo (every pair with different rewards; on sequence log-ratios, summed over tokens), ipo-trl (ipo as TRL computes it: each log-ratio divided by its response length, so β is on a per-token scale), rebel (all pairs; = 2 × gvpo), sft-best (NLL of each group's best response).")] = "gvpo",
     init_model: Annotated[Optional[str], typer.Option("--init-model", metavar="PATH", help="Start from this model (a folder, e.g. an SFT checkpoint, or a hub id org/name[@revision]) instead of the reference; same tokenizer required.")] = None,
     groups_per_step: Annotated[int, typer.Option("--groups-per-step", metavar="INT", help="Prompts (whole groups) per optimizer step.")] = 8,
     micro_batch_tokens: Annotated[Optional[int], typer.Option("--micro-batch-tokens", metavar="INT", help="Tokens per forward pass, rows × longest row (memory bound; default 8192 on GPU, 2048 on CPU, where small batches run faster); a step that does not fit is split with the exact same gradient.", show_default=False)] = None,
-    lr: Annotated[float, typer.Option("--lr", metavar="FLOAT", help="Peak AdamW learning rate: about the size of each weight's update per step. 1e-6 suits billion-parameter LLMs; tiny models need far more (the stories260K quick start uses 2e-4). Try a few values on a short run and watch the loss in metrics.jsonl and the drift (mean ℓ per token) in eval. The authors' verl objective is (m/(2n))× ours per step (×2 for their script); under AdamW a constant factor mostly cancels, so their learning rates carry over.")] = 1e-6,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", metavar="FLOAT")] = 0.0,
+    lr: Annotated[float, typer.Option("--lr", "--learning-rate", metavar="FLOAT", help="Peak AdamW learning rate: about the size of each weight's update per step. 1e-6 suits billion-parameter LLMs; tiny models need far more (the stories260K quick start uses 2e-4). Try a few values on a short run and watch the loss in metrics.jsonl and the drift (mean ℓ per token) in eval. The authors' verl objective is (m/(2n))× ours per step (×2 for their script); under AdamW a constant factor mostly cancels, so their learning rates carry over.")] = 1e-6,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", metavar="FLOAT", help="AdamW decoupled weight decay (pulls weights toward 0, not toward the reference; the β·ℓ term already regularises).")] = 0.0,
     warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", metavar="FLOAT", help="Fraction of steps with linear warmup; cosine decay after.")] = 0.1,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", metavar="FLOAT", help="Clip the gradient norm to this (0 = off). |g| in the log is the norm before clipping; with AdamW, clipping re-weights steps against each other rather than shrinking the update, and the end of train reports how many steps were clipped.")] = 1.0,
-    epochs: Annotated[int, typer.Option("--epochs", metavar="INT")] = 1,
+    epochs: Annotated[int, typer.Option("--epochs", "--num-train-epochs", metavar="INT", help="Passes over the cached train split (each reshuffled by --seed).")] = 1,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", metavar="INT", help="Total optimizer steps; overrides --epochs.")] = None,
     seed: Annotated[int, typer.Option(metavar="INT", help="Seed of the per-epoch shuffle of the groups.")] = 0,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
@@ -144,7 +174,8 @@ def train_cmd(
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", metavar="INT", help="How many of the newest checkpoints to keep.")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run's WORKDIR/model and metrics.jsonl (refused otherwise).")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
     lora_r: Annotated[Optional[int], typer.Option("--lora-r", metavar="INT", help="Train a LoRA adapter of rank R on the frozen model (peft) instead of all weights; WORKDIR/model/ is then a PEFT adapter folder.", show_default=False)] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", metavar="FLOAT", help="LoRA scale numerator α (scale α/r) [default: r].", show_default=False)] = None,
     lora_dropout: Annotated[float, typer.Option("--lora-dropout", metavar="FLOAT", help="Dropout on the LoRA input while training (the rest of the model stays in eval mode). ℓ = 0 at step 0 still (B = 0), but each later log-prob and gradient is a random draw: noisier GVPO gradients, and a group split over micro-batches gets its weights from another draw than its gradient. 0 keeps training deterministic.")] = 0.0,
@@ -164,6 +195,7 @@ def train_cmd(
     from pathlib import Path
 
     from gvpo_offline.model.adapters import LoraSettings, parse_modules
+    from gvpo_offline.model.threads import apply_threads
     from gvpo_offline.runtime import config_file, tracking
     from gvpo_offline.stages.train.config import TrainConfig
     from gvpo_offline.stages.train.recipe import train
@@ -182,6 +214,7 @@ def train_cmd(
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
         packing=packing, lora=lora, merge=merge, base_dtype=base_dtype, load_in_4bit=load_in_4bit,
     )
+    apply_threads(threads, device)
     with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
         log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
         train(config, log=log, on_step=tracker)
@@ -193,7 +226,7 @@ def eval_cmd(
     workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref/train workdir.")] = "gvpo-run",
     model: Annotated[Optional[str], typer.Option("--model", metavar="PATH", help="Model to evaluate (default WORKDIR/model): a model or LoRA adapter folder, a checkpoint, or a hub id org/name[@revision]; the reference itself gives the neutral baseline.")] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", metavar="PATH", help="Evaluate these files instead of the cached eval split (reference log-probs computed once and cached in WORKDIR/extra/). Repeatable.")] = None,
-    json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Also write the metrics as JSON (stable key names) to this file.")] = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", "--output", "-o", metavar="PATH", help="Also write the metrics as JSON (stable key names) to this file.")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", metavar="FLOAT", help="β; default: MODEL/train_config.json's (required when there is none).")] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", metavar="INT", help="Bootstrap resamples over groups for the 95% intervals (0 = none).")] = 1000,
     seed: Annotated[int, typer.Option(metavar="INT", help="Seed for the bootstrap and for sampling.")] = 0,
@@ -202,23 +235,25 @@ def eval_cmd(
     dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Weights dtype the model is loaded and run in: float32, bfloat16, auto (default: the cache's, as train used).")] = None,
     packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto, on or off (see precompute-ref); default: the reference cache's setting.", show_default=False)] = None,
     layout: Annotated[str, typer.Option("--layout", metavar="LAYOUT", help="--data layout: auto, grouped or flat.")] = "auto",
-    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN")] = None,
-    response_col: Annotated[Optional[str], typer.Option("--response-col", metavar="COLUMN")] = None,
-    reward_col: Annotated[Optional[str], typer.Option("--reward-col", metavar="COLUMN")] = None,
-    group_col: Annotated[Optional[str], typer.Option("--group-col", metavar="COLUMN")] = None,
+    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN", help="Prompt column of --data.")] = None,
+    response_col: Annotated[Optional[str], typer.Option("--response-col", metavar="COLUMN", help="Response column of --data: the list of responses (grouped) or one response (flat).")] = None,
+    reward_col: Annotated[Optional[str], typer.Option("--reward-col", metavar="COLUMN", help="Reward column of --data: the list of rewards (grouped) or one reward (flat).")] = None,
+    group_col: Annotated[Optional[str], typer.Option("--group-col", metavar="COLUMN", help="Group id column of --data (default: id for grouped, group_id for flat; else derived from the prompt).")] = None,
     prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="PATH", help="Generation eval: .txt (one prompt per line) or JSONL with a \"prompt\" field (data files work).")] = None,
     reward: Annotated[Optional[str], typer.Option("--reward", metavar="MODULE:FUNCTION", help="Generation eval: module:function or file.py:function, (prompt, response) -> float.")] = None,
-    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", metavar="INT")] = 4,
+    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", metavar="INT", help="Generation eval: responses sampled per prompt from each model.")] = 4,
     temperature: Annotated[float, typer.Option(metavar="FLOAT", help="Generation eval: sampling temperature (0 = greedy).")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT")] = 128,
+    top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT", help="Generation eval: nucleus sampling mass.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT", help="Generation eval: most tokens generated per response.")] = 128,
     reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", metavar="SECONDS", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
 ) -> None:
     """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
     from rich.console import Console as _Console
 
     from gvpo_offline.data import ColumnMap
+    from gvpo_offline.model.threads import apply_threads
     from gvpo_offline.stages.evaluate.generation import GenerationEvalConfig
     from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate, report_table
     from gvpo_offline.stages.sample import SamplingConfig
@@ -235,6 +270,7 @@ def eval_cmd(
         batch_tokens=batch_tokens, device=device, dtype=dtype, packing=packing, bootstrap=bootstrap, seed=seed,
         generation=generation, layout=layout, columns=columns, trust_remote_code=trust_remote_code,
     )
+    apply_threads(threads, device)
     report = evaluate(config, console)
     if report is None:  # not rank 0 of a torchrun launch: rank 0 reports
         return
@@ -266,11 +302,19 @@ def inspect_cmd(
 
     DATA: .jsonl, .jsonl.gz, .json, .parquet files, folders or globs, or a datasets.save_to_disk folder.
     """
-    from gvpo_offline.data import ColumnMap, DataConfig, load_groups, summarize, summary_tables, token_stats
-    from gvpo_offline.model.loading import load_tokenizer
+    from gvpo_offline.data import (
+        ColumnMap,
+        DataConfig,
+        check_inputs,
+        load_groups,
+        summarize,
+        summary_tables,
+        token_stats,
+    )
 
     config = DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col))
     tokens = None
+    check_inputs(config)  # a missing file or column is reported before the tokenizer loads
     if model is not None:
         from gvpo_offline.data.tokenize import (
             TokenizeConfig,
@@ -278,14 +322,14 @@ def inspect_cmd(
             load_prompt_template,
             truncation_warning,
         )
+        from gvpo_offline.model.loading import load_tokenizer
+        from gvpo_offline.runtime.progress import progress
 
         cfg = TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template))
         tokenizer = load_tokenizer(model)
         cfg, clamp_note = fit_to_model(cfg, model)  # the same rule as precompute-ref
     grouped = load_groups(config)
     if model is not None:
-        from gvpo_offline.runtime.progress import progress
-
         with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update:
             tokens = token_stats(grouped, tokenizer, cfg, lambda n: update(advance=n))
         for line in (clamp_note, truncation_warning(tokens.responses.truncated, tokens.responses.n, cfg)):
@@ -335,7 +379,7 @@ def convert_cmd(
 def plot_cmd(
     workdir: Annotated[str, typer.Argument(metavar="WORKDIR", hidden=True)] = "gvpo-run",
     eval_json: Annotated[Optional[str], typer.Option("--eval", metavar="PATH", help="The `eval --json` file to plot [default: WORKDIR/eval.json if present].", show_default=False)] = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out-dir", metavar="PATH", help="Where the PNGs go [default: WORKDIR/plots].", show_default=False)] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--output-dir", "--out-dir", metavar="PATH", help="Where the PNGs go [default: WORKDIR/plots].", show_default=False)] = None,
 ) -> None:
     """Plot a run: loss and its eq. 17 terms, drift per token, and the eval results (PNG, needs matplotlib).
 
@@ -358,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments: the help, exit 2); user errors (GvpoError) one line and exit 2; Ctrl-C 130, SIGTERM 143."""
     from gvpo_offline.runtime import interrupts
 
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = _hyphenated(sys.argv[1:] if argv is None else list(argv))
     try:
         with interrupts.installed():  # SIGINT -> 130, SIGTERM -> 143 (typer turns both into Exit(130))
             code = app(args=args or ["--help"], prog_name="gvpo-offline", standalone_mode=False)
@@ -366,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"error: {err}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except _USAGE_ERROR as err:  # bad option, missing option, bad value, unknown command
+        _explain_unknown_option(err)
         err.show()
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, typer.Abort, _CLICK_ABORT) as exc:
@@ -385,6 +430,49 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _hyphenated(args: list[str]) -> list[str]:
+    """``--learning_rate`` (as HF/TRL scripts spell options) -> ``--learning-rate``; values untouched."""
+    out = []
+    for n, arg in enumerate(args):
+        if arg == "--":
+            return out + args[n:]
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
+# HF Trainer / TRL options with no equivalent under that name: what to use instead.
+HF_EQUIVALENTS = {
+    "--per-device-train-batch-size": "--groups-per-step (whole prompts per optimizer step)",
+    "--gradient-accumulation-steps": "--micro-batch-tokens (a step that does not fit is split with the exact same gradient)",
+    "--model-name-or-path": "--model (precompute-ref, sample) or --init-model (train)",
+    "--output-dir": "--workdir (train writes WORKDIR/model)",
+    "--num-generations": "sample --k",
+    "--bf16": "--dtype bfloat16",
+    "--logging-steps": "metrics.jsonl (every step)",
+    "--save-steps": "--save-every",
+    "--save-total-limit": "--keep-checkpoints",
+    "--resume-from-checkpoint": "--resume",
+    "--loss-type": "--loss",
+    "--max-completion-length": "--max-length (prompt + response) and --max-new-tokens (sample)",
+}
+
+
+def _explain_unknown_option(err) -> None:
+    """An unknown option's message as "did you mean" (click's close matches) or the HF/TRL equivalent."""
+    name = getattr(err, "option_name", None)
+    if not name or type(err).__name__ != "NoSuchOption":
+        return
+    message = f"No such option: {name}"
+    if name in HF_EQUIVALENTS:
+        message += f" (HF/TRL name; here: {HF_EQUIVALENTS[name]})"
+    elif getattr(err, "possibilities", None):
+        message += f" (did you mean {' or '.join(sorted(err.possibilities)[:3])}?)"
+    err.message, err.possibilities = message, None
 
 
 def _os_error(err: OSError) -> str:

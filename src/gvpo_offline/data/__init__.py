@@ -33,7 +33,7 @@ Where things are (the public names below are importable from ``gvpo_offline.data
 """
 
 from gvpo_offline.data.grouping import content_group_id
-from gvpo_offline.data.load import compute_stats, load_groups
+from gvpo_offline.data.load import check_inputs, compute_stats, load_groups
 from gvpo_offline.data.records import (
     LAYOUTS,
     TABLE_SCHEMA,
@@ -45,7 +45,7 @@ from gvpo_offline.data.records import (
     GroupedData,
     Message,
 )
-from gvpo_offline.data.sources import SUPPORTED, fingerprint, input_files
+from gvpo_offline.data.sources import SUPPORTED, fingerprint, input_files, input_paths
 from gvpo_offline.data.summary import LengthStats, Summary, TokenStats, summarize, summary_tables, token_stats
 
 __all__ = [
@@ -62,10 +62,12 @@ __all__ = [
     "Message",
     "Summary",
     "TokenStats",
+    "check_inputs",
     "compute_stats",
     "content_group_id",
     "fingerprint",
     "input_files",
+    "input_paths",
     "load_groups",
     "summarize",
     "summary_tables",

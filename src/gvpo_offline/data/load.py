@@ -12,11 +12,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gvpo_offline.data.grouping import _assign_group_ids, _group_flat
-from gvpo_offline.data.layout import _names, _needed, _Part
+from gvpo_offline.data.layout import _detect_layout, _names, _needed, _Part, _RowError, check_columns
 from gvpo_offline.data.records import LAYOUTS, TABLE_SCHEMA, DataConfig, DataStats, FileInfo, GroupedData
-from gvpo_offline.data.rows import _read_json_source
+from gvpo_offline.data.rows import _json_array, _json_lines, _read_json_source
 from gvpo_offline.data.sources import _JSON_KINDS, _resolve, _Source, fingerprint
-from gvpo_offline.data.tables import _is_str, _normalise_table, _read_parquet, _read_saved_dataset, _table_layout
+from gvpo_offline.data.tables import _is_list, _is_str, _normalise_table, _read_parquet, _read_saved_dataset, _table_layout
 from gvpo_offline.runtime.errors import DataError, GvpoError
 
 
@@ -90,6 +90,36 @@ def check_reward_spread(table: pa.Table, where: str) -> None:
         biggest = np.abs(rewards[offsets[g]:offsets[g + 1]]).max()
         raise DataError(where, f"group {group!r}: rewards too large for the loss (their squared differences "
                                f"overflow float64; max |R| {biggest:.3g}); rescale the rewards", field="rewards")
+def check_inputs(config: DataConfig) -> None:
+    """Cheap checks a stage runs before any model work: every path exists and every file has the columns
+    ``config`` needs (a Parquet file's schema, a JSON file's first row; DataError naming them all, with
+    did-you-means). The full validation is load_groups's, which raises the same errors."""
+    if config.layout not in LAYOUTS:
+        raise GvpoError(f"unknown layout {config.layout!r}: expected one of {', '.join(LAYOUTS)}")
+    for src in _resolve(config.paths):
+        if src.kind in _JSON_KINDS:
+            rows = _json_array(src) if src.kind == "json" else _json_lines(src)
+            first = next(rows, None)
+            rows.close()  # only the first row is read
+            if first is None or not isinstance(first[1], dict):
+                continue  # load_groups reports an empty file or a row that is no object, with its line
+            line, row = first
+            present = list(row)
+            has, is_list = row.__contains__, lambda c: isinstance(row[c], list)
+        elif src.kind == "parquet":
+            try:
+                schema = pq.read_schema(src.path, memory_map=True)
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(src.path, f"not a Parquet file ({str(exc).splitlines()[0]})") from None
+            line, present = None, schema.names
+            has, is_list = schema.names.__contains__, lambda c: _is_list(schema.field(c).type)
+        else:
+            continue  # a save_to_disk folder: read whole by load_groups (import datasets is the slow part)
+        try:
+            layout = config.layout if config.layout != "auto" else _detect_layout(has, is_list, config.columns, present)
+            check_columns(present, _names(layout, config.columns), config.columns)
+        except _RowError as err:
+            raise DataError(src.path, err.message, line=line, field=err.field) from None
 
 
 def _read_source(src: _Source, index: int, config: DataConfig) -> _Part:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from gvpo_offline.data.layout import _RAW, _detect_layout, _Names, _names, _Part, _RowError
+from gvpo_offline.data.layout import _RAW, _detect_layout, _Names, _names, _Part, _RowError, check_columns
 from gvpo_offline.data.records import ColumnMap, DataConfig
 from gvpo_offline.data.sources import _Source
 from gvpo_offline.runtime.errors import TOO_DEEP, DataError
@@ -284,10 +284,12 @@ def _read_json_source(src: _Source, index: int, config: DataConfig) -> _Part:
                 raise _RowError(None, f"expected a JSON object (one row), got {_describe(row)}")
             if buffer is None:  # the first row decides the layout (unless forced)
                 if layout is None:
-                    layout = _detect_layout(row.__contains__, lambda c: isinstance(row[c], list), config.columns)
+                    layout = _detect_layout(row.__contains__, lambda c: isinstance(row[c], list), config.columns,
+                                            list(row))
+                names = _names(layout, config.columns)
+                check_columns(list(row), names, config.columns)  # the first row's fields are the file's columns
                 buffer = _RowBuffer(layout, src, index)
                 parse = _grouped_row if layout == "grouped" else _flat_row
-                names = _names(layout, config.columns)
             buffer.add(line, parse(row, names, config.columns))
         except _RowError as err:
             raise DataError(src.path, err.message, line=line, field=err.field) from None

@@ -124,6 +124,11 @@ def fingerprint(path: str | Path) -> FileInfo:
     return FileInfo(str(path), os.path.getsize(path), sha256_file(path))
 
 
+def input_paths(paths: tuple[str, ...]) -> list[str]:
+    """The files that :func:`load_groups` reads for ``paths``, in order, without reading them."""
+    return [path for src in _resolve(tuple(paths)) for path in src.files] if paths else []
+
+
 def input_files(paths: tuple[str, ...]) -> list[FileInfo]:
     """The files that :func:`load_groups` reads for ``paths`` (files, folders, globs, save_to_disk
     folders), in order, fingerprinted. Cheap next to parsing: used to decide cache hits."""

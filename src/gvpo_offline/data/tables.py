@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gvpo_offline.data.layout import _RAW, _detect_layout, _Names, _names, _needed, _RowError
+from gvpo_offline.data.layout import _RAW, _detect_layout, _Names, _names, _RowError, check_columns
 from gvpo_offline.data.records import DataConfig
 from gvpo_offline.data.sources import _Source
 from gvpo_offline.runtime.errors import DataError
@@ -27,13 +27,14 @@ def _table_layout(schema: pa.Schema, src: _Source, config: DataConfig) -> tuple[
     if layout == "auto":
         is_list = lambda c: _is_list(schema.field(c).type)  # noqa: E731
         try:
-            layout = _detect_layout(schema.names.__contains__, is_list, config.columns)
+            layout = _detect_layout(schema.names.__contains__, is_list, config.columns, schema.names)
         except _RowError as err:
             raise DataError(src.path, err.message, field=err.field) from None
     names = _names(layout, config.columns)
-    for name in _needed(names)[:3]:
-        if name not in schema.names:
-            raise DataError(src.path, f"missing column (columns: {', '.join(schema.names)})", field=name)
+    try:
+        check_columns(schema.names, names, config.columns)
+    except _RowError as err:
+        raise DataError(src.path, err.message, field=err.field) from None
     return layout, names
 
 

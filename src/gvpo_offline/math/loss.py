@@ -187,6 +187,19 @@ def ipo_group_terms(policy_logps, ref_logps, rewards, group_ids, beta: float, n_
     return _per_group_mean((margin - 1.0 / (2.0 * beta)) ** 2, group, n_groups)
 
 
+def ipo_trl_group_terms(policy_logps, ref_logps, rewards, group_ids, beta: float, n_tokens=None):
+    """IPO as TRL computes it (``DPOTrainer(loss_type="ipo")``): the same pairs and weighting as
+    :func:`ipo_group_terms`, but each response's log-ratio is divided by its length first,
+    ((ℓ_c/T_c − ℓ_r/T_r) − 1/(2β))², T = response tokens. ``n_tokens`` [N]: T_i (required).
+    Returns (terms [G], counted [G]); all-equal-reward groups: term 0, not counted."""
+    if n_tokens is None:
+        raise ValueError("ipo-trl needs n_tokens, the response token counts")
+    policy_logps, ref_logps, rewards = _as_float(policy_logps, ref_logps, rewards)
+    n_tokens = n_tokens.to(policy_logps.dtype)
+    margin, group, n_groups = _preference_pairs(policy_logps / n_tokens, ref_logps / n_tokens, rewards, group_ids)
+    return _per_group_mean((margin - 1.0 / (2.0 * beta)) ** 2, group, n_groups)
+
+
 def rebel_group_terms(policy_logps, ref_logps, rewards, group_ids, beta: float, n_tokens=None):
     """REBEL (Gao et al. 2024, η = 1/β): per group, the mean over all its pairs i < j (equal rewards
     included) of the squared regression residual [β·(ℓ_i − ℓ_j) − (R_i − R_j)]². Every group counts.
@@ -263,6 +276,8 @@ OBJECTIVES: dict[str, Objective] = {
                   "pairs (R_c > R_r) of -log σ(β(ℓ_c - ℓ_r))"),
         Objective("ipo", ipo_group_terms, "IPO: mean over groups with a reward difference of the mean over their "
                   "pairs (R_c > R_r) of (ℓ_c - ℓ_r - 1/(2β))²"),
+        Objective("ipo-trl", ipo_trl_group_terms, "IPO as TRL's DPOTrainer(loss_type='ipo'): as ipo with each "
+                  "log-ratio divided by its response length T: ((ℓ_c/T_c - ℓ_r/T_r) - 1/(2β))²"),
         Objective("rebel", rebel_group_terms, "REBEL: mean over groups of the mean over all pairs i<j of "
                   "(β(ℓ_i - ℓ_j) - (R_i - R_j))²  (= 2 × GVPO eq. 16)"),
         Objective("sft-best", sft_best_group_terms, "SFT on the best: mean over groups of the token-mean NLL "

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from gvpo_offline.runtime.errors import GvpoError
+
+if TYPE_CHECKING:  # torch is imported where a function needs it: fingerprints and folders need no torch
+    import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -25,6 +27,8 @@ BASE_FINGERPRINT = "base_model_fingerprint"  # key in an adapter's train_config.
 
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available, else cpu."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not (device in ("cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -36,6 +40,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """'auto' -> bfloat16 on a GPU that supports it, float32 otherwise."""
+    import torch
+
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -98,13 +104,16 @@ def context_length(path: str | Path, trust_remote_code: bool = False) -> int | N
 def load_model(
     path: str | Path,
     device: torch.device,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
 ):
-    """AutoModelForCausalLM from a model folder or hub id, on ``device``, in eval mode (no dropout). An
-    adapter folder gives its base model with the adapter merged in (gvpo_offline.adapters)."""
+    """AutoModelForCausalLM from a model folder or hub id, on ``device``, in eval mode (no dropout), its
+    weights in ``dtype`` (None: float32). An adapter folder gives its base model with the adapter merged
+    in (gvpo_offline.adapters)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = torch.float32 if dtype is None else dtype
     folder = model_folder(path)
     if is_adapter(folder):
         return load_merged(folder, device, dtype, trust_remote_code)
@@ -190,7 +199,7 @@ def check_base(folder: Path) -> str:
     return spec
 
 
-def load_merged(folder: Path, device: torch.device, dtype: torch.dtype = torch.float32,
+def load_merged(folder: Path, device: torch.device, dtype: torch.dtype | None = None,
                 trust_remote_code: bool = False):
     """The base model with the adapter at ``folder`` merged in: a plain transformers model in eval mode."""
     from peft import PeftModel

@@ -12,11 +12,20 @@ command line (lists for repeatable options). Sections named after a command (``t
     train:
       beta: 0.1
 
-Precedence: command line > the command's section > top-level keys > the option's default. A top-level
+Precedence: command-line options > ``key=value`` overrides > the command's section > top-level keys > the
+option's default. A top-level
 key that is an option of another command only is ignored (it is for that command); a key no command
 knows, or a section key the command does not have, is an error naming the key and the file, with the
 closest option name as a suggestion. Relative paths in the file are relative to the current directory,
 as on the command line.
+
+Overrides (LLaMA-Factory style): ``gvpo-offline train --config run.yaml lr=1e-5 beta=0.2`` — a
+``key=value`` argument whose key is one of the command's config keys (or an alias: ``learning_rate``)
+sets that option as the file would; lists comma-separated (``report_to=tensorboard,wandb``), switches as
+``true``/``false``. A ``key=value`` naming no option is an error with the closest key (on commands with
+DATA arguments, an existing file called ``a=b`` stays a file).
+
+Keys may be any of an option's long names (``learning_rate`` for ``--lr``); the first is canonical.
 
 Mechanism: :class:`ConfigCommand` (the ``cls`` of every typer command) adds an eager ``--config`` option
 whose callback loads the file into click's ``ctx.default_map`` before the other options are read, so a
@@ -30,6 +39,8 @@ from __future__ import annotations
 import contextvars
 import difflib
 import functools
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -127,15 +138,16 @@ def _norm(key: Any) -> str:
 
 
 def _command_keys(command) -> dict[str, Any]:
-    """config key -> click parameter, for the command's settings; an option's other long names (an old
-    name kept as an alias, e.g. lora_target_modules for lora_target) are keys too."""
+    """config key -> click parameter, for the command's settings; aliases (every other long option
+    name, ``learning_rate`` for ``--lr``) map to the same parameter."""
     keys = {}
     for p in command.params:
         if p.name in _SKIP:
             continue
+        for opt in getattr(p, "opts", ()):
+            if opt.startswith("--"):
+                keys.setdefault(_norm(opt.lstrip("-")), p)
         keys[config_key(p)] = p
-        for alias in (o for o in p.opts[1:] if o.startswith("--")) if p.param_type_name == "option" else ():
-            keys.setdefault(alias.lstrip("-").replace("-", "_"), p)
     return keys
 
 
@@ -240,11 +252,59 @@ def check_value(key: str, value: Any, param, path: str | Path) -> None:
 
 
 def _load_into_context(ctx, param, value) -> None:
-    """Eager ``--config`` callback: runs before the other options are read."""
+    """Eager ``--config`` callback: runs before the other options are read. ``key=value`` overrides
+    (kept in ``ctx.meta``) stay on top of the file's values."""
     if not value or ctx.resilient_parsing:
         return
     mapping = default_map(load_file(value), ctx.command, _all_commands(ctx), value)
-    ctx.default_map = {**(ctx.default_map or {}), **mapping}
+    ctx.default_map = {**(ctx.default_map or {}), **mapping, **ctx.meta.get(_OVERRIDES, {})}
+
+
+_OVERRIDES = "gvpo_offline.overrides"  # ctx.meta key: param name -> the value of a key=value override
+_OVERRIDE = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)=(.*)", re.DOTALL)
+
+
+def split_overrides(command, args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take the ``key=value`` overrides out of a command's arguments: (the other arguments, {param
+    name: value}). An argument that is an option's value (``--prompt-template a=b``) is never one;
+    a ``key=value`` naming no option is a GvpoError, unless the command takes DATA arguments and a
+    file of that name exists."""
+    keys = _command_keys(command)
+    takes_value = {opt: not getattr(p, "is_flag", False) and not getattr(p, "count", False)
+                   for p in command.params if p.param_type_name == "option" for opt in p.opts}
+    positional = any(p.param_type_name == "argument" for p in command.params)
+    rest: list[str] = []
+    overrides: dict[str, Any] = {}
+    expect_value = False
+    for n, arg in enumerate(args):
+        if expect_value:
+            rest.append(arg)
+            expect_value = False
+            continue
+        if arg == "--":
+            return rest + args[n:], overrides
+        if arg.startswith("-"):
+            rest.append(arg)
+            expect_value = "=" not in arg and takes_value.get(arg, False)
+            continue
+        match = _OVERRIDE.fullmatch(arg)
+        if match is None or (positional and os.path.exists(arg)):
+            rest.append(arg)
+            continue
+        key, value = _norm(match[1]), match[2]
+        if key not in keys:
+            if positional and any(c in arg for c in "*?[/."):
+                rest.append(arg)  # a path or a glob (DATA), not an override
+                continue
+            close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}={value}'?)" if close else ""
+            raise GvpoError(f"'{arg}': `{command.name}` has no option '{match[1]}' to set{hint}")
+        param = keys[key]
+        if getattr(param, "multiple", False) or param.nargs == -1:
+            overrides[param.name] = [*overrides.get(param.name, []), *value.split(",")]
+        else:
+            overrides[param.name] = value
+    return rest, overrides
 
 
 @functools.lru_cache(maxsize=1)
@@ -276,6 +336,13 @@ class ConfigCommand(typer.core.TyperCommand):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.params.append(_config_option())
+
+    def parse_args(self, ctx, args):
+        args, overrides = split_overrides(self, list(args))
+        if overrides:  # lower than the command line, higher than --config (see _load_into_context)
+            ctx.meta[_OVERRIDES] = overrides
+            ctx.default_map = {**(ctx.default_map or {}), **overrides}
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         resolved = {config_key(p): _jsonable(ctx.params.get(p.name)) for p in self.params

@@ -64,14 +64,21 @@ def claim(folder: str | Path) -> Path:
 
 
 def require(folder: str | Path) -> Path:
-    """A workdir made by precompute-ref (it has the marker), else GvpoError: train and eval write only there."""
+    """A workdir made by precompute-ref (it has the marker), else GvpoError: train and eval write only there.
+    A folder without the marker is "no workdir here", unless it holds a reference cache (manifest.json)
+    without one: then an older version of the tool made it."""
     folder = Path(folder)
     if not is_marked(folder):
         if not folder.is_dir():
             raise GvpoError(f"{folder}: no such workdir; run `gvpo-offline precompute-ref --workdir {folder}` first")
+        if (folder / "manifest.json").is_file() and (folder / "ref").is_dir():
+            raise GvpoError(
+                f"{folder}: not a gvpo-offline workdir (no {MARKER} marker; a workdir of an older version: rerun "
+                "precompute-ref into a new --workdir)"
+            )
         raise GvpoError(
-            f"{folder}: not a gvpo-offline workdir (no {MARKER} marker; a workdir of an older version: rerun "
-            "precompute-ref into a new --workdir)"
+            f"{folder}: no workdir here (not a gvpo-offline workdir: no {MARKER} marker); pass the --workdir "
+            f"precompute-ref wrote, or run `gvpo-offline precompute-ref --workdir NEW_FOLDER` first"
         )
     check_layout(folder)
     return folder

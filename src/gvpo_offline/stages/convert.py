@@ -233,6 +233,10 @@ def convert(
             counts["groups"] += 1
             counts["responses"] += len(row["responses"])
             yield row
+        if not counts["groups"]:  # raised inside the atomic write: no output file is left behind
+            what = f"skipped {counts['skipped']} {SKIPPED[source]}" if counts["skipped"] else "it has no rows"
+            raise GvpoError(f"{input_path}: no groups to write ({what}); is this the {source.value} dataset? "
+                            f"{output_path} was not written")
 
     atomic_write_jsonl(output_path, written())
     return ConvertResult(str(output_path), counts["groups"], counts["responses"], counts["skipped"], SKIPPED[source])

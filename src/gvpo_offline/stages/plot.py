@@ -169,7 +169,7 @@ def _require_workdir(workdir: Path) -> None:
     if not workdirs.is_marked(workdir):
         raise GvpoError(
             f"{workdir}: not a gvpo-offline workdir (no {workdirs.MARKER} marker); the tool never writes into a "
-            "folder of yours: pass --out-dir for the plots"
+            "folder of yours: pass --output-dir for the plots"
         )
     workdirs.check_layout(workdir)
     workdirs.refuse_links(workdir, ("plots",))

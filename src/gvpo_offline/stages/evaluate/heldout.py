@@ -56,7 +56,7 @@ JSON (``--json FILE``, written atomically): {"model": {metric: value}, "referenc
 {...}, "intervals": {"model": {metric: [lo, hi]}, "delta": {...}}, "counts": {...}, "generation": {...}
 or null, "meta": {model_path, data, beta, beta_source, model_is_reference, objective, cache_key,
 data_cache_key, model_cache_key, bootstrap, seed, confidence}}. ``objective`` is the ``train --loss`` that
-made the model (gvpo, dpo, ipo, rebel, sft-best; "gvpo" for models trained before --loss existed; null for
+made the model (gvpo, dpo, ipo, ipo-trl, rebel, sft-best; "gvpo" for models trained before --loss existed; null for
 the reference or a model not saved by ``train``). The cache keys (reference.Manifest.key: the sha256 of
 everything that decided a cache's content) say what the numbers were computed from: ``cache_key`` is
 WORKDIR/manifest.json's (reference model, tokenization), ``data_cache_key`` that of the cache the scored
@@ -357,6 +357,10 @@ def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     if not ctx.is_main:
         console = Console(quiet=True)
     workdirs.require(config.workdir)
+    if config.data_paths:  # a missing file or column: reported now, before any model work
+        from gvpo_offline.data import DataConfig, check_inputs
+
+        check_inputs(DataConfig(tuple(config.data_paths), config.layout, config.columns))
     # a folder (model, adapter, checkpoint) or a hub id
     model_path = model_folder(config.model_path) if config.model_path else Path(config.workdir) / "model"
     with distributed.main_only(ctx, workdirs.stage_locks(config.workdir, "eval", model_path)):  # rank 0 locks

@@ -23,7 +23,7 @@ whenever a shard is loaded; shard paths must lie inside WORKDIR/ref/.
 
 CACHE SEMANTICS (:func:`precompute`):
     Manifest.inputs holds everything that decides the content (data files' sha256, layout, columns, model
-    and tokenizer fingerprints, tokenize settings after clamping, the response rule, weights dtype, eval_fraction, shard_groups, packing,
+    and tokenizer fingerprints, tokenize settings after clamping, the response rule, weights dtype, eval_fraction, shard_groups, shard_bytes, packing,
     tool version); Manifest.key = sha256 of it. Same key and complete -> cache hit (no model loaded). Same key,
     incomplete -> resume: shards already on disk (each carries the key in its Parquet metadata) are kept.
     Other key -> recompute (or refuse with overwrite=False, naming what changed). Everything (data,
@@ -32,7 +32,9 @@ CACHE SEMANTICS (:func:`precompute`):
     Split: a group is 'eval' iff split_value(prompt JSON) < eval_fraction, split_value = the first 53
     bits of sha256(prompt JSON from the data table) / 2**53, uniform in [0, 1);
     with --eval-data, DATA is all 'train' and the --eval-data groups all 'eval'.
-    Shard s holds groups [s·shard_groups, (s+1)·shard_groups) in data order (DATA, then --eval-data).
+    Shards hold consecutive groups in data order (DATA, then --eval-data); shard s starts at group
+    shard_starts[s]. A shard closes at shard_groups groups or shard_bytes of text (each response with its
+    prompt, UTF-8), whichever comes first: both are in the key, so the same inputs give the same shards.
     Other files' reference log-probs for eval: :func:`precompute_extra` -> WORKDIR/extra/<hash>/.
 """
 
@@ -96,12 +98,14 @@ class Manifest:
     shards: list[str] = field(default_factory=list)
     complete: bool = False
     shard_groups: int = 0
+    shard_starts: list[int] = field(default_factory=list)  # the first group of each shard (data order)
     inputs: dict = field(default_factory=dict)  # everything that decides the content (hashed into key)
     key: str = ""  # sha256 of ``inputs``: same key -> same cache, so a rerun is a hit or a resume
     shard_sizes: list[int] = field(default_factory=list)  # bytes of each finished shard (complete only)
     shard_sha256: list[str] = field(default_factory=list)  # hex sha256 of each finished shard
     model_id: str | None = None  # the hub id --model was given as (None: a local folder)
     model_revision: str | None = None  # the hub snapshot's commit hash
+    request_key: str | None = None  # sha256 of the options as given (stages/reference/hit.py): a hit without torch
 
     @property
     def tokenize_config(self) -> TokenizeConfig:
@@ -236,6 +240,7 @@ _LABELS = {
     "response_rule": "rule that tokenizes responses",
     "eval_fraction": "eval fraction",
     "shard_groups": "--shard-groups",
+    "shard_bytes": "shard size (--shard-bytes)",
     "packing": "--packing",
     "load_in_4bit": "--load-in-4bit",
 }
@@ -274,3 +279,24 @@ def _shard_meta(path: Path) -> dict[bytes, bytes]:
         return pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowException):
         return {}
+
+
+def bad_shards(workdir: Path, manifest: Manifest) -> dict[int, str]:
+    """{shard number: what is wrong} for the shards of a complete manifest that fail verify_shard."""
+    if len(manifest.shard_sizes) != len(manifest.shards) or len(manifest.shard_sha256) != len(manifest.shards):
+        return dict.fromkeys(range(len(manifest.shards)), "unverifiable (no checksum recorded)")
+    bad = {}
+    for s in range(len(manifest.shards)):
+        if (problem := verify_shard(workdir, manifest, s)) is not None:
+            bad[s] = problem if problem == "missing" else f"corrupt ({problem} differs)"
+    return bad
+
+
+def cache_summary(m: Manifest) -> str:
+    """One line: groups, responses and tokens per split, and the truncation counts."""
+    parts = [f"{s} {c.groups} groups / {c.responses} responses / {c.tokens} response tokens" for s, c in m.counts.items()]
+    t = m.tokenize_config
+    return (
+        f"{'; '.join(parts)}; truncated {m.truncated_prompts} prompts (> {t.max_prompt_length} tokens) "
+        f"and {m.truncated_responses} responses (prompt + response > {t.max_length} tokens)"
+    )

@@ -8,17 +8,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.console import Console
 
 from gvpo_offline import __version__
-from gvpo_offline.data import DataConfig, FileInfo, input_files, load_groups
+from gvpo_offline.data import DataConfig, FileInfo, check_inputs, input_files, input_paths, load_groups
 from gvpo_offline.data.tokenize import (
     RESPONSE_RULE,
     TokenizeConfig,
@@ -34,6 +34,8 @@ from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
 from gvpo_offline.runtime.progress import progress
+from gvpo_offline.stages.reference.config import PrecomputeConfig, auto_shard_bytes  # noqa: F401  (re-exported)
+from gvpo_offline.stages.reference.hit import dtype_without_torch, request_key
 from gvpo_offline.stages.reference.cache import (
     _KEY_META,
     _LABELS,
@@ -47,61 +49,11 @@ from gvpo_offline.stages.reference.cache import (
     SplitCounts,
     _read_any_manifest,
     _shard_meta,
+    bad_shards,
+    cache_summary,
     describe_changes,
     read_manifest,
-    verify_shard,
 )
-
-
-@dataclass(frozen=True)
-class PrecomputeConfig:
-    """Options of ``precompute-ref``.
-
-    data: the training data (DATA...), read by data.load_groups.
-    model: the reference model: a local folder (save_pretrained layout), a LoRA adapter folder, or a hub
-        id org/name[@revision] resolved through the Hugging Face cache (manifest: model_id, model_revision).
-    tokenize: the settings used by every stage; max_length is clamped to the model's context.
-    eval_fraction: share of DATA's groups held out as 'eval', by a stable hash of the prompt; ignored
-        (recorded as 0) when ``eval_data`` gives the held-out groups instead. 1.0 puts everything in eval.
-    shard_groups: groups per shard file (a resumed run redoes at most one shard).
-    batch_tokens: padded tokens (rows × longest) per forward pass; None = 16384 on a GPU, 2048 on CPU
-        (measured on CPU: small batches stay in cache and run ~25% faster than 16384).
-    chunk_tokens: response positions per LM-head chunk; None = logprobs.logits_chunk_for(vocab).
-    packing: 'on' computes each prompt once for all its responses, in rows packed without padding
-        (packing.py; padded rows with a note where the model is not supported); 'off' pads separate
-        sequences; 'auto' packs a shard when that saves ≥ packing.MIN_SHARED_FRACTION of its tokens. Recorded in the manifest (the values differ at float-rounding level); train and eval
-        use the cache's setting by default.
-    overwrite: False refuses to replace a cache made from other inputs (``--no-overwrite``).
-    require_*_fingerprint: refuse unless the model/tokenizer at ``model`` has this fingerprint
-        (used by :func:`precompute_extra` to guarantee the same reference as the main cache).
-    """
-
-    data: DataConfig
-    model: str
-    workdir: Path = Path("gvpo-run")
-    tokenize: TokenizeConfig = TokenizeConfig()
-    eval_fraction: float = 0.1
-    eval_data: tuple[str, ...] = ()
-    shard_groups: int = 1000
-    batch_tokens: int | None = None
-    chunk_tokens: int | None = None
-    packing: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    load_in_4bit: bool = False  # QLoRA: score with the weights in 4-bit NF4 (model/quantization.py), CUDA only
-    overwrite: bool = True
-    progress: bool = True
-    require_model_fingerprint: str | None = None
-    require_tokenizer_fingerprint: str | None = None
-
-    def __post_init__(self):
-        if not 0.0 <= self.eval_fraction <= 1.0:
-            raise GvpoError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
-        if self.shard_groups < 1 or any(n is not None and n < 1 for n in (self.batch_tokens, self.chunk_tokens)):
-            raise GvpoError("--shard-groups, --batch-tokens and chunk_tokens must be positive")
-        if self.packing not in packing.PACKING_CHOICES:
-            raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
 
 
 def split_value(prompt_json: str) -> float:
@@ -169,6 +121,11 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
     """
     console = console or Console(stderr=True)
     workdir = Path(config.workdir)
+    paths = [{"path": p} for p in input_paths(config.data.paths) + input_paths(config.eval_data)]
+    _check_inputs_outside_workdirs(paths)  # never a workdir's own files (before reading any of them)
+    check_inputs(config.data)  # a missing file or column: reported now, before any model work
+    if config.eval_data:
+        check_inputs(replace(config.data, paths=tuple(config.eval_data)))
     ctx = distributed.context(config.device)  # under torchrun: each rank scores a share of every shard
     created = ctx.is_main and not workdir.exists()
     try:  # rank 0 claims, locks and reports for all ranks
@@ -237,6 +194,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         "weights_dtype": str(dtype).removeprefix("torch."),  # the forward runs in it (no fp32 copy, no autocast)
         "eval_fraction": 0.0 if config.eval_data else float(config.eval_fraction),
         "shard_groups": config.shard_groups,
+        "shard_bytes": config.shard_bytes or auto_shard_bytes(_weight_bytes(Path(model_path))),
         "packing": config.packing,
         **({"load_in_4bit": True} if config.load_in_4bit else {}),  # absent otherwise: earlier caches keep their key
     }
@@ -247,21 +205,24 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         if expected is not None and inputs[name] != expected:
             raise GvpoError(f"{model_path}: the reference {_LABELS[name]} changed since the cache was made")
     key = _sha256_json(inputs)
+    request = None  # the options as given, for a cache hit without torch next time (hit.py)
+    if dtype_without_torch(config.device, config.dtype) == inputs["dtype"]:
+        request = request_key(config, Path(model_path), *fingerprints)
 
     old = _read_any_manifest(workdir)
     changes: list[str] = []
     if old is not None and old.key == key and old.complete:
-        bad = _bad_shards(workdir, old)
+        bad = bad_shards(workdir, old)
         if not bad:
             moved = replace(old, model_path=model_path, data_files=data_files, eval_data_files=eval_files,
-                            model_id=source.hub_id, model_revision=source.revision)
+                            model_id=source.hub_id, model_revision=source.revision, request_key=request)
             if moved != old:  # the same content at other paths: record where it is now
                 old = moved
                 if ctx.is_main:
                     atomic_write_json(workdir / MANIFEST, old.to_json())
             distributed.barrier(ctx)
             _say(console, f"cache hit: {workdir / MANIFEST} matches the data, model, tokenizer and settings; "
-                          f"nothing to compute (no model loaded). {_summary(old)}")
+                          f"nothing to compute (no model loaded). {cache_summary(old)}")
             return old
         _say(console, "repairing the reference cache: " + "; ".join(f"{old.shards[s]} {why}" for s, why in bad.items()))
         for s in bad if ctx.is_main else ():
@@ -278,9 +239,10 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
             )
 
     groups, splits, layout = _plan(config, console, *fingerprints)
+    starts = shard_starts(groups, config.shard_groups, inputs["shard_bytes"])
     encoded: dict[int, tuple] = {}  # shard -> its tokenization, when it was needed up front
     if old is None or old.key != key:  # validate every group's tokenization before touching the old cache
-        encoded = _encode_all(tokenizer, groups, splits, tok_cfg, config.shard_groups)
+        encoded = _encode_all(tokenizer, groups, splits, tok_cfg, starts)
         if changes:  # an earlier cache with computed shards is being replaced
             _say(console, f"recomputing the reference cache: {'; '.join(changes)}")
     manifest = Manifest(
@@ -289,8 +251,8 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         tokenizer_fingerprint=inputs["tokenizer_fingerprint"], tokenize=inputs["tokenize"],
         dtype=inputs["weights_dtype"], eval_fraction=inputs["eval_fraction"], model_id=source.hub_id,
         model_revision=source.revision,
-        shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(math.ceil(groups.num_rows / config.shard_groups))],
-        shard_groups=config.shard_groups, inputs=inputs, key=key,
+        shards=[f"{REF_DIR}/shard-{s:05d}.parquet" for s in range(len(starts))], shard_starts=starts,
+        shard_groups=config.shard_groups, inputs=inputs, key=key, request_key=request,
     )
     if ctx.is_main:
         atomic_write_json(workdir / MANIFEST, manifest.to_json())  # complete=false: a rerun resumes
@@ -314,7 +276,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     with distributed.together(ctx):  # rank 0 completes the manifest; its GvpoError stops every rank
         if ctx.is_main:
             _finish(workdir, manifest)
-    _say(console, f"reference log-probs cached in {workdir}: {_summary(manifest)}")
+    _say(console, f"reference log-probs cached in {workdir}: {cache_summary(manifest)}")
     responses = sum(c.responses for c in manifest.counts.values())
     warning = truncation_warning(manifest.truncated_responses, responses, manifest.tokenize_config)
     if warning:
@@ -322,32 +284,51 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     return read_manifest(workdir) if ctx.enabled else manifest  # the manifest rank 0 completed
 
 
-def _bad_shards(workdir: Path, manifest: Manifest) -> dict[int, str]:
-    """{shard number: what is wrong} for the shards of a complete manifest that fail verify_shard."""
-    if len(manifest.shard_sizes) != len(manifest.shards) or len(manifest.shard_sha256) != len(manifest.shards):
-        return dict.fromkeys(range(len(manifest.shards)), "unverifiable (no checksum recorded)")
-    bad = {}
-    for s in range(len(manifest.shards)):
-        if (problem := verify_shard(workdir, manifest, s)) is not None:
-            bad[s] = problem if problem == "missing" else f"corrupt ({problem} differs)"
-    return bad
-
-
-def _encode_all(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig, size: int) -> dict[int, tuple]:
+def _encode_all(tokenizer, groups: pa.Table, splits: list[str], cfg: TokenizeConfig,
+                starts: list[int]) -> dict[int, tuple]:
     """Tokenize every shard's groups before anything is written, so that a template or tokenization
     error stops the run first: {shard: (its columns as an Arrow table, truncated prompts, truncated
     responses)}. Arrow keeps the token ids compact (int32) until :func:`_compute_shards` uses them."""
     encoded = {}
-    for s, lo in enumerate(range(0, groups.num_rows, size)):
-        cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size], cfg)
+    for s, (lo, hi) in enumerate(_shard_ranges(starts, groups.num_rows)):
+        cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, hi - lo), splits[lo:hi], cfg)
         encoded[s] = (pa.table(cols, schema=REF_SCHEMA.remove(REF_SCHEMA.get_field_index("ref_logp"))), cut_p, cut_r)
     return encoded
+
+
+def shard_starts(groups: pa.Table, max_groups: int, max_bytes: int) -> list[int]:
+    """The first group of each shard: consecutive groups until the next would pass ``max_groups`` groups
+    or ``max_bytes`` of text (Σ over responses of prompt + response UTF-8 bytes: what scoring costs, about
+    4 bytes per token); at least one group per shard. Deterministic in the data and the two limits."""
+    k = pc.list_value_length(groups["responses"]).to_numpy().astype(np.int64)
+    prompt = pc.binary_length(groups["prompt"]).to_numpy().astype(np.int64)
+    flat = pc.binary_length(pc.list_flatten(groups["responses"])).to_numpy().astype(np.int64)
+    responses = np.add.reduceat(flat, np.concatenate([[0], np.cumsum(k)[:-1]])) if len(k) else flat
+    cost = k * prompt + responses
+    starts, size, count = [], 0, 0
+    for g, c in enumerate(cost.tolist()):
+        if not starts or count >= max_groups or (count and size + c > max_bytes):
+            starts.append(g)
+            size, count = 0, 0
+        size, count = size + c, count + 1
+    return starts
+
+
+def _shard_ranges(starts: list[int], n_groups: int) -> list[tuple[int, int]]:
+    """[(first group, end)] of each shard."""
+    return list(zip(starts, [*starts[1:], n_groups]))
+
+
+def _weight_bytes(model_path: Path) -> int:
+    """Bytes of the model's weight files (an adapter's base model's for an adapter folder)."""
+    folder = loading.model_folder(loading.base_spec(model_path)) if loading.is_adapter(model_path) else model_path
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in loading.WEIGHT_SUFFIXES and p.is_file())
 
 
 def _plan(config: PrecomputeConfig, console: Console, data_files: list[FileInfo] | None = None,
           eval_files: list[FileInfo] | None = None) -> tuple[pa.Table, list[str], str]:
     """The groups to cache, in order (DATA, then --eval-data), their splits, and the data layout.
-    Shard s holds groups [s·shard_groups, (s+1)·shard_groups): the same on every run of the same inputs.
+    Shards are cut by :func:`shard_starts`: the same on every run of the same inputs.
     ``data_files``/``eval_files``: the inputs' fingerprints, already computed for the cache key."""
     data = load_groups(config.data, data_files)
     table = data.table.select(["group_id", "prompt", "responses", "rewards"])
@@ -367,12 +348,12 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
     shards ``todo``, under a progress bar on ``console``.
     Several processes: every rank scores a token-balanced share of each shard's groups, and rank
     ``s % world_size`` writes shard s (the progress bar shows rank 0's share × world size)."""
-    size, tok_cfg = config.shard_groups, manifest.tokenize_config
+    ranges, tok_cfg = _shard_ranges(manifest.shard_starts, groups.num_rows), manifest.tokenize_config
     k = pc.list_value_length(groups["responses"]).to_numpy()
     packing_mode, note = packing.resolve(config.packing, model.config)
     if note:
         _say(console, f"note: {note}")
-    total = int(sum(k[s * size : (s + 1) * size].sum() for s in todo))
+    total = int(sum(k[ranges[s][0] : ranges[s][1]].sum() for s in todo))
     with progress(console, "reference log-probs", total, unit="responses", describe=_describe_rate,
                   enabled=config.progress) as update:
         done_pairs = done_tokens = 0
@@ -383,14 +364,13 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
             update(advance=n_pairs * ctx.world_size, responses=done_pairs, tokens=done_tokens)
 
         for done, s in enumerate(todo):
-            lo = s * size
+            lo, hi = ranges[s]
             try:
                 if encoded and s in encoded:
                     table, cut_p, cut_r = encoded.pop(s)
                     cols = table.to_pydict()
                 else:
-                    cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size],
-                                                        tok_cfg)
+                    cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, hi - lo), splits[lo:hi], tok_cfg)
                 packed = packing.use_packing(packing_mode, cols["prompt_ids"], cols["response_ids"])
                 cols["ref_logp"] = distributed.score_groups(
                     ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],
@@ -450,15 +430,6 @@ def _finish(workdir: Path, manifest: Manifest) -> None:
     atomic_write_json(workdir / MANIFEST, manifest.to_json())
 
 
-def _summary(m: Manifest) -> str:
-    parts = [f"{s} {c.groups} groups / {c.responses} responses / {c.tokens} response tokens" for s, c in m.counts.items()]
-    t = m.tokenize_config
-    return (
-        f"{'; '.join(parts)}; truncated {m.truncated_prompts} prompts (> {t.max_prompt_length} tokens) "
-        f"and {m.truncated_responses} responses (prompt + response > {t.max_length} tokens)"
-    )
-
-
 def precompute_extra(
     workdir: str | Path,
     data: DataConfig,
@@ -485,8 +456,9 @@ def precompute_extra(
     workdirs.refuse_links(Path(workdir) / "extra", (name,))
     config = PrecomputeConfig(
         data=data, model=main.model_path, workdir=sub, tokenize=main.tokenize_config, eval_fraction=1.0,
-        shard_groups=main.shard_groups or 1000, batch_tokens=batch_tokens, device=device, dtype=main.dtype,
-        packing=main.inputs.get("packing", "off"), load_in_4bit=bool(main.inputs.get("load_in_4bit")),
+        shard_groups=main.shard_groups or 1000, shard_bytes=main.inputs.get("shard_bytes"), batch_tokens=batch_tokens,
+        device=device, dtype=main.dtype, packing=main.inputs.get("packing", "off"),
+        load_in_4bit=bool(main.inputs.get("load_in_4bit")),
         trust_remote_code=trust_remote_code, progress=progress,
         require_model_fingerprint=main.model_fingerprint, require_tokenizer_fingerprint=main.tokenizer_fingerprint,
     )

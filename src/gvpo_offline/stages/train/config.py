@@ -19,7 +19,7 @@ class TrainConfig:
 
     workdir: Path = Path("gvpo-run")
     beta: float = 0.1
-    loss: str = "gvpo"  # the objective, a key of loss.OBJECTIVES: gvpo, dpo, ipo, rebel, sft-best
+    loss: str = "gvpo"  # the objective, a key of loss.OBJECTIVES: gvpo, dpo, ipo, ipo-trl, rebel, sft-best
     init_model: str | None = None  # None = the reference model recorded in the manifest
     groups_per_step: int = 8  # whole groups (prompts) per optimizer step
     micro_batch_tokens: int | None = None  # padded tokens (rows × longest) per pass; None = 8192 GPU, 2048 CPU

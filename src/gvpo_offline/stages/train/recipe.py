@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 import transformers
@@ -68,7 +67,7 @@ from gvpo_offline.runtime import interrupts
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import remove_stale, write_errors_as_os_errors
-from gvpo_offline.runtime.progress import duration, plural, progress
+from gvpo_offline.runtime.progress import progress
 from gvpo_offline.stages import reference
 from gvpo_offline.stages.train.checkpoints import (
     CHECKPOINTS,
@@ -92,6 +91,7 @@ from gvpo_offline.stages.train.checkpoints import (
 )
 from gvpo_offline.stages.train.config import TrainConfig, TrainResult
 from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights
+from gvpo_offline.stages.train.report import describe_step, setting_line, summary_line
 from gvpo_offline.stages.train.step import (
     CachedGroups,
     NonFiniteError,
@@ -154,42 +154,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
 
 # ---- what the log says -----------------------------------------------------------------------------
-
-
-def describe_step(fields: dict, elapsed: float) -> str:
-    """The progress text of the latest step: loss, gradient norm before clipping, learning rate, tok/s."""
-    return (f"loss {fields['loss']:.4g}  |g| {fields['grad_norm']:.3g}  lr {fields['lr']:.2e}  "
-            f"{fields['tokens'] / max(elapsed, 1e-9):,.0f} tok/s")
-
-
-def summary_line(model_dir: Path, steps: int, steps_run: int, seconds: float, final_loss: float | None,
-                 clipped: int, max_grad_norm: float) -> str:
-    """What the run did, printed at the end; says how often the clip, not the learning rate, set the step."""
-    done = f"{plural(steps_run, 'step')} in {duration(seconds)}"
-    if steps != steps_run:
-        done += f" ({steps:,} in total)"
-    loss = f"; final loss {final_loss:.4g}" if final_loss is not None else ""
-    clip = ""
-    if max_grad_norm > 0 and steps_run:
-        share = f"{clipped / steps_run:.0%}"
-        clip = f"; gradient clipped to {max_grad_norm:g} on {clipped:,} of {plural(steps_run, 'step')} ({share})"
-    return f"train done: {done}{loss}{clip}; model saved to {model_dir}"
-
-
-def setting_line(device, weights_dtype, n_params: int, groups: CachedGroups, cfg: TrainConfig, total_steps: int,
-                 warmup_steps: int, micro_batch_tokens: int) -> str:
-    """What this run does, printed before the first step."""
-    table = groups.table
-    tokens = sum(pa.compute.sum(pa.compute.list_value_length(table[c])).as_py() or 0
-                 for c in ("prompt_ids", "response_ids"))
-    per_step = tokens / groups.n_groups * min(cfg.groups_per_step, groups.n_groups)
-    dtype = str(weights_dtype).removeprefix("torch.")
-    return (
-        f"train: {device} {dtype}, {n_params:,} trainable parameters; {groups.n_groups:,} groups "
-        f"({table.num_rows:,} responses), {cfg.groups_per_step} groups per step, ~{per_step:,.0f} tokens per step; "
-        f"{plural(total_steps, 'step')} ({warmup_steps} warmup), β {cfg.beta:g}, lr {cfg.lr:g}, "
-        f"max |g| {cfg.max_grad_norm:g}, micro-batch {micro_batch_tokens:,} tokens"
-    )
 
 
 # ---- the recipe ------------------------------------------------------------------------------------
@@ -326,6 +290,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     last_loss = None
     last_good = str(resume_from[1]) if resume_from else None
     started, tokens_seen, first_step, clipped = time.perf_counter(), 0, state.step, 0
+    grad_norms: tuple[float, float] | None = None  # the smallest and largest |g| of this run's steps
     with progress(None, "train", total_steps, completed=state.step, unit="step", describe=describe_step,
                   enabled=cfg.progress and ctx.is_main) as update, interrupts.deferred() as stop_requested:
         while state.step < total_steps:
@@ -361,6 +326,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             now = time.perf_counter()
             seconds = now - step_start
             clipped += cfg.max_grad_norm > 0 and grad_norm > cfg.max_grad_norm
+            grad_norms = (min(grad_norm, grad_norms[0]), max(grad_norm, grad_norms[1])) if grad_norms else (grad_norm, grad_norm)
 
             record = {
                 "step": state.step, "epoch": state.epoch, "objective": cfg.loss, "loss": stats.loss,
@@ -420,7 +386,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                                     name=MERGED_MODEL)
             log(f"saved the merged model to {merged}")
     steps_run, seconds = state.step - first_step, time.perf_counter() - started
-    log(summary_line(model_dir, state.step, steps_run, seconds, last_loss, clipped, cfg.max_grad_norm))
+    log(summary_line(model_dir, state.step, steps_run, seconds, last_loss, clipped, cfg.max_grad_norm, grad_norms))
     return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes,
                        steps_run, clipped, seconds)
 

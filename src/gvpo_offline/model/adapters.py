@@ -20,6 +20,7 @@ The reference log-probs are already cached, so no second model and no adapter sw
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,8 @@ class LoraSettings:
             raise GvpoError(f"--lora-r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise GvpoError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise GvpoError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if self.alpha is not None and not 0 < self.alpha < math.inf:
+            raise GvpoError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
         if not self.target_modules.strip(" ,"):
             raise GvpoError("--lora-target-modules is empty")
 

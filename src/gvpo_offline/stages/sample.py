@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import warnings
@@ -55,8 +56,8 @@ class SamplingConfig:
     batch_size: int = 32
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise GvpoError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise GvpoError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise GvpoError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1 or self.batch_size < 1:

@@ -1,0 +1,207 @@
+"""Issue 20, "tracebacks that must be one line": every failure a user can cause or meet (a bad input file,
+an out-of-range option, a full disk, an unreadable folder, missing credentials) is one line naming the
+file, line/row and field, exit 2 for bad input and 1 for OS errors, and leaves nothing half-written.
+One test per class of failure; each example in it failed with a traceback (or a wrong message) before."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from conftest import REPO, write_jsonl
+
+DATA = REPO / "sample_data"
+TRAIN = ["--beta", "0.1", "--device", "cpu", "--groups-per-step", "2", "--lr", "1e-3"]
+
+
+def one_line(res, code: int, *needles: str) -> None:
+    """The CLI exited with ``code`` and printed exactly one line holding every needle (no traceback)."""
+    lines = [line for line in res.err.strip().splitlines() if line.strip()]
+    assert res.code == code, res.err
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """A complete stories260K cache built directly (4 groups, train split)."""
+    work = tmp_path / "run"
+    build_cache(work, STORIES, text_groups(STORIES, STORY_GROUPS))
+    return work
+
+
+# ---- 1. files the tool reads: wrong encoding, shape or types ------------------------------------------------
+
+
+def test_a_non_utf8_config_file_is_one_line(run_cli, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"beta: 0.1\nworkdir: caf\xe9\n")
+    one_line(run_cli("train", "--config", config), 2, str(config), "line 2", "not UTF-8")
+
+
+METRIC = {"step": 1, "epoch": 0, "loss": 1.5, "log_ratio": -0.1, "log_ratio_per_token": -0.01,
+          "implicit_reward_variance": 0.02, "implicit_reward_covariance": 0.05, "reward_variance": 2.0}
+
+
+def _line(**changes) -> str:
+    return json.dumps({**METRIC, **changes}) + "\n"
+
+
+# metrics.jsonl contents -> what the error names (file and line are always named)
+BAD_METRICS = {
+    "empty": (b"", ["no training steps logged"]),
+    "not JSON in the middle": ((_line() + "{oops\n" + _line(step=3)).encode(), ["line 2", "not JSON"]),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00" + b"\n" + _line().encode(), ["line 1", "not UTF-8"]),
+    "a JSON list per line": ((_line() + "[1, 2]\n").encode(), ["line 2", "expected a JSON object, got a list"]),
+    "a whole JSON array": (json.dumps([METRIC, METRIC]).encode() + b"\n", ["line 1", "got a list"]),
+    "a number per line": (b"3\n", ["line 1", "got a number"]),
+    "missing keys": ((_line() + json.dumps({"step": 2}) + "\n").encode(), ["line 2", "field 'loss'", "missing"]),
+    "wrong types": ((_line() + _line(step=2, loss="abc")).encode(), ["line 2", "field 'loss'", "expected a number"]),
+    "NaN strings": ((_line(loss="NaN")).encode(), ["line 1", "field 'loss'", '"NaN"']),
+    "a boolean": ((_line(reward_variance=True)).encode(), ["field 'reward_variance'"]),
+    "a step that is not an integer": ((_line(step="1")).encode(), ["field 'step'", "integer"]),
+    "a later line without a term": ((_line() + json.dumps({**METRIC, "step": 2, "reward_variance": None}) + "\n")
+                                    .encode(), ["line 2", "field 'reward_variance'"]),
+}
+
+
+@pytest.mark.parametrize("content, needles", BAD_METRICS.values(), ids=BAD_METRICS.keys())
+def test_plot_refuses_odd_metrics_in_one_line_and_writes_nothing(run_cli, tmp_path, content, needles):
+    pytest.importorskip("matplotlib")
+    from gvpo_offline.runtime.workdir import claim
+
+    claim(tmp_path)
+    (tmp_path / "metrics.jsonl").write_bytes(content)
+    one_line(run_cli("plot", tmp_path), 2, str(tmp_path / "metrics.jsonl"), *needles)
+    assert not (tmp_path / "plots").exists()
+
+
+def test_plot_skips_only_a_torn_last_line(run_cli, tmp_path):
+    """A crash can cut the last line (no newline after it): that one is skipped, the run still plots."""
+    pytest.importorskip("matplotlib")
+    from gvpo_offline.runtime.workdir import claim
+
+    claim(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(_line() + _line(step=2) + '{"step": 3, "lo')
+    res = run_cli("plot", tmp_path)
+    assert res.code == 0, res.err
+    assert (tmp_path / "plots" / "loss.png").is_file()
+
+
+GOOD_REPORT = {
+    "model": {"pairwise_accuracy": 0.7, "spearman": 0.4, "top1_agreement": 0.6, "gvpo_loss": 1.5},
+    "reference": {"pairwise_accuracy": 0.5, "spearman": None, "top1_agreement": 0.3, "gvpo_loss": 2.0},
+    "intervals": {"model": {"pairwise_accuracy": [0.6, 0.8]}, "delta": {"spearman": None}},
+    "counts": {"groups": 3},
+    "generation": {"prompts": 2, "samples_per_prompt": 2, "model_mean_reward": 1.0, "reference_mean_reward": 0.5,
+                   "difference_interval": [0.1, 0.9], "model_rewards": [[1, 2], [0, 1]],
+                   "reference_rewards": [[0, 1], [0, 0]]},
+}
+
+
+def _report(path: str, value) -> bytes:
+    """GOOD_REPORT with the field at dotted ``path`` set to ``value``."""
+    report = json.loads(json.dumps(GOOD_REPORT))
+    *parents, last = path.split(".")
+    node = report
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return json.dumps(report).encode()
+
+
+BAD_REPORTS = {
+    "binary": (b"\xff\xfe\x00garbage", ["not an eval JSON", "not UTF-8"]),
+    "a list": (b"[1, 2]", ["not an eval JSON"]),
+    "model is a list": (_report("model", [0.7]), ["field 'model'", "an object"]),
+    "a metric string": (_report("model.spearman", "NaN"), ["field 'model.spearman'", "a number or null"]),
+    "an interval of 3": (_report("intervals.model.pairwise_accuracy", [1, 2, 3]),
+                         ["field 'intervals.model.pairwise_accuracy'", "[low, high]"]),
+    "a delta interval string": (_report("intervals.delta.spearman", "wide"), ["field 'intervals.delta.spearman'"]),
+    "intervals a string": (_report("intervals", "none"), ["field 'intervals'"]),
+    "rewards not nested": (_report("generation.model_rewards", [1, 2]), ["field 'generation.model_rewards'"]),
+    "rewards empty": (_report("generation.reference_rewards", [[]]), ["field 'generation.reference_rewards'"]),
+    "a mean reward string": (_report("generation.model_mean_reward", "1.0"), ["field 'generation.model_mean_reward'"]),
+    "generation a list": (_report("generation", []), ["field 'generation'"]),
+}
+
+
+@pytest.mark.parametrize("content, needles", BAD_REPORTS.values(), ids=BAD_REPORTS.keys())
+def test_plot_refuses_an_odd_eval_json_in_one_line_and_writes_nothing(run_cli, tmp_path, content, needles):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figures"
+    (tmp_path / "metrics.jsonl").write_text(_line() + _line(step=2))
+    (tmp_path / "eval.json").write_bytes(content)
+    one_line(run_cli("plot", tmp_path, "--out-dir", out), 2, str(tmp_path / "eval.json"), *needles)
+    assert not out.exists()
+
+
+def test_the_good_report_of_these_tests_plots(run_cli, tmp_path):
+    """The reference point of the two tests above: with the fields as eval writes them, plot succeeds."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text(_line() + _line(step=2))
+    (tmp_path / "eval.json").write_text(json.dumps(GOOD_REPORT))
+    res = run_cli("plot", tmp_path, "--out-dir", tmp_path / "figures")
+    assert res.code == 0, res.err
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["drift.png", "eval.png", "loss.png",
+                                                                         "rewards.png"]
+
+
+UF_ROW = {"instruction": "Say hi", "completions": [
+    {"response": "hi", "overall_score": 5, "annotations": {"honesty": {"Rating": "4"}}},
+    {"response": "hello", "overall_score": 3, "annotations": {"honesty": {"Rating": "2"}}},
+]}
+
+
+@pytest.mark.parametrize("source, row, options, needles", [
+    ("ultrafeedback", {**UF_ROW, "completions": [{**UF_ROW["completions"][0], "annotations": [{"Rating": 1}]}]},
+     ["--score-field", "honesty"], ["line 2", "field 'completions[0].annotations'", "got list"]),
+    ("ultrafeedback", {**UF_ROW, "completions": [UF_ROW["completions"][0], {"response": "x", "annotations": "good"}]},
+     ["--score-field", "helpfulness"], ["line 2", "field 'completions[1].annotations'", "got str"]),
+    ("oasst", {"message_tree_id": "t", "prompt": {"message_id": "m", "role": "prompter", "text": "q", "replies": 5}},
+     [], ["line 2", "replies", "expected a list"]),
+])
+def test_converted_rows_with_fields_of_another_type_are_one_line(run_cli, tmp_path, source, row, options, needles):
+    good = UF_ROW if source == "ultrafeedback" else row | {"prompt": {**row["prompt"], "replies": []}}
+    data = write_jsonl(tmp_path / "in.jsonl", [good, row])
+    out = tmp_path / "out.jsonl"
+    one_line(run_cli("convert", source, data, "-o", out, *options), 2, str(data), *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, content, needles", [
+    ("in.parquet", b"not a parquet file", ["not a Parquet file"]),
+    ("in.jsonl.gz", b"\x1f\x8b\x08\x00garbage", ["corrupt gzip"]),
+])
+def test_corrupt_convert_inputs_are_one_line_not_an_interrupt(run_cli, tmp_path, name, content, needles):
+    """A damaged .jsonl.gz used to end in EOFError, which click reports as "interrupted", exit 130."""
+    data = tmp_path / name
+    data.write_bytes(content)
+    one_line(run_cli("convert", "ultrafeedback", data, "-o", tmp_path / "out.jsonl"), 2, str(data), *needles)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# ---- 2. option values that are accepted, then fail later ----------------------------------------------------
+
+
+@pytest.mark.parametrize("command, value, message", [
+    ("train", "inf", "--lora-alpha must be a finite number > 0"),
+    ("train", "nan", "--lora-alpha must be a finite number > 0"),
+    ("sample", "inf", "--temperature must be a finite number >= 0"),
+    ("sample", "nan", "--temperature must be a finite number >= 0"),
+])
+def test_non_finite_option_values_are_refused_up_front(cache, run_cli, tmp_path, command, value, message):
+    if command == "train":
+        args = ["train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--lora-r", "2", "--lora-alpha", value]
+    else:
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("Once upon a time\n")
+        args = ["sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{DATA / 'reward.py'}:kindness",
+                "-o", tmp_path / "out.jsonl", "--device", "cpu", "--temperature", value]
+    one_line(run_cli(*args), 2, message)
+    assert not (cache / "metrics.jsonl").exists() and not (tmp_path / "out.jsonl").exists()

@@ -19,12 +19,14 @@ TRAIN = ["--beta", "0.1", "--device", "cpu", "--groups-per-step", "2", "--lr", "
 
 
 def one_line(res, code: int, *needles: str) -> None:
-    """The CLI exited with ``code`` and printed exactly one line holding every needle (no traceback)."""
+    """The CLI exited with ``code``, and its last stderr line, the only error line (progress lines may come
+    before it; a traceback may not), holds every needle."""
     lines = [line for line in res.err.strip().splitlines() if line.strip()]
     assert res.code == code, res.err
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.err
+    assert lines and lines[-1].startswith("error: "), res.err
+    assert "Traceback" not in res.err and sum(line.startswith("error") for line in lines) == 1, res.err
     for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+        assert needle in lines[-1], (needle, lines[-1])
 
 
 @pytest.fixture
@@ -205,3 +207,64 @@ def test_non_finite_option_values_are_refused_up_front(cache, run_cli, tmp_path,
                 "-o", tmp_path / "out.jsonl", "--device", "cpu", "--temperature", value]
     one_line(run_cli(*args), 2, message)
     assert not (cache / "metrics.jsonl").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+# ---- 3. a full disk while writing: one line, exit 1, nothing half-written ----------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("what", ["model", "lora adapter", "checkpoint"])
+def test_disk_full_in_safetensors_is_one_line_and_leaves_nothing(cache, run_cli, monkeypatch, what):
+    """safetensors reports a full disk as SafetensorError("... No space left on device (os error 28)"), not
+    an OSError: it used to end in a traceback, with the temp folder of the model removed or not."""
+    import peft.peft_model
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\0" * 100)  # what got written before the disk filled up
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{filename}"')
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)
+    before = _tree(cache)
+    extra = {"model": [], "lora adapter": ["--lora-r", "2"], "checkpoint": ["--save-every", "1", "--max-steps", "2"]}
+    res = run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0", *extra[what])
+    target = cache / ("checkpoints" if what == "checkpoint" else "model")
+    one_line(res, 1, "No space left on device", str(target))
+    after = _tree(cache)
+    assert not [name for name in after if ".gvpo-tmp-" in name or ".gvpo-old-" in name]
+    assert not [name for name in after if name.startswith(("model/", "checkpoints/"))]
+    assert {name: after[name] for name in before} == before  # the cache is untouched
+
+
+@pytest.mark.parametrize("writer", ["sample", "train metrics"])
+def test_disk_full_while_appending_leaves_the_file_as_it_was(cache, run_cli, tmp_path, monkeypatch, writer):
+    """The appending writers (sample's output, train's metrics.jsonl) cut the file back to its last complete
+    record when a write or fsync fails, instead of leaving lines of unknown state after it."""
+    real_fsync = os.fsync
+
+    def full(fd):
+        if os.fstat(fd).st_size > size_before:  # the append, not the atomic writes elsewhere
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    if writer == "sample":
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("Once upon a time\nThe dog\n")
+        out = tmp_path / "out.jsonl"
+        out.write_text('{"id": "0", "note": "mine, kept"}\n')
+        args = ["sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{DATA / 'reward.py'}:kindness",
+                "-o", out, "--device", "cpu", "--max-new-tokens", "4"]
+    else:
+        out = cache / "metrics.jsonl"
+        args = ["train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0"]
+    before = out.read_bytes() if out.exists() else b""
+    size_before = len(before)
+    monkeypatch.setattr(os, "fsync", full)
+    res = run_cli(*args)
+    assert res.code == 1 and "No space left on device" in res.err and "Traceback" not in res.err, res.err
+    assert (out.read_bytes() if out.exists() else b"") == before

@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +34,7 @@ from transformers import LogitsProcessor
 
 from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt
 from gvpo_offline.runtime.errors import DataError, GvpoError
+from gvpo_offline.runtime.files import append_durably
 
 
 @dataclass(frozen=True)
@@ -446,8 +446,6 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
                     {"id": record.id, "prompt": record.prompt, **extra, "responses": kept, "rewards": rewards},
                     ensure_ascii=False,
                 ) + "\n")
-            out.write("".join(lines))
-            out.flush()
-            os.fsync(out.fileno())
+            append_durably(out, "".join(lines))  # a full disk leaves no half group behind
             result.written += len(lines)
     return result

@@ -21,7 +21,7 @@ import torch
 
 from gvpo_offline.model import adapters, distributed, modelcard
 from gvpo_offline.runtime.errors import GvpoError
-from gvpo_offline.runtime.files import atomic_dir, atomic_write_bytes, atomic_write_json
+from gvpo_offline.runtime.files import append_durably, atomic_dir, atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from gvpo_offline.stages.train.config import TrainConfig
@@ -189,9 +189,8 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
 
 
 def append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    with open(path, "a", encoding="utf-8") as f:
+        append_durably(f, json.dumps(record) + "\n")  # a full disk leaves no half line behind
 
 
 # ---- the final model ---------------------------------------------------------------------------------

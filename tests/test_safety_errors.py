@@ -268,3 +268,48 @@ def test_disk_full_while_appending_leaves_the_file_as_it_was(cache, run_cli, tmp
     res = run_cli(*args)
     assert res.code == 1 and "No space left on device" in res.err and "Traceback" not in res.err, res.err
     assert (out.read_bytes() if out.exists() else b"") == before
+
+
+# ---- 4. missing credentials are found before step 1 ---------------------------------------------------------
+
+
+class _FakeWandb:
+    """What train uses of wandb; ``init`` fails as the real one does without an API key and no terminal."""
+
+    def __init__(self):
+        self.runs = []
+
+    def init(self, **kwargs):
+        import os
+
+        if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
+                or (Path(os.environ["HOME"]) / ".netrc").is_file()):
+            raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+        run = type("Run", (), {"log": lambda self, values, step: None, "finish": lambda self: None})()
+        self.runs.append(kwargs)
+        return run
+
+
+@pytest.mark.parametrize("setup, accepted", [("nothing", False), ("offline", True), ("netrc", True)])
+def test_report_to_wandb_needs_credentials_before_the_first_step(cache, run_cli, tmp_path, monkeypatch, setup,
+                                                                   accepted):
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for name in [k for k in os.environ if k.startswith("WANDB_")] + ["NETRC"]:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    if setup == "offline":
+        monkeypatch.setenv("WANDB_MODE", "offline")
+    if setup == "netrc":
+        (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k3y\n")
+        (home / ".netrc").chmod(0o600)
+    res = run_cli("train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--save-every", "0", "--report-to", "wandb")
+    if accepted:
+        assert res.code == 0 and len(fake.runs) == 1, res.err
+    else:
+        one_line(res, 2, "--report-to wandb", "WANDB_API_KEY", "WANDB_MODE=offline")
+        assert not (cache / "metrics.jsonl").exists() and not (cache / "model").exists()

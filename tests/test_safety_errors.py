@@ -313,3 +313,54 @@ def test_report_to_wandb_needs_credentials_before_the_first_step(cache, run_cli,
     else:
         one_line(res, 2, "--report-to wandb", "WANDB_API_KEY", "WANDB_MODE=offline")
         assert not (cache / "metrics.jsonl").exists() and not (cache / "model").exists()
+
+
+# ---- 5. what the user may not read is "permission denied", not "empty" or "no such file" -------------------
+
+
+def _deny(monkeypatch, folder: Path) -> None:
+    """Act as if ``folder`` had mode 0o000 for a non-root user: listing it, or looking at anything inside,
+    fails with EACCES (the suite runs as root, which chmod does not stop)."""
+    real_stat, real_scandir, real_listdir = os.stat, os.scandir, os.listdir
+
+    def denied(path) -> bool:
+        return Path(os.fsdecode(path)).is_relative_to(folder) and Path(os.fsdecode(path)) != folder
+
+    def fake_stat(path, *args, **kwargs):
+        if isinstance(path, (str, bytes, os.PathLike)) and denied(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+        return real_stat(path, *args, **kwargs)
+
+    def fake_list(real):
+        def listing(path="."):
+            if Path(os.fsdecode(path)) == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+            return real(path)
+        return listing
+
+    monkeypatch.setattr(os, "stat", fake_stat)
+    monkeypatch.setattr(os, "scandir", fake_list(real_scandir))
+    monkeypatch.setattr(os, "listdir", fake_list(real_listdir))
+
+
+@pytest.mark.parametrize("which", ["the folder", "a file in it", "a glob in it"])
+def test_unreadable_data_is_permission_denied(run_cli, tmp_path, monkeypatch, which):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"prompt": "p", "responses": ["a", "b"], "rewards": [1, 0]}])
+    arg = {"the folder": folder, "a file in it": folder / "train.jsonl", "a glob in it": folder / "*.jsonl"}[which]
+    _deny(monkeypatch, folder)
+    one_line(run_cli("inspect", arg), 1, "Permission denied", str(folder))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads every folder")
+def test_unreadable_data_is_permission_denied_for_real(run_cli, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"prompt": "p", "responses": ["a", "b"], "rewards": [1, 0]}])
+    folder.chmod(0)
+    try:
+        one_line(run_cli("inspect", folder), 1, "Permission denied")
+        one_line(run_cli("inspect", folder / "train.jsonl"), 1, "Permission denied")
+    finally:
+        folder.chmod(0o755)

@@ -364,3 +364,37 @@ def test_unreadable_data_is_permission_denied_for_real(run_cli, tmp_path):
         one_line(run_cli("inspect", folder / "train.jsonl"), 1, "Permission denied")
     finally:
         folder.chmod(0o755)
+
+
+# ---- 6. errors found after loading still name the file and line ---------------------------------------------
+
+
+CHAT = [{"role": "user", "content": "Tell me a story"}]
+
+
+@pytest.mark.parametrize("command", ["precompute-ref", "inspect", "inspect parquet", "sample"])
+def test_chat_prompts_without_a_template_name_the_first_chat_row(run_cli, tmp_path, command):
+    """stories260K has no chat template: the error names the file and line (row) of the first chat prompt."""
+    rows = [{"prompt": "Once upon a time", "responses": ["a", "b"], "rewards": [1, 0]},
+            {"prompt": "The dog", "responses": ["c", "d"], "rewards": [0, 1]},
+            {"prompt": CHAT, "responses": ["e", "f"], "rewards": [1, 0]}]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    where = f"{data}: line 3"
+    if command == "precompute-ref":
+        args = ["precompute-ref", data, "--model", STORIES, "--workdir", tmp_path / "run", "--device", "cpu",
+                "--eval-fraction", "0"]
+    elif command.startswith("inspect"):
+        if command == "inspect parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            data = tmp_path / "data.parquet"
+            pq.write_table(pa.Table.from_pylist([{**row, "prompt": CHAT} for row in rows]), data)  # one type a column
+            where = f"{data}: row 0"
+        args = ["inspect", data, "--model", STORIES]
+    else:
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Once"}, {"prompt": "Then"}, {"prompt": CHAT}])
+        where = f"{prompts}: line 3"
+        args = ["sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{DATA / 'reward.py'}:kindness",
+                "-o", tmp_path / "out.jsonl", "--device", "cpu", "--max-new-tokens", "2", "--batch-size", "2"]
+    one_line(run_cli(*args), 2, where, "no chat template", "--prompt-template")

@@ -275,7 +275,10 @@ def inspect_cmd(
     if model is not None:
         from gvpo_offline.runtime.progress import progress
 
-        with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update:
+        from gvpo_offline.data.locate import chat_prompts_located
+
+        with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update, \
+                chat_prompts_located(tuple(data), prompt_col):
             tokens = token_stats(grouped, tokenizer, cfg, lambda n: update(advance=n))
         for line in (clamp_note, truncation_warning(tokens.responses.truncated, tokens.responses.n, cfg)):
             if line:

@@ -396,6 +396,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     skipped; resuming assumes the same settings). Each prompt's samples are seeded by its position in
     the prompts file, so a resumed run writes what an uninterrupted one would have.
     """
+    from gvpo_offline.data.locate import chat_prompts_located
     from gvpo_offline.data.rewards import NOT_REWARD_FIELDS, load_reward_fn, score_responses
     from gvpo_offline.model.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
     from gvpo_offline.runtime.progress import progress
@@ -427,7 +428,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     output.parent.mkdir(parents=True, exist_ok=True)
     total = sum(k_for(config, r.index) for r in todo)
     with progress(progress_console, "sampling", total, unit="responses") as update, \
-            open(output, "a", encoding="utf-8") as out:
+            chat_prompts_located((str(config.prompts_path),)), open(output, "a", encoding="utf-8") as out:
         for block in blocks:
             counts = [k_for(config, r.index) for r in block]
             responses = generate_responses(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,20 @@ def test_plot_refuses_odd_metrics_in_one_line_and_writes_nothing(run_cli, tmp_pa
     (tmp_path / "metrics.jsonl").write_bytes(content)
     one_line(run_cli("plot", tmp_path), 2, str(tmp_path / "metrics.jsonl"), *needles)
     assert not (tmp_path / "plots").exists()
+
+
+def test_resume_drops_undecodable_metrics_lines_like_torn_ones(cache, run_cli):
+    """train --resume cuts metrics.jsonl back to its checkpoint; a line that is not UTF-8 used to crash it."""
+    args = ["train", "--workdir", cache, *TRAIN, "--max-steps", "2", "--save-every", "1"]
+    assert run_cli(*args).code == 0
+    first = (cache / "metrics.jsonl").read_text().splitlines()[0]
+    shutil.rmtree(cache / "checkpoints" / "step-2")
+    with open(cache / "metrics.jsonl", "ab") as fh:
+        fh.write(b"\xff\xfe garbage\n")
+    res = run_cli(*args, "--resume")
+    assert res.code == 0, res.err
+    lines = (cache / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == first and json.loads(lines[1])["step"] == 2
 
 
 def test_plot_skips_only_a_torn_last_line(run_cli, tmp_path):
@@ -196,10 +211,16 @@ def test_corrupt_convert_inputs_are_one_line_not_an_interrupt(run_cli, tmp_path,
     ("train", "nan", "--lora-alpha must be a finite number > 0"),
     ("sample", "inf", "--temperature must be a finite number >= 0"),
     ("sample", "nan", "--temperature must be a finite number >= 0"),
+    ("convert", "helpfulness=inf", "--weights 'helpfulness=inf': expected attribute=number pairs (finite numbers)"),
 ])
 def test_non_finite_option_values_are_refused_up_front(cache, run_cli, tmp_path, command, value, message):
     if command == "train":
         args = ["train", "--workdir", cache, *TRAIN, "--max-steps", "1", "--lora-r", "2", "--lora-alpha", value]
+    elif command == "convert":
+        rows = [{"prompt": "p", "response": r, "helpfulness": 2, "correctness": 1, "coherence": 3, "complexity": 1,
+                 "verbosity": 2} for r in ("a", "b")]
+        args = ["convert", "helpsteer2", write_jsonl(tmp_path / "hs.jsonl", rows), "-o", tmp_path / "out.jsonl",
+                "--weights", value]
     else:
         prompts = tmp_path / "p.txt"
         prompts.write_text("Once upon a time\n")

@@ -110,8 +110,8 @@ def parse_weights(text: str) -> dict[str, float]:
             weights[name.strip()] = float(value)
         except ValueError:
             sep = ""
-        if not sep:
-            raise GvpoError(f"--weights {text!r}: expected attribute=number pairs separated by commas")
+        if not sep or not math.isfinite(weights.get(name.strip(), 0.0)):
+            raise GvpoError(f"--weights {text!r}: expected attribute=number pairs (finite numbers) separated by commas")
     return {**{k: 0.0 for k in HELPSTEER2_WEIGHTS}, **weights} if weights else {}
 
 

@@ -179,13 +179,13 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            if json.loads(line)["step"] <= keep_through_step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
+            if json.loads(line.decode("utf-8"))["step"] <= keep_through_step:
+                kept.append(line + b"\n")
+        except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
             continue  # a line cut by a crash
-    atomic_write_bytes(path, "".join(kept).encode())
+    atomic_write_bytes(path, b"".join(kept))
 
 
 def append_metrics(path: Path, record: dict) -> None:

@@ -98,18 +98,6 @@ def test_resume_drops_undecodable_metrics_lines_like_torn_ones(cache, run_cli):
     assert len(lines) == 2 and lines[0] == first and json.loads(lines[1])["step"] == 2
 
 
-def test_plot_skips_only_a_torn_last_line(run_cli, tmp_path):
-    """A crash can cut the last line (no newline after it): that one is skipped, the run still plots."""
-    pytest.importorskip("matplotlib")
-    from gvpo_offline.runtime.workdir import claim
-
-    claim(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text(_line() + _line(step=2) + '{"step": 3, "lo')
-    res = run_cli("plot", tmp_path)
-    assert res.code == 0, res.err
-    assert (tmp_path / "plots" / "loss.png").is_file()
-
-
 GOOD_REPORT = {
     "model": {"pairwise_accuracy": 0.7, "spearman": 0.4, "top1_agreement": 0.6, "gvpo_loss": 1.5},
     "reference": {"pairwise_accuracy": 0.5, "spearman": None, "top1_agreement": 0.3, "gvpo_loss": 2.0},
@@ -158,10 +146,11 @@ def test_plot_refuses_an_odd_eval_json_in_one_line_and_writes_nothing(run_cli, t
     assert not out.exists()
 
 
-def test_the_good_report_of_these_tests_plots(run_cli, tmp_path):
-    """The reference point of the two tests above: with the fields as eval writes them, plot succeeds."""
+def test_plot_skips_only_a_torn_last_line_and_plots_the_good_report(run_cli, tmp_path):
+    """The reference point of the two tests above: a crash can cut the last line of metrics.jsonl (no
+    newline after it), which is skipped; with the eval fields as eval writes them, plot succeeds."""
     pytest.importorskip("matplotlib")
-    (tmp_path / "metrics.jsonl").write_text(_line() + _line(step=2))
+    (tmp_path / "metrics.jsonl").write_text(_line() + _line(step=2) + '{"step": 3, "lo')
     (tmp_path / "eval.json").write_text(json.dumps(GOOD_REPORT))
     res = run_cli("plot", tmp_path, "--out-dir", tmp_path / "figures")
     assert res.code == 0, res.err

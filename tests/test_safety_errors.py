@@ -408,3 +408,21 @@ def test_chat_prompts_without_a_template_name_the_first_chat_row(run_cli, tmp_pa
         args = ["sample", prompts, "--model", STORIES, "--k", "2", "--reward", f"{DATA / 'reward.py'}:kindness",
                 "-o", tmp_path / "out.jsonl", "--device", "cpu", "--max-new-tokens", "2", "--batch-size", "2"]
     one_line(run_cli(*args), 2, where, "no chat template", "--prompt-template")
+
+
+@pytest.mark.parametrize("beta, options, needles", [
+    ("abc", ["--beta", "0.1"], None),  # --beta wins over a bad recorded β: no crash comparing the two
+    (float("inf"), [], ["train_config.json", "field 'beta'", "finite number > 0"]),
+    ([0.1], [], ["train_config.json", "field 'beta'"]),
+])
+def test_a_model_train_config_of_another_shape_is_one_line(cache, run_cli, tmp_path, beta, options, needles):
+    model = tmp_path / "model"
+    shutil.copytree(STORIES, model)
+    (model / "train_config.json").write_text(json.dumps({"beta": beta, "loss": ["gvpo"]}))
+    res = run_cli("eval", "--workdir", cache, "--model", model, "--device", "cpu", "--bootstrap", "0",
+                  "--data", write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Once", "responses": ["a", "b"],
+                                                                "rewards": [1, 0]}]), *options)
+    if needles is None:
+        assert res.code == 0, res.err
+    else:
+        one_line(res, 2, *needles)

@@ -426,3 +426,19 @@ def test_a_model_train_config_of_another_shape_is_one_line(cache, run_cli, tmp_p
         assert res.code == 0, res.err
     else:
         one_line(res, 2, *needles)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not safetensors"])
+def test_a_damaged_weights_file_is_one_line(run_cli, tmp_path, damage):
+    """A model.safetensors cut short (a full disk, an interrupted copy) or overwritten raised safetensors'
+    SafetensorError with a traceback when the model was loaded."""
+    model = tmp_path / "model"
+    shutil.copytree(STORIES, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000] if damage == "cut short" else b"garbage")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n")
+    res = run_cli("sample", prompts, "--model", model, "--k", "2", "--reward", f"{DATA / 'reward.py'}:kindness",
+                  "-o", tmp_path / "out.jsonl", "--device", "cpu")
+    one_line(res, 2, str(model), "damaged or incomplete weights file")
+    assert not (tmp_path / "out.jsonl").exists()

@@ -330,7 +330,12 @@ def inspect_cmd(
         cfg, clamp_note = fit_to_model(cfg, model)  # the same rule as precompute-ref
     grouped = load_groups(config)
     if model is not None:
-        with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update:
+        from gvpo_offline.runtime.progress import progress
+
+        from gvpo_offline.data.locate import chat_prompts_located
+
+        with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update, \
+                chat_prompts_located(tuple(data), prompt_col):
             tokens = token_stats(grouped, tokenizer, cfg, lambda n: update(advance=n))
         for line in (clamp_note, truncation_warning(tokens.responses.truncated, tokens.responses.n, cfg)):
             if line:

@@ -30,6 +30,7 @@ Where things are (the public names below are importable from ``gvpo_offline.data
     grouping.py  flat rows into groups; group ids (content_group_id), duplicate ids
     load.py      load_groups (reads every source, groups, drops k = 1) and compute_stats
     summary.py   the inspect summary: token_stats, summarize, summary_tables
+    locate.py    where a kind of prompt first occurs in the inputs (file and line), for errors after loading
 """
 
 from gvpo_offline.data.grouping import content_group_id

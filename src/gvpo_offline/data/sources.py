@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +64,37 @@ def _dataset_source(folder: str) -> _Source:
     return _Source(folder, "arrow", arrows)
 
 
+def _what_is(path: str) -> str | None:
+    """"dir", "file" or None (nothing there). Unlike os.path.isdir/isfile, which answer False for a path
+    they may not look at, a PermissionError (an OSError: "Permission denied: PATH", exit 1) goes on."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return "dir" if stat.S_ISDIR(mode) else "file"
+
+
+def _raise(err: OSError) -> None:
+    """os.walk's onerror: an unreadable folder is an error, not an empty one."""
+    raise err
+
+
+def _check_pattern_folder(pattern: str) -> None:
+    """A glob that matched nothing: if the folder it lists cannot be read, say so (glob hides it)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    folder = str(Path(*parts[:fixed])) if fixed else "."
+    if _what_is(folder) == "dir":
+        os.listdir(folder)  # PermissionError names the folder
+
+
 def _folder_sources(folder: str) -> list[_Source]:
-    """A save_to_disk folder, or every supported file below ``folder`` (sorted, hidden files skipped)."""
+    """A save_to_disk folder, or every supported file below ``folder`` (sorted, hidden files skipped).
+    A folder below it that cannot be read is an error (os.walk would skip it silently)."""
     if _is_saved_dataset(folder) or os.path.isfile(os.path.join(folder, "dataset_dict.json")):
         return [_dataset_source(folder)]
     found: list[_Source] = []
-    for root, dirs, names in os.walk(folder):
+    for root, dirs, names in os.walk(folder, onerror=_raise):
         # hidden folders and gvpo-offline workdirs (their manifest and shards are never data) are skipped
         dirs[:] = sorted(
             d for d in dirs if not d.startswith(".") and not os.path.isfile(os.path.join(root, d, ".gvpo-offline"))
@@ -96,8 +122,11 @@ def _resolve(paths: tuple[str, ...]) -> list[_Source]:
     sources: list[_Source] = []
     for raw in paths:
         path = str(raw)
-        if any(c in path for c in "*?[") and not os.path.exists(path):
+        what = _what_is(path)
+        if any(c in path for c in "*?[") and what is None:
             matches = sorted(glob.glob(path, recursive=True))
+            if not matches:
+                _check_pattern_folder(path)
             found = [
                 s
                 for m in matches
@@ -107,9 +136,9 @@ def _resolve(paths: tuple[str, ...]) -> list[_Source]:
             if not found:
                 raise DataError(path, f"the pattern matches no data files ({SUPPORTED})")
             sources.extend(found)
-        elif os.path.isdir(path):
+        elif what == "dir":
             sources.extend(_folder_sources(path))
-        elif os.path.isfile(path):
+        elif what == "file":
             kind = _file_kind(path)
             if kind is None:
                 raise DataError(path, f"unsupported file type: expected {SUPPORTED}")

@@ -125,10 +125,15 @@ def truncation_warning(cut: int, total: int, cfg: TokenizeConfig) -> str | None:
             f"--max-length (up to the model's context) or lower --max-prompt-length if that is not intended")
 
 
+class NoChatTemplate(GvpoError):
+    """Chat-message prompts for a tokenizer without a chat template (and no --prompt-template); the
+    stages put the file and line of the first chat prompt in front (data.locate.chat_prompts_located)."""
+
+
 def _chat_text(tokenizer, messages: list[dict[str, str]], cfg: TokenizeConfig, add_generation_prompt: bool) -> str:
     template = cfg.prompt_template or getattr(tokenizer, "chat_template", None)
     if not template:
-        raise GvpoError(
+        raise NoChatTemplate(
             "the prompts are chat messages but the tokenizer has no chat template: "
             "pass --prompt-template (a Jinja chat template or a file holding one)"
         )

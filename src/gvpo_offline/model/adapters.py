@@ -26,6 +26,7 @@ The reference log-probs are already cached, so no second model and no adapter sw
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,8 @@ class LoraSettings:
             raise GvpoError(f"--lora-r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise GvpoError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise GvpoError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if self.alpha is not None and not 0 < self.alpha < math.inf:
+            raise GvpoError(f"--lora-alpha must be a finite number > 0, got {self.alpha}")
         targets = self.target_modules.strip()
         if not targets.strip(" ,"):
             raise GvpoError("--lora-target is empty")

@@ -6,8 +6,10 @@ Log-probs: :mod:`gvpo_offline.model.logprobs`; training LoRA adapters: :mod:`gvp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,8 +119,25 @@ def load_model(
     folder = model_folder(path)
     if is_adapter(folder):
         return load_merged(folder, device, dtype, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    with damaged_weights_named(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def damaged_weights_named(folder: Path) -> Iterator[None]:
+    """A weights file safetensors cannot read (cut short by a full disk, overwritten, not safetensors)
+    raises SafetensorError, a plain Exception: turn it into one line naming the folder."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # safetensors too old to export it
+        yield
+        return
+    try:
+        yield
+    except SafetensorError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise GvpoError(f"{folder}: a damaged or incomplete weights file (safetensors: {detail})") from None
 
 
 # ---- fingerprints --------------------------------------------------------------------------------
@@ -205,7 +224,8 @@ def load_merged(folder: Path, device: torch.device, dtype: torch.dtype | None = 
     from peft import PeftModel
 
     base = load_model(check_base(folder), device, dtype, trust_remote_code)
-    model = PeftModel.from_pretrained(base, folder)
+    with damaged_weights_named(folder):
+        model = PeftModel.from_pretrained(base, folder)
     return model.merge_and_unload().to(device).eval()
 
 

@@ -62,7 +62,12 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise GvpoError(f"--config {path}: {path.stat().st_size} bytes; a config file holds at most "
                         f"{MAX_CONFIG_BYTES} (is this the right file?)")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise GvpoError(f"--config {path}: line {line}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
     try:
         if path.suffix.lower() == ".toml":
             import tomllib  # Python >= 3.11

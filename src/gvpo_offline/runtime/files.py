@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -75,16 +76,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _writer_errors() -> tuple[type[BaseException], ...]:
+    """What weight writers raise for a failed write without it being an OSError: torch.save's RuntimeError
+    and safetensors' SafetensorError (a plain Exception carrying the OS error in its text)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # safetensors too old to export it
+        return (RuntimeError,)
+    return (RuntimeError, SafetensorError)
+
+
+_OS_ERRNO = re.compile(r"\(os error (\d+)\)|\bcode: (\d+)\b")  # safetensors: "(os error 28)" / "Os { code: 28"
+
+
 @contextmanager
 def write_errors_as_os_errors(path: str | Path) -> Iterator[None]:
-    """Turn the RuntimeError that torch.save raises for a failed write (e.g. a full disk; it carries no
-    errno) into an OSError naming ``path`` (ENOSPC when the disk is visibly full), so the CLI prints one
-    line instead of a traceback. The writer's temp files are already gone when this runs."""
+    """Turn the errors that torch.save (RuntimeError, no errno) and safetensors (SafetensorError, the OS
+    error in its text) raise for a failed write, e.g. a full disk, into an OSError naming ``path``: ENOSPC
+    when the error names it or the disk is visibly full, else the error number it names, else EIO. The
+    CLI prints one line instead of a traceback. The writer's temp files are already gone when this runs."""
     import errno
 
     try:
         yield
-    except RuntimeError as err:
+    except _writer_errors() as err:
+        found = _OS_ERRNO.search(str(err))
+        code = int(found.group(1) or found.group(2)) if found else None
         folder = Path(path)
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
@@ -92,10 +109,33 @@ def write_errors_as_os_errors(path: str | Path) -> Iterator[None]:
             full = shutil.disk_usage(folder).free < (1 << 20)
         except OSError:
             full = False
-        if full:
+        if code == errno.ENOSPC or full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        if code is not None:
+            raise OSError(code, os.strerror(code), str(path)) from None
         reason = " ".join(str(err).split())[:200]
-        raise OSError(errno.EIO, f"could not write (is the disk full? torch says: {reason})", str(path)) from None
+        raise OSError(errno.EIO, f"could not write (is the disk full? {type(err).__name__}: {reason})",
+                      str(path)) from None
+
+
+def append_durably(fh, text: str) -> None:
+    """Append ``text`` (UTF-8) to ``fh``, a file opened for appending, and fsync it, bypassing ``fh``'s
+    buffer. When that fails (a full disk: OSError ENOSPC) the file is cut back to its size before, so it
+    never ends in half a record; the OSError goes on (the CLI prints it as one line, exit 1)."""
+    fh.flush()
+    fd = fh.fileno()
+    size = os.fstat(fd).st_size
+    data = memoryview(text.encode("utf-8"))
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -54,6 +54,8 @@ class Tracker:
         self._wandb_run = None
         for name in backends:  # fail before training, not at step 1
             _require(name)
+        if "wandb" in backends:
+            _require_wandb_login()
 
     def __call__(self, record: dict[str, Any]) -> None:
         values, step = scalars(record), int(record["step"])
@@ -68,8 +70,13 @@ class Tracker:
             if self._wandb_run is None:
                 import wandb
 
-                self._wandb_run = wandb.init(project="gvpo-offline", dir=str(self.workdir), config=self.config,
-                                             name=self.workdir.name)
+                try:
+                    self._wandb_run = wandb.init(project="gvpo-offline", dir=str(self.workdir), config=self.config,
+                                                 name=self.workdir.name)
+                except Exception as err:  # noqa: BLE001 - wandb's errors (login, network) have no common base
+                    detail = " ".join(str(err).split())[:300]
+                    raise GvpoError(f"--report-to wandb: could not start a run ({type(err).__name__}: {detail}); "
+                                    f"metrics.jsonl has every step so far. {_WANDB_HELP}") from None
             self._wandb_run.log({f"train/{k}": v for k, v in values.items()}, step=step)
 
     def close(self) -> None:
@@ -94,3 +101,47 @@ def _require(backend: str) -> None:
     except ImportError:
         raise GvpoError(f"--report-to {backend} needs the {module} package: "
                         f"pip install 'gvpo-offline[{EXTRA[backend]}]'") from None
+
+
+_WANDB_HELP = "Set WANDB_API_KEY, run `wandb login`, or set WANDB_MODE=offline (sync later with `wandb sync`)"
+_WANDB_OFF = ("offline", "dryrun", "disabled")
+
+
+def wandb_credentials() -> str | None:
+    """Where W&B would find credentials without asking: "WANDB_MODE=offline" (none needed), the
+    WANDB_API_KEY / WANDB_IDENTITY_TOKEN_FILE variables, the netrc entry ``wandb login`` writes for the
+    host (WANDB_BASE_URL, default api.wandb.ai), or the api_key of wandb's settings file; None when none."""
+    import netrc
+    import os
+    from configparser import ConfigParser
+    from urllib.parse import urlparse
+
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in _WANDB_OFF or os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        return f"WANDB_MODE={mode or 'disabled'}"
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(name):
+            return name
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    netrc_path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        if netrc.netrc(str(netrc_path)).authenticators(host):
+            return str(netrc_path)
+    except (OSError, netrc.NetrcParseError):
+        pass
+    settings = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb") / "settings"
+    parser = ConfigParser()
+    try:
+        parser.read(settings)
+        if parser.get("default", "api_key", fallback=None):
+            return str(settings)
+    except Exception:  # noqa: BLE001 - an unreadable settings file is no credential
+        pass
+    return None
+
+
+def _require_wandb_login() -> None:
+    """W&B credentials (or offline mode) must be there before step 1: without them wandb.init fails
+    (or waits for a key typed at a prompt) once the first step has been logged."""
+    if wandb_credentials() is None:
+        raise GvpoError(f"--report-to wandb: no W&B credentials found and WANDB_MODE is not offline. {_WANDB_HELP}")

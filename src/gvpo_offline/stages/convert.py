@@ -38,6 +38,7 @@ import gzip
 import json
 import math
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -110,8 +111,8 @@ def parse_weights(text: str) -> dict[str, float]:
             weights[name.strip()] = float(value)
         except ValueError:
             sep = ""
-        if not sep:
-            raise GvpoError(f"--weights {text!r}: expected attribute=number pairs separated by commas")
+        if not sep or not math.isfinite(weights.get(name.strip(), 0.0)):
+            raise GvpoError(f"--weights {text!r}: expected attribute=number pairs (finite numbers) separated by commas")
     return {**{k: 0.0 for k in HELPSTEER2_WEIGHTS}, **weights} if weights else {}
 
 
@@ -142,12 +143,19 @@ def open_rows(input_path: str | Path, from_hub: bool = False, split: str = "trai
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
         def parquet_rows() -> Iterator[tuple[int, Any]]:
             pos = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                for row in batch.to_pylist():
-                    yield pos, row
-                    pos += 1
+            try:
+                batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+                for batch in batches:
+                    for row in batch.to_pylist():
+                        yield pos, row
+                        pos += 1
+            except pa.ArrowException as exc:  # not Parquet, or a damaged one: one line, not pyarrow's traceback
+                what = "not a Parquet file" if pos == 0 else f"corrupt Parquet file after {pos} rows"
+                raise DataError(str(path), f"{what} ({str(exc).splitlines()[0]})") from None
 
         return Rows(str(path), parquet_rows, "row")
     return Rows(str(path), lambda: _json_lines(path), "line")
@@ -245,8 +253,16 @@ def convert(
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """(1-based line, value) for each non-blank line of a .jsonl or .jsonl.gz file."""
     opener = gzip.open if path.suffix == ".gz" else open
+    line = 0
     with opener(path, "rb") as fh:
-        for line, raw in enumerate(fh, 1):
+        while True:
+            try:
+                raw = fh.readline()
+            except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # EOFError would read as Ctrl-D to click
+                raise DataError(str(path), f"truncated or corrupt gzip file after {line} lines ({exc})") from None
+            if not raw:
+                return
+            line += 1
             if not raw.strip():
                 continue
             try:
@@ -294,7 +310,11 @@ def _oasst_walk(msg: dict, history: list[dict], tree_id: str, rows: Rows, line: 
     if msg.get("deleted"):
         return
     conversation = history + [{"role": OASST_ROLES[role], "content": text}]
-    replies = [r for r in msg.get("replies") or [] if isinstance(r, dict) and not r.get("deleted")]
+    replies = msg.get("replies") or []
+    if not isinstance(replies, list):
+        raise rows.error(line, f"expected a list of messages, got {type(replies).__name__}",
+                         field=f"message {msg.get('message_id')}.replies")
+    replies = [r for r in replies if isinstance(r, dict) and not r.get("deleted")]
     if role == "prompter":
         ranked = sorted((r for r in replies if r.get("role") == "assistant" and _rank(r) is not None), key=_rank)
         if len(ranked) >= 2:
@@ -348,7 +368,11 @@ def ultrafeedback_groups(rows: Rows, score_field: str = "overall_score") -> Iter
                 raise rows.error(pos, "expected an object", field=field)
             response = _text(rows, pos, completion.get("response"), f"{field}.response")
             if score_field in ULTRAFEEDBACK_ASPECTS:
-                aspect = (completion.get("annotations") or {}).get(score_field)
+                annotations = completion.get("annotations") or {}
+                if not isinstance(annotations, dict):
+                    raise rows.error(pos, f"expected an object of aspect ratings, got {type(annotations).__name__}",
+                                     field=f"{field}.annotations")
+                aspect = annotations.get(score_field)
                 score = _number(aspect.get("Rating")) if isinstance(aspect, dict) else None
             else:
                 score = _number(completion.get(score_field))

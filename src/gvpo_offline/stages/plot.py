@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.runtime.errors import DataError, GvpoError
 from gvpo_offline.runtime.files import atomic_path
 
 EVAL_METRICS = (  # eval JSON key, panel title
@@ -49,18 +49,115 @@ def _pyplot():
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The complete lines of metrics.jsonl (a line cut by a crash is skipped)."""
+    """The records of metrics.jsonl, checked for what the plots draw (:func:`plotted_keys`).
+
+    A last line without its newline that does not parse is a write cut by a crash and is skipped; any
+    other line that is not a JSON object with those keys as numbers is a DataError naming the line.
+    """
     if not path.is_file():
         raise GvpoError(f"{path}: no such file; run `gvpo-offline train` first")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
+    lines = path.read_bytes().split(b"\n")  # the last item is b"" when the file ends with a newline
+    records: list[tuple[int, dict]] = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            if number == len(lines):  # no newline after it: a line cut by a crash
+                continue
+            detail = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "not JSON"
+            raise DataError(str(path), f"{detail}: not a line written by `gvpo-offline train`", line=number) from None
+        if not isinstance(record, dict):
+            raise DataError(str(path), f"expected a JSON object, got {_kind(record)}", line=number)
+        records.append((number, record))
     if not records:
         raise GvpoError(f"{path}: no training steps logged")
-    return records
+    needed = plotted_keys(records[0][1])
+    for number, record in records:
+        for key in needed:
+            if key not in record:
+                raise DataError(str(path), "missing (every line needs the fields of the first)", line=number, field=key)
+            value = record[key]
+            if key == "step" and not _is_int(value):
+                raise DataError(str(path), f"expected an integer, got {_show(value)}", line=number, field=key)
+            if not _is_number(value):
+                raise DataError(str(path), f"expected a number, got {_show(value)}", line=number, field=key)
+    return [record for _, record in records]
+
+
+def plotted_keys(first: dict) -> tuple[str, ...]:
+    """The metrics.jsonl fields the plots draw, decided by the first record (older runs lack some)."""
+    keys = ["step", "loss", "log_ratio_per_token" if "log_ratio_per_token" in first else "log_ratio"]
+    if all(key in first for key, _, _ in TERMS):
+        keys += [key for key, _, _ in TERMS]
+        if first.get("objective", "gvpo") != "gvpo":
+            keys.append("gvpo_loss")
+    return tuple(keys)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A JSON number (NaN and infinities included: matplotlib draws gaps), not a bool or a numeric string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_report(report, path: Path) -> dict:
+    """The eval JSON (``eval --json``) as the plots read it; a DataError naming the first field that has
+    another shape (metrics: numbers or null; intervals: [low, high] or null; generation rewards: lists of
+    lists of numbers)."""
+    def fail(field: str, expected: str, value) -> DataError:
+        return DataError(str(path), f"expected {expected}, got {_show(value)}", field=field)
+
+    def section(parent: dict, key: str, prefix: str = "") -> dict:
+        value = parent.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise fail(prefix + key, "an object", value)
+        return value
+
+    def interval(value, field: str) -> None:
+        if value is not None and not (isinstance(value, list) and len(value) == 2 and all(map(_is_number, value))):
+            raise fail(field, "[low, high] numbers or null", value)
+
+    if not isinstance(report, dict) or "model" not in report:
+        raise GvpoError(f"{path}: not an eval JSON (written by `gvpo-offline eval --json`)")
+    for name in ("model", "reference"):
+        values = section(report, name)
+        for key, _ in EVAL_METRICS:
+            if values.get(key) is not None and not _is_number(values[key]):
+                raise fail(f"{name}.{key}", "a number or null", values[key])
+    intervals = section(report, "intervals")
+    for name in ("model", "delta"):
+        for key, _ in EVAL_METRICS:
+            interval(section(intervals, name, "intervals.").get(key), f"intervals.{name}.{key}")
+    section(report, "counts")
+    gen = section(report, "generation")
+    if gen.get("model_rewards") is not None and gen.get("reference_rewards") is not None:
+        for key in ("model_rewards", "reference_rewards"):
+            rows = gen[key]
+            if not (isinstance(rows, list) and rows and all(isinstance(r, list) and all(map(_is_number, r)) for r in rows)
+                    and any(rows)):
+                raise fail(f"generation.{key}", "a non-empty list of lists of numbers", rows)
+        for key in ("model_mean_reward", "reference_mean_reward"):
+            if not _is_number(gen.get(key)):
+                raise fail(f"generation.{key}", "a number", gen.get(key))
+        interval(gen.get("difference_interval"), "generation.difference_interval")
+    return report
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -154,7 +251,7 @@ def plot_eval(report: dict, out_dir: Path, plt) -> list[Path]:
         ax.hist(m_rewards, bins=bins, alpha=0.55, color="C0", label=f"model (mean {gen['model_mean_reward']:.3g})")
         d = gen.get("difference_interval")
         ci = f", Δ 95% CI [{d[0]:.3g}, {d[1]:.3g}]" if d else ""
-        ax.set(title=f"rewards of generated samples: {gen['prompts']} prompts × {gen['samples_per_prompt']}{ci}",
+        ax.set(title=f"rewards of generated samples: {gen.get('prompts', '?')} prompts × {gen.get('samples_per_prompt', '?')}{ci}",
                xlabel="reward", ylabel="samples")
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8)
@@ -187,11 +284,11 @@ def plot_run(workdir: str | Path, eval_path: str | Path | None = None, out_dir: 
         if not path.is_file():
             raise GvpoError(f"--eval {path}: no such file")
         try:
-            report = json.loads(path.read_text())
-        except ValueError as exc:
-            raise GvpoError(f"{path}: not an eval JSON ({exc})") from None
-        if not isinstance(report, dict) or "model" not in report:
-            raise GvpoError(f"{path}: not an eval JSON (written by `gvpo-offline eval --json`)")
+            report = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+            reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else f"{type(exc).__name__}: {exc}"
+            raise GvpoError(f"{path}: not an eval JSON ({reason})") from None
+        report = check_report(report, path)
     if into_workdir:
         _require_workdir(workdir)
     plt = _pyplot()

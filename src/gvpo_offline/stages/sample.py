@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import warnings
@@ -34,6 +35,7 @@ from transformers import LogitsProcessor
 
 from gvpo_offline.data.tokenize import Prompt, TokenizeConfig, clamp_to_model, encode_prompt, turn_end_id
 from gvpo_offline.runtime.errors import TOO_DEEP, DataError, GvpoError
+from gvpo_offline.runtime.files import append_durably
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ class SamplingConfig:
     batch_size: int = 32
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise GvpoError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise GvpoError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise GvpoError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -436,14 +438,12 @@ def read_done_ids(path: str | Path) -> set[str]:
 
 def _append_block(out, text: str, journal: Path) -> None:
     """Append ``text`` (whole group lines) to the open output ``out``: first record it in the journal
-    (with the output's size before it), then write, flush and fsync."""
+    (with the output's size before it), then write and fsync (a full disk leaves no half group behind)."""
     from gvpo_offline.runtime.files import atomic_write_json
 
     out.flush()
     atomic_write_json(journal, {"size": os.fstat(out.fileno()).st_size, "pending": text})
-    out.write(text)
-    out.flush()
-    os.fsync(out.fileno())
+    append_durably(out, text)
 
 
 def sample(config: SampleConfig, progress_console=None) -> SampleResult:
@@ -456,6 +456,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     skipped; resuming assumes the same settings). Each prompt's samples are seeded by its position in
     the prompts file, so a resumed run writes what an uninterrupted one would have.
     """
+    from gvpo_offline.data.locate import chat_prompts_located
     from gvpo_offline.data.rewards import (
         NOT_REWARD_FIELDS,
         Unscorable,
@@ -495,7 +496,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     journal = journal_path(output)
     total = sum(k_for(config, r.index) for r in todo)
     with progress(progress_console, "sampling", total, unit="responses") as update, \
-            open(output, "a", encoding="utf-8") as out:
+            chat_prompts_located((str(config.prompts_path),)), open(output, "a", encoding="utf-8") as out:
         for block in blocks:
             counts = [k_for(config, r.index) for r in block]
             responses = generate_responses(

@@ -96,6 +96,7 @@ def generation_eval(
     generator, so both models see the same noise), score them, and compare mean rewards."""
     import torch
 
+    from gvpo_offline.data.locate import chat_prompts_located
     from gvpo_offline.data.rewards import check_reward_fields, load_reward_fn
     from gvpo_offline.model.loading import load_model, load_tokenizer
     from gvpo_offline.runtime.progress import progress
@@ -111,7 +112,8 @@ def generation_eval(
     n, keys = gen.samples_per_prompt, list(range(len(prompts)))
 
     def run(m, label: str) -> np.ndarray:
-        with progress(console, label, len(prompts) * n, unit="samples") as update:
+        with progress(console, label, len(prompts) * n, unit="samples") as update, \
+                chat_prompts_located((str(gen.prompts_path),)):
             texts = generate_responses(
                 m, tokenizer, prompts, n, sampling, tok_cfg, seed_keys=keys, progress=lambda k: update(advance=k)
             )

@@ -224,20 +224,20 @@ def resolve_beta(config: EvalConfig, model_path: Path, console=None) -> tuple[fl
     (``MODEL/train_config.json`` of a final model, ``trainer_state.json`` of a train checkpoint)."""
     train_cfg, source = _read_train_config(model_path)
     from_file = train_cfg.get("beta") if train_cfg else None
+    try:
+        beta = float("nan") if isinstance(from_file, bool) else float(from_file)
+    except (TypeError, ValueError):  # a string, a list, ...: refused below unless --beta overrides it
+        beta = float("nan")
     if config.beta is not None:
-        if from_file is not None and float(from_file) != config.beta and console is not None:
+        if from_file is not None and beta != config.beta and console is not None:
             console.print(f"note: --beta {config.beta} overrides β = {from_file} of {source}", markup=False)
         return float(config.beta), "--beta"
     if from_file is None:
         raise GvpoError(
             f"{model_path}: no {TRAIN_CONFIG} with the training β (not a model saved by `train`); pass --beta"
         )
-    try:
-        beta = float(from_file)
-    except (TypeError, ValueError):
-        beta = float("nan")
-    if not beta > 0:
-        raise GvpoError(f"{source}: beta must be a number > 0, got {from_file!r}")
+    if not 0 < beta < math.inf:
+        raise GvpoError(f"{source}: field 'beta': expected a finite number > 0, got {from_file!r}; pass --beta")
     return beta, str(source)
 
 
@@ -278,7 +278,7 @@ def trained_objective(train_cfg: dict | None) -> str | None:
     if not train_cfg:
         return None
     name = train_cfg.get("loss")
-    return name if name in OBJECTIVES else "gvpo"
+    return name if isinstance(name, str) and name in OBJECTIVES else "gvpo"
 
 
 def _weight_signature(path: Path) -> list[tuple[str, int]]:

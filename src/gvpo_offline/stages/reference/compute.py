@@ -19,6 +19,7 @@ from rich.console import Console
 
 from gvpo_offline import __version__
 from gvpo_offline.data import DataConfig, FileInfo, check_inputs, input_files, input_paths, load_groups
+from gvpo_offline.data.locate import chat_prompts_located
 from gvpo_offline.data.tokenize import (
     RESPONSE_RULE,
     TokenizeConfig,
@@ -128,8 +129,9 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
         check_inputs(replace(config.data, paths=tuple(config.eval_data)))
     ctx = distributed.context(config.device)  # under torchrun: each rank scores a share of every shard
     created = ctx.is_main and not workdir.exists()
+    inputs = (*config.data.paths, *config.eval_data)
     try:  # rank 0 claims, locks and reports for all ranks
-        with distributed.main_only(ctx, _claimed(workdir)):
+        with distributed.main_only(ctx, _claimed(workdir)), chat_prompts_located(inputs, config.data.columns.prompt):
             return _precompute(config, workdir, console if ctx.is_main else Console(quiet=True), ctx)
     except BaseException:
         if created:  # nothing of the user's is in a folder we made: leave no trace of a failed first run

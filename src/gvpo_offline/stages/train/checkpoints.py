@@ -22,7 +22,7 @@ import torch
 
 from gvpo_offline.model import adapters, distributed, modelcard
 from gvpo_offline.runtime.errors import GvpoError
-from gvpo_offline.runtime.files import OLD_PREFIX, atomic_dir, atomic_write_bytes, atomic_write_json
+from gvpo_offline.runtime.files import OLD_PREFIX, append_durably, atomic_dir, atomic_write_bytes, atomic_write_json
 from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights
 
 if TYPE_CHECKING:
@@ -191,19 +191,18 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            if json.loads(line)["step"] <= keep_through_step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
+            if json.loads(line.decode("utf-8"))["step"] <= keep_through_step:
+                kept.append(line + b"\n")
+        except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
             continue  # a line cut by a crash
-    atomic_write_bytes(path, "".join(kept).encode())
+    atomic_write_bytes(path, b"".join(kept))
 
 
 def append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    with open(path, "a", encoding="utf-8") as f:
+        append_durably(f, json.dumps(record) + "\n")  # a full disk leaves no half line behind
 
 
 # ---- the final model ---------------------------------------------------------------------------------

@@ -330,8 +330,6 @@ def inspect_cmd(
         cfg, clamp_note = fit_to_model(cfg, model)  # the same rule as precompute-ref
     grouped = load_groups(config)
     if model is not None:
-        from gvpo_offline.runtime.progress import progress
-
         from gvpo_offline.data.locate import chat_prompts_located
 
         with progress(console, "tokenizing", grouped.stats.n_responses, unit="responses", transient=True) as update, \

@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 # Bytes of one [rows, V] float32 logits buffer. CPU: under glibc's largest mmap threshold (32 MiB), so
 # a freed buffer returns to the heap and the next chunk's comes from there. CUDA: the caching allocator
 # reuses blocks anyway; larger chunks keep the matmuls wide.
-CPU_CHUNK_BYTES = 16 << 20
+CPU_CHUNK_BYTES = 30 << 20
 CUDA_CHUNK_BYTES = 256 << 20
 KERNEL_ENV = "GVPO_OFFLINE_LM_HEAD"  # 'chunked' forces the chunked path where a fused kernel would run
 

@@ -55,11 +55,11 @@ def run(variant: str, model_dir: str, args: dict) -> dict:
     import torch
 
     torch.set_num_threads(args["threads"])
+    from train import make_batch
     from transformers import LlamaForCausalLM
 
     from gvpo_offline.model import logprobs
     from gvpo_offline.stages.train.step import gvpo_backward
-    from train import make_batch
 
     if variant == "old":
         logprobs.target_logps = old_target_logps
@@ -125,7 +125,7 @@ def main() -> None:
     best = {v: {k: min(r[k] for r in rows if r["variant"] == v) for k in keys} for v in ("old", "new")}
     print("new/old (best of 2)" + "".join(f"{best['new'][k] / best['old'][k]:14.3f}" for k in keys))
     old, new = rows[0], rows[1]
-    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
     print(f"same values: log-probs max rel diff {rel(new['logps'], old['logps']):.2e}, "
           f"LM-head weight gradient max rel diff {rel(new['head_grad'], old['head_grad']):.2e}")
 

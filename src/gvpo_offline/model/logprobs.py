@@ -24,6 +24,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import Tensor
+
 from gvpo_offline.model.lm_head import LogitTransform, chunk_rows_for, target_logps
 from gvpo_offline.model.loading import unwrap_peft
 from gvpo_offline.runtime.errors import GvpoError

@@ -200,5 +200,11 @@ def test_fused_kernel_is_chosen_only_where_it_can_run(monkeypatch):
     hidden, weight = torch.randn(9, 8, generator=g), torch.randn(50, 8, generator=g)
     targets = torch.randint(0, 50, (9,), generator=g)
     transform = LogitTransform(scale=0.5, softcap=4.0)
-    fused = target_logps(hidden, weight, None, targets, transform)
-    torch.testing.assert_close(fused, lm_head.TargetLogprob.apply(hidden, weight, None, targets, transform, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel is used in half precision only
+        fused = target_logps(hidden, weight, None, targets, transform)
+        chunked = lm_head.TargetLogprob.apply(hidden, weight, None, targets, transform, 4)
+    torch.testing.assert_close(fused, chunked, rtol=2e-2, atol=2e-2)  # bf16 (s·h)·Wᵀ vs s·(h·Wᵀ)
+    called = []
+    monkeypatch.setattr(lm_head, "fused_kernel", lambda hidden, bias: called.append(1) or stand_in)
+    target_logps(hidden, weight, None, targets, transform)  # float32: the chunked path
+    assert not called

@@ -22,7 +22,7 @@ logit_scale, Granite ÷ logits_scaling, HyperCLOVA X × logits_scaling) then a s
 
 On CUDA, `cut-cross-entropy <https://github.com/apple/ml-cross-entropy>`_ (``pip install
 gvpo-offline[cce]``) computes the same thing in one fused kernel when it is installed and the head has
-no bias (:func:`fused_kernel`); everything else takes the chunked path. The fused path has NOT yet run on
+no bias, in bf16/fp16 (:func:`fused_kernel`); everything else takes the chunked path. The fused path has NOT yet run on
 a GPU here (no GPU in CI): tests/test_lm_head.py checks only its selection on CPU.
 """
 
@@ -168,11 +168,12 @@ def target_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
     """log p(targets[m] | hidden[m]) through the head (W [V, d], b [V] or None) and ``transform``:
     hidden [M, d], targets [M] → [M] float32. Differentiable in hidden, W and b. ``chunk``: rows per
     chunk (None: :func:`chunk_rows_for` the vocabulary). On CUDA, the fused kernel when
-    :func:`fused_kernel` finds one (scale folded into the hidden states: (s·h)·Wᵀ = s·(h·Wᵀ))."""
+    :func:`fused_kernel` finds one and the matmul runs in bf16/fp16 (scale folded into the hidden states:
+    (s·h)·Wᵀ = s·(h·Wᵀ))."""
     targets = targets.long()
-    kernel = fused_kernel(hidden, bias)
+    dtype = _compute_dtype(hidden, weight)
+    kernel = fused_kernel(hidden, bias) if dtype in (torch.bfloat16, torch.float16) else None
     if kernel is not None:
-        dtype = _compute_dtype(hidden, weight)
         e = hidden.to(dtype) * transform.scale if transform.scale != 1.0 else hidden.to(dtype)
         loss = kernel(e, weight.to(dtype), targets, softcap=transform.softcap, reduction="none", filter_eps=None)
         return -loss.float()

@@ -182,6 +182,23 @@ def test_unsupported_models_fall_back_with_a_note():
         packing.resolve("sometimes", flash)
 
 
+@pytest.mark.parametrize("settings", [{"target_modules": "lm_head"}, {"modules_to_save": ("lm_head",)}])
+def test_a_wrapped_lm_head_falls_back_to_padded_rows(settings):
+    """Packed rows need the LM head on the fast path; LoRA (or modules_to_save) on the head is not: padded
+    rows with a note, and the padded path's log-probs are the model's own."""
+    from gvpo_offline.model.adapters import LoraSettings, add_lora
+
+    model = add_lora(tiny("llama"), LoraSettings(r=2, **settings))
+    assert packing.resolve("on", model.config, add_lora(tiny("llama"), LoraSettings(r=2))) == ("on", None)
+    mode, note = packing.resolve("on", model.config, model)
+    assert mode == "off" and "LM head" in note and "\n" not in note
+    prompts, responses = [[1, 2, 3]], [[4, 5]]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4, 5]])).logits[0].float().log_softmax(-1)
+        expected = logits[2, 4] + logits[3, 5]
+        assert torch.allclose(sequence_logps(model, prompts, responses)[0], expected, atol=1e-5)
+
+
 def test_auto_packs_only_when_sharing_the_prompt_saves_enough_tokens():
     long_prompt, short_prompt = list(range(1, 513)), [1, 2, 3]
     responses = [list(range(100, 228))] * 8

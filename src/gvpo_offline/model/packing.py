@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from gvpo_offline.model.loading import unwrap_peft
-from gvpo_offline.model.logprobs import logits_chunk_for, response_logps
+from gvpo_offline.model.logprobs import head_transform, logits_chunk_for, response_logps
 
 PACKING_CHOICES = ("auto", "on", "off")
 # 'auto' packs a batch when computing each distinct prompt once removes at least this share of its tokens.
@@ -81,14 +81,18 @@ def unsupported_reason(config) -> str | None:
     return None
 
 
-def resolve(setting: str, config) -> tuple[str, str | None]:
+def resolve(setting: str, config, model=None) -> tuple[str, str | None]:
     """``--packing`` setting -> (mode 'auto', 'on' or 'off' for :func:`use_packing`, a one-line note when
-    the model cannot run packed rows and padded separate sequences are used instead)."""
+    the model cannot run packed rows and padded separate sequences are used instead). With ``model``, its
+    LM head must be on the fast path too (packed rows need it; a LoRA-wrapped head, e.g. ``--lora-target``
+    or ``--modules-to-save`` naming lm_head, is not)."""
     if setting not in PACKING_CHOICES:
         raise ValueError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {setting!r}")
     if setting == "off":
         return "off", None
     reason = unsupported_reason(config)
+    if reason is None and model is not None and head_transform(unwrap_peft(model)) is None:
+        reason = "the LM head is not a plain linear layer (e.g. LoRA or --modules-to-save on it)"
     if reason is None:
         return setting, None
     return "off", f"--packing {setting}: {reason}; using padded separate sequences"

@@ -425,7 +425,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
             raise GvpoError(f"{model_path}: vocabulary of {vocab} tokens, but the cached token ids go up to {top}")
         from gvpo_offline.model import packing
 
-        packing_mode, note = packing.resolve(config.packing or manifest.inputs.get("packing", "off"), model.config)
+        packing_mode, note = packing.resolve(config.packing or manifest.inputs.get("packing", "off"), model.config, model)
         packed = packing.use_packing(packing_mode, prompt_ids, response_ids)
         if note:
             console.print(f"note: {note}", highlight=False, markup=False)

@@ -208,7 +208,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
             raise GvpoError(f"{model_path}: the reference {_LABELS[name]} changed since the cache was made")
     key = _sha256_json(inputs)
     request = None  # the options as given, for a cache hit without torch next time (hit.py)
-    if dtype_without_torch(config.device, config.dtype) == inputs["dtype"]:
+    if dtype_without_torch(config.device, config.dtype) == inputs["weights_dtype"]:
         request = request_key(config, Path(model_path), *fingerprints)
 
     old = _read_any_manifest(workdir)
@@ -352,7 +352,7 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
     ``s % world_size`` writes shard s (the progress bar shows rank 0's share × world size)."""
     ranges, tok_cfg = _shard_ranges(manifest.shard_starts, groups.num_rows), manifest.tokenize_config
     k = pc.list_value_length(groups["responses"]).to_numpy()
-    packing_mode, note = packing.resolve(config.packing, model.config)
+    packing_mode, note = packing.resolve(config.packing, model.config, model)
     if note:
         _say(console, f"note: {note}")
     total = int(sum(k[ranges[s][0] : ranges[s][1]].sum() for s in todo))

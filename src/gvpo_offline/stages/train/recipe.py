@@ -277,7 +277,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     if resume_from is None:
         model, params, optimizer, scheduler, state, master = setup(init_path, None)
     check_vocabulary(model, groups, init_path if resume_from is None else resume_from[1])
-    packing_mode, packing_note = packing.resolve(cfg.packing or manifest.inputs.get("packing", "off"), model.config)
+    packing_mode, packing_note = packing.resolve(cfg.packing or manifest.inputs.get("packing", "off"), model.config,
+                                                model)
     if packing_note:
         log(f"note: {packing_note}")
     log(setting_line(device, weights_dtype, sum(p.numel() for p in params), groups, cfg, total_steps, warmup_steps,

@@ -18,7 +18,7 @@ The steps (:func:`build_empty` on every rank, then :func:`shard_and_fill`):
    (FSDP2's ``fully_shard``) shards the model, ``to_empty`` allocates this rank's shards, and each shard is
    filled: base weights from the files (``safe_open(...).get_slice(name)[rows]``: FSDP shards dim 0, so a
    rank's rows are one contiguous range of the file), the other parameters (LoRA) and the buffers from the
-   real values kept from step 1. The cast to the parameter's dtype is the one ``from_pretrained`` does, so
+   real values kept from step 1, rank 0's (broadcast, so that a random LoRA A is the same on every rank). The cast to the parameter's dtype is the one ``from_pretrained`` does, so
    the weights are bit-identical to a plain load.
 
 :func:`weight_keys` decides whether this applies: every parameter (or one of the names it is tied to) and
@@ -173,6 +173,21 @@ def _fill(param: Tensor, rows_of) -> None:
     local.copy_(rows_of(slice(offset[0], offset[0] + shape[0])))
 
 
+def _from_rank0(ctx, tensors: list[Tensor]) -> None:
+    """Rank 0's values of ``tensors`` (small: LoRA weights, buffers) on every rank, bit for bit, one at a
+    time through the communication device (a random LoRA A must be the same on every rank)."""
+    import torch.distributed as dist
+
+    if not ctx.enabled:
+        return
+    comm = ctx.device if ctx.device is not None and ctx.device.type == "cuda" else torch.device("cpu")
+    with torch.no_grad():
+        for t in tensors:
+            moving = t.to(comm, copy=True).contiguous()
+            dist.broadcast(moving, src=0)
+            t.copy_(moving)
+
+
 def shard_and_fill(ctx, model, entries, files: WeightFiles, cpu_offload: bool = False):
     """``distributed.shard_model`` of a :func:`build_empty` model (possibly wrapped since, e.g. by peft),
     each rank's shards then filled from ``files`` (``entries``: :func:`weight_keys` of the plain model) and
@@ -192,6 +207,7 @@ def shard_and_fill(ctx, model, entries, files: WeightFiles, cpu_offload: bool = 
             else:
                 real_params.append((module, name, param.detach()))
         buffers += [(module, name, b) for name, b in module._buffers.items() if b is not None]
+    _from_rank0(ctx, [full for *_, full in real_params] + [b for *_, b in buffers])
     model = distributed.shard_model(ctx, model, cpu_offload)
     model.to_empty(device="cpu" if cpu_offload else ctx.device)  # uninitialised shards and buffers
     with torch.no_grad():

@@ -198,3 +198,57 @@ def test_dry_run_needs_a_model_and_plan_options_need_dry_run(tmp_path, run_cli):
     assert result.code == 2 and "--dry-run: no model to plan for" in result.err
     result = run_cli("train", "--beta", "0.1", "--plan-processes", "8", "--workdir", tmp_path / "none")
     assert result.code == 2 and "need --dry-run" in result.err
+
+
+# ---- the README's worked plans ----------------------------------------------------------------------------
+
+WORKED = [  # (model, mode, GPUs, extra train options): README "Multiple GPUs and nodes", 80 GB GPUs
+    ("Llama-3.1-8B", "full", 1, []),
+    ("Llama-3.1-8B", "full", 8, []),
+    ("Llama-3.1-8B", "full", 8, ["--gradient-checkpointing"]),
+    ("Llama-3.1-8B", "LoRA r=16, bf16 base", 1, ["--gradient-checkpointing"]),
+    ("Llama-3.1-70B", "full", 8, ["--gradient-checkpointing"]),
+    ("Llama-3.1-70B", "full", 16, ["--gradient-checkpointing"]),
+    ("Llama-3.1-70B", "full", 32, ["--gradient-checkpointing"]),
+    ("Llama-3.1-70B", "LoRA r=16, bf16 base", 8, ["--gradient-checkpointing"]),
+    ("Llama-3.1-70B", "LoRA r=16, bf16 base", 16, ["--gradient-checkpointing"]),
+]
+
+
+def worked_plans(folder: Path, run_cli=None) -> str:
+    """The README's table: ``train --dry-run`` (dry_run.dry_run, what the option runs) for each of WORKED
+    on config.json folders of Llama-3.1-8B and 70B written into ``folder``, against 80 GB GPUs (79 GiB free)."""
+    from gvpo_offline.stages.train.config import TrainConfig
+    from gvpo_offline.stages.train.dry_run import dry_run
+
+    configs = {"Llama-3.1-8B": LLAMA_31_8B, "Llama-3.1-70B": LLAMA_31_70B}
+    lines = ["| model | training | GPUs | options | weights | gradients | AdamW | layer | activations | "
+             "per GPU | fits 79 GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, mode, gpus, options in WORKED:
+        path = config_folder(folder / name, configs[name])
+        lora = adapters.LoraSettings(r=16) if mode.startswith("LoRA") else None
+        cfg = TrainConfig(workdir=folder / "none", init_model=str(path), lora=lora,
+                          base_dtype="bfloat16" if lora else "float32",
+                          gradient_checkpointing="--gradient-checkpointing" in options)
+        plan = dry_run(cfg, lambda _m: None, processes=gpus, gpu_memory_gib=79)
+        cells = [plan.params_bytes, plan.grads_bytes, plan.optimizer_bytes, plan.gathered_layer_bytes,
+                 plan.activation_bytes, plan.peak_bytes]
+        lines.append(f"| {name} | {mode} | {gpus} | {' '.join(options) or '-'} | "
+                     + " | ".join(f"{b / GIB:,.1f}" for b in cells)
+                     + f" | {'yes' if plan.peak_bytes <= plan.capacity_bytes else 'no'} |")
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_the_readme_shows_the_dry_runs_own_plans(tmp_path):
+    from conftest import REPO
+
+    table = worked_plans(tmp_path)
+    assert table in (REPO / "README.md").read_text(), "README's worked plans differ; paste:\n" + table
+
+
+if __name__ == "__main__":  # print the table for the README
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(worked_plans(Path(tmp)))

@@ -36,7 +36,8 @@ from gvpo_offline.model import distributed
 from gvpo_offline.runtime.errors import GvpoError
 
 
-def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False,
+                      sliced: bool = True):
     """The model at ``path`` in ``dtype``, eval mode: built without weights on every rank
     (:func:`sliced_load_model`), or else loaded on CPU on rank 0 and built on ``meta`` elsewhere.
 
@@ -46,8 +47,8 @@ def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtyp
     from gvpo_offline.model.loading import load_model
 
     model, error = None, None
-    try:
-        model = sliced_load_model(path, dtype, trust_remote_code)  # None: this model is loaded by rank 0
+    try:  # None: this model is loaded by rank 0 (``sliced=False``: always, as before sliced_load.py)
+        model = sliced_load_model(path, dtype, trust_remote_code) if sliced else None
     except Exception as err:  # noqa: BLE001 - any failure: every rank stops with its one line
         error = GvpoError(f"cannot load the model {path}: {_one_line(err)}")
     distributed.agree(ctx, error)

@@ -197,7 +197,8 @@ def plan_from_config(path: str | Path, dtype: torch.dtype, lora, run: RunShape, 
     # (merged on load), other weight files than safetensors, checkpoint names the model does not have. A
     # folder with a config.json only (a plan for a model not downloaded) is planned as safetensors.
     has_weights = any(p.suffix in loading.WEIGHT_SUFFIXES for p in folder.iterdir())
-    sliced = not loading.is_adapter(folder) and (not has_weights or _sliced_ok(folder, dtype, trust_remote_code))
+    sliced = run.world_size == 1 or (not loading.is_adapter(folder)
+                                     and (not has_weights or _sliced_ok(folder, dtype, trust_remote_code)))
     if capacity_bytes is None and where is None:
         device = device or torch.device("cuda" if run.on_gpu else "cpu")
         capacity_bytes, where = capacity(device, run.cpu_offload, run.local_world_size)

@@ -111,7 +111,7 @@ def shard_and_broadcast(ctx: distributed.Dist, model, cpu_offload: bool = False)
 
     from gvpo_offline.model import loading, sliced_load
 
-    sliced = getattr(loading.unwrap_peft(model), "gvpo_sliced_source", None)
+    sliced = loading.unwrap_peft(model).__dict__.pop("gvpo_sliced_source", None)
     if sliced is not None:  # every rank reads its own shards' rows (sliced_load.py)
         return sliced_load.shard_and_fill(ctx, model, *sliced, cpu_offload=cpu_offload)
     full_state = model.state_dict() if ctx.is_main else {}  # references to rank 0's full tensors, no copy

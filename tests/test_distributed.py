@@ -501,7 +501,8 @@ def test_balanced_split_is_disjoint_whole_and_token_balanced():
 def test_memory_plan_counts_16_bytes_per_parameter_over_the_ranks():
     plan = memory_plan.plan_for(params=1000, layer_params=100, world_size=4, on_gpu=True)
     assert (plan.params_bytes, plan.grads_bytes, plan.optimizer_bytes) == (1000, 1000, 2000)
-    assert plan.gathered_layer_bytes == 200 and plan.per_rank_bytes == 4200
+    # two bf16 layers gathered (one computing, one prefetched) + one layer's fp32 gradient before reduce-scatter
+    assert plan.gathered_layer_bytes == 2 * 100 * 2 + 4 * 100 and plan.per_rank_bytes == 4800
     assert memory_plan.plan_for(1000, 100, 1, on_gpu=False).per_rank_bytes == 16000
 
 
@@ -529,7 +530,7 @@ def test_memory_plan_says_only_rank_0_holds_the_full_model_while_loading():
     plan = memory_plan.plan_for(params=1000, layer_params=100, world_size=4, on_gpu=True, frozen_bytes=600,
                                 rank0_reads_all=True)  # rank0_load.py's broadcast (an adapter folder, .bin weights)
     assert plan.rank0_load_bytes == 4 * 1000 + 600  # fp32 trainable weights + the frozen ones, on rank 0 only
-    assert plan.per_rank_bytes == 4 * 250 + 150 + 1000 + 2000 + 200  # the training state is unchanged by it
+    assert plan.per_rank_bytes == 4 * 250 + 150 + 1000 + 2000 + 800  # the training state is unchanged by it
     assert "rank 0 alone holds the full model in CPU RAM" in plan.describe()
     one = memory_plan.plan_for(1000, 100, 1, on_gpu=True)  # one process loads what it trains: nothing to add
     assert one.rank0_load_bytes == 0 and "rank 0" not in one.describe()

@@ -97,7 +97,9 @@ def test_the_plan_from_config_json_counts_the_models_parameters(tmp_path):
     plan = memory_plan.plan_from_config(folder, torch.float32, None, run, capacity_bytes=GIB, where="test")
     assert plan.params == sum(p.numel() for p in real.parameters()) == llama_params(json.loads((folder / "config.json").read_text()))
     assert plan.params_bytes == 4 * -(-plan.params // 4)
-    assert plan.gathered_layer_bytes == 4 * sum(p.numel() for p in real.model.layers[0].parameters())
+    layer = sum(p.numel() for p in real.model.layers[0].parameters())
+    root = sum(p.numel() for p in (real.model.embed_tokens.weight, real.model.norm.weight, real.lm_head.weight))
+    assert plan.gathered_layer_bytes == 4 * (root + 2 * layer) + 4 * layer  # fp32 on CPU, + the layer's gradient
     assert plan.rank0_load_bytes == 0  # no weight files: planned as safetensors, each rank reads its own rows
     assert plan.loading_bytes == 4 * 300 * 64  # the largest tensor (embeddings / LM head) in flight
     assert plan.activation_bytes > 0
@@ -222,7 +224,7 @@ def worked_plans(folder: Path, run_cli=None) -> str:
     from gvpo_offline.stages.train.dry_run import dry_run
 
     configs = {"Llama-3.1-8B": LLAMA_31_8B, "Llama-3.1-70B": LLAMA_31_70B}
-    lines = ["| model | training | GPUs | options | weights | gradients | AdamW | layer | activations | "
+    lines = ["| model | training | GPUs | options | weights | gradients | AdamW | FSDP gathered | activations | "
              "per GPU | fits 79 GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, mode, gpus, options in WORKED:
         path = config_folder(folder / name, configs[name])

@@ -29,6 +29,8 @@ class ModelShape:
     frozen_bytes: int  # weights without gradients (a LoRA base), in their own dtype
     layer_params: int  # the largest decoder layer (gathered whole under FSDP)
     largest_tensor_bytes: int  # the largest single weight in its dtype (in flight while loading)
+    root_params: int = 0  # parameters outside the decoder layers (embeddings, final norm, LM head)
+    layer_trainable: int = 0  # trainable parameters of the largest decoder layer (its unsharded gradient)
     hidden: int = 0
     intermediate: int = 0
     layers: int = 0
@@ -39,11 +41,16 @@ def shape_of(model) -> ModelShape:
     """:class:`ModelShape` of a transformers model (possibly peft-wrapped, possibly on ``meta``)."""
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in _maybe_layers(model)), default=0)
+    layers = _maybe_layers(model)
+    sizes = [(sum(p.numel() for p in layer.parameters()), sum(p.numel() for p in layer.parameters() if p.requires_grad))
+             for layer in layers]
+    layer_params, layer_trainable = max(sizes, default=(0, 0))
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root_params = sum(p.numel() for p in model.parameters() if id(p) not in in_layers)
     largest = max((p.numel() * (4 if p.requires_grad else p.element_size()) for p in model.parameters()), default=0)
     config = getattr(model, "config", None)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
-    return ModelShape(params, frozen_bytes, layer_params, largest, hidden,
+    return ModelShape(params, frozen_bytes, layer_params, largest, root_params, layer_trainable, hidden,
                       int(getattr(config, "intermediate_size", 0) or 4 * hidden),
                       int(getattr(config, "num_hidden_layers", 0) or 0), int(getattr(config, "vocab_size", 0) or 0))
 
@@ -51,8 +58,9 @@ def shape_of(model) -> ModelShape:
 @dataclass(frozen=True)
 class MemoryPlan:
     """Bytes per rank: fp32 master weights (4 B/param), fp32 gradients (4 B/param) and AdamW's two moments
-    (8 B/param), divided over the ranks under FSDP, plus the largest decoder layer gathered unsharded (bf16
-    on GPU) during its forward/backward, plus the activations of the largest micro-batch
+    (8 B/param), divided over the ranks under FSDP, plus what FSDP gathers unsharded (``gathered_layer_bytes``:
+    the root's parameters, kept through the pass, two decoder layers, the one computing and the one
+    prefetched, bf16 on GPU, and one layer's fp32 gradient before its reduce-scatter), plus the activations of the largest micro-batch
     (:func:`activation_bytes`). ``rank0_load_bytes``: under FSDP, when rank 0 reads the whole model and
     broadcasts it (an adapter folder, .bin weights: rank0_load.py), the full model in rank 0's CPU RAM while
     loading; 0 when each rank reads only its own shards (sliced_load.py), where ``loading_bytes`` (one
@@ -73,7 +81,7 @@ class MemoryPlan:
 
     @property
     def per_rank_bytes(self) -> int:
-        """Training state + one gathered layer + activations: the peak of a training step."""
+        """Training state + what FSDP gathers + activations: the peak of a training step."""
         return (self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.gathered_layer_bytes
                 + self.activation_bytes)
 
@@ -100,7 +108,7 @@ class MemoryPlan:
             loading = ""
         return (f"memory plan: {self.params / 1e6:,.1f}M trainable parameters on {self.world_size} process(es): per process "
                 f"weights {self.params_bytes / GIB:.2f} GiB + gradients {self.grads_bytes / GIB:.2f} GiB + AdamW "
-                f"state {self.optimizer_bytes / GIB:.2f} GiB + one gathered layer "
+                f"state {self.optimizer_bytes / GIB:.2f} GiB + gathered by FSDP "
                 f"{self.gathered_layer_bytes / GIB:.2f} GiB + activations {self.activation_bytes / GIB:.2f} GiB = "
                 f"{self.per_rank_bytes / GIB:.2f} GiB ({where}){loading}")
 
@@ -129,16 +137,19 @@ def activation_bytes(shape: ModelShape, micro_batch_tokens: int, logits_chunk_to
 
 def plan_for(params: int, layer_params: int, world_size: int, on_gpu: bool, device: str = "",
              capacity_bytes: int | None = None, frozen_bytes: int = 0, *, rank0_reads_all: bool = False,
-             activations: int = 0, largest_tensor_bytes: int = 0) -> MemoryPlan:
+             activations: int = 0, largest_tensor_bytes: int = 0, root_params: int = 0,
+             layer_trainable: int | None = None) -> MemoryPlan:
     """:class:`MemoryPlan` from parameter counts: fp32 weights + grads (4 + 4 B) and AdamW (8 B) per
-    trainable parameter, each rank holding 1/world_size; under FSDP one decoder layer is gathered at a time
-    (bf16 on GPU, fp32 on CPU). ``frozen_bytes``: weights without gradients (a LoRA base), in the weights;
+    trainable parameter, each rank holding 1/world_size; under FSDP the root's ``root_params`` and two
+    decoder layers are gathered at a time (bf16 on GPU, fp32 on CPU), and one layer's gradient
+    (``layer_trainable`` parameters, default all of ``layer_params``) waits unsharded in fp32. ``frozen_bytes``: weights without gradients (a LoRA base), in the weights;
     FSDP shards them too (1/world_size each). ``rank0_reads_all``: rank 0 reads the whole model (fp32
     trainable weights + frozen ones) into CPU RAM before sharding (rank0_load.py); otherwise each rank reads
     its own rows, ``largest_tensor_bytes`` at a time. ``activations``: :func:`activation_bytes`."""
     share = -(-params // world_size)
     frozen_share = -(-frozen_bytes // world_size)
-    gathered = 0 if world_size == 1 else layer_params * (2 if on_gpu else 4)
+    trainable = layer_params if layer_trainable is None else layer_trainable
+    gathered = 0 if world_size == 1 else (root_params + 2 * layer_params) * (2 if on_gpu else 4) + 4 * trainable
     rank0_load = 4 * params + frozen_bytes if world_size > 1 and rank0_reads_all else 0
     in_flight = largest_tensor_bytes if world_size > 1 else 0
     return MemoryPlan(params, world_size, 4 * share + frozen_share, 4 * share, 8 * share, gathered, device,
@@ -163,7 +174,8 @@ def memory_plan(model, ctx: Dist, device: torch.device, cpu_offload: bool = Fals
     shape = shape_of(model)
     cap, where = capacity(device, cpu_offload, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
     return plan_for(shape.params, shape.layer_params, ctx.world_size, device.type == "cuda", where, cap,
-                    shape.frozen_bytes, largest_tensor_bytes=shape.largest_tensor_bytes)
+                    shape.frozen_bytes, largest_tensor_bytes=shape.largest_tensor_bytes, root_params=shape.root_params,
+                    layer_trainable=shape.layer_trainable)
 
 
 @dataclass(frozen=True)
@@ -206,7 +218,8 @@ def plan_from_config(path: str | Path, dtype: torch.dtype, lora, run: RunShape, 
     activations = activation_bytes(shape, run.micro_batch_tokens, chunk, run.on_gpu, run.gradient_checkpointing)
     return plan_for(shape.params, shape.layer_params, run.world_size, run.on_gpu, where or "", capacity_bytes,
                     shape.frozen_bytes, rank0_reads_all=not sliced, activations=activations,
-                    largest_tensor_bytes=shape.largest_tensor_bytes)
+                    largest_tensor_bytes=shape.largest_tensor_bytes, root_params=shape.root_params,
+                    layer_trainable=shape.layer_trainable)
 
 
 def _sliced_ok(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> bool:

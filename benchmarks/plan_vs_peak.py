@@ -1,8 +1,8 @@
 """The memory plan against the measured peak RSS of real `train` runs on CPU, for 1, 2 and 4 processes.
 
-    python benchmarks/plan_vs_peak.py [--layers 8] [--steps 3] [--micro-batch-tokens 2048]
+    python benchmarks/plan_vs_peak.py [--layers 4] [--steps 1] [--micro-batch-tokens 2048]
 
-Builds a random Llama (stories260K's tokenizer, vocab 512; hidden 512, 8 layers: ~27M parameters) in a
+Builds a random Llama (stories260K's tokenizer, vocab 512; hidden 512, 4 layers: 13.2M parameters) in a
 temp folder, runs precompute-ref once on sample_data/groups.jsonl (60 groups), then `train` with 1 process
 and under `torchrun --nproc_per_node 2` and `4` (gloo, OMP_NUM_THREADS=1), each for --steps steps. Every
 process measures its resident memory after its imports (VmRSS) and its peak at the end (ru_maxrss); the
@@ -85,8 +85,8 @@ def run(workdir: Path, processes: int, train_args: list[str], malloc: dict) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--micro-batch-tokens", type=int, default=2048)
     args = parser.parse_args()
     import torch

@@ -255,3 +255,12 @@ if __name__ == "__main__":  # print the table for the README
 
     with tempfile.TemporaryDirectory() as tmp:
         print(worked_plans(Path(tmp)))
+
+
+def test_planning_a_lora_run_leaves_the_seeded_rng_alone(tmp_path):
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    run = memory_plan.RunShape(world_size=1, micro_batch_tokens=16)
+    memory_plan.plan_from_config(STORIES, torch.float32, adapters.LoraSettings(r=4), run, capacity_bytes=GIB, where="t")
+    assert torch.equal(torch.rand(4), expected)  # LoRA's A, drawn after the plan, is the one a seeded run draws

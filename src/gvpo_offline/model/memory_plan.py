@@ -200,9 +200,10 @@ def plan_from_config(path: str | Path, dtype: torch.dtype, lora, run: RunShape, 
     :func:`capacity` of ``device``, default this machine's GPU when ``run.on_gpu``, else its RAM)."""
     from gvpo_offline.model import adapters, loading, logprobs, rank0_load
 
-    model = rank0_load.build_on_meta(path, dtype, trust_remote_code)
-    if lora is not None:
-        model = adapters.add_lora(model, lora)
+    with torch.random.fork_rng(devices=[]):  # peft draws LoRA's A on CPU before moving it to meta: not from
+        model = rank0_load.build_on_meta(path, dtype, trust_remote_code)  # the run's seeded RNG
+        if lora is not None:
+            model = adapters.add_lora(model, lora)
     shape = shape_of(model)
     folder = loading.model_folder(path)
     # each rank reads its own rows, unless rank0_load must read the whole model on rank 0: an adapter folder

@@ -1,7 +1,9 @@
-"""Host RAM while loading the model to train under torchrun: every rank reads it (the old path) vs rank 0
-reads it and broadcasts it into the FSDP shards (rank0_load.py, what train does now).
+"""Host RAM while loading the model to train under torchrun, three ways: every rank reads it (the oldest
+path), rank 0 reads it and broadcasts it into the FSDP shards (rank0_load.py's broadcast, the previous
+default, still used for adapter folders and .bin weights), and each rank reads only its own rows of the
+safetensors files (sliced_load.py, what train does now).
 
-    python benchmarks/rank0_load.py [--ranks 2] [--mb 140]
+    python benchmarks/rank0_load.py [--ranks 4] [--mb 400]
 
 Builds a Llama of about ``--mb`` MB in fp32 (untied embeddings, random weights) from a config and saves it
 in bfloat16, as published checkpoints are (train loads fp32 master weights, so every loading rank holds a
@@ -35,7 +37,7 @@ def _rss_bytes() -> int:
 
 
 def worker(path: str, mode: str) -> None:
-    """One rank: load ``path`` as ``mode`` ("every-rank" or "rank-0"), shard it, report memory."""
+    """One rank: load ``path`` as ``mode`` ("every-rank", "rank-0" or "sliced"), shard it, report memory."""
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before "before", in both paths)
 
@@ -49,7 +51,8 @@ def worker(path: str, mode: str) -> None:
     if mode == "every-rank":
         model = distributed.shard_model(ctx, load_model(path, torch.device("cpu")))
     else:
-        model = rank0_load.shard_and_broadcast(ctx, rank0_load.load_for_sharding(ctx, path, torch.float32))
+        loaded = rank0_load.load_for_sharding(ctx, path, torch.float32, sliced=mode == "sliced")
+        model = rank0_load.shard_and_broadcast(ctx, loaded)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     shard = sum(distributed.local_tensor(p).numel() * p.element_size() for p in model.parameters())
     rows = distributed.all_gather_objects(ctx, {"rank": ctx.rank, "before": before, "peak": peak, "shard": shard})
@@ -88,27 +91,29 @@ def launch(folder: Path, mode: str, ranks: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--mb", type=float, default=140.0)
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--mb", type=float, default=400.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         params = build_model(Path(tmp), args.mb)
         print(f"model: {params / 1e6:.1f}M parameters, {4 * params / MIB:.0f} MiB in fp32 (bf16 on disk); torchrun "
               f"--nproc_per_node {args.ranks}, gloo on CPU, OMP_NUM_THREADS=1, MALLOC_MMAP_THRESHOLD_=65536\n")
-        results = {mode: launch(Path(tmp), mode, args.ranks) for mode in ("every-rank", "rank-0")}
+        results = {mode: launch(Path(tmp), mode, args.ranks) for mode in ("every-rank", "rank-0", "sliced")}
     print("| path | rank | RSS before loading | peak RSS | added by loading | its shards |")
     print("|---|---|---|---|---|---|")
     for mode, rows in results.items():
         for r in rows:
             print(f"| {mode} | {r['rank']} | {r['before'] / MIB:,.0f} MiB | {r['peak'] / MIB:,.0f} MiB | "
                   f"{(r['peak'] - r['before']) / MIB:,.0f} MiB | {r['shard'] / MIB:,.0f} MiB |")
-    print("\nrank-0 path / every-rank path, per rank:")
-    for old, new in zip(results["every-rank"], results["rank-0"]):
-        added = (new["peak"] - new["before"]) / max(1, old["peak"] - old["before"])
-        print(f"  rank {old['rank']}: peak RSS x{new['peak'] / old['peak']:.2f}, added by loading x{added:.2f}")
-    old_node, new_node = (sum(r["peak"] - r["before"] for r in results[m]) for m in ("every-rank", "rank-0"))
-    print(f"  the node (all ranks): added by loading {old_node / MIB:,.0f} MiB -> {new_node / MIB:,.0f} MiB "
-          f"(x{new_node / old_node:.2f})")
+    for old_mode in ("every-rank", "rank-0"):
+        print(f"\nsliced (new) / {old_mode} (old), per rank:")
+        for old, new in zip(results[old_mode], results["sliced"]):
+            added = (new["peak"] - new["before"]) / max(1, old["peak"] - old["before"])
+            print(f"  rank {old['rank']}: peak RSS x{new['peak'] / old['peak']:.2f}, added by loading x{added:.2f}")
+    for mode in ("every-rank", "rank-0", "sliced"):
+        node = sum(r["peak"] - r["before"] for r in results[mode])
+        worst = max(r["peak"] - r["before"] for r in results[mode])
+        print(f"{mode}: added by loading, the node (all ranks) {node / MIB:,.0f} MiB, the worst rank {worst / MIB:,.0f} MiB")
 
 
 if __name__ == "__main__":

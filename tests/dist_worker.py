@@ -13,7 +13,8 @@
    gradient), its adapter saved (OUT.pt's folder / lora-step) beside its log-probs of the step's rows; then
    ``train --lora-r 4 --merge`` (LORA_TRAIN_ARGS) into TRAIN_WORKDIR-lora, and the same run resumed from its
    step-2 checkpoint into TRAIN_WORKDIR-lora-resumed;
-6. rank0_load (rank 0 reads the weights, rank 1 builds on meta, broadcast into the shards): every parameter
+6. rank0_load (each rank reads its shards' rows, sliced_load.py; for an adapter folder rank 0 reads the weights,
+   rank 1 builds on meta, broadcast into the shards): every parameter
    (gathered) and every rank's buffers of stories260K, of a LoRA model on a bfloat16 base (against rank 0's
    values before sharding) and of the merged adapter folder of 5. (as --init-model); the stories260K one with
    --gradient-checkpointing runs the step of 1.; and a model whose weights rank 0 cannot read stops both ranks.
@@ -32,7 +33,7 @@ from gvpo_offline import cli
 from gvpo_offline.data import DataConfig
 from gvpo_offline.data.tokenize import TokenizeConfig
 from gvpo_offline.math.loss import OBJECTIVES
-from gvpo_offline.model import adapters, distributed, rank0_load
+from gvpo_offline.model import adapters, distributed, rank0_load, sliced_load
 from gvpo_offline.model.loading import load_model
 from gvpo_offline.model.logprobs import sequence_logps
 from gvpo_offline.runtime.errors import GvpoError
@@ -106,7 +107,7 @@ cli.main(["train", "--workdir", str(resumed), *LORA_TRAIN_ARGS, "--resume"])
 def broadcast_loaded(path, dtype=torch.float32, lora=False, checkpointing=False):
     """The model at ``path`` through rank0_load, as train loads it: what every rank holds afterwards."""
     model = rank0_load.load_for_sharding(ctx, path, dtype)
-    meta = sum(p.is_meta for p in model.parameters())
+    empty = sum(p.is_meta or sliced_load.is_placeholder(p) for p in model.parameters())  # weights not read yet
     if lora:
         model = adapters.add_lora(model, adapters.LoraSettings(r=4))
     before = {k: v.clone() for k, v in model.state_dict().items()} if ctx.is_main else None
@@ -116,7 +117,7 @@ def broadcast_loaded(path, dtype=torch.float32, lora=False, checkpointing=False)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     return model, {"params": {n: p.full_tensor() for n, p in model.named_parameters()},  # every rank's shards
                    "buffers": distributed.all_gather_objects(ctx, {n: b.clone() for n, b in model.named_buffers()}),
-                   "meta": distributed.all_gather_objects(ctx, meta), "tied": distributed.all_gather_objects(ctx, tied),
+                   "empty": distributed.all_gather_objects(ctx, empty), "tied": distributed.all_gather_objects(ctx, tied),
                    "before": before}
 
 

@@ -135,9 +135,10 @@ def test_sharded_step_with_gradient_checkpointing_equals_the_single_process_grad
         assert scale > 0 and torch.allclose(got["checkpointed_grads"][name], p.grad, rtol=0, atol=1e-5 * scale), name
 
 
-def _assert_loaded_as(loaded: dict, params: dict, buffers: dict, meta_on_rank_1: int) -> None:
-    """rank0_load's model (dist_worker.broadcast_loaded) holds exactly ``params`` and, on every rank, ``buffers``."""
-    assert loaded["meta"] == [0, meta_on_rank_1]  # rank 0 read the weights, rank 1 built the model without them
+def _assert_loaded_as(loaded: dict, params: dict, buffers: dict, empty: list[int]) -> None:
+    """rank0_load's model (dist_worker.broadcast_loaded) holds exactly ``params`` and, on every rank, ``buffers``;
+    ``empty``: how many parameters each rank held without their weights before sharding."""
+    assert loaded["empty"] == empty
     assert loaded["params"].keys() == params.keys()
     for name, p in params.items():
         got = loaded["params"][name]
@@ -155,28 +156,30 @@ def test_rank0_loading_equals_a_plain_load_bit_for_bit(launch):
     plain = load_model(STORIES, torch.device("cpu"))
     assert plain.lm_head.weight is plain.model.embed_tokens.weight  # stories260K ties them
     n = len(list(plain.parameters()))
-    _assert_loaded_as(got["loaded"], dict(plain.named_parameters()), dict(plain.named_buffers()), n)
+    # safetensors: no rank read the model before sharding; each read its own shards' rows (sliced_load.py)
+    _assert_loaded_as(got["loaded"], dict(plain.named_parameters()), dict(plain.named_buffers()), [n, n])
     assert got["loaded"]["tied"] == [True, True]  # still one parameter on every rank after sharding
 
-    # an --init-model adapter folder: its base with the adapter merged, as a plain load merges it
+    # an --init-model adapter folder: its base with the adapter merged, as a plain load merges it; rank 0 reads
+    # the weights, rank 1 built the model on meta (rank0_load's broadcast)
     merged = load_model(launch["root"] / "lora-step", torch.device("cpu"))
     assert not torch.equal(merged.model.layers[0].mlp.up_proj.weight, plain.model.layers[0].mlp.up_proj.weight)
-    _assert_loaded_as(got["loaded_merged"], dict(merged.named_parameters()), dict(merged.named_buffers()), n)
+    _assert_loaded_as(got["loaded_merged"], dict(merged.named_parameters()), dict(merged.named_buffers()), [0, n])
     assert got["loaded_merged"]["tied"] == [True, True]
 
-    # weights that rank 0 cannot read: rank 1 (which reads none) stops too, with rank 0's one line
+    # weights that cannot be read: both ranks stop, with rank 0's one line
     first, second = got["load_errors"]
     assert first == second and first.startswith("rank 0: cannot load the model ") and "\n" not in first
 
-    # LoRA on a bfloat16 base: rank 0's values before sharding (its base is a plain bf16 load; its A is random)
+    # LoRA on a bfloat16 base: the base is a plain bf16 load, the adapter rank 0's values before sharding
     lora, prefix = got["loaded_lora"], "base_model.model."
-    base = load_model(STORIES, torch.device("cpu"), torch.bfloat16)
-    params = {name: lora["before"][name] for name in lora["params"]}
+    base = {prefix + name: p for name, p in load_model(STORIES, torch.device("cpu"), torch.bfloat16).named_parameters()}
+    params = {name: lora["before"][name] if "lora_" in name else base[name.replace(".base_layer.", ".")]
+              for name in lora["params"]}
     assert {p.dtype for name, p in params.items() if "lora_" in name} == {torch.float32}
-    for name, p in base.named_parameters():
-        name = prefix + name
-        assert torch.equal(params.get(name.replace(".weight", ".base_layer.weight"), params.get(name)), p), name
-    _assert_loaded_as(lora, params, {prefix + name: b for name, b in base.named_buffers()}, n)
+    assert len(params) == len(base) + 70  # the base's parameters and LoRA's A and B of 35 linear layers
+    plain_buffers = load_model(STORIES, torch.device("cpu"), torch.bfloat16).named_buffers()
+    _assert_loaded_as(lora, params, {prefix + name: b for name, b in plain_buffers}, [n, n])
     assert lora["tied"] == [True, True]
 
 
@@ -498,7 +501,8 @@ def test_balanced_split_is_disjoint_whole_and_token_balanced():
 def test_memory_plan_counts_16_bytes_per_parameter_over_the_ranks():
     plan = memory_plan.plan_for(params=1000, layer_params=100, world_size=4, on_gpu=True)
     assert (plan.params_bytes, plan.grads_bytes, plan.optimizer_bytes) == (1000, 1000, 2000)
-    assert plan.gathered_layer_bytes == 200 and plan.per_rank_bytes == 4200
+    # two bf16 layers gathered (one computing, one prefetched) + one layer's fp32 gradient before reduce-scatter
+    assert plan.gathered_layer_bytes == 2 * 100 * 2 + 4 * 100 and plan.per_rank_bytes == 4800
     assert memory_plan.plan_for(1000, 100, 1, on_gpu=False).per_rank_bytes == 16000
 
 
@@ -523,12 +527,15 @@ def test_memory_plan_counts_a_frozen_base_without_gradients_or_optimizer_state()
 
 
 def test_memory_plan_says_only_rank_0_holds_the_full_model_while_loading():
-    plan = memory_plan.plan_for(params=1000, layer_params=100, world_size=4, on_gpu=True, frozen_bytes=600)
+    plan = memory_plan.plan_for(params=1000, layer_params=100, world_size=4, on_gpu=True, frozen_bytes=600,
+                                rank0_reads_all=True)  # rank0_load.py's broadcast (an adapter folder, .bin weights)
     assert plan.rank0_load_bytes == 4 * 1000 + 600  # fp32 trainable weights + the frozen ones, on rank 0 only
-    assert plan.per_rank_bytes == 4 * 250 + 150 + 1000 + 2000 + 200  # the training state is unchanged by it
+    assert plan.per_rank_bytes == 4 * 250 + 150 + 1000 + 2000 + 800  # the training state is unchanged by it
     assert "rank 0 alone holds the full model in CPU RAM" in plan.describe()
     one = memory_plan.plan_for(1000, 100, 1, on_gpu=True)  # one process loads what it trains: nothing to add
     assert one.rank0_load_bytes == 0 and "rank 0" not in one.describe()
+    sliced = memory_plan.plan_for(1000, 100, 4, on_gpu=True, largest_tensor_bytes=400)  # sliced_load.py: no full copy
+    assert sliced.rank0_load_bytes == 0 and sliced.loading_bytes == 400 and "rank 0" not in sliced.describe()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -186,6 +186,10 @@ def train_cmd(
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: with --lora-r, hold the frozen base in 4-bit NF4 (bitsandbytes, CUDA only: pip install 'gvpo-offline[qlora]'). The reference cache must come from precompute-ref --load-in-4bit, so that ℓ = 0 at step 0.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="With --lora-r: also write WORKDIR/model-merged/, the adapter merged into the base weights, saved in the base checkpoint's own dtype (a plain transformers model). Refused with --load-in-4bit.")] = False,
     base_dtype: Annotated[Optional[str], typer.Option("--base-dtype", metavar="TEXT", help="With --lora-r: the frozen base weights' dtype, float32 or bfloat16; it must be the cache's weights dtype (precompute-ref --dtype), the default. The adapter and its optimizer state stay float32.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan (from config.json: no weight read, nothing written) and whether it fits, then exit. The model: --init-model (a folder with only a config.json will do) or WORKDIR's reference.")] = False,
+    plan_processes: Annotated[Optional[int], typer.Option("--plan-processes", metavar="INT", help="With --dry-run: plan for a launch of this many processes (GPUs) in all [default: this launch's].", show_default=False)] = None,
+    plan_processes_per_node: Annotated[Optional[int], typer.Option("--plan-processes-per-node", metavar="INT", help="With --dry-run on CPU: processes sharing one machine's RAM [default: all].", show_default=False)] = None,
+    plan_gpu_memory: Annotated[Optional[float], typer.Option("--plan-gpu-memory", metavar="GIB", help="With --dry-run: plan for GPUs with this many GiB free each, instead of this machine's device.", show_default=False)] = None,
 ) -> None:
     """Train the policy with GVPO (or --loss) on the cached train split; the final model goes to WORKDIR/model/.
 
@@ -214,9 +218,16 @@ def train_cmd(
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
         packing=packing, lora=lora, merge=merge, base_dtype=base_dtype, load_in_4bit=load_in_4bit,
     )
+    log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    if dry_run:
+        from gvpo_offline.stages.train.dry_run import dry_run as plan_only
+
+        plan_only(config, print, plan_processes, plan_processes_per_node, plan_gpu_memory)  # the output: stdout
+        return
+    if plan_processes is not None or plan_processes_per_node is not None or plan_gpu_memory is not None:
+        raise GvpoError("--plan-processes, --plan-processes-per-node and --plan-gpu-memory need --dry-run")
     apply_threads(threads, device)
     with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
-        log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
         train(config, log=log, on_step=tracker)
     config_file.write_resolved(config.workdir / "train_config.json")  # the full run, reusable as --config
 

@@ -1,8 +1,11 @@
-"""Loading the model to train under ``torchrun``: rank 0 reads the weights, the other ranks build the model
-on the ``meta`` device, and the weights reach every rank's FSDP shards by broadcast from rank 0.
+"""Loading the model to train under ``torchrun``: by default each rank reads only its own shards' rows of
+the safetensors files (sliced_load.py: no process ever holds the whole model); where that cannot be done
+(an adapter folder to merge, ``.bin`` weights, checkpoint names transformers converts), rank 0 reads the
+weights, the other ranks build the model on the ``meta`` device, and the weights reach every rank's FSDP
+shards by broadcast from rank 0, as described below.
 
-Without this every rank would hold the whole fp32 model in CPU RAM before sharding (8 copies of a 70B model
-on an 8-GPU node). With it, while loading:
+Without either, every rank would hold the whole fp32 model in CPU RAM before sharding (8 copies of a 70B
+model on an 8-GPU node). With the broadcast, while loading:
 
 * rank 0 holds the full model (as a plain single-process load would) plus its own shards;
 * every other rank holds only its shards plus one tensor in flight (the one being broadcast).
@@ -33,8 +36,10 @@ from gvpo_offline.model import distributed
 from gvpo_offline.runtime.errors import GvpoError
 
 
-def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The model at ``path`` in ``dtype``, eval mode: loaded on CPU on rank 0, built on ``meta`` elsewhere.
+def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False,
+                      sliced: bool = True):
+    """The model at ``path`` in ``dtype``, eval mode: built without weights on every rank
+    (:func:`sliced_load_model`), or else loaded on CPU on rank 0 and built on ``meta`` elsewhere.
 
     A collective: every rank calls it. Raises the same GvpoError on every rank (``distributed.agree``:
     "rank R: cannot load the model ...") when any rank failed, or when a meta-built model is not the
@@ -42,6 +47,13 @@ def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtyp
     from gvpo_offline.model.loading import load_model
 
     model, error = None, None
+    try:  # None: this model is loaded by rank 0 (``sliced=False``: always, as before sliced_load.py)
+        model = sliced_load_model(path, dtype, trust_remote_code) if sliced else None
+    except Exception as err:  # noqa: BLE001 - any failure: every rank stops with its one line
+        error = GvpoError(f"cannot load the model {path}: {_one_line(err)}")
+    distributed.agree(ctx, error)
+    if model is not None:
+        return model
     try:
         model = load_model(path, torch.device("cpu"), dtype, trust_remote_code) if ctx.is_main else \
             build_on_meta(path, dtype, trust_remote_code)
@@ -54,6 +66,25 @@ def load_for_sharding(ctx: distributed.Dist, path: str | Path, dtype: torch.dtyp
         error = GvpoError(f"{path}: the model built from its config.json is not the one rank 0 loaded "
                           f"(first difference: {diff}); this architecture cannot be loaded on rank 0 only")
     distributed.agree(ctx, error)
+    return model
+
+
+def sliced_load_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The model at ``path`` as sliced_load.py builds it (no weight read yet: each rank reads its own
+    shards' rows in :func:`shard_and_broadcast`), or None when the folder is not one it can load that way
+    (an adapter folder, weights other than safetensors, checkpoint names that differ from the model's).
+    Every rank decides alike: it reads the same files."""
+    from gvpo_offline.model import loading, sliced_load
+
+    folder = loading.model_folder(path)
+    files = None if loading.is_adapter(folder) else sliced_load.WeightFiles.of(folder)
+    if files is None:
+        return None
+    model = sliced_load.build_empty(folder, dtype, trust_remote_code)
+    entries = sliced_load.weight_keys(model, files)
+    if entries is None:
+        return None
+    model.gvpo_sliced_source = (entries, files)
     return model
 
 
@@ -78,6 +109,11 @@ def shard_and_broadcast(ctx: distributed.Dist, model, cpu_offload: bool = False,
     peft), then rank 0's weights and buffers copied into every rank's shards. Returns the sharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    from gvpo_offline.model import loading, sliced_load
+
+    sliced = loading.unwrap_peft(model).__dict__.pop("gvpo_sliced_source", None)
+    if sliced is not None:  # every rank reads its own shards' rows (sliced_load.py)
+        return sliced_load.shard_and_fill(ctx, model, *sliced, cpu_offload=cpu_offload)
     full_state = model.state_dict() if ctx.is_main else {}  # references to rank 0's full tensors, no copy
     stateless = _stateless_buffers(model)
     model = distributed.shard_model(ctx, model, cpu_offload, param_dtype)

@@ -43,6 +43,7 @@ the gradient's running RMS; only epsilon and clipping see the scale), so their l
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -233,9 +234,6 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             enable_gradient_checkpointing(model)
         if cfg.lora is not None and cfg.lora.dropout > 0:  # only the LoRA dropout trains; the rest stays eval
             adapters.train_dropout(model)
-        plan = memory_plan.memory_plan(model, ctx, device, cfg.cpu_offload)
-        log(plan.describe())
-        memory_plan.check_fits(ctx, plan)
         if ctx.enabled:
             model = rank0_load.shard_and_broadcast(ctx, model, cfg.cpu_offload, weights_dtype)
         elif cfg.cpu_offload:
@@ -254,6 +252,13 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         else:
             state = load_checkpoint(checkpoint, optimizer, scheduler) if checkpoint else TrainState()
         return model, params, optimizer, scheduler, state, master
+
+    # the memory plan, from config.json before any weight is read: a run that cannot fit stops here
+    plan = memory_plan.plan_from_config(init_path, torch.float32 if ctx.enabled and cfg.lora is None else weights_dtype,
+                                        cfg.lora, run_shape(cfg, ctx, device, micro_batch_tokens), cfg.trust_remote_code,
+                                        device=device)
+    log(plan.describe())
+    memory_plan.check_fits(ctx, plan)
 
     resume_from = None
     for step, path in reversed(checkpoints):  # newest first; a corrupt one falls back to the one before
@@ -390,6 +395,15 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     log(summary_line(model_dir, state.step, steps_run, seconds, last_loss, clipped, cfg.max_grad_norm, grad_norms))
     return TrainResult(model_dir, state.step, resume_from[0] if resume_from else None, last_loss, metrics_path, notes,
                        steps_run, clipped, seconds)
+
+
+def run_shape(cfg: TrainConfig, ctx: distributed.Dist, device: torch.device, micro_batch_tokens: int,
+              world_size: int | None = None, local_world_size: int | None = None) -> memory_plan.RunShape:
+    """What the memory plan needs of this run's settings (``world_size``: this launch's unless given)."""
+    world = world_size or ctx.world_size
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return memory_plan.RunShape(world, local, device.type == "cuda", cfg.cpu_offload, micro_batch_tokens,
+                                cfg.logits_chunk_tokens, cfg.gradient_checkpointing)
 
 
 # ---- safety checks ---------------------------------------------------------------------------------

@@ -231,7 +231,7 @@ def worked_plans(folder: Path, run_cli=None) -> str:
         path = config_folder(folder / name, configs[name])
         lora = adapters.LoraSettings(r=16) if mode.startswith("LoRA") else None
         cfg = TrainConfig(workdir=folder / "none", init_model=str(path), lora=lora,
-                          base_dtype="bfloat16" if lora else "float32",
+                          base_dtype="bfloat16" if lora else None,
                           gradient_checkpointing="--gradient-checkpointing" in options)
         plan = dry_run(cfg, lambda _m: None, processes=gpus, gpu_memory_gib=79)
         cells = [plan.params_bytes, plan.grads_bytes, plan.optimizer_bytes, plan.gathered_layer_bytes,

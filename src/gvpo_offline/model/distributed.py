@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gvpo_offline.runtime import launcher
 from gvpo_offline.runtime.errors import GvpoError
 
 TIMEOUT_ENV = "GVPO_DIST_TIMEOUT_S"
@@ -77,6 +78,7 @@ def context(device: str = "auto") -> Dist:
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    launcher.watch_parent(rank)  # the launcher's death ends this rank at once, without writing (launcher.py)
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if device.startswith("cuda:"):
         raise GvpoError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")
@@ -354,7 +356,7 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _has_frozen(model) -> bool:
+def has_frozen(model) -> bool:
     """A LoRA run (peft): the frozen base is not trained, so it is neither checkpointed nor gathered."""
     return any(not p.requires_grad for p in model.parameters())
 
@@ -367,7 +369,7 @@ def full_state_dict(model) -> dict[str, Tensor] | None:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=_has_frozen(model))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=has_frozen(model))
     state = get_model_state_dict(model, options=options)
     for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if tied in state and source in state:  # gathered as two copies: one tensor again, saved once by HF
@@ -395,7 +397,7 @@ def _checkpoint_options(model):
     (the base is loaded again from the model it came from)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    frozen = _has_frozen(model)
+    frozen = has_frozen(model)
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 

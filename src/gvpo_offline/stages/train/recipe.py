@@ -63,7 +63,7 @@ from gvpo_offline.model.loading import (
     resolve_device,
     resolve_dtype,
 )
-from gvpo_offline.runtime import interrupts
+from gvpo_offline.runtime import interrupts, launcher
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import remove_stale, write_errors_as_os_errors
@@ -77,14 +77,16 @@ from gvpo_offline.stages.train.checkpoints import (
     TrainState,
     _check_checkpoint_files,
     _check_resume_config,
-    _check_resume_world,
     append_metrics,
     checkpoint_dirs,
+    is_sharded_checkpoint,
     load_checkpoint,
     load_checkpoint_sharded,
+    load_single_into_sharded,
     save_checkpoint,
     save_checkpoint_sharded,
     save_final,
+    saved_world_size,
     truncate_metrics,
 )
 from gvpo_offline.stages.train.config import TrainConfig, TrainResult
@@ -249,17 +251,30 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     torch.manual_seed(cfg.seed)
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
 
-    def setup(weights: Path, checkpoint: Path | None):
+    def setup(checkpoint: Path | None):
         # several processes: rank 0 reads init_path on CPU, the others build it on meta; the weights reach
-        # every rank's shards by broadcast (rank0_load.py), and a checkpoint's shards are loaded after that
+        # every rank's shards by broadcast (rank0_load.py), and a checkpoint's state is loaded after that.
+        # A checkpoint resumes on any number of processes (checkpoints.py): sharded (DCP) ones are resharded,
+        # a single-process one is read by rank 0 and broadcast into the shards.
         dtype = torch.float32 if cfg.lora is None else adapters.base_dtype(cfg.base_dtype)
+        sharded_checkpoint = checkpoint is not None and is_sharded_checkpoint(checkpoint)
+        plain_checkpoint = None if checkpoint is None or sharded_checkpoint else checkpoint
+
+        def build(on: torch.device, lora_from: Path | None):
+            model = load_model(plain_checkpoint if plain_checkpoint and cfg.lora is None else init_path, on, dtype,
+                               cfg.trust_remote_code)
+            if cfg.lora is not None:  # frozen base + float32 LoRA layers (B = 0: the base's function)
+                model = adapters.add_lora(model, cfg.lora, lora_from)
+                adapters.set_base_name(model, *base_name)
+            return model
+
         if ctx.enabled:
             model = rank0_load.load_for_sharding(ctx, init_path, dtype, cfg.trust_remote_code)
+            if cfg.lora is not None:  # the adapter is loaded into the shards below
+                model = adapters.add_lora(model, cfg.lora, None)
+                adapters.set_base_name(model, *base_name)
         else:
-            model = load_model(weights if cfg.lora is None else init_path, device, dtype, cfg.trust_remote_code)
-        if cfg.lora is not None:  # frozen base + float32 LoRA layers (B = 0: the base's function)
-            model = adapters.add_lora(model, cfg.lora, None if ctx.enabled else checkpoint)  # sharded: loaded below
-            adapters.set_base_name(model, *base_name)
+            model = build(device, plain_checkpoint)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         plan = memory_plan.memory_plan(model, ctx, device, cfg.cpu_offload)
@@ -272,33 +287,42 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
-        if checkpoint and ctx.enabled:
+        if checkpoint is None:
+            state = TrainState()
+        elif sharded_checkpoint:  # any number of processes now, one included
             state = load_checkpoint_sharded(ctx, checkpoint, model, optimizer, scheduler)
+        elif ctx.enabled:  # 1 -> N processes
+            state = load_single_into_sharded(ctx, checkpoint, model, optimizer, scheduler,
+                                             lambda: build(torch.device("cpu"), checkpoint))
         else:
-            state = load_checkpoint(checkpoint, optimizer, scheduler) if checkpoint else TrainState()
+            state = load_checkpoint(checkpoint, optimizer, scheduler)
         return model, params, optimizer, scheduler, state
 
     resume_from = None
     for step, path in reversed(checkpoints):  # newest first; a corrupt one falls back to the one before
         try:
             _check_resume_config(path, cfg, manifest.key)  # GvpoError: the user's settings differ
-            _check_resume_world(path, ctx.world_size)  # GvpoError: another number of processes
-            _check_checkpoint_files(path, ctx.world_size)
-            model, params, optimizer, scheduler, state = setup(path, path)
+            _check_checkpoint_files(path)
+            model, params, optimizer, scheduler, state = setup(path)
         except GvpoError:
             raise
         except Exception as err:  # noqa: BLE001 - truncated weights, missing files, bad pickles: all "corrupt"
+            if launcher.lost_peer_message(err, ctx.rank, ctx.world_size):  # another rank died: not the checkpoint
+                raise
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
             log(f"warning: checkpoint {path} is unusable ({reason}); trying the one before it")
             continue
         resume_from = (step, path)
-        log(f"resuming from {path} (step {state.step}/{total_steps})")
+        written_by = saved_world_size(path)
+        other = f"; written by {written_by} process(es), resharded to {ctx.world_size}" \
+            if written_by != ctx.world_size else ""
+        log(f"resuming from {path} (step {state.step}/{total_steps}{other})")
         break
     if checkpoints and resume_from is None:
         raise GvpoError(f"--resume: no usable checkpoint in {workdir / CHECKPOINTS} (all are incomplete or "
                         "corrupt); delete that folder to start over")
     if resume_from is None:
-        model, params, optimizer, scheduler, state = setup(init_path, None)
+        model, params, optimizer, scheduler, state = setup(None)
     check_vocabulary(model, groups, init_path if resume_from is None else resume_from[1])
     packing_mode, packing_note = packing.resolve(cfg.packing or manifest.inputs.get("packing", "off"), model.config)
     if packing_note:

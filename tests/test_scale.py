@@ -1,0 +1,128 @@
+"""Scaling across processes with gloo on CPU (issue 21): a checkpoint resumed on another number of processes
+(2 -> 3, 2 -> 1, 1 -> 2) equals the uninterrupted run; ...
+
+Each launch is a real ``python -m torch.distributed.run --standalone`` (OMP_NUM_THREADS=1 per process, a 60 s
+process-group timeout, a subprocess timeout); the launches are shared by the tests of a module fixture."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from conftest import REPO
+from safetensors.torch import load_file
+from test_distributed import env
+
+from gvpo_offline.runtime.errors import GvpoError
+from gvpo_offline.stages.train.config import TrainConfig
+from gvpo_offline.stages.train.recipe import train
+
+STEPS = 6
+TRAIN = dict(beta=1, lr=1e-3, groups_per_step=3, max_steps=STEPS, save_every=2, keep_checkpoints=3,
+             micro_batch_tokens=60, device="cpu", seed=1)
+
+
+def cli_args(workdir: Path, **extra) -> list[str]:
+    options = {**TRAIN, **extra}
+    args = ["-m", "gvpo_offline", "train", "--workdir", str(workdir)]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+def torchrun(n: int, *args) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                           *map(str, args)], env=env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def stopped_at_step_2(run: Path, into: Path) -> Path:
+    """A copy of ``run`` as it was when its step-2 checkpoint had just been written."""
+    shutil.copytree(run, into, ignore=shutil.ignore_patterns("model", "step-4", "step-6"))
+    return into
+
+
+def weights(workdir: Path) -> dict[str, torch.Tensor]:
+    return load_file(workdir / "model" / "model.safetensors")
+
+
+def metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    """An uninterrupted 2-process run and a 1-process run of 6 steps, and their step-2 checkpoints resumed on
+    3 processes (from 2), 1 process (from 2) and 2 processes (from 1)."""
+    root = tmp_path_factory.mktemp("reshard")
+    torch.set_num_threads(1)
+    cache = root / "cache"
+    build_cache(cache, STORIES, text_groups(STORIES, STORY_GROUPS))
+    two, one = root / "two", root / "one"
+    shutil.copytree(cache, two)
+    shutil.copytree(cache, one)
+    torchrun(2, *cli_args(two))
+    train(TrainConfig(workdir=one, progress=False, **TRAIN), log=lambda _m: None)
+    out = {"two": two, "one": one, "logs": {}}
+    out["2to3"] = stopped_at_step_2(two, root / "2to3")
+    out["logs"]["2to3"] = torchrun(3, *cli_args(out["2to3"], resume=True)).stderr
+    out["2to1"] = stopped_at_step_2(two, root / "2to1")
+    lines = []
+    train(TrainConfig(workdir=out["2to1"], resume=True, progress=False, **TRAIN), log=lines.append)
+    out["logs"]["2to1"] = "\n".join(lines)
+    out["1to2"] = stopped_at_step_2(one, root / "1to2")
+    out["logs"]["1to2"] = torchrun(2, *cli_args(out["1to2"], resume=True)).stderr
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,written_by,now", [("2to3", 2, 3), ("2to1", 2, 1), ("1to2", 1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(resharded, case, written_by, now):
+    run, straight = resharded[case], resharded["two" if written_by == 2 else "one"]
+    assert f"written by {written_by} process(es), resharded to {now}" in resharded["logs"][case]
+    got, want = metrics(run), metrics(straight)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    assert got[:2] == want[:2]  # the steps before the checkpoint are kept as they were
+    for a, b in zip(got[2:], want[2:], strict=True):  # the next steps take the same groups in the same order ...
+        assert (a["epoch"], a["groups"], a["responses"], a["tokens"]) == (b["epoch"], b["groups"], b["responses"],
+                                                                          b["tokens"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)  # ... from the same weights and AdamW state
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["lr"] == b["lr"]  # the schedule where it was
+    a, b = weights(run), weights(straight)
+    assert a.keys() == b.keys()
+    for k in a:  # 1, 2 and 3 processes sum the same gradient in other orders: float rounding, through AdamW
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-4), k
+    moved = max((a[k] - weights(resharded["two"])[k]).abs().max().item() for k in a)
+    assert moved < 1e-4
+
+
+@pytest.mark.slow
+def test_a_resharded_run_is_the_run_it_continues_and_a_fresh_optimizer_would_not_be(resharded, tmp_path):
+    # the straight 1- and 2-process runs agree, and a resume that lost AdamW's moments lands elsewhere
+    a, b = weights(resharded["one"]), weights(resharded["two"])
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
+    reset = stopped_at_step_2(resharded["one"], tmp_path / "reset")
+    (reset / "checkpoints" / "step-2" / "optimizer.pt").unlink()
+    torch.save(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).state_dict(), tmp_path / "empty.pt")
+    optimizer = torch.load(resharded["one"] / "checkpoints" / "step-2" / "optimizer.pt", weights_only=True)
+    optimizer["state"] = {}  # the same parameter groups, no moments: as if the optimizer state were dropped
+    torch.save(optimizer, reset / "checkpoints" / "step-2" / "optimizer.pt")
+    train(TrainConfig(workdir=reset, resume=True, progress=False, **TRAIN), log=lambda _m: None)
+    c = weights(reset)
+    assert max((c[k] - a[k]).abs().max().item() for k in a) > 1e-3
+
+
+@pytest.mark.slow
+def test_what_cannot_be_resumed_is_still_refused_in_one_line(resharded, tmp_path):
+    run = stopped_at_step_2(resharded["two"], tmp_path / "other-loss")
+    with pytest.raises(GvpoError, match=r"^--resume from .*step-2 with different settings: --loss gvpo -> dpo$"):
+        train(TrainConfig(workdir=run, resume=True, progress=False, **{**TRAIN, "loss": "dpo"}), log=lambda _m: None)

@@ -1,5 +1,6 @@
 """Scaling across processes with gloo on CPU (issue 21): a checkpoint resumed on another number of processes
-(2 -> 3, 2 -> 1, 1 -> 2) equals the uninterrupted run; ...
+(2 -> 3, 2 -> 1, 1 -> 2) equals the uninterrupted run; killing torchrun ends its ranks at once; a lost rank
+is one line; accelerate's one-process CPU launch is named.
 
 Each launch is a real ``python -m torch.distributed.run --standalone`` (OMP_NUM_THREADS=1 per process, a 60 s
 process-group timeout, a subprocess timeout); the launches are shared by the tests of a module fixture."""
@@ -7,9 +8,12 @@ process-group timeout, a subprocess timeout); the launches are shared by the tes
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +130,96 @@ def test_what_cannot_be_resumed_is_still_refused_in_one_line(resharded, tmp_path
     run = stopped_at_step_2(resharded["two"], tmp_path / "other-loss")
     with pytest.raises(GvpoError, match=r"^--resume from .*step-2 with different settings: --loss gvpo -> dpo$"):
         train(TrainConfig(workdir=run, resume=True, progress=False, **{**TRAIN, "loss": "dpo"}), log=lambda _m: None)
+
+
+# ---- a launcher's hygiene (issue 21.5, issue 20 "Launchers") ------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def _start_long_run(tmp_path: Path):
+    """torchrun (2 ranks, in a session of its own) training 400 quick steps with a checkpoint after each;
+    returns (torchrun's Popen, the ranks' pids, the workdir, the stderr file) once the first checkpoint is there."""
+    from test_distributed import _children
+
+    workdir = tmp_path / "run"
+    build_cache(workdir, STORIES, text_groups(STORIES, STORY_GROUPS))
+    log = open(tmp_path / "stderr.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *cli_args(workdir, max_steps=400, save_every=1)], env=env(), stdout=subprocess.DEVNULL,
+                            stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 200
+    while not list((workdir / "checkpoints").glob("step-*")):
+        assert proc.poll() is None, (tmp_path / "stderr.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2
+    return proc, ranks, workdir, log
+
+
+def _newest_write(folder: Path) -> float:
+    return max(p.stat().st_mtime for p in folder.rglob("*"))
+
+
+@pytest.mark.slow
+def test_killing_torchrun_s_process_group_ends_its_ranks_at_once_without_writing(tmp_path):
+    proc, ranks, workdir, log = _start_long_run(tmp_path)
+    killed = time.time()
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun's group: its ranks live in sessions of their own
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(r) for r in ranks):  # before: they trained on, writing checkpoints and model/
+        assert time.monotonic() < deadline, "a rank outlived its launcher by 10 s"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert not (workdir / "model").exists()
+    assert _newest_write(workdir) < killed + 0.5  # nothing written once the launcher was gone (kernel SIGKILL)
+    log.close()
+
+
+@pytest.mark.slow
+def test_a_lost_rank_stops_the_job_with_one_line_not_a_traceback_per_rank(tmp_path):
+    proc, ranks, workdir, log = _start_long_run(tmp_path)
+    started = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    proc.wait(timeout=120)
+    seconds = time.monotonic() - started
+    log.seek(0)
+    err = log.read()
+    log.close()
+    assert proc.returncode != 0 and seconds < 30  # not the process group's timeout
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    assert ours == ["error: rank 0: lost contact with another of the job's 2 processes (it exited, was killed, or its "
+                    "node is gone); every rank stops, without writing anything more. torchrun names the rank that "
+                    "failed first in its own report below"], err[-3000:]
+    assert "[rank0]" not in err and "gloo" not in err  # no rank's traceback; torchrun's own report follows
+    assert "ChildFailedError" in err  # (what torchrun adds itself: its report naming rank 1's SIGKILL)
+    assert not (workdir / "model").exists()
+
+
+def test_lost_peer_errors_are_recognised_and_others_are_not():
+    from gvpo_offline.runtime import launcher
+
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:5555")
+    assert launcher.lost_peer_message(gloo, 0, 4).startswith("rank 0: lost contact with another of the job's 4")
+    assert launcher.lost_peer_message(RuntimeError("CUDA out of memory"), 0, 4) is None
+    assert launcher.lost_peer_message(ValueError("bad value"), 1, 2) is None
+
+
+def test_accelerate_s_single_process_cpu_launch_is_named():
+    from gvpo_offline.runtime.launcher import single_process_note
+
+    # what `accelerate launch --cpu --num_processes 2` exports to the ONE process it starts (its simple launcher)
+    accelerate_cpu = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                      "ACCELERATE_MIXED_PRECISION": "no"}
+    assert "started one" in single_process_note(accelerate_cpu)
+    assert single_process_note({"ACCELERATE_USE_CPU": "True"}) is None  # --num_processes 1: nothing to say
+    assert single_process_note({**accelerate_cpu, "WORLD_SIZE": "2", "RANK": "0"}) is None  # a real launch
+    assert single_process_note({}) is None

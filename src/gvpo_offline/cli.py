@@ -5,6 +5,7 @@ Every user-facing failure is a GvpoError: printed as one line on stderr, exit co
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -347,7 +348,11 @@ def main(argv: list[str] | None = None) -> None:
     arguments: the help, exit 2); user errors (GvpoError) one line and exit 2; Ctrl-C 130, SIGTERM 143."""
     from gvpo_offline.runtime import interrupts
 
+    from gvpo_offline.runtime.launcher import single_process_note
+
     args = sys.argv[1:] if argv is None else list(argv)
+    if (note := single_process_note()) is not None:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     try:
         with interrupts.installed():  # SIGINT -> 130, SIGTERM -> 143 (typer turns both into Exit(130))
             code = app(args=args or ["--help"], prog_name="gvpo-offline", standalone_mode=False)
@@ -358,13 +363,17 @@ def main(argv: list[str] | None = None) -> None:
         err.show()
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, typer.Abort, _CLICK_ABORT) as exc:
-        console.print("interrupted", style="yellow")
+        if _rank() == 0:  # torchrun sends SIGTERM to every rank: one "interrupted" per job
+            console.print("interrupted", style="yellow")
         sys.exit(interrupts.exit_code(exc))
     except OSError as err:  # disk full, read-only or unreadable paths: one line naming the path
         console.print(f"error: {_os_error(err)}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except typer.Exit as exc:  # --help, or a command that ends early on purpose
         sys.exit(exc.exit_code)
+    except Exception as err:  # under a launcher: another rank died (a collective failed), one line from rank 0
+        _exit_if_peer_lost(err)
+        raise
     if not code and "gvpo_offline.model.distributed" in sys.modules:  # under torchrun: every rank reaches the end
         sys.modules["gvpo_offline.model.distributed"].finish()  # before any closes its process group
     if code == 130:  # typer caught a KeyboardInterrupt (Ctrl-C or SIGTERM) and returned its exit code
@@ -374,6 +383,32 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _exit_if_peer_lost(err: Exception) -> None:
+    """A collective that failed because another rank of the job died: rank 0 prints one line, every rank
+    leaves with exit code 1 at once (``os._exit``: closing the process group or running atexit handlers
+    would only wait on the dead rank or print more). Any other exception: return (the caller re-raises)."""
+    from gvpo_offline.runtime import launcher
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    message = launcher.lost_peer_message(err, dist.get_rank(), dist.get_world_size())
+    if message is None:
+        return
+    if dist.get_rank() == 0:
+        console.print(f"error: {message}", style="bold red", highlight=False, markup=False, soft_wrap=True)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def _os_error(err: OSError) -> str:

@@ -73,6 +73,10 @@ def write_errors_as_os_errors(path: str | Path) -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
+        from gvpo_offline.runtime.launcher import is_lost_peer
+
+        if is_lost_peer(err):  # a collective inside the save failed: another rank died, not the disk
+            raise
         folder = Path(path)
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent

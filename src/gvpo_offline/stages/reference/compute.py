@@ -358,7 +358,7 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
     """Tokenize (unless ``encoded`` by :func:`_encode_all` already), score and write (atomically) the
     shards ``todo``, under a progress bar on ``console``.
     Several processes: every rank scores a token-balanced share of each shard's groups, and rank
-    ``s % world_size`` writes shard s (the progress bar shows rank 0's share × world size)."""
+    ``s % world_size`` writes shard s (the progress bar counts the whole job's responses: see advance)."""
     size, tok_cfg = config.shard_groups, manifest.tokenize_config
     k = pc.list_value_length(groups["responses"]).to_numpy()
     packing_mode, note = packing.resolve(config.packing, model.config)
@@ -367,15 +367,21 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
     total = int(sum(k[s * size : (s + 1) * size].sum() for s in todo))
     with progress(console, "reference log-probs", total, unit="responses", describe=_describe_rate,
                   enabled=config.progress) as update:
-        done_pairs = done_tokens = 0
+        # the whole job's count: exact at each shard's end (its rows are gathered on every rank); within a
+        # shard, rank 0's share × world size, never beyond the shard (shares are balanced by tokens, not rows)
+        finished_pairs = finished_tokens = mine_pairs = mine_tokens = 0
+        shard_pairs = shard_tokens = 0
 
         def advance(n_pairs: int, n_tokens: int) -> None:
-            nonlocal done_pairs, done_tokens
-            done_pairs, done_tokens = done_pairs + n_pairs * ctx.world_size, done_tokens + n_tokens * ctx.world_size
-            update(advance=n_pairs * ctx.world_size, responses=done_pairs, tokens=done_tokens)
+            nonlocal mine_pairs, mine_tokens
+            mine_pairs, mine_tokens = mine_pairs + n_pairs, mine_tokens + n_tokens
+            pairs = finished_pairs + min(mine_pairs * ctx.world_size, shard_pairs)
+            tokens = finished_tokens + min(mine_tokens * ctx.world_size, shard_tokens)
+            update(completed=pairs, responses=pairs, tokens=tokens)
 
         for done, s in enumerate(todo):
             lo = s * size
+            shard_pairs, mine_pairs, mine_tokens = int(k[lo : lo + size].sum()), 0, 0
             try:
                 if encoded and s in encoded:
                     table, cut_p, cut_r = encoded.pop(s)
@@ -384,6 +390,7 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
                     cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, size), splits[lo : lo + size],
                                                         tok_cfg)
                 packed = packing.use_packing(packing_mode, cols["prompt_ids"], cols["response_ids"])
+                shard_tokens = sum(len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"]))
                 cols["ref_logp"] = distributed.score_groups(
                     ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],
                     lambda rows: scoring.batched_logps(
@@ -391,6 +398,8 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
                         batch_tokens, dtype, config.chunk_tokens, advance, packed,
                     ),
                 )
+                finished_pairs, finished_tokens = finished_pairs + shard_pairs, finished_tokens + shard_tokens
+                update(completed=finished_pairs, responses=finished_pairs, tokens=finished_tokens)
             except KeyboardInterrupt:
                 finished = len(manifest.shards) - len(todo) + done
                 _say(console, f"stopped after {finished} of {len(manifest.shards)} shards; rerun to resume")

@@ -223,3 +223,94 @@ def test_accelerate_s_single_process_cpu_launch_is_named():
     assert single_process_note({"ACCELERATE_USE_CPU": "True"}) is None  # --num_processes 1: nothing to say
     assert single_process_note({**accelerate_cpu, "WORLD_SIZE": "2", "RANK": "0"}) is None  # a real launch
     assert single_process_note({}) is None
+
+
+# ---- sharded inference (issue 21.2) --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_scoring_runs(tmp_path_factory):
+    """precompute-ref and eval of a perturbed policy, each once with 2 processes holding FSDP shards of the model
+    (--shard-model on) and once in one process."""
+    from conftest import write_jsonl
+
+    from gvpo_offline.model.loading import load_model
+
+    root = tmp_path_factory.mktemp("sharded-scoring")
+    torch.set_num_threads(1)
+    lines = (REPO / "sample_data" / "groups.jsonl").read_text().splitlines()[:8]
+    data = write_jsonl(root / "data.jsonl", [json.loads(line) for line in lines])
+    policy = load_model(STORIES, torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in enumerate(policy.parameters()):
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(n)))
+    policy.save_pretrained(root / "policy")
+    common = [data, "--model", STORIES, "--eval-fraction", "0.5", "--shard-groups", "3", "--max-length", "128",
+              "--max-prompt-length", "64", "--device", "cpu", "--batch-tokens", "300"]
+    evaluate = ["--model", root / "policy", "--beta", "1", "--bootstrap", "0", "--device", "cpu", "--batch-tokens",
+                "300"]
+    out = {"root": root}
+    out["precompute"] = torchrun(2, "-m", "gvpo_offline", "precompute-ref", *common, "--workdir", root / "two",
+                                 "--shard-model", "on").stderr
+    out["eval"] = torchrun(2, "-m", "gvpo_offline", "eval", "--workdir", root / "two", *evaluate, "--json",
+                           root / "two.json", "--shard-model", "on").stderr
+    for args in (["precompute-ref", *common, "--workdir", root / "one"],
+                 ["eval", "--workdir", root / "one", *evaluate, "--json", root / "one.json"]):
+        done = subprocess.run([sys.executable, "-m", "gvpo_offline", *map(str, args)], env=env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_a_sharded_reference_gives_the_unsharded_cache(sharded_scoring_runs):
+    import pyarrow.parquet as pq
+
+    from gvpo_offline.stages import reference
+
+    root = sharded_scoring_runs["root"]
+    assert "scoring with the model sharded over 2 processes (FSDP, forward only)" in sharded_scoring_runs["precompute"]
+    one, two = reference.read_manifest(root / "one"), reference.read_manifest(root / "two")
+    assert len(one.shards) == 3
+    for field in ("key", "inputs", "shards", "counts", "truncated_prompts", "truncated_responses", "complete"):
+        assert getattr(two, field) == getattr(one, field), field
+    for shard in one.shards:
+        a, b = pq.read_table(root / "one" / shard), pq.read_table(root / "two" / shard)
+        assert a.drop(["ref_logp"]).equals(b.drop(["ref_logp"]))
+        assert a["ref_logp"].to_numpy() == pytest.approx(b["ref_logp"].to_numpy(), rel=1e-6)  # batch rounding
+
+
+@pytest.mark.slow
+def test_a_sharded_policy_gives_the_unsharded_eval(sharded_scoring_runs):
+    from test_distributed import _close
+
+    root = sharded_scoring_runs["root"]
+    assert "scoring with the model sharded over 2 processes (FSDP, forward only)" in sharded_scoring_runs["eval"]
+    one, two = (json.loads((root / name).read_text()) for name in ("one.json", "two.json"))
+    assert two["counts"] == one["counts"] and one["counts"]["groups"] > 0
+    assert one["model"]["gvpo_loss"] != one["reference"]["gvpo_loss"]  # the policy's log-probs were computed
+    for section in ("model", "reference", "delta"):
+        assert _close(two[section], one[section]), section
+
+
+@pytest.mark.slow
+def test_precompute_progress_under_torchrun_counts_the_whole_job(sharded_scoring_runs):
+    import re
+
+    counts = [tuple(map(int, m)) for m in re.findall(r"reference log-probs.*?([\d,]+)/([\d,]+)",
+                                                    sharded_scoring_runs["precompute"].replace(",", ""))]
+    assert counts, sharded_scoring_runs["precompute"][-2000:]
+    assert all(done <= total for done, total in counts)  # before: "118/117 (101%)"
+    assert counts[-1][0] == counts[-1][1]
+
+
+def test_shard_model_takes_auto_on_or_off():
+    from gvpo_offline.model import distributed, sharded_scoring
+
+    with pytest.raises(GvpoError, match="--shard-model must be one of auto, on, off, got 'yes'"):
+        sharded_scoring.check_choice("yes")
+    one = distributed.Dist()
+    assert not sharded_scoring.should_shard("on", one, STORIES, torch.device("cpu"))  # one process: nothing to shard
+    n = sum(p.numel() for p in __import__("gvpo_offline.model.loading", fromlist=["x"]).load_model(
+        STORIES, torch.device("cpu")).parameters())
+    assert sharded_scoring.weights_bytes(STORIES) == 4 * n  # counted on meta, no weight read

@@ -93,6 +93,7 @@ def precompute_ref_cmd(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Compute dtype: auto (float32 on CPU, bf16 autocast on a GPU that supports it), float32, bfloat16. Weights stay float32, as in train, so that ℓ = 0 at step 0.")] = "auto",
     no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
+    shard_model: Annotated[str, typer.Option("--shard-model", metavar="MODE", help="Under torchrun: on shards the model over the processes (FSDP forward passes, for a model too big for one device), off gives each process the whole model, auto shards when its float32 weights do not fit one device.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """Compute log pi_ref(y|x) of every response once and cache it in WORKDIR (train and eval read it).
@@ -111,7 +112,7 @@ def precompute_ref_cmd(
         tokenize=TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template)),
         eval_fraction=eval_fraction, eval_data=tuple(eval_data or ()), shard_groups=shard_groups,
         batch_tokens=batch_tokens, packing=packing, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        overwrite=not no_overwrite,
+        overwrite=not no_overwrite, shard_model=shard_model,
     )
     precompute(config, console)
 
@@ -203,6 +204,7 @@ def eval_cmd(
     top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT")] = 128,
     reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", metavar="SECONDS", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
+    shard_model: Annotated[str, typer.Option("--shard-model", metavar="MODE", help="Under torchrun: on shards the model over the processes (FSDP forward passes, for a model too big for one device), off gives each process the whole model, auto shards when its float32 weights do not fit one device.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
@@ -224,6 +226,7 @@ def eval_cmd(
         workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,
         batch_tokens=batch_tokens, device=device, dtype=dtype, packing=packing, bootstrap=bootstrap, seed=seed,
         generation=generation, layout=layout, columns=columns, trust_remote_code=trust_remote_code,
+        shard_model=shard_model,
     )
     report = evaluate(config, console)
     if report is None:  # not rank 0 of a torchrun launch: rank 0 reports

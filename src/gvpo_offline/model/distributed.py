@@ -256,7 +256,8 @@ def balanced_split(tokens: list[int], world_size: int) -> list[list[int]]:
 def score_groups(ctx: Dist, group_ids: list, lengths: list[int], score) -> np.ndarray:
     """Data-parallel inference: ``score(rows) -> [len(rows)] float64`` on this rank's token-balanced share
     of whole groups, gathered into [N] (row order) on every rank. ``group_ids``: [N] the group of each
-    row, rows of a group contiguous; ``lengths``: [N] tokens per row. One process: ``score(all rows)``."""
+    row, rows of a group contiguous; ``lengths``: [N] tokens per row. One process: ``score(all rows)``.
+    A sharded model (sharded_scoring.py): ``score`` runs its batches in lock-step with the other ranks'."""
     n = len(lengths)
     if not ctx.enabled:
         return score(list(range(n)))

@@ -122,6 +122,7 @@ class EvalConfig:
     layout: str = "auto"
     columns: ColumnMap = ColumnMap()
     trust_remote_code: bool = False
+    shard_model: str = "auto"  # under torchrun: shard the model over the processes (sharded_scoring.py)
 
     def __post_init__(self):
         if self.beta is not None and not 0 < self.beta < math.inf:
@@ -134,6 +135,9 @@ class EvalConfig:
 
         if self.packing is not None and self.packing not in PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {self.packing!r}")
+        from gvpo_offline.model.sharded_scoring import check_choice
+
+        check_choice(self.shard_model)
 
 
 @dataclass
@@ -301,10 +305,10 @@ def is_reference_model(model_path: Path, manifest) -> bool:
 
 
 def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=None, console=None,
-                     packed: bool = False) -> np.ndarray:
+                     packed: bool = False, passes=None) -> np.ndarray:
     """Σ log πθ(response | prompt) per pair, [N] float64 (scoring.batched_logps: no grad, batched by
     length under ``batch_tokens`` or ``packed`` rows, the shared numeric regime for ``dtype``), with a
-    progress bar."""
+    progress bar. ``passes``: lock-step forwards of a sharded model (sharded_scoring.lockstep)."""
     import torch
 
     from gvpo_offline.model.scoring import batched_logps
@@ -312,7 +316,7 @@ def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, dtype=N
 
     with progress(console, "policy log-probs", len(prompt_ids), unit="responses") as update:
         return batched_logps(model, prompt_ids, response_ids, batch_tokens, dtype or torch.float32,
-                             on_batch=lambda n, _tokens: update(advance=n), packed=packed)
+                             on_batch=lambda n, _tokens: update(advance=n), packed=packed, passes=passes)
 
 
 def _load_rows(config: EvalConfig, console=None):
@@ -333,7 +337,7 @@ def _load_rows(config: EvalConfig, console=None):
     data = DataConfig(tuple(config.data_paths), config.layout, config.columns)
     sub = reference.precompute_extra(
         config.workdir, data, device=config.device, batch_tokens=config.batch_tokens,
-        trust_remote_code=config.trust_remote_code, console=console,
+        trust_remote_code=config.trust_remote_code, console=console, shard_model=config.shard_model,
     )
     return reference.load_split(sub, "eval"), [str(Path(p)) for p in config.data_paths], reference.read_manifest(sub).key
 
@@ -413,7 +417,12 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        model = load_model(model_path, device, torch.float32, config.trust_remote_code)  # + autocast(dtype)
+        from gvpo_offline.model import sharded_scoring
+
+        model, sharded = sharded_scoring.load_for_scoring(  # float32 + autocast(dtype)
+            ctx, model_path, device, config.shard_model, config.trust_remote_code,
+            lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+        passes = sharded_scoring.lockstep(ctx, sharded)
         vocab = model.get_output_embeddings().weight.shape[0]
         prompt_ids = table.column("prompt_ids").to_pylist()
         response_ids = table.column("response_ids").to_pylist()
@@ -430,7 +439,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
         lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
         log_ratio = distributed.score_groups(ctx, group_ids, lengths, lambda rows: policy_log_probs(
             model, [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], batch_tokens, dtype, console,
-            packed,
+            packed, passes,
         )) - ref_logp
         if not np.isfinite(log_ratio).all():
             raise GvpoError(f"{model_path}: non-finite log-probs on the evaluation data")

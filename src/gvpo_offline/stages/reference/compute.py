@@ -29,7 +29,7 @@ from gvpo_offline.data.tokenize import (
     truncate_response,
     truncation_warning,
 )
-from gvpo_offline.model import distributed, hub, loading, logprobs, packing, scoring
+from gvpo_offline.model import distributed, hub, loading, logprobs, packing, scoring, sharded_scoring
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
@@ -71,6 +71,9 @@ class PrecomputeConfig:
         (packing.py; padded rows with a note where the model is not supported); 'off' pads separate
         sequences; 'auto' packs a shard when that saves ≥ packing.MIN_SHARED_FRACTION of its tokens. Recorded in the manifest (the values differ at float-rounding level); train and eval
         use the cache's setting by default.
+    shard_model: under torchrun, 'on' shards the reference over the processes (FSDP forward passes,
+        sharded_scoring.py), 'off' gives each process the whole model, 'auto' shards when its float32
+        weights do not fit one device. Not part of the cache's inputs (the values agree to float rounding).
     overwrite: False refuses to replace a cache made from other inputs (``--no-overwrite``).
     require_*_fingerprint: refuse unless the model/tokenizer at ``model`` has this fingerprint
         (used by :func:`precompute_extra` to guarantee the same reference as the main cache).
@@ -89,6 +92,7 @@ class PrecomputeConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    shard_model: str = "auto"
     overwrite: bool = True
     progress: bool = True
     require_model_fingerprint: str | None = None
@@ -101,6 +105,7 @@ class PrecomputeConfig:
             raise GvpoError("--shard-groups, --batch-tokens and chunk_tokens must be positive")
         if self.packing not in packing.PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(packing.PACKING_CHOICES)}, got {self.packing!r}")
+        sharded_scoring.check_choice(self.shard_model)
 
 
 def split_value(prompt_json: str) -> float:
@@ -298,10 +303,11 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
 
         transformers.utils.logging.disable_progress_bar()
         # float32 weights, autocast to ``dtype``: the numeric regime train and eval use too (ℓ = 0 at step 0)
-        model = loading.load_model(model_path, device, torch.float32, config.trust_remote_code)
+        model, sharded = sharded_scoring.load_for_scoring(ctx, model_path, device, config.shard_model,
+                                                          config.trust_remote_code, lambda m: _say(console, m))
         batch_tokens = config.batch_tokens or logprobs.default_batch_tokens(device)
         _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config,
-                        console, ctx, encoded)
+                        console, ctx, encoded, sharded_scoring.lockstep(ctx, sharded))
     distributed.barrier(ctx)
     with distributed.together(ctx):  # rank 0 completes the manifest; its GvpoError stops every rank
         if ctx.is_main:
@@ -354,7 +360,8 @@ def _plan(config: PrecomputeConfig, console: Console, data_files: list[FileInfo]
 
 
 def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, dtype, config, console,
-                    ctx: distributed.Dist = distributed.Dist(), encoded: dict[int, tuple] | None = None):
+                    ctx: distributed.Dist = distributed.Dist(), encoded: dict[int, tuple] | None = None,
+                    passes=None):
     """Tokenize (unless ``encoded`` by :func:`_encode_all` already), score and write (atomically) the
     shards ``todo``, under a progress bar on ``console``.
     Several processes: every rank scores a token-balanced share of each shard's groups, and rank
@@ -395,7 +402,7 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
                     ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],
                     lambda rows: scoring.batched_logps(
                         model, [cols["prompt_ids"][i] for i in rows], [cols["response_ids"][i] for i in rows],
-                        batch_tokens, dtype, config.chunk_tokens, advance, packed,
+                        batch_tokens, dtype, config.chunk_tokens, advance, packed, passes,
                     ),
                 )
                 finished_pairs, finished_tokens = finished_pairs + shard_pairs, finished_tokens + shard_tokens
@@ -469,6 +476,7 @@ def precompute_extra(
     trust_remote_code: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    shard_model: str = "auto",
 ) -> Path:
     """Reference log-probs of other files (``eval --data FILE``) with WORKDIR's reference model and
     tokenization, every row split='eval'. Cached like the main cache in its own workdir,
@@ -486,7 +494,7 @@ def precompute_extra(
         data=data, model=main.model_path, workdir=sub, tokenize=main.tokenize_config, eval_fraction=1.0,
         shard_groups=main.shard_groups or 1000, batch_tokens=batch_tokens, device=device, dtype=main.dtype,
         packing=main.inputs.get("packing", "off"),
-        trust_remote_code=trust_remote_code, progress=progress,
+        trust_remote_code=trust_remote_code, progress=progress, shard_model=shard_model,
         require_model_fingerprint=main.model_fingerprint, require_tokenizer_fingerprint=main.tokenizer_fingerprint,
     )
     precompute(config, console)

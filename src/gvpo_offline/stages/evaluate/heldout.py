@@ -135,9 +135,7 @@ class EvalConfig:
 
         if self.packing is not None and self.packing not in PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {self.packing!r}")
-        from gvpo_offline.model.sharded_scoring import check_choice
-
-        check_choice(self.shard_model)
+        __import__("gvpo_offline.model.sharded_scoring", fromlist=["x"]).check_choice(self.shard_model)
 
 
 @dataclass
@@ -418,10 +416,10 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
 
         transformers.utils.logging.disable_progress_bar()
         from gvpo_offline.model import sharded_scoring
+        from gvpo_offline.runtime.progress import say
 
-        model, sharded = sharded_scoring.load_for_scoring(  # float32 + autocast(dtype)
-            ctx, model_path, device, config.shard_model, config.trust_remote_code,
-            lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+        model, sharded = sharded_scoring.load_for_scoring(ctx, model_path, device, config.shard_model,  # + autocast
+                                                          config.trust_remote_code, lambda m: say(console, m))
         passes = sharded_scoring.lockstep(ctx, sharded)
         vocab = model.get_output_embeddings().weight.shape[0]
         prompt_ids = table.column("prompt_ids").to_pylist()

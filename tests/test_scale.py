@@ -314,3 +314,57 @@ def test_shard_model_takes_auto_on_or_off():
     n = sum(p.numel() for p in __import__("gvpo_offline.model.loading", fromlist=["x"]).load_model(
         STORIES, torch.device("cpu")).parameters())
     assert sharded_scoring.weights_bytes(STORIES) == 4 * n  # counted on meta, no weight read
+
+
+# ---- multi-node: HSDP (issue 21.4) ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_hsdp_on_two_nodes_of_two_gives_the_single_process_gradient(tmp_path):
+    import socket
+
+    from gvpo_offline.model.loading import load_model
+    from gvpo_offline.stages.train.step import gvpo_backward, load_train_groups, make_batch
+
+    cache = tmp_path / "cache"
+    build_cache(cache, STORIES, text_groups(STORIES, STORY_GROUPS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out.pt"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
+                               "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               REPO / "tests" / "hsdp_worker.py", out, cache, "60"], env=env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=400)
+        assert node.returncode == 0, err[-3000:]
+    got = torch.load(out, weights_only=False)
+    assert got["hsdp"] and got["nodes"] == (2, 2)  # --hsdp auto: on, since the job spans 2 nodes
+    assert got["mesh"] == (2, 2) and got["mesh_names"] == ("replicate", "shard")
+    assert got["placements"] == ["R", "S(0)"]  # each node holds one sharded copy
+    full = load_model(STORIES, torch.device("cpu")).model.layers[0].mlp.up_proj.weight.shape[0]
+    assert got["local_rows"] == full // 2  # sharded over a node's 2 processes, not the job's 4
+
+    groups = load_train_groups(cache)
+    batch = make_batch(groups, list(range(groups.n_groups)))
+    model = load_model(STORIES, torch.device("cpu"))
+    stats = gvpo_backward(model, batch, 1.0, 10**6)  # one process, every group in one pass
+    assert got["loss"] == pytest.approx(stats.loss, rel=1e-5)
+    for name, p in model.named_parameters():
+        scale = p.grad.abs().max().item()
+        assert scale > 0 and torch.allclose(got["grads"][name], p.grad, rtol=0, atol=1e-5 * scale), name
+
+
+def test_hsdp_is_on_by_default_when_the_job_spans_nodes(monkeypatch):
+    from gvpo_offline.model import distributed
+
+    four = distributed.Dist(rank=0, world_size=4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.nodes(four) == (2, 2) and distributed.use_hsdp(four, "auto")
+    assert not distributed.use_hsdp(four, "off")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one node of 4: plain FSDP over the node
+    assert not distributed.use_hsdp(four, "auto") and distributed.use_hsdp(four, "on")
+    assert not distributed.use_hsdp(distributed.Dist(), "on")  # one process: nothing to shard
+    with pytest.raises(GvpoError, match="--hsdp must be one of auto, on, off"):
+        distributed.use_hsdp(four, "yes")

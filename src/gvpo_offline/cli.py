@@ -137,6 +137,7 @@ def train_cmd(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute decoder layers in the backward pass (less memory, slower).")] = False,
     packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto, on or off (see precompute-ref); default: the reference cache's setting, so policy and reference share one path.", show_default=False)] = None,
     cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Under torchrun on GPUs: keep the FSDP shards, gradients and AdamW state in CPU RAM (slower, fits larger models).")] = False,
+    hsdp: Annotated[str, typer.Option("--hsdp", metavar="MODE", help="Under torchrun: on shards the model within each node and replicates it across nodes (HSDP: layer all-gathers stay inside a node; gradients are all-reduced across nodes); off shards over all processes; auto: on when the job spans several nodes.")] = "auto",
     report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="none, tensorboard (WORKDIR/tb/), wandb; repeat or comma-separate for several.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", metavar="INT", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", metavar="INT", help="How many of the newest checkpoints to keep.")] = 2,
@@ -169,7 +170,7 @@ def train_cmd(
         workdir=Path(workdir), beta=beta, loss=loss, init_model=init_model, groups_per_step=groups_per_step,
         micro_batch_tokens=micro_batch_tokens, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing, cpu_offload=cpu_offload, save_every=save_every,
+        gradient_checkpointing=gradient_checkpointing, cpu_offload=cpu_offload, hsdp=hsdp, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
         packing=packing, lora=lora, merge=merge, base_dtype=base_dtype,
     )

@@ -310,19 +310,54 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(ctx: Dist, model, cpu_offload: bool = False):
-    """FSDP2: ``fully_shard`` each decoder layer, then the root, over all ranks (1-D mesh). On GPU the
+HSDP_CHOICES = ("auto", "on", "off")
+
+
+def nodes(ctx: Dist) -> tuple[int, int]:
+    """(nodes, processes per node) of the launch, from LOCAL_WORLD_SIZE (torchrun sets it per node)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    if local < 1 or ctx.world_size % local:
+        return 1, ctx.world_size
+    return ctx.world_size // local, local
+
+
+def use_hsdp(ctx: Dist, mode: str) -> bool:
+    """``--hsdp``: on, off, or auto = on when the job spans several nodes (LOCAL_WORLD_SIZE < WORLD_SIZE)."""
+    if mode not in HSDP_CHOICES:
+        raise GvpoError(f"--hsdp must be one of {', '.join(HSDP_CHOICES)}, got {mode!r}")
+    if not ctx.enabled or mode == "off":
+        return False
+    n_nodes, local = nodes(ctx)
+    if mode == "on" and ctx.world_size % local:
+        raise GvpoError(f"--hsdp on: {ctx.world_size} processes are not whole nodes of LOCAL_WORLD_SIZE={local}")
+    return mode == "on" or n_nodes > 1
+
+
+def device_mesh(ctx: Dist, hsdp: bool = False):
+    """The FSDP mesh: 1-D over all ranks, or with ``hsdp`` 2-D (nodes, processes per node) named
+    ("replicate", "shard"): each node holds one sharded copy of the model and the gradients are all-reduced
+    across nodes, so a layer's all-gather stays inside a node (NVLink) instead of crossing the network."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not hsdp:
+        return init_device_mesh(ctx.device.type, (ctx.world_size,))
+    n_nodes, local = nodes(ctx)
+    return init_device_mesh(ctx.device.type, (n_nodes, local), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(ctx: Dist, model, cpu_offload: bool = False, hsdp: bool = False):
+    """FSDP2: ``fully_shard`` each decoder layer, then the root, over all ranks (1-D mesh; with ``hsdp`` the
+    2-D mesh of :func:`device_mesh`: sharded within a node, replicated across nodes). On GPU the
     parameters are all-gathered in bf16 and gradients reduced in fp32 (``MixedPrecisionPolicy``); the
     master weights and the optimizer state stay fp32 shards. Gradients are **summed** over ranks
     (not averaged): each rank's loss already carries the step's global 1/G. ``cpu_offload`` keeps the
     shards, gradients and optimizer state in CPU memory. Returns the model (sharded in place)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from gvpo_offline.model import loading, logprobs
 
     on_gpu = ctx.device is not None and ctx.device.type == "cuda"
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    mesh = device_mesh(ctx, hsdp)
     kwargs = {"mesh": mesh}
     if on_gpu:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

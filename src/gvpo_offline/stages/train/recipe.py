@@ -281,7 +281,11 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         log(plan.describe())
         memory_plan.check_fits(ctx, plan)
         if ctx.enabled:
-            model = rank0_load.shard_and_broadcast(ctx, model, cfg.cpu_offload)
+            hsdp = distributed.use_hsdp(ctx, cfg.hsdp)  # several nodes: shard within each, replicate across
+            if hsdp:
+                log(f"HSDP: {'×'.join(map(str, distributed.nodes(ctx)))} (nodes × processes per node): the model "
+                    "is sharded within a node and replicated across nodes")
+            model = rank0_load.shard_and_broadcast(ctx, model, cfg.cpu_offload, hsdp)
         elif cfg.cpu_offload:
             raise GvpoError("--cpu-offload shards the training state over processes: launch with torchrun on GPUs")
         params = [p for p in model.parameters() if p.requires_grad]

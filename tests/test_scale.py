@@ -368,3 +368,19 @@ def test_hsdp_is_on_by_default_when_the_job_spans_nodes(monkeypatch):
     assert not distributed.use_hsdp(distributed.Dist(), "on")  # one process: nothing to shard
     with pytest.raises(GvpoError, match="--hsdp must be one of auto, on, off"):
         distributed.use_hsdp(four, "yes")
+
+
+def test_cpu_offload_is_refused_on_cpu_in_one_line(tmp_path):
+    from gvpo_offline.model import distributed
+    from gvpo_offline.model.loading import load_model
+
+    # under torchrun on CPU (gloo): every rank refuses before its first collective
+    ctx = distributed.Dist(rank=0, world_size=2, device=torch.device("cpu"))
+    with pytest.raises(GvpoError, match=r"^--cpu-offload needs GPUs \(on CPU everything already lives in CPU memory\)$"):
+        distributed.shard_model(ctx, load_model(STORIES, torch.device("cpu")), cpu_offload=True)
+    # one process: nothing is sharded, so nothing could be offloaded
+    build_cache(tmp_path / "run", STORIES, text_groups(STORIES, STORY_GROUPS[:2]))
+    with pytest.raises(GvpoError, match="^--cpu-offload shards the training state over processes"):
+        train(TrainConfig(workdir=tmp_path / "run", beta=1, device="cpu", cpu_offload=True, progress=False),
+              log=lambda _m: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -357,13 +357,12 @@ def shard_model(ctx: Dist, model, cpu_offload: bool = False, hsdp: bool = False)
     from gvpo_offline.model import loading, logprobs
 
     on_gpu = ctx.device is not None and ctx.device.type == "cuda"
-    mesh = device_mesh(ctx, hsdp)
-    kwargs = {"mesh": mesh}
+    if cpu_offload and not on_gpu:  # before any collective: every rank refuses alike
+        raise GvpoError("--cpu-offload needs GPUs (on CPU everything already lives in CPU memory)")
+    kwargs = {"mesh": device_mesh(ctx, hsdp)}
     if on_gpu:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
-        if not on_gpu:
-            raise GvpoError("--cpu-offload needs GPUs (on CPU everything already lives in CPU memory)")
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)

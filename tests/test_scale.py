@@ -384,3 +384,10 @@ def test_cpu_offload_is_refused_on_cpu_in_one_line(tmp_path):
         train(TrainConfig(workdir=tmp_path / "run", beta=1, device="cpu", cpu_offload=True, progress=False),
               log=lambda _m: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_network_error_that_is_not_a_collective_is_not_called_a_lost_rank():
+    from gvpo_offline.runtime import launcher
+
+    assert not launcher.is_lost_peer(OSError("[Errno 111] Connection refused: huggingface.co"))
+    assert not launcher.is_lost_peer(BrokenPipeError("[Errno 32] Broken pipe"))

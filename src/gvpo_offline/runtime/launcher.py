@@ -75,9 +75,11 @@ def _write(text: str) -> None:
         pass
 
 
-_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
+# what gloo, NCCL and the TCPStore say when a peer is gone (never a generic network phrase: a hub download's
+# "Connection refused" is not a lost rank)
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "ProcessGroupNCCL",
               "NCCL communicator was aborted", "Watchdog caught collective operation timeout", "remote process exited",
-              "ProcessGroupNCCL", "Socket Timeout", "Connection refused")
+              "Socket Timeout")
 
 
 def is_lost_peer(error: BaseException) -> bool:

@@ -391,3 +391,14 @@ def test_a_network_error_that_is_not_a_collective_is_not_called_a_lost_rank():
 
     assert not launcher.is_lost_peer(OSError("[Errno 111] Connection refused: huggingface.co"))
     assert not launcher.is_lost_peer(BrokenPipeError("[Errno 32] Broken pipe"))
+
+
+def test_the_cli_says_when_accelerate_started_one_process(monkeypatch, run_cli, tmp_path):
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    result = run_cli("inspect", tmp_path / "missing.jsonl")
+    assert result.err.startswith("note: accelerate launch asked for several processes but started one")
+    monkeypatch.delenv("MASTER_ADDR")  # accelerate launch --cpu (one process asked for): no note
+    assert "accelerate" not in run_cli("inspect", tmp_path / "missing.jsonl").err

@@ -329,12 +329,6 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
     assert {"rng-0.pt", "rng-1.pt", ".metadata"} <= {p.name for p in saved.iterdir()}  # DCP shards + each rank's RNG
     assert len(_metrics(killed)) < STEPS, "the run finished before it could be killed"
 
-    # a 2-process checkpoint is not resumed by one process (a clear refusal)
-    with pytest.raises(GvpoError, match="written by 2 process"):
-        train(TrainConfig(workdir=killed, beta=1, lr=1e-3, groups_per_step=3, max_steps=STEPS, save_every=2,
-                          micro_batch_tokens=MICRO_TOKENS, device="cpu", seed=1, resume=True, progress=False),
-              log=lambda _m: None)
-
     done = subprocess.run(torchrun(*cli, "--workdir", killed, *args, "--resume"), env=env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -5,6 +5,7 @@ Every user-facing failure is a GvpoError: printed as one line on stderr, exit co
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -119,6 +120,7 @@ def precompute_ref_cmd(
     dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Weights dtype: the model is loaded directly in it (no float32 copy) and runs in it. auto = bfloat16 on a GPU that supports it, float32 otherwise. Recorded in the manifest: train runs the policy in the same weights dtype, so ℓ = 0 at step 0.")] = "auto",
     no_overwrite: Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace a cache made from other inputs.")] = False,
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Score with the model's weights in 4-bit NF4 (bitsandbytes, CUDA only: pip install 'gvpo-offline[qlora]'), for train --load-in-4bit (QLoRA): the same quantised base on both sides, so ℓ = 0 at step 0. Recorded in the manifest.")] = False,
+    shard_model: Annotated[str, typer.Option("--shard-model", metavar="MODE", help="Under torchrun: on shards the model over the processes (FSDP forward passes, for a model too big for one device), off gives each process the whole model, auto shards when its weights (in the weights dtype) do not fit one device.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
 ) -> None:
@@ -139,7 +141,7 @@ def precompute_ref_cmd(
         tokenize=TokenizeConfig(max_length, max_prompt_length, not no_eos, load_prompt_template(prompt_template)),
         eval_fraction=eval_fraction, eval_data=tuple(eval_data or ()), shard_groups=shard_groups, shard_bytes=shard_bytes,
         batch_tokens=batch_tokens, packing=packing, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        overwrite=not no_overwrite, load_in_4bit=load_in_4bit,
+        overwrite=not no_overwrite, load_in_4bit=load_in_4bit, shard_model=shard_model,
     )
     if cache_hit(config, console) is None:  # a hit imports neither torch nor transformers
         from gvpo_offline.model.threads import apply_threads
@@ -169,6 +171,7 @@ def train_cmd(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute decoder layers in the backward pass (less memory, slower).")] = False,
     packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto, on or off (see precompute-ref); default: the reference cache's setting, so policy and reference share one path.", show_default=False)] = None,
     cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Under torchrun on GPUs: keep the FSDP shards, gradients and AdamW state in CPU RAM (slower, fits larger models).")] = False,
+    hsdp: Annotated[str, typer.Option("--hsdp", metavar="MODE", help="Under torchrun: on shards the model within each node and replicates it across nodes (HSDP: layer all-gathers stay inside a node; gradients are all-reduced across nodes); off shards over all processes; auto: on when the job spans several nodes.")] = "auto",
     report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="none, tensorboard (WORKDIR/tb/), wandb; repeat or comma-separate for several.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", metavar="INT", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", metavar="INT", help="How many of the newest checkpoints to keep.")] = 2,
@@ -214,7 +217,7 @@ def train_cmd(
         workdir=Path(workdir), beta=beta, loss=loss, init_model=init_model, groups_per_step=groups_per_step,
         micro_batch_tokens=micro_batch_tokens, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing, cpu_offload=cpu_offload, save_every=save_every,
+        gradient_checkpointing=gradient_checkpointing, cpu_offload=cpu_offload, hsdp=hsdp, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
         packing=packing, lora=lora, merge=merge, base_dtype=base_dtype, load_in_4bit=load_in_4bit,
     )
@@ -257,6 +260,7 @@ def eval_cmd(
     top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT", help="Generation eval: nucleus sampling mass.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT", help="Generation eval: most tokens generated per response.")] = 128,
     reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", metavar="SECONDS", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
+    shard_model: Annotated[str, typer.Option("--shard-model", metavar="MODE", help="Under torchrun: on shards the model over the processes (FSDP forward passes, for a model too big for one device), off gives each process the whole model, auto shards when its weights (in the weights dtype) do not fit one device.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
 ) -> None:
@@ -280,6 +284,7 @@ def eval_cmd(
         workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,
         batch_tokens=batch_tokens, device=device, dtype=dtype, packing=packing, bootstrap=bootstrap, seed=seed,
         generation=generation, layout=layout, columns=columns, trust_remote_code=trust_remote_code,
+        shard_model=shard_model,
     )
     apply_threads(threads, device)
     report = evaluate(config, console)
@@ -416,7 +421,11 @@ def main(argv: list[str] | None = None) -> None:
     arguments: the help, exit 2); user errors (GvpoError) one line and exit 2; Ctrl-C 130, SIGTERM 143."""
     from gvpo_offline.runtime import interrupts
 
+    from gvpo_offline.runtime.launcher import single_process_note
+
     args = _hyphenated(sys.argv[1:] if argv is None else list(argv))
+    if (note := single_process_note()) is not None:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     try:
         with interrupts.installed():  # SIGINT -> 130, SIGTERM -> 143 (typer turns both into Exit(130))
             code = app(args=args or ["--help"], prog_name="gvpo-offline", standalone_mode=False)
@@ -428,13 +437,17 @@ def main(argv: list[str] | None = None) -> None:
         err.show()
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, typer.Abort, _CLICK_ABORT) as exc:
-        console.print("interrupted", style="yellow")
+        if _rank() == 0:  # torchrun sends SIGTERM to every rank: one "interrupted" per job
+            console.print("interrupted", style="yellow")
         sys.exit(interrupts.exit_code(exc))
     except OSError as err:  # disk full, read-only or unreadable paths: one line naming the path
         console.print(f"error: {_os_error(err)}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except typer.Exit as exc:  # --help, or a command that ends early on purpose
         sys.exit(exc.exit_code)
+    except Exception as err:  # under a launcher: another rank died (a collective failed), one line from rank 0
+        _exit_if_peer_lost(err)
+        raise
     if not code and "gvpo_offline.model.distributed" in sys.modules:  # under torchrun: every rank reaches the end
         sys.modules["gvpo_offline.model.distributed"].finish()  # before any closes its process group
     if code == 130:  # typer caught a KeyboardInterrupt (Ctrl-C or SIGTERM) and returned its exit code
@@ -487,6 +500,30 @@ def _explain_unknown_option(err) -> None:
     elif getattr(err, "possibilities", None):
         message += f" (did you mean {' or '.join(sorted(err.possibilities)[:3])}?)"
     err.message, err.possibilities = message, None
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _exit_if_peer_lost(err: Exception) -> None:
+    """A collective that failed because another rank of the job died: rank 0 prints one line, every rank
+    leaves with exit code 1 at once (``os._exit``: closing the process group or running atexit handlers
+    would only wait on the dead rank or print more). Any other exception: return (the caller re-raises)."""
+    from gvpo_offline.runtime import launcher
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    message = launcher.lost_peer_message(err, dist.get_rank(), dist.get_world_size())
+    if message is None:
+        return
+    if dist.get_rank() == 0:
+        console.print(f"error: {message}", style="bold red", highlight=False, markup=False, soft_wrap=True)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def _os_error(err: OSError) -> str:

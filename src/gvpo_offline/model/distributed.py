@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gvpo_offline.runtime import launcher
 from gvpo_offline.runtime.errors import GvpoError
 
 TIMEOUT_ENV = "GVPO_DIST_TIMEOUT_S"
@@ -77,6 +78,7 @@ def context(device: str = "auto") -> Dist:
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    launcher.watch_parent(rank)  # the launcher's death ends this rank at once, without writing (launcher.py)
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if device.startswith("cuda:"):
         raise GvpoError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")
@@ -254,7 +256,8 @@ def balanced_split(tokens: list[int], world_size: int) -> list[list[int]]:
 def score_groups(ctx: Dist, group_ids: list, lengths: list[int], score) -> np.ndarray:
     """Data-parallel inference: ``score(rows) -> [len(rows)] float64`` on this rank's token-balanced share
     of whole groups, gathered into [N] (row order) on every rank. ``group_ids``: [N] the group of each
-    row, rows of a group contiguous; ``lengths``: [N] tokens per row. One process: ``score(all rows)``."""
+    row, rows of a group contiguous; ``lengths``: [N] tokens per row. One process: ``score(all rows)``.
+    A sharded model (sharded_scoring.py): ``score`` runs its batches in lock-step with the other ranks'."""
     n = len(lengths)
     if not ctx.enabled:
         return score(list(range(n)))
@@ -307,26 +310,61 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(ctx: Dist, model, cpu_offload: bool = False, param_dtype: torch.dtype | None = None):
-    """FSDP2: ``fully_shard`` each decoder layer, then the root, over all ranks (1-D mesh). With a
+HSDP_CHOICES = ("auto", "on", "off")
+
+
+def nodes(ctx: Dist) -> tuple[int, int]:
+    """(nodes, processes per node) of the launch, from LOCAL_WORLD_SIZE (torchrun sets it per node)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    if local < 1 or ctx.world_size % local:
+        return 1, ctx.world_size
+    return ctx.world_size // local, local
+
+
+def use_hsdp(ctx: Dist, mode: str) -> bool:
+    """``--hsdp``: on, off, or auto = on when the job spans several nodes (LOCAL_WORLD_SIZE < WORLD_SIZE)."""
+    if mode not in HSDP_CHOICES:
+        raise GvpoError(f"--hsdp must be one of {', '.join(HSDP_CHOICES)}, got {mode!r}")
+    if not ctx.enabled or mode == "off":
+        return False
+    n_nodes, local = nodes(ctx)
+    if mode == "on" and ctx.world_size % local:
+        raise GvpoError(f"--hsdp on: {ctx.world_size} processes are not whole nodes of LOCAL_WORLD_SIZE={local}")
+    return mode == "on" or n_nodes > 1
+
+
+def device_mesh(ctx: Dist, hsdp: bool = False):
+    """The FSDP mesh: 1-D over all ranks, or with ``hsdp`` 2-D (nodes, processes per node) named
+    ("replicate", "shard"): each node holds one sharded copy of the model and the gradients are all-reduced
+    across nodes, so a layer's all-gather stays inside a node (NVLink) instead of crossing the network."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not hsdp:
+        return init_device_mesh(ctx.device.type, (ctx.world_size,))
+    n_nodes, local = nodes(ctx)
+    return init_device_mesh(ctx.device.type, (n_nodes, local), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(ctx: Dist, model, cpu_offload: bool = False, param_dtype: torch.dtype | None = None,
+                hsdp: bool = False):
+    """FSDP2: ``fully_shard`` each decoder layer, then the root, over all ranks (1-D mesh; with ``hsdp`` the
+    2-D mesh of :func:`device_mesh`: sharded within a node, replicated across nodes). With a
     ``param_dtype`` below float32 (the cache's weights dtype, bf16) the parameters are all-gathered in it,
     so the forward runs in the reference's weights dtype, and gradients are reduced in fp32
     (``MixedPrecisionPolicy``); the master weights and the optimizer state stay fp32 shards. Gradients are **summed** over ranks
     (not averaged): each rank's loss already carries the step's global 1/G. ``cpu_offload`` keeps the
     shards, gradients and optimizer state in CPU memory. Returns the model (sharded in place)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from gvpo_offline.model import loading, logprobs
 
     on_gpu = ctx.device is not None and ctx.device.type == "cuda"
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    kwargs = {"mesh": mesh}
+    if cpu_offload and not on_gpu:  # before any collective: every rank refuses alike
+        raise GvpoError("--cpu-offload needs GPUs (on CPU everything already lives in CPU memory)")
+    kwargs = {"mesh": device_mesh(ctx, hsdp)}
     if param_dtype is not None and param_dtype != torch.float32:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if cpu_offload:
-        if not on_gpu:
-            raise GvpoError("--cpu-offload needs GPUs (on CPU everything already lives in CPU memory)")
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
@@ -355,7 +393,7 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _has_frozen(model) -> bool:
+def has_frozen(model) -> bool:
     """A LoRA run (peft): the frozen base is not trained, so it is neither checkpointed nor gathered."""
     return any(not p.requires_grad for p in model.parameters())
 
@@ -368,7 +406,7 @@ def full_state_dict(model) -> dict[str, Tensor] | None:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=_has_frozen(model))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=has_frozen(model))
     state = get_model_state_dict(model, options=options)
     for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if tied in state and source in state:  # gathered as two copies: one tensor again, saved once by HF
@@ -396,7 +434,7 @@ def _checkpoint_options(model):
     (the base is loaded again from the model it came from)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    frozen = _has_frozen(model)
+    frozen = has_frozen(model)
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 

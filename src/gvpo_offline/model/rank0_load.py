@@ -104,7 +104,8 @@ def build_on_meta(path: str | Path, dtype: torch.dtype, trust_remote_code: bool 
     return model.eval()
 
 
-def shard_and_broadcast(ctx: distributed.Dist, model, cpu_offload: bool = False, param_dtype: torch.dtype | None = None):
+def shard_and_broadcast(ctx: distributed.Dist, model, cpu_offload: bool = False, param_dtype: torch.dtype | None = None,
+                        hsdp: bool = False):
     """``distributed.shard_model`` of a :func:`load_for_sharding` model (possibly wrapped since, e.g. by
     peft), then rank 0's weights and buffers copied into every rank's shards. Returns the sharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -116,7 +117,7 @@ def shard_and_broadcast(ctx: distributed.Dist, model, cpu_offload: bool = False,
         return sliced_load.shard_and_fill(ctx, model, *sliced, cpu_offload=cpu_offload)
     full_state = model.state_dict() if ctx.is_main else {}  # references to rank 0's full tensors, no copy
     stateless = _stateless_buffers(model)
-    model = distributed.shard_model(ctx, model, cpu_offload, param_dtype)
+    model = distributed.shard_model(ctx, model, cpu_offload, param_dtype, hsdp)  # hsdp: distributed.device_mesh
     if not ctx.is_main:  # meta -> uninitialised memory for this rank's shards and the buffers
         model.to_empty(device="cpu" if cpu_offload else ctx.device)
         if cpu_offload:  # shards stay in CPU RAM; buffers live where rank 0's fully_shard put them

@@ -5,6 +5,7 @@ Used by precompute-ref and eval; :func:`batched_logps` returns float64 sums in i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ def batched_logps(
     chunk_tokens: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     packed: bool = False,
+    passes: Callable[[int], int] | None = None,
 ) -> np.ndarray:
     """:func:`sequence_logps` of many pairs without grad: [N] float64 (summed in fp32), in input order.
 
@@ -31,6 +33,8 @@ def batched_logps(
     tokens, batched rows × longest ≤ ``batch_tokens``); same values to float rounding. Runs in the
     weights' dtype. ``on_batch(n_pairs, n_tokens)`` after each batch (progress;
     n_tokens = prompt + response tokens of those pairs, as if scored separately).
+    ``passes(n) -> m``: a model sharded over processes (sharded_scoring.py) runs m ≥ n forwards in lock-step
+    with the other ranks: after this rank's n batches, m − n padding passes on a one-token pair (dropped).
     """
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     out = np.zeros(len(lengths), dtype=np.float64)
@@ -39,11 +43,14 @@ def batched_logps(
         plan = [[rows[j] for j in b] for b in length_batches([packing.row_tokens(r) for r in rows], batch_tokens)]
     else:
         plan = length_batches(lengths, batch_tokens)
+    # sharded (sharded_scoring.py): a forward method of the FSDP root, so that its parameters are gathered too
+    rows_logps = getattr(model, "gvpo_rows_logps", None) or functools.partial(packing.rows_logps, model)
+    n_passes = passes(len(plan)) if passes is not None else len(plan)  # agreed before the first forward
     with torch.no_grad():
         for batch in plan:
             if packed:
                 batch_rows, batch = batch, [i for row in batch for seg in row for i in seg.pairs]
-                logps = packing.rows_logps(model, prompt_ids, response_ids, batch_rows, chunk_tokens)[batch]
+                logps = rows_logps(prompt_ids, response_ids, batch_rows, chunk_tokens)[batch]
             else:
                 logps = sequence_logps(
                     model, [prompt_ids[i] for i in batch], [response_ids[i] for i in batch], chunk_tokens
@@ -51,4 +58,6 @@ def batched_logps(
             out[batch] = logps.double().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(batch), sum(lengths[i] for i in batch))
+        for _ in range(n_passes - len(plan)):
+            sequence_logps(model, [[0]], [[0]], chunk_tokens)  # a padding pass: every rank joins each forward
     return out

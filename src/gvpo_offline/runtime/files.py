@@ -100,6 +100,10 @@ def write_errors_as_os_errors(path: str | Path) -> Iterator[None]:
     try:
         yield
     except _writer_errors() as err:
+        from gvpo_offline.runtime.launcher import is_lost_peer
+
+        if is_lost_peer(err):  # a collective inside the save failed: another rank died, not the disk
+            raise
         found = _OS_ERRNO.search(str(err))
         code = int(found.group(1) or found.group(2)) if found else None
         folder = Path(path)

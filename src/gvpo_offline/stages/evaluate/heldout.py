@@ -123,6 +123,7 @@ class EvalConfig:
     layout: str = "auto"
     columns: ColumnMap = ColumnMap()
     trust_remote_code: bool = False
+    shard_model: str = "auto"  # under torchrun: shard the model over the processes (sharded_scoring.py)
 
     def __post_init__(self):
         if self.beta is not None and not 0 < self.beta < math.inf:
@@ -135,6 +136,7 @@ class EvalConfig:
 
         if self.packing is not None and self.packing not in PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {self.packing!r}")
+        __import__("gvpo_offline.model.sharded_scoring", fromlist=["x"]).check_choice(self.shard_model)
 
 
 @dataclass
@@ -302,14 +304,16 @@ def is_reference_model(model_path: Path, manifest) -> bool:
 
 
 def policy_log_probs(model, prompt_ids, response_ids, batch_tokens: int, console=None,
-                     packed: bool = False) -> np.ndarray:
+                     packed: bool = False, passes=None) -> np.ndarray:
     """Σ log πθ(response | prompt) per pair, [N] float64 (scoring.batched_logps: no grad, batched by
-    length under ``batch_tokens`` or ``packed`` rows, in the model's weights dtype), with a progress bar."""
+    length under ``batch_tokens`` or ``packed`` rows, in the model's weights dtype), with a progress bar.
+    ``passes``: lock-step forwards of a sharded model (sharded_scoring.lockstep)."""
     from gvpo_offline.model.scoring import batched_logps
     from gvpo_offline.runtime.progress import progress
 
     with progress(console, "policy log-probs", len(prompt_ids), unit="responses") as update:
-        return batched_logps(model, prompt_ids, response_ids, batch_tokens, on_batch=lambda n, _tokens: update(advance=n), packed=packed)
+        return batched_logps(model, prompt_ids, response_ids, batch_tokens,
+                             on_batch=lambda n, _tokens: update(advance=n), packed=packed, passes=passes)
 
 
 def _load_rows(config: EvalConfig, console=None):
@@ -330,7 +334,7 @@ def _load_rows(config: EvalConfig, console=None):
     data = DataConfig(tuple(config.data_paths), config.layout, config.columns)
     sub = reference.precompute_extra(
         config.workdir, data, device=config.device, batch_tokens=config.batch_tokens,
-        trust_remote_code=config.trust_remote_code, console=console,
+        trust_remote_code=config.trust_remote_code, console=console, shard_model=config.shard_model,
     )
     return reference.load_split(sub, "eval"), [str(Path(p)) for p in config.data_paths], reference.read_manifest(sub).key
 
@@ -412,7 +416,12 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        model = load_model(model_path, device, dtype, config.trust_remote_code)  # the weights in dtype, run in it
+        from gvpo_offline.model import sharded_scoring
+        from gvpo_offline.runtime.progress import say
+
+        model, sharded = sharded_scoring.load_for_scoring(ctx, model_path, device, config.shard_model, dtype,
+                                                          config.trust_remote_code, lambda m: say(console, m))
+        passes = sharded_scoring.lockstep(ctx, sharded)
         if manifest.inputs.get("load_in_4bit"):  # QLoRA: not yet scored on its 4-bit base here
             console.print(f"note: the reference log-probs came from the 4-bit base (precompute-ref --load-in-4bit); "
                           f"{model_path} is scored unquantised, so ℓ includes the base's 4-bit rounding",
@@ -433,6 +442,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
         lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
         log_ratio = distributed.score_groups(ctx, group_ids, lengths, lambda rows: policy_log_probs(
             model, [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], batch_tokens, console, packed,
+            passes,
         )) - ref_logp
         if not np.isfinite(log_ratio).all():
             raise GvpoError(f"{model_path}: non-finite log-probs on the evaluation data")

@@ -30,7 +30,7 @@ from gvpo_offline.data.tokenize import (
     truncate_response,
     truncation_warning,
 )
-from gvpo_offline.model import distributed, hub, loading, logprobs, packing, quantization, scoring
+from gvpo_offline.model import distributed, hub, loading, logprobs, packing, quantization, scoring, sharded_scoring
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
@@ -269,11 +269,14 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
         transformers.utils.logging.disable_progress_bar()
         # the weights loaded directly in ``dtype`` and run in it: train's policy and eval run the same
         # weights dtype (train refuses another), so ℓ = 0 at step 0 to rounding
-        model = (quantization.load_4bit(model_path, device, config.trust_remote_code) if config.load_in_4bit
-                 else loading.load_model(model_path, device, dtype, config.trust_remote_code))
+        if config.load_in_4bit:
+            model, sharded = quantization.load_4bit(model_path, device, config.trust_remote_code), False
+        else:
+            model, sharded = sharded_scoring.load_for_scoring(ctx, model_path, device, config.shard_model, dtype,
+                                                              config.trust_remote_code, lambda m: _say(console, m))
         batch_tokens = config.batch_tokens or logprobs.default_batch_tokens(device)
         _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, config,
-                        console, ctx, encoded)
+                        console, ctx, encoded, sharded_scoring.lockstep(ctx, sharded))
     distributed.barrier(ctx)
     with distributed.together(ctx):  # rank 0 completes the manifest; its GvpoError stops every rank
         if ctx.is_main:
@@ -344,12 +347,15 @@ def _plan(config: PrecomputeConfig, console: Console, data_files: list[FileInfo]
     return groups.combine_chunks(), ["train"] * table.num_rows + ["eval"] * held.table.num_rows, data.layout
 
 
+
 def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, batch_tokens, config, console,
-                    ctx: distributed.Dist = distributed.Dist(), encoded: dict[int, tuple] | None = None):
+                    ctx: distributed.Dist = distributed.Dist(), encoded: dict[int, tuple] | None = None,
+                    passes=None):
     """Tokenize (unless ``encoded`` by :func:`_encode_all` already), score and write (atomically) the
     shards ``todo``, under a progress bar on ``console``.
     Several processes: every rank scores a token-balanced share of each shard's groups, and rank
-    ``s % world_size`` writes shard s (the progress bar shows rank 0's share × world size)."""
+    ``s % world_size`` writes shard s (the progress bar counts the whole job's responses: see advance).
+    ``passes``: lock-step forwards of a model sharded over the processes (sharded_scoring.lockstep)."""
     ranges, tok_cfg = _shard_ranges(manifest.shard_starts, groups.num_rows), manifest.tokenize_config
     k = pc.list_value_length(groups["responses"]).to_numpy()
     packing_mode, note = packing.resolve(config.packing, model.config, model)
@@ -358,15 +364,21 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
     total = int(sum(k[ranges[s][0] : ranges[s][1]].sum() for s in todo))
     with progress(console, "reference log-probs", total, unit="responses", describe=_describe_rate,
                   enabled=config.progress) as update:
-        done_pairs = done_tokens = 0
+        # the whole job's count: exact at each shard's end (its rows are gathered on every rank); within a
+        # shard, rank 0's share × world size, never beyond the shard (shares are balanced by tokens, not rows)
+        finished_pairs = finished_tokens = mine_pairs = mine_tokens = 0
+        shard_pairs = shard_tokens = 0
 
         def advance(n_pairs: int, n_tokens: int) -> None:
-            nonlocal done_pairs, done_tokens
-            done_pairs, done_tokens = done_pairs + n_pairs * ctx.world_size, done_tokens + n_tokens * ctx.world_size
-            update(advance=n_pairs * ctx.world_size, responses=done_pairs, tokens=done_tokens)
+            nonlocal mine_pairs, mine_tokens
+            mine_pairs, mine_tokens = mine_pairs + n_pairs, mine_tokens + n_tokens
+            pairs = finished_pairs + min(mine_pairs * ctx.world_size, shard_pairs)
+            tokens = finished_tokens + min(mine_tokens * ctx.world_size, shard_tokens)
+            update(completed=pairs, responses=pairs, tokens=tokens)
 
         for done, s in enumerate(todo):
             lo, hi = ranges[s]
+            shard_pairs, mine_pairs, mine_tokens = int(k[lo:hi].sum()), 0, 0
             try:
                 if encoded and s in encoded:
                     table, cut_p, cut_r = encoded.pop(s)
@@ -374,13 +386,16 @@ def _compute_shards(workdir, manifest, todo, groups, splits, tokenizer, model, b
                 else:
                     cols, cut_p, cut_r = _encode_groups(tokenizer, groups.slice(lo, hi - lo), splits[lo:hi], tok_cfg)
                 packed = packing.use_packing(packing_mode, cols["prompt_ids"], cols["response_ids"])
+                shard_tokens = sum(len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"]))
                 cols["ref_logp"] = distributed.score_groups(
                     ctx, cols["group_id"], [len(p) + len(r) for p, r in zip(cols["prompt_ids"], cols["response_ids"])],
                     lambda rows: scoring.batched_logps(
                         model, [cols["prompt_ids"][i] for i in rows], [cols["response_ids"][i] for i in rows],
-                        batch_tokens, config.chunk_tokens, advance, packed,
+                        batch_tokens, config.chunk_tokens, advance, packed, passes,
                     ),
                 )
+                finished_pairs, finished_tokens = finished_pairs + shard_pairs, finished_tokens + shard_tokens
+                update(completed=finished_pairs, responses=finished_pairs, tokens=finished_tokens)
             except KeyboardInterrupt:
                 finished = len(manifest.shards) - len(todo) + done
                 _say(console, f"stopped after {finished} of {len(manifest.shards)} shards; rerun to resume")
@@ -441,6 +456,7 @@ def precompute_extra(
     trust_remote_code: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    shard_model: str = "auto",
 ) -> Path:
     """Reference log-probs of other files (``eval --data FILE``) with WORKDIR's reference model and
     tokenization, every row split='eval'. Cached like the main cache in its own workdir,
@@ -461,7 +477,7 @@ def precompute_extra(
         shard_groups=main.shard_groups or 1000, shard_bytes=main.inputs.get("shard_bytes"), batch_tokens=batch_tokens,
         device=device, dtype=main.dtype, packing=main.inputs.get("packing", "off"),
         load_in_4bit=bool(main.inputs.get("load_in_4bit")),
-        trust_remote_code=trust_remote_code, progress=progress,
+        trust_remote_code=trust_remote_code, progress=progress, shard_model=shard_model,
         require_model_fingerprint=main.model_fingerprint, require_tokenizer_fingerprint=main.tokenizer_fingerprint,
     )
     precompute(config, console)

@@ -10,6 +10,8 @@ from gvpo_offline.data import DataConfig
 from gvpo_offline.data.tokenize import TokenizeConfig
 from gvpo_offline.runtime.errors import GvpoError
 
+SHARD_MODEL_CHOICES = ("auto", "on", "off")  # --shard-model (model/sharded_scoring.py)
+
 PACKING_CHOICES = ("auto", "on", "off")  # = model.packing.PACKING_CHOICES (tests/test_first_hour.py checks)
 
 
@@ -35,6 +37,9 @@ class PrecomputeConfig:
         (packing.py; padded rows with a note where the model is not supported); 'off' pads separate
         sequences; 'auto' packs a shard when that saves ≥ packing.MIN_SHARED_FRACTION of its tokens. Recorded in the manifest (the values differ at float-rounding level); train and eval
         use the cache's setting by default.
+    shard_model: under torchrun, 'on' shards the reference over the processes (FSDP forward passes,
+        model/sharded_scoring.py), 'off' gives each process the whole model, 'auto' shards when its weights
+        do not fit one device. Not part of the cache's inputs (the values agree to float rounding).
     overwrite: False refuses to replace a cache made from other inputs (``--no-overwrite``).
     require_*_fingerprint: refuse unless the model/tokenizer at ``model`` has this fingerprint
         (used by :func:`precompute_extra` to guarantee the same reference as the main cache).
@@ -55,6 +60,7 @@ class PrecomputeConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     load_in_4bit: bool = False  # QLoRA: score with the weights in 4-bit NF4 (model/quantization.py), CUDA only
+    shard_model: str = "auto"  # under torchrun: shard the reference over the processes (model/sharded_scoring.py)
     overwrite: bool = True
     progress: bool = True
     require_model_fingerprint: str | None = None
@@ -68,6 +74,8 @@ class PrecomputeConfig:
             raise GvpoError("--shard-groups, --shard-bytes, --batch-tokens and chunk_tokens must be positive")
         if self.packing not in PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {self.packing!r}")
+        if self.shard_model not in SHARD_MODEL_CHOICES:
+            raise GvpoError(f"--shard-model must be one of {', '.join(SHARD_MODEL_CHOICES)}, got {self.shard_model!r}")
 
 
 # Calibration of the automatic shard size: the CPU cost of scoring grows with tokens × weights. stories260K

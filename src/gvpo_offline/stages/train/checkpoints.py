@@ -3,7 +3,9 @@
 - ``checkpoints/step-N/`` (:func:`save_checkpoint`; :func:`save_checkpoint_sharded` under torchrun):
   weights, optimizer, scheduler, RNG states and :class:`TrainState`, written atomically; only the newest
   ``keep_checkpoints`` stay. A resume checks the settings (:data:`TRAJECTORY_FIELDS`), the reference
-  cache's key, the number of processes and the files before it loads one.
+  cache's key and the files before it loads one. A checkpoint resumes on any number of processes: the
+  sharded layout is resharded by torch.distributed.checkpoint, the single-process one is broadcast from rank 0
+  into the shards (:func:`load_single_into_sharded`).
 - ``metrics.jsonl``: one line per step (:func:`append_metrics`), cut back to the checkpoint on resume.
 - ``model/`` (and ``model-merged/``): :func:`save_final`.
 """
@@ -95,8 +97,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, optimizer, scheduler) -> TrainState:
-    """Restore optimizer, scheduler and RNG states from ``path`` (the weights are loaded by the caller)."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    """Restore optimizer (unless None), scheduler and RNG states from ``path`` (the weights are loaded by the caller)."""
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -136,10 +139,14 @@ def save_checkpoint_sharded(
 
 
 def load_checkpoint_sharded(ctx: distributed.Dist, path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore :func:`save_checkpoint_sharded`'s model, optimizer, scheduler and this rank's RNG."""
+    """Restore :func:`save_checkpoint_sharded`'s model, optimizer, scheduler and this rank's RNG, on any number
+    of processes (torch.distributed.checkpoint reshards the model and optimizer state to this run's shards;
+    with one process, ``model`` is a plain module and gets the whole tensors)."""
     distributed.load_sharded(path, model, optimizer)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / f"rng-{ctx.rank}.pt", weights_only=True)
+    # another world size (DCP reshards the model and optimizer): a new rank takes rank (r mod old size)'s RNG;
+    # training draws no random numbers (eval mode: no dropout), so this only matters to user code
+    rng = torch.load(path / f"rng-{ctx.rank % saved_world_size(path)}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"][ctx.local_rank], ctx.device)
@@ -150,6 +157,38 @@ def load_checkpoint_sharded(ctx: distributed.Dist, path: Path, model, optimizer,
 def _portable(config: TrainConfig) -> dict:
     """The settings a checkpoint records, its workdir by name only (no local path in a loadable folder)."""
     return {**config.to_json(), "workdir": Path(config.workdir).name}
+def load_single_into_sharded(ctx: distributed.Dist, path: Path, model, optimizer, scheduler, build_plain) -> TrainState:
+    """Resume a sharded run from a single-process checkpoint (:func:`save_checkpoint`; 1 -> N processes).
+
+    ``build_plain() -> model``: on rank 0, the run's model unsharded on CPU with the checkpoint's weights (or
+    adapter). Rank 0 keys its trainable weights (all of its state, without a frozen base) and the checkpoint's
+    AdamW state by parameter name, and every rank copies its shards out of them
+    (``set_state_dict(full_state_dict=True, broadcast_from_rank0=True)``, one tensor at a time). Costs rank 0
+    one more full copy of the trainable weights and their AdamW state in CPU RAM while it converts. The
+    scheduler, RNG and position are the checkpoint's."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    frozen = distributed.has_frozen(model)
+    model_sd, optim_sd = {}, {}
+    if ctx.is_main:
+        plain = build_plain()
+        trainable = [name for name, p in plain.named_parameters() if p.requires_grad]  # AdamW's parameter order
+        model_sd = {name: t for name, t in plain.state_dict().items() if not frozen or name in trainable}
+        saved = torch.load(path / "optimizer.pt", weights_only=True)
+        optim_sd = {"state": {trainable[i]: state for i, state in saved["state"].items()},
+                    "param_groups": [{**group, "params": [trainable[i] for i in group["params"]]}
+                                     for group in saved["param_groups"]]}
+        del plain
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, ignore_frozen_params=frozen,
+                               strict=not frozen)
+    # separately: set_state_dict skips the model on a rank whose model_state_dict is empty (all but rank 0)
+    set_model_state_dict(model, model_sd, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+    return load_checkpoint(path, None, scheduler)
 
 
 def _rng_states() -> dict:
@@ -159,12 +198,14 @@ def _rng_states() -> dict:
     return rng
 
 
-def _check_resume_world(path: Path, world_size: int) -> None:
-    """A checkpoint resumes on the number of processes that wrote it (1 = the single-process format)."""
-    saved = json.loads((path / STATE).read_text()).get("world_size", 1)
-    if saved != world_size:
-        raise GvpoError(f"--resume from {path}: it was written by {saved} process(es), this run has {world_size}; "
-                        f"resume with the same number of processes (torchrun --nnodes × --nproc_per_node = {saved})")
+def saved_world_size(path: Path) -> int:
+    """The number of processes that wrote the checkpoint at ``path`` (1: the single-process format)."""
+    return int(json.loads((path / STATE).read_text()).get("world_size", 1))
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """True for :func:`save_checkpoint_sharded`'s layout (DCP shards), False for :func:`save_checkpoint`'s."""
+    return saved_world_size(path) > 1
 
 
 def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> None:
@@ -246,7 +287,8 @@ def remove_output(workdir: Path, name: str) -> None:
 _CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE)
 
 
-def _check_checkpoint_files(path: Path, world_size: int = 1) -> None:
+def _check_checkpoint_files(path: Path) -> None:
+    world_size = saved_world_size(path)
     if world_size > 1:  # save_checkpoint_sharded's layout
         names = [".metadata", "scheduler.pt", STATE, *(f"rng-{r}.pt" for r in range(world_size))]
         missing = [name for name in names if not (path / name).is_file()]

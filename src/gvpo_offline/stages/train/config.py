@@ -34,6 +34,7 @@ class TrainConfig:
     dtype: str = "auto"  # weights dtype of the policy's forward: auto = the cache's (the only one accepted)
     gradient_checkpointing: bool = False
     cpu_offload: bool = False  # under torchrun on GPUs: FSDP keeps shards, grads and AdamW state in CPU RAM
+    hsdp: str = "auto"  # under torchrun: shard within a node, replicate across nodes; auto = when on several nodes
     save_every: int = 500  # steps between checkpoints; 0 = never
     keep_checkpoints: int = 2
     resume: bool = False
@@ -56,6 +57,8 @@ class TrainConfig:
         for name in ("groups_per_step", "micro_batch_tokens", "epochs", "keep_checkpoints", "logits_chunk_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise GvpoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.hsdp not in ("auto", "on", "off"):
+            raise GvpoError(f"--hsdp must be one of auto, on, off, got {self.hsdp!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise GvpoError(f"--max-steps must be >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:

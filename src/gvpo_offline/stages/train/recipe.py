@@ -64,7 +64,7 @@ from gvpo_offline.model.loading import (
     resolve_device,
     resolve_dtype,
 )
-from gvpo_offline.runtime import interrupts
+from gvpo_offline.runtime import interrupts, launcher
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import remove_stale, write_errors_as_os_errors
@@ -78,15 +78,17 @@ from gvpo_offline.stages.train.checkpoints import (
     TrainState,
     _check_checkpoint_files,
     _check_resume_config,
-    _check_resume_world,
     append_metrics,
     checkpoint_dirs,
+    is_sharded_checkpoint,
     load_checkpoint,
     load_checkpoint_sharded,
     remove_output,
+    load_single_into_sharded,
     save_checkpoint,
     save_checkpoint_sharded,
     save_final,
+    saved_world_size,
     truncate_metrics,
     written_by_train,
 )
@@ -215,42 +217,71 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     torch.manual_seed(cfg.seed)
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
 
-    def setup(weights: Path, checkpoint: Path | None):
-        # several processes: rank 0 reads init_path on CPU, the others build it on meta; the weights reach
-        # every rank's shards by broadcast (rank0_load.py), and a checkpoint's shards are loaded after that
-        # sharded full fine-tuning: FSDP keeps fp32 shards and gathers them in weights_dtype for the forward
+    def setup(checkpoint: Path | None):
+        # several processes: each rank builds the model and reads its own shards' rows (sliced_load.py), or
+        # rank 0 reads it and broadcasts (rank0_load.py); a checkpoint's state is loaded after that. A
+        # checkpoint resumes on any number of processes (checkpoints.py): sharded (DCP) ones are resharded, a
+        # single-process one is read by rank 0 and broadcast into the shards. Sharded full fine-tuning: FSDP
+        # keeps fp32 shards and gathers them in weights_dtype for the forward.
         dtype = torch.float32 if ctx.enabled and cfg.lora is None else weights_dtype
+        sharded_checkpoint = checkpoint is not None and is_sharded_checkpoint(checkpoint)
+        plain_checkpoint = None if checkpoint is None or sharded_checkpoint else checkpoint
+        if plain_checkpoint is not None and ctx.enabled and (plain_checkpoint / MASTER_WEIGHTS).is_file():
+            raise GvpoError(f"{plain_checkpoint}: a one-process run with {weights_dtype} weights (fp32 master "
+                            "weights beside them) resumes on one process only")
+
+        def build(on: torch.device, lora_from: Path | None):  # the run's model, unsharded (1 -> N resume)
+            model = load_model(plain_checkpoint if plain_checkpoint and cfg.lora is None else init_path, on, dtype,
+                               cfg.trust_remote_code)
+            if cfg.lora is not None:
+                model = adapters.add_lora(model, cfg.lora, lora_from)
+                adapters.set_base_name(model, *base_name)
+            return model
+
         if ctx.enabled:
             model = rank0_load.load_for_sharding(ctx, init_path, dtype, cfg.trust_remote_code)
         elif cfg.load_in_4bit:  # the same 4-bit base the reference log-probs came from
             model = quantization.load_4bit(init_path, device, cfg.trust_remote_code)
         else:
-            model = load_model(weights if cfg.lora is None else init_path, device, dtype, cfg.trust_remote_code)
+            model = load_model(plain_checkpoint if plain_checkpoint and cfg.lora is None else init_path, device, dtype,
+                               cfg.trust_remote_code)
         if cfg.lora is not None:  # frozen base + float32 LoRA layers (B = 0: the base's function)
             memory_plan.check_adapter_fits(ctx, adapters.lora_param_count(model, cfg.lora), device, cfg.cpu_offload)
-            model = adapters.add_lora(model, cfg.lora, None if ctx.enabled else checkpoint)  # sharded: loaded below
+            model = adapters.add_lora(model, cfg.lora, None if ctx.enabled else plain_checkpoint)  # sharded: below
             adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if cfg.lora is not None and cfg.lora.dropout > 0:  # only the LoRA dropout trains; the rest stays eval
             adapters.train_dropout(model)
         if ctx.enabled:
-            model = rank0_load.shard_and_broadcast(ctx, model, cfg.cpu_offload, weights_dtype)
+            hsdp = distributed.use_hsdp(ctx, cfg.hsdp)  # several nodes: shard within each, replicate across
+            if hsdp:
+                log(f"HSDP: {'×'.join(map(str, distributed.nodes(ctx)))} (nodes × processes per node): the model "
+                    "is sharded within a node and replicated across nodes")
+            model = rank0_load.shard_and_broadcast(ctx, model, cfg.cpu_offload, weights_dtype, hsdp)
         elif cfg.cpu_offload:
             raise GvpoError("--cpu-offload shards the training state over processes: launch with torchrun on GPUs")
         params = [p for p in model.parameters() if p.requires_grad]
         # one process, trainable weights in bf16 (full fine-tuning): AdamW steps fp32 copies of them
         master = None if ctx.enabled or all(p.dtype == torch.float32 for p in params) else MasterWeights(params)
         if master is not None:
+            if sharded_checkpoint:
+                raise GvpoError(f"{checkpoint}: a sharded checkpoint resumes on one process with float32 weights "
+                                f"only, not {weights_dtype} (fp32 master weights)")
             params = master.master
-            if checkpoint is not None:
-                master.load(torch.load(checkpoint / MASTER_WEIGHTS, weights_only=True))
+            if plain_checkpoint is not None:
+                master.load(torch.load(plain_checkpoint / MASTER_WEIGHTS, weights_only=True))
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
-        if checkpoint and ctx.enabled:
+        if checkpoint is None:
+            state = TrainState()
+        elif sharded_checkpoint:  # any number of processes now, one included
             state = load_checkpoint_sharded(ctx, checkpoint, model, optimizer, scheduler)
+        elif ctx.enabled:  # 1 -> N processes
+            state = load_single_into_sharded(ctx, checkpoint, model, optimizer, scheduler,
+                                             lambda: build(torch.device("cpu"), checkpoint))
         else:
-            state = load_checkpoint(checkpoint, optimizer, scheduler) if checkpoint else TrainState()
+            state = load_checkpoint(checkpoint, optimizer, scheduler)
         return model, params, optimizer, scheduler, state, master
 
     # the memory plan, from config.json before any weight is read: a run that cannot fit stops here
@@ -264,23 +295,27 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     for step, path in reversed(checkpoints):  # newest first; a corrupt one falls back to the one before
         try:
             _check_resume_config(path, cfg, manifest.key)  # GvpoError: the user's settings differ
-            _check_resume_world(path, ctx.world_size)  # GvpoError: another number of processes
-            _check_checkpoint_files(path, ctx.world_size)
-            model, params, optimizer, scheduler, state, master = setup(path, path)
+            _check_checkpoint_files(path)
+            model, params, optimizer, scheduler, state, master = setup(path)
         except GvpoError:
             raise
         except Exception as err:  # noqa: BLE001 - truncated weights, missing files, bad pickles: all "corrupt"
+            if launcher.lost_peer_message(err, ctx.rank, ctx.world_size):  # another rank died: not the checkpoint
+                raise
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
             log(f"warning: checkpoint {path} is unusable ({reason}); trying the one before it")
             continue
         resume_from = (step, path)
-        log(f"resuming from {path} (step {state.step}/{total_steps})")
+        written_by = saved_world_size(path)
+        other = f"; written by {written_by} process(es), resharded to {ctx.world_size}" \
+            if written_by != ctx.world_size else ""
+        log(f"resuming from {path} (step {state.step}/{total_steps}{other})")
         break
     if checkpoints and resume_from is None:
         raise GvpoError(f"--resume: no usable checkpoint in {workdir / CHECKPOINTS} (all are incomplete or "
                         "corrupt); delete that folder to start over")
     if resume_from is None:
-        model, params, optimizer, scheduler, state, master = setup(init_path, None)
+        model, params, optimizer, scheduler, state, master = setup(None)
     check_vocabulary(model, groups, init_path if resume_from is None else resume_from[1])
     packing_mode, packing_note = packing.resolve(cfg.packing or manifest.inputs.get("packing", "off"), model.config,
                                                 model)

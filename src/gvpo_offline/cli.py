@@ -135,7 +135,8 @@ def train_cmd(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute decoder layers in the backward pass (less memory, slower).")] = False,
     packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto, on or off (see precompute-ref); default: the reference cache's setting, so policy and reference share one path.", show_default=False)] = None,
     cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Under torchrun on GPUs: keep the FSDP shards, gradients and AdamW state in CPU RAM (slower, fits larger models).")] = False,
-    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="none, tensorboard (WORKDIR/tb/), wandb; repeat or comma-separate for several.")] = None,
+    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="none, tensorboard (WORKDIR/tb/), wandb (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME honoured), mlflow (MLFLOW_TRACKING_URI, default a file store in WORKDIR/mlruns); repeat or comma-separate for several. Tags: train/loss, train/grad_norm, train/lr, ...")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", metavar="NAME", help="The tracker run's name [default: WANDB_NAME, else the workdir's folder name].", show_default=False)] = None,
     save_every: Annotated[int, typer.Option("--save-every", metavar="INT", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", metavar="INT", help="How many of the newest checkpoints to keep.")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
@@ -171,7 +172,10 @@ def train_cmd(
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
         packing=packing, lora=lora, merge=merge, base_dtype=base_dtype,
     )
-    with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
+    backends = tracking.parse_report_to(report_to)
+    config_file.set_resolved("report_to", list(backends) or None)  # stored split: ['tensorboard', 'wandb']
+    with tracking.Tracker(backends, config.workdir, config_file.resolved_options(), run_name,
+                          continue_run=resume, record_ids=True) as tracker:
         log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
         train(config, log=log, on_step=tracker)
     config_file.write_resolved(config.workdir / "train_config.json")  # the full run, reusable as --config
@@ -203,13 +207,18 @@ def eval_cmd(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="INT")] = 128,
     reward_timeout: Annotated[Optional[float], typer.Option("--reward-timeout", metavar="SECONDS", help="Seconds a reward call may take before it counts as failed (default: no limit).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="Also log the metrics (eval/<metric>, eval/delta/<metric>, eval/generation/...) at the model's final training step to none, tensorboard, wandb, mlflow (as train --report-to; a model of WORKDIR logs into train's runs).")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", metavar="NAME", help="The tracker run's name when eval starts a new run [default: WANDB_NAME, else the workdir's folder name].", show_default=False)] = None,
 ) -> None:
     """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
     from rich.console import Console as _Console
 
     from gvpo_offline.data import ColumnMap
     from gvpo_offline.stages.evaluate.generation import GenerationEvalConfig
-    from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate, report_table
+    from pathlib import Path
+
+    from gvpo_offline.runtime import config_file, tracking
+    from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate, model_step, report_table
     from gvpo_offline.stages.sample import SamplingConfig
 
     if (prompts is None) != (reward is None):
@@ -224,9 +233,15 @@ def eval_cmd(
         batch_tokens=batch_tokens, device=device, dtype=dtype, packing=packing, bootstrap=bootstrap, seed=seed,
         generation=generation, layout=layout, columns=columns, trust_remote_code=trust_remote_code,
     )
-    report = evaluate(config, console)
-    if report is None:  # not rank 0 of a torchrun launch: rank 0 reports
-        return
+    backends = tracking.parse_report_to(report_to)
+    config_file.set_resolved("report_to", list(backends) or None)
+    own_run = model is None or Path(model).resolve().is_relative_to(Path(workdir).resolve())  # train's runs
+    with tracking.Tracker(backends, Path(workdir), config_file.resolved_options(), run_name, own_run) as tracker:
+        report = evaluate(config, console)
+        if report is None:  # not rank 0 of a torchrun launch: rank 0 reports
+            return
+        if backends:
+            tracker.log(tracking.eval_scalars(report.to_json()), model_step(Path(report.model_path)))
     table = report_table(report)
     out = _Console()
     if not out.is_terminal:  # a file or a pipe: the table at its natural width, not wrapped at 80 columns

@@ -257,6 +257,19 @@ def _read_train_config(model_path: Path) -> tuple[dict | None, Path | None]:
     return None, None
 
 
+def model_step(model_path: Path) -> int:
+    """The optimizer step a model was saved at: train_config.json's total_steps, a train checkpoint's
+    step; 0 for a model not saved by ``train`` (the reference)."""
+    for name, key in ((TRAIN_CONFIG, "total_steps"), (TRAINER_STATE, "step")):
+        try:
+            value = json.loads((Path(model_path) / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int):
+            return value
+    return 0
+
+
 def check_model_tokenizer(model_path: Path, manifest, trust_remote_code: bool = False) -> None:
     """Refuse a model whose tokenizer is not the one the cached token ids were made with."""
     from gvpo_offline.data.tokenize import tokenizer_fingerprint

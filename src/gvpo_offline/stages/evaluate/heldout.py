@@ -50,7 +50,8 @@ else the ``beta`` of the model's ``train_config.json`` (a train checkpoint's ``t
 The policy's weights are loaded in the weights dtype of the cached reference log-probs (and run in it)
 unless ``--dtype`` says otherwise. A model whose train_config.json names another reference or
 tokenizer than the workdir's manifest is refused. A model folder written by ``train`` gets this report
-as the eval table of its README.md card (modelcard.update_card_with_eval).
+in its README.md card (modelcard.update_card_with_eval): as the eval table when it scored the model's
+own held-out data, else as a labelled section of its own.
 
 JSON (``--json FILE``, written atomically): {"model": {metric: value}, "reference": {...}, "delta":
 {...}, "intervals": {"model": {metric: [lo, hi]}, "delta": {...}}, "counts": {...}, "generation": {...}
@@ -80,14 +81,13 @@ from gvpo_offline.math.metrics import (
     aggregate_metrics,
     bootstrap_intervals,
     count_stats,
-    format_interval,
-    format_value,
     group_index,
     group_statistics,
 )
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import atomic_write_json
 from gvpo_offline.stages.evaluate.generation import GenerationEvalConfig, generation_eval
+from gvpo_offline.stages.evaluate.table import report_table  # noqa: F401 (re-exported: the display)
 
 # ---- the `eval` stage ----------------------------------------------------------------------------
 
@@ -468,52 +468,5 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
     from gvpo_offline.model.modelcard import update_card_with_eval
 
     if update_card_with_eval(model_path, report.to_json()):
-        console.print(f"note: the eval table is in {model_path / 'README.md'} (the model card)", highlight=False)
+        console.print(f"note: the eval results are in {model_path / 'README.md'} (the model card)", highlight=False)
     return report
-
-
-# ---- display -------------------------------------------------------------------------------------
-
-_LABELS = {
-    "gvpo_loss": "GVPO loss (eq. 16)",
-    "pairwise_accuracy": "pairwise ranking accuracy",
-    "spearman": "Spearman ρ (within groups)",
-    "top1_agreement": "top-1 agreement",
-    "mean_log_ratio": "mean ℓ per response",
-    "mean_log_ratio_per_token": "mean ℓ per token",
-    "implicit_reward_variance": "Var(β·ℓ) (eq. 17)",
-    "implicit_reward_covariance": "Cov(β·ℓ, R) (eq. 17)",
-    "reward_variance": "Var(R)",
-}
-
-
-def report_table(report: EvalReport):
-    """The report as a rich Table: metric, model, reference, Δ, and the 95% bootstrap intervals."""
-    from rich.table import Table
-    from rich.text import Text
-
-    c = report.counts
-    table = Table(
-        title=Text(f"eval of {report.model_path} (β = {report.beta:g}"  # Text: no markup, paths may hold []
-                   + (f", trained with --loss {report.objective})" if report.objective else ")")),
-        caption=(
-            f"{c['groups']} groups, {c['responses']} responses, {c['tokens']} tokens; "
-            f"{c['skipped_groups']} groups with all-equal rewards skipped by the ranking metrics "
-            f"({c['pairs']} pairs). Intervals: 95% bootstrap over groups"
-            + (f", {report.bootstrap} resamples." if report.bootstrap else " (off).")
-        ),
-    )
-    for name, justify in (("metric", "left"), ("model", "right"), ("reference", "right"), ("Δ", "right"),
-                          ("model 95% CI", "right"), ("Δ 95% CI", "right")):
-        table.add_column(name, justify=justify)
-    iv_m, iv_d = report.intervals.get("model", {}), report.intervals.get("delta", {})
-    for m in METRICS:
-        table.add_row(_LABELS[m], format_value(report.model[m]), format_value(report.reference[m]), format_value(report.delta[m]),
-                      format_interval(iv_m.get(m)), format_interval(iv_d.get(m)))
-    g = report.generation
-    if g:
-        table.add_section()
-        table.add_row(f"mean sampled reward ({g['prompts']} prompts × {g['samples_per_prompt']})",
-                      format_value(g["model_mean_reward"]), format_value(g["reference_mean_reward"]),
-                      format_value(g["mean_reward_difference"]), "", format_interval(g["difference_interval"]))
-    return table

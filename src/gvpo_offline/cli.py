@@ -195,12 +195,13 @@ def eval_cmd(
     dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Weights dtype the model is loaded and run in: float32, bfloat16, auto (default: the cache's, as train used).")] = None,
     packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto, on or off (see precompute-ref); default: the reference cache's setting.", show_default=False)] = None,
     layout: Annotated[str, typer.Option("--layout", metavar="LAYOUT", help="--data layout: auto, grouped or flat.")] = "auto",
-    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN")] = None,
+    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN", help="Prompt column of --data and field of --prompts (default: prompt).", show_default=False)] = None,
     response_col: Annotated[Optional[str], typer.Option("--response-col", metavar="COLUMN")] = None,
     reward_col: Annotated[Optional[str], typer.Option("--reward-col", metavar="COLUMN")] = None,
     group_col: Annotated[Optional[str], typer.Option("--group-col", metavar="COLUMN")] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="PATH", help="Generation eval: .txt (one prompt per line) or JSONL with a \"prompt\" field (data files work).")] = None,
-    reward: Annotated[Optional[str], typer.Option("--reward", metavar="MODULE:FUNCTION", help="Generation eval: module:function or file.py:function, (prompt, response) -> float.")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="PATH|eval", help="Generation eval: eval (the workdir's held-out prompts, with their rows' other fields, e.g. ground_truth), .txt (one prompt per line) or JSONL with a \"prompt\" field (or --prompt-col; data files work; the other fields go to the reward).")] = None,
+    reward: Annotated[Optional[str], typer.Option("--reward", metavar="MODULE:FUNCTION", help="Generation eval: module:function or file.py:function, called as fn(prompt, response, **fields) -> float with the prompt row's fields it names, e.g. def correct(prompt, response, ground_truth); checked against the rows' fields before any model work.")] = None,
+    samples_out: Annotated[Optional[str], typer.Option("--samples-out", metavar="FILE.jsonl", help="Generation eval: write every sample (prompt, model trained/reference, model_path, sample_index, sample, reward) to this JSONL.", show_default=False)] = None,
     samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", metavar="INT")] = 4,
     temperature: Annotated[float, typer.Option(metavar="FLOAT", help="Generation eval: sampling temperature (0 = greedy).")] = 1.0,
     top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT")] = 1.0,
@@ -223,10 +224,13 @@ def eval_cmd(
 
     if (prompts is None) != (reward is None):
         raise GvpoError("the generation eval needs both --prompts and --reward")
+    if samples_out and prompts is None:
+        raise GvpoError("--samples-out needs the generation eval (--prompts and --reward)")
     generation = None
     if prompts is not None:
         sampling = SamplingConfig(temperature, top_p, max_new_tokens, seed)
-        generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, sampling, reward_timeout)
+        generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, sampling, reward_timeout, prompt_col,
+                                          samples_out)
     columns = ColumnMap(prompt_col, response_col, reward_col, group_col)
     config = EvalConfig(
         workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,

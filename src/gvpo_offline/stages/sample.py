@@ -316,7 +316,7 @@ def _check_prompt(path: str, line: int, prompt: object) -> Prompt:
                     line=line, field="prompt")
 
 
-def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord]:
+def read_prompts(path: str | Path, unique_ids: bool = True, prompt_field: str = "prompt") -> list[PromptRecord]:
     """Prompts from a ``.txt`` file (one per line, blank lines skipped) or JSONL with a ``prompt`` field
     (a string or chat messages) and an optional ``id``; other fields are kept in ``PromptRecord.fields``
     (grouped and flat data files work as they are). Ids default to the 1-based line number; with
@@ -341,13 +341,13 @@ def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(str(path), f"invalid JSON ({err.msg})", line=line_no) from None
-        if not isinstance(obj, dict) or "prompt" not in obj:
-            raise DataError(str(path), "expected an object with a \"prompt\" field", line=line_no)
+        if not isinstance(obj, dict) or prompt_field not in obj:
+            raise DataError(str(path), f"expected an object with a \"{prompt_field}\" field", line=line_no)
         raw_id = obj.get("id", line_no)
         if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
             raise DataError(str(path), f"expected a string or integer, got {raw_id!r}", line=line_no, field="id")
-        prompt = _check_prompt(str(path), line_no, obj["prompt"])
-        fields = {k: v for k, v in obj.items() if k not in ("prompt", "id")}
+        prompt = _check_prompt(str(path), line_no, obj[prompt_field])
+        fields = {k: v for k, v in obj.items() if k not in (prompt_field, "prompt", "id")}
         records.append(PromptRecord(str(raw_id), len(records), prompt, fields))
     if not records:
         raise GvpoError(f"{path}: no prompts")

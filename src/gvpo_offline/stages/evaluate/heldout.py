@@ -348,6 +348,19 @@ def _load_rows(config: EvalConfig, console=None):
     return reference.load_split(sub, "eval"), [str(Path(p)) for p in config.data_paths], reference.read_manifest(sub).key
 
 
+def _generation_prompts(config: EvalConfig) -> list[tuple]:
+    """The generation eval's (prompt, row fields), with the reward's signature checked against the
+    fields, before any model work."""
+    from gvpo_offline.data.rewards import check_reward_signature, load_reward_fn
+    from gvpo_offline.stages.evaluate.prompts import generation_prompt_rows
+
+    gen = config.generation
+    rows = generation_prompt_rows(gen.prompts_path, config.workdir, gen.prompt_col)
+    check_reward_signature(load_reward_fn(gen.reward), gen.reward, [extra for _, extra in rows],
+                           f"--prompts {gen.prompts_path}")
+    return rows
+
+
 def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     """Run the ``eval`` stage (see the module docstring); ``console``: where progress and notes go.
 
@@ -402,6 +415,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
             markup=False, highlight=False, soft_wrap=True,
         )
 
+    prompt_rows = _generation_prompts(config) if config.generation is not None and ctx.is_main else None
     table, data_desc, data_cache_key = _load_rows(config, console)
     reference.check_reward_range(table, data_desc[0] if len(data_desc) == 1 else config.workdir)
     rewards = table.column("reward").to_numpy().astype(np.float64)
@@ -452,8 +466,8 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
         if model is None:
             model = load_model(model_path, device, dtype, config.trust_remote_code)
         generation = generation_eval(
-            config.generation, model, model_is_ref, manifest, device, dtype, config.seed, config.bootstrap,
-            console, config.trust_remote_code,
+            config.generation, prompt_rows, model, model_is_ref, manifest, device, dtype, config.seed,
+            config.bootstrap, console, config.trust_remote_code, model_path,
         )
     del model
     report = EvalReport(

@@ -33,8 +33,8 @@ console = Console(stderr=True)
 def sample_cmd(
     prompts: Annotated[str, typer.Argument(metavar="PROMPTS", hidden=True)],
     model: Annotated[str, typer.Option("--model", metavar="PATH", help="Model to sample from: a local model folder, a LoRA adapter folder, or a hub id org/name[@revision] (from the Hugging Face cache; downloaded when missing and the hub is reachable).")],
-    reward: Annotated[str, typer.Option("--reward", metavar="MODULE:FUNCTION", help="module:function or path/to/file.py:function, (prompt, response) -> float.")],
-    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Grouped JSONL to append to (resumes if it exists).")],
+    reward: Annotated[str, typer.Option("--reward", metavar="MODULE:FUNCTION", help="module:function or path/to/file.py:function, called as fn(prompt, response, **fields) -> float with the prompt row's fields it names, e.g. def correct(prompt, response, ground_truth); checked before the model loads.")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Grouped JSONL to append to (resumes if it exists; the settings are kept in PATH.settings.json and an output made with others is refused).")],
     k: Annotated[Optional[int], typer.Option("--k", metavar="INT", help="Responses per prompt.")] = None,
     k_range: Annotated[Optional[str], typer.Option("--k-range", metavar="A:B", help="A:B, k per prompt drawn from [A, B] by seed and index.")] = None,
     temperature: Annotated[float, typer.Option(metavar="FLOAT", help="Sampling temperature (0 = greedy).")] = 1.0,
@@ -68,6 +68,10 @@ def sample_cmd(
     note = f" ({result.skipped} already there)" if result.skipped else ""
     dropped = f"; {result.empty_responses} empty responses dropped" if result.empty_responses else ""
     console.print(f"wrote {result.written} groups to {output}{note}{dropped}", highlight=False, soft_wrap=True, markup=False)
+    if result.equal_rewards * 2 > result.written:
+        console.print(f"warning: {result.equal_rewards} of {result.written} groups have all-equal rewards: no ranking "
+                      "signal for GVPO there (a reward too coarse for these prompts, or k too small)",
+                      style="yellow", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("precompute-ref", cls=ConfigCommand)

@@ -282,6 +282,7 @@ class SampleResult:
     total: int  # prompts in the input
     empty_responses: int  # responses dropped because they decoded to whitespace (groups left with
     # fewer than two are not written)
+    equal_rewards: int = 0  # groups written whose rewards are all equal (no signal for GVPO)
 
 
 def parse_k_range(value: str) -> tuple[int, int]:
@@ -392,6 +393,43 @@ def read_done_ids(path: str | Path) -> set[str]:
     return done
 
 
+def settings_path(output: str | Path) -> Path:
+    """The sidecar JSON next to a ``sample`` output that records what made it (``OUTPUT.settings.json``)."""
+    return Path(f"{output}.settings.json")
+
+
+def sample_settings(config: SampleConfig) -> dict:
+    """What decides a ``sample`` output's content: model, reward (and its file's sha256), k, decoding and
+    tokenization settings (not --batch-size: rows are seeded one by one)."""
+    from dataclasses import asdict
+
+    from gvpo_offline.runtime.files import sha256_file
+
+    module = config.reward.rpartition(":")[0]
+    return {"model": config.model_path, "reward": config.reward,
+            "reward_file_sha256": sha256_file(module) if module.endswith(".py") and Path(module).is_file() else None,
+            "k": config.k, "k_range": list(config.k_range) if config.k_range else None, "dtype": config.dtype,
+            **{k: v for k, v in asdict(config.sampling).items() if k != "batch_size"},
+            "tokenize": json.loads(json.dumps(asdict(config.tokenize), default=str))}
+
+
+def check_resume_settings(output: Path, settings: dict) -> None:
+    """Refuse to append to an output sampled with other settings (its sidecar differs); record them."""
+    from gvpo_offline.runtime.files import atomic_write_json
+
+    sidecar = settings_path(output)
+    if output.is_file() and output.stat().st_size and sidecar.is_file():
+        try:
+            old = json.loads(sidecar.read_text())
+        except ValueError:
+            old = {}
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise GvpoError(f"{output} was sampled with other settings ({'; '.join(changed)}; see {sidecar}): "
+                            "resuming would mix them. Use another --output, or delete both files to start over")
+    atomic_write_json(sidecar, settings)
+
+
 def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     """Run the ``sample`` stage: generate, score and append groups to ``config.output``.
 
@@ -399,16 +437,20 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
 
     Groups are appended in prompt order, one JSON line each, flushed and fsynced after every batch,
     so an interrupted run resumes where it stopped (prompts whose id is already in the output are
-    skipped; resuming assumes the same settings). Each prompt's samples are seeded by its position in
-    the prompts file, so a resumed run writes what an uninterrupted one would have.
+    skipped). Resuming needs the same settings: they are recorded in ``OUTPUT.settings.json``
+    (:func:`sample_settings`) and an output made with others is refused. Each prompt's samples are seeded
+    by its position in the prompts file, so a resumed run writes what an uninterrupted one would have.
+    The reward's signature is checked against the prompt rows' fields before the model loads.
     """
-    from gvpo_offline.data.rewards import NOT_REWARD_FIELDS, load_reward_fn, score_responses
+    from gvpo_offline.data.rewards import NOT_REWARD_FIELDS, check_reward_signature, load_reward_fn, score_responses
     from gvpo_offline.model.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
     from gvpo_offline.runtime.progress import progress
 
     records = read_prompts(config.prompts_path)
     reward_fn = load_reward_fn(config.reward, config.reward_timeout)
+    check_reward_signature(reward_fn, config.reward, [r.fields for r in records], config.prompts_path)
     output = Path(config.output)
+    check_resume_settings(output, sample_settings(config))
     done = read_done_ids(output)
     todo = [r for r in records if r.id not in done]
     result = SampleResult(0, len(records) - len(todo), len(records), 0)
@@ -447,6 +489,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
                 if len(kept) < 2:  # rare: not a GVPO group any more (a resumed run retries it)
                     continue
                 rewards = score_responses(reward_fn, record.prompt, kept, f"prompt id {record.id!r}", record.fields)
+                result.equal_rewards += len(set(rewards)) == 1
                 extra = {k: v for k, v in record.fields.items() if k not in NOT_REWARD_FIELDS}
                 lines.append(json.dumps(
                     {"id": record.id, "prompt": record.prompt, **extra, "responses": kept, "rewards": rewards},

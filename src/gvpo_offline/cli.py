@@ -122,7 +122,8 @@ def precompute_ref_cmd(
 @app.command("train", cls=ConfigCommand)
 def train_cmd(
     beta: Annotated[float, typer.Option("--beta", metavar="FLOAT", help="KL strength β > 0. The target is π* ∝ πref·exp(R/β): a reward gap ΔR between two responses becomes a log-prob gap ΔR/β, so pick β on the scale of the reward differences (small β: far from πref; large β: close to it).")],
-    workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
+    workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too (or into WORKDIR/runs/NAME/ with --run).")] = "gvpo-run",
+    run: Annotated[Optional[str], typer.Option("--run", metavar="NAME", help="A named run over the workdir's cache: its checkpoints/, metrics.jsonl, model/ (with its card) and train_config.json go to WORKDIR/runs/NAME/, so several runs (a β sweep, other --loss) share one cache. Locked per run; an earlier run of the same name is only replaced with --overwrite.", show_default=False)] = None,
     loss: Annotated[str, typer.Option("--loss", metavar="LOSS", help="Objective on the same groups: gvpo, or the baselines dpo, ipo (every pair with different rewards), rebel (all pairs; = 2 × gvpo), sft-best (NLL of each group's best response).")] = "gvpo",
     init_model: Annotated[Optional[str], typer.Option("--init-model", metavar="PATH", help="Start from this model (a folder, e.g. an SFT checkpoint, or a hub id org/name[@revision]) instead of the reference; same tokenizer required.")] = None,
     groups_per_step: Annotated[int, typer.Option("--groups-per-step", metavar="INT", help="Prompts (whole groups) per optimizer step.")] = 8,
@@ -174,21 +175,22 @@ def train_cmd(
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, cpu_offload=cpu_offload, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
-        packing=packing, lora=lora, merge=merge, base_dtype=base_dtype,
+        packing=packing, lora=lora, merge=merge, base_dtype=base_dtype, run=run,
     )
     backends = tracking.parse_report_to(report_to)
     config_file.set_resolved("report_to", list(backends) or None)  # stored split: ['tensorboard', 'wandb']
-    with tracking.Tracker(backends, config.workdir, config_file.resolved_options(), run_name,
+    with tracking.Tracker(backends, config.run_dir, config_file.resolved_options(), run_name or run,
                           continue_run=resume, record_ids=True) as tracker:
         log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
         train(config, log=log, on_step=tracker)
-    config_file.write_resolved(config.workdir / "train_config.json")  # the full run, reusable as --config
+    config_file.write_resolved(config.run_dir / "train_config.json")  # the full run, reusable as --config
 
 
 @app.command("eval", cls=ConfigCommand)
 def eval_cmd(
     workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref/train workdir.")] = "gvpo-run",
     model: Annotated[Optional[str], typer.Option("--model", metavar="PATH", help="Model to evaluate (default WORKDIR/model): a model or LoRA adapter folder, a checkpoint, or a hub id org/name[@revision]; the reference itself gives the neutral baseline.")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", metavar="NAME", help="Evaluate the named run's model, WORKDIR/runs/NAME/model (train --run).", show_default=False)] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", metavar="PATH", help="Evaluate these files instead of the cached eval split (reference log-probs computed once and cached in WORKDIR/extra/). Repeatable.")] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Also write the metrics as JSON (stable key names) to this file.")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", metavar="FLOAT", help="β; default: MODEL/train_config.json's (required when there is none).")] = None,
@@ -225,6 +227,7 @@ def eval_cmd(
     from gvpo_offline.runtime import config_file, tracking
     from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate, model_step, report_table
     from gvpo_offline.stages.sample import SamplingConfig
+    from gvpo_offline.stages.train.config import run_dir
 
     if (prompts is None) != (reward is None):
         raise GvpoError("the generation eval needs both --prompts and --reward")
@@ -235,6 +238,12 @@ def eval_cmd(
         sampling = SamplingConfig(temperature, top_p, max_new_tokens, seed)
         generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, sampling, reward_timeout, prompt_col,
                                           samples_out)
+    if run is not None:
+        if model is not None:
+            raise GvpoError("give --run NAME or --model PATH, not both")
+        model = str(run_dir(workdir, run) / "model")
+        if not Path(model).is_dir():
+            raise GvpoError(f"{model}: no model here (run `gvpo-offline train --workdir {workdir} --run {run}` first)")
     columns = ColumnMap(prompt_col, response_col, reward_col, group_col)
     config = EvalConfig(
         workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,
@@ -243,8 +252,9 @@ def eval_cmd(
     )
     backends = tracking.parse_report_to(report_to)
     config_file.set_resolved("report_to", list(backends) or None)
-    own_run = model is None or Path(model).resolve().is_relative_to(Path(workdir).resolve())  # train's runs
-    with tracking.Tracker(backends, Path(workdir), config_file.resolved_options(), run_name, own_run) as tracker:
+    logdir = run_dir(workdir, run)  # where train of this run logged
+    own_run = model is None or Path(model).resolve().is_relative_to(logdir.resolve())  # log into train's runs
+    with tracking.Tracker(backends, logdir, config_file.resolved_options(), run_name or run, own_run) as tracker:
         report = evaluate(config, console)
         if report is None:  # not rank 0 of a torchrun launch: rank 0 reports
             return
@@ -348,14 +358,20 @@ def plot_cmd(
     workdir: Annotated[str, typer.Argument(metavar="WORKDIR", hidden=True)] = "gvpo-run",
     eval_json: Annotated[Optional[str], typer.Option("--eval", metavar="PATH", help="The `eval --json` file to plot [default: WORKDIR/eval.json if present].", show_default=False)] = None,
     out_dir: Annotated[Optional[str], typer.Option("--out-dir", metavar="PATH", help="Where the PNGs go [default: WORKDIR/plots].", show_default=False)] = None,
+    run: Annotated[Optional[list[str]], typer.Option("--run", metavar="NAME", help="A named run (train --run): plot WORKDIR/runs/NAME/ alone; repeat to overlay several runs' loss and drift in WORKDIR/plots/runs_*.png.", show_default=False)] = None,
 ) -> None:
     """Plot a run: loss and its eq. 17 terms, drift per token, and the eval results (PNG, needs matplotlib).
 
     WORKDIR: the train workdir (reads metrics.jsonl, and eval.json when there is one) [default: gvpo-run].
     """
-    from gvpo_offline.stages.plot import plot_run
+    from gvpo_offline.stages.plot import plot_run, plot_runs
+    from gvpo_offline.stages.train.config import run_dir
 
-    for path in plot_run(workdir, eval_json, out_dir):
+    runs = list(dict.fromkeys(run or ()))
+    if len(runs) > 1 and eval_json:
+        raise GvpoError("--eval plots one run: give one --run (or none)")
+    paths = plot_runs(workdir, runs, out_dir) if len(runs) > 1 else plot_run(run_dir(workdir, runs[0] if runs else None), eval_json, out_dir)
+    for path in paths:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True, markup=False)
 
 

@@ -1,7 +1,8 @@
 """The `train` stage: GVPO (or, with ``--loss``, a baseline objective) on the cached `train` split,
 readable top to bottom.
 
-``train(TrainConfig) -> TrainResult`` does, in order:
+``train(TrainConfig) -> TrainResult`` does, in order (a named run, ``run``, reads WORKDIR's cache and writes
+everything below that says WORKDIR into WORKDIR/runs/RUN/ instead, under its own train lock):
 
 1. **Check** the workdir's reference cache (complete manifest) against the model we train from: the
    reference model must be unchanged since precompute-ref, the tokenizer must be the cached one.

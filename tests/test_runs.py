@@ -71,3 +71,23 @@ def test_locks_are_per_run(workdir, run_cli):
         assert result.code == 2 and "another gvpo-offline process" in result.err
     assert workdirs.run_folder(workdir / "runs" / "b" / "model") == workdir / "runs" / "b"
     assert workdirs.run_folder(workdir / "model") == workdir
+
+
+def test_round2_example_uses_real_options():
+    """examples/round2.sh (not run by the suite: a minute of CPU) names only options its commands have."""
+    import shlex
+
+    import typer.main
+
+    from conftest import REPO
+    from gvpo_offline import cli
+
+    commands = typer.main.get_command(cli.app).commands
+    script = (REPO / "examples" / "round2.sh").read_text().replace("\\\n", " ")
+    lines = [line.split(">")[0] for line in script.splitlines() if line.strip().startswith("gvpo-offline ")]
+    assert len(lines) == 6  # precompute-ref and train twice, sample, eval
+    for line in lines:
+        words = shlex.split(line)
+        command = commands[words[1]]
+        known = {opt for param in command.params for opt in param.opts}
+        assert {w for w in words if w.startswith("--")} <= known, line

@@ -38,7 +38,9 @@ model_mean_reward, reference_mean_reward, mean_reward_difference, difference_int
 prompts), and every sample's reward: model_rewards, reference_rewards ([prompt][sample]). The PROMPTS
 file is ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line with a ``prompt``
 field: a string or a list of {"role", "content"} messages; grouped and flat data files qualify, their
-repeated prompts are deduplicated in order).
+repeated prompts are deduplicated in order; ``--prompt-col`` names another field), or ``eval``: the
+workdir's held-out prompts with their rows' other fields (prompts.py). The reward's signature is checked
+against the rows' fields before any model loads; ``--samples-out FILE`` keeps every sample (generation.py).
 
 INPUTS. Data: the workdir's cached ``eval`` split, or ``--data FILE...`` whose reference log-probs are
 computed once with the manifest's reference model, tokenization and dtype (reference.precompute_extra)

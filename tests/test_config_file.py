@@ -171,8 +171,8 @@ def test_report_to_parsing_and_missing_package(monkeypatch):
 
     assert parse_report_to(["tensorboard,wandb", "none", "tensorboard"]) == ("tensorboard", "wandb")
     assert parse_report_to(None) == () and parse_report_to(["none"]) == ()
-    with pytest.raises(GvpoError, match="--report-to 'mlflow'"):
-        parse_report_to(["mlflow"])
+    with pytest.raises(GvpoError, match="--report-to 'comet'"):
+        parse_report_to(["comet"])
     real_import = builtins.__import__
 
     def no_wandb(name, *args, **kwargs):

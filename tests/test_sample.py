@@ -217,3 +217,40 @@ def test_chat_sampling_stops_at_the_turn_end_and_the_reply_tokenizes_back_to_wha
     [[reply]] = generate_responses(model.eval(), tok, [messages], 1, SamplingConfig(temperature=0, max_new_tokens=8), cfg)
     assert reply == tok.decode([word])
     assert encode_pair(tok, messages, reply, cfg).response_ids[:2] == [word, end]
+
+
+def test_sample_refuses_resuming_an_output_made_with_other_settings(run_cli, prompts_txt, reward_py, tmp_path):
+    out = tmp_path / "groups.jsonl"
+    args = ("--model", MODEL, "--k", "2", "-o", out, *FAST)
+    assert run_cli("sample", prompts_txt, "--reward", f"{reward_py}:length", *args).code == 0
+    settings = json.loads((tmp_path / "groups.jsonl.settings.json").read_text())
+    assert settings["reward"] == f"{reward_py}:length" and settings["temperature"] == 1.0 and settings["k"] == 2
+    before = out.read_text()
+    res = run_cli("sample", prompts_txt, "--reward", f"{reward_py}:length", "--temperature", "0.5", *args)
+    assert res.code == 2 and "sampled with other settings (temperature: 1.0 -> 0.5" in res.err
+    res = run_cli("sample", prompts_txt, "--reward", f"{reward_py}:text", *args)
+    assert res.code == 2 and "reward: " in res.err and ":length" in res.err
+    reward_py.write_text(reward_py.read_text() + "\n# edited\n")  # the same name, another reward
+    res = run_cli("sample", prompts_txt, "--reward", f"{reward_py}:length", *args)
+    assert res.code == 2 and "reward_file_sha256" in res.err
+    assert out.read_text() == before  # nothing appended by a refused run
+
+
+def test_sample_warns_when_most_groups_have_equal_rewards(run_cli, prompts_txt, tmp_path):
+    reward = tmp_path / "flat.py"
+    reward.write_text("def one(prompt, response):\n    return 1.0\n")
+    res = run_cli("sample", prompts_txt, "--model", MODEL, "--k", "2", "--reward", f"{reward}:one",
+                  "-o", tmp_path / "out.jsonl", *FAST)
+    assert res.code == 0, res.err
+    assert "warning: 5 of 5 groups have all-equal rewards" in res.err
+
+
+def test_sample_checks_the_reward_signature_before_loading_the_model(run_cli, prompts_txt, tmp_path, monkeypatch):
+    from gvpo_offline.model import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    reward = tmp_path / "gt.py"
+    reward.write_text("def correct(prompt, response, ground_truth):\n    return 1.0\n")
+    res = run_cli("sample", prompts_txt, "--model", MODEL, "--k", "2", "--reward", f"{reward}:correct",
+                  "-o", tmp_path / "out.jsonl", *FAST)
+    assert res.code == 2 and "parameter 'ground_truth' is not a field of prompt 1" in res.err

@@ -52,8 +52,8 @@ def _app_options(
 def sample_cmd(
     prompts: Annotated[str, typer.Argument(metavar="PROMPTS", hidden=True)],
     model: Annotated[str, typer.Option("--model", metavar="PATH", help="Model to sample from: a local model folder, a LoRA adapter folder, or a hub id org/name[@revision] (from the Hugging Face cache; downloaded when missing and the hub is reachable).")],
-    reward: Annotated[str, typer.Option("--reward", metavar="MODULE:FUNCTION", help="module:function or path/to/file.py:function, (prompt, response) -> float.")],
-    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Grouped JSONL to append to (resumes if it exists).")],
+    reward: Annotated[str, typer.Option("--reward", metavar="MODULE:FUNCTION", help="module:function or path/to/file.py:function, called as fn(prompt, response, **fields) -> float with the prompt row's fields it names, e.g. def correct(prompt, response, ground_truth); checked before the model loads.")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Grouped JSONL to append to (resumes if it exists; the settings are kept in PATH.settings.json and an output made with others is refused).")],
     k: Annotated[Optional[int], typer.Option("--k", metavar="INT", help="Responses per prompt.")] = None,
     k_range: Annotated[Optional[str], typer.Option("--k-range", metavar="A:B", help="A:B, k per prompt drawn from [A, B] by seed and index.")] = None,
     temperature: Annotated[float, typer.Option(metavar="FLOAT", help="Sampling temperature (0 = greedy).")] = 1.0,
@@ -94,6 +94,10 @@ def sample_cmd(
         dropped += (f"; skipped {result.unscorable} prompts the reward could not score (first: "
                     f"{result.first_unscorable})")
     console.print(f"wrote {result.written} groups to {output}{note}{dropped}", highlight=False, soft_wrap=True, markup=False)
+    if result.equal_rewards * 2 > result.written:
+        console.print(f"warning: {result.equal_rewards} of {result.written} groups have all-equal rewards: no ranking "
+                      "signal for GVPO there (a reward too coarse for these prompts, or k too small)",
+                      style="yellow", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("precompute-ref", cls=ConfigCommand)
@@ -154,7 +158,8 @@ def precompute_ref_cmd(
 @app.command("train", cls=ConfigCommand)
 def train_cmd(
     beta: Annotated[float, typer.Option("--beta", metavar="FLOAT", help="KL strength β > 0. The target is π* ∝ πref·exp(R/β): a reward gap ΔR between two responses becomes a log-prob gap ΔR/β, so pick β on the scale of the reward differences (small β: far from πref; large β: close to it).")],
-    workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too.")] = "gvpo-run",
+    workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref workdir; checkpoints, metrics.jsonl and model/ go here too (or into WORKDIR/runs/NAME/ with --run).")] = "gvpo-run",
+    run: Annotated[Optional[str], typer.Option("--run", metavar="NAME", help="A named run over the workdir's cache: its checkpoints/, metrics.jsonl, model/ (with its card) and train_config.json go to WORKDIR/runs/NAME/, so several runs (a β sweep, other --loss) share one cache. Locked per run; an earlier run of the same name is only replaced with --overwrite.", show_default=False)] = None,
     loss: Annotated[str, typer.Option("--loss", metavar="LOSS", help="Objective on the same groups: gvpo, or the baselines dpo, ipo (every pair with different rewards; on sequence log-ratios, summed over tokens), ipo-trl (ipo as TRL computes it: each log-ratio divided by its response length, so β is on a per-token scale), rebel (all pairs; = 2 × gvpo), sft-best (NLL of each group's best response).")] = "gvpo",
     init_model: Annotated[Optional[str], typer.Option("--init-model", metavar="PATH", help="Start from this model (a folder, e.g. an SFT checkpoint, or a hub id org/name[@revision]) instead of the reference; same tokenizer required.")] = None,
     groups_per_step: Annotated[int, typer.Option("--groups-per-step", metavar="INT", help="Prompts (whole groups) per optimizer step.")] = 8,
@@ -172,7 +177,8 @@ def train_cmd(
     packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto, on or off (see precompute-ref); default: the reference cache's setting, so policy and reference share one path.", show_default=False)] = None,
     cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Under torchrun on GPUs: keep the FSDP shards, gradients and AdamW state in CPU RAM (slower, fits larger models).")] = False,
     hsdp: Annotated[str, typer.Option("--hsdp", metavar="MODE", help="Under torchrun: on shards the model within each node and replicates it across nodes (HSDP: layer all-gathers stay inside a node; gradients are all-reduced across nodes); off shards over all processes; auto: on when the job spans several nodes.")] = "auto",
-    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="none, tensorboard (WORKDIR/tb/), wandb; repeat or comma-separate for several.")] = None,
+    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="none, tensorboard (WORKDIR/tb/), wandb (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME honoured), mlflow (MLFLOW_TRACKING_URI, default a file store in WORKDIR/mlruns); repeat or comma-separate for several. Tags: train/loss, train/grad_norm, train/lr, ...")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", metavar="NAME", help="The tracker run's name [default: WANDB_NAME, else the workdir's folder name].", show_default=False)] = None,
     save_every: Annotated[int, typer.Option("--save-every", metavar="INT", help="Checkpoint every N steps into WORKDIR/checkpoints/ (0 = never).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", metavar="INT", help="How many of the newest checkpoints to keep.")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
@@ -219,7 +225,7 @@ def train_cmd(
         max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps, seed=seed, device=device, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, cpu_offload=cpu_offload, hsdp=hsdp, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
-        packing=packing, lora=lora, merge=merge, base_dtype=base_dtype, load_in_4bit=load_in_4bit,
+        packing=packing, lora=lora, merge=merge, base_dtype=base_dtype, load_in_4bit=load_in_4bit, run=run,
     )
     log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     if dry_run:
@@ -230,15 +236,19 @@ def train_cmd(
     if plan_processes is not None or plan_processes_per_node is not None or plan_gpu_memory is not None:
         raise GvpoError("--plan-processes, --plan-processes-per-node and --plan-gpu-memory need --dry-run")
     apply_threads(threads, device)
-    with tracking.Tracker(tracking.parse_report_to(report_to), config.workdir, config_file.resolved_options()) as tracker:
+    backends = tracking.parse_report_to(report_to)
+    config_file.set_resolved("report_to", list(backends) or None)  # stored split: ['tensorboard', 'wandb']
+    with tracking.Tracker(backends, config.run_dir, config_file.resolved_options(), run_name or run,
+                          continue_run=resume, record_ids=True) as tracker:
         train(config, log=log, on_step=tracker)
-    config_file.write_resolved(config.workdir / "train_config.json")  # the full run, reusable as --config
+    config_file.write_resolved(config.run_dir / "train_config.json")  # the full run, reusable as --config
 
 
 @app.command("eval", cls=ConfigCommand)
 def eval_cmd(
     workdir: Annotated[str, typer.Option("--workdir", metavar="PATH", help="The precompute-ref/train workdir.")] = "gvpo-run",
     model: Annotated[Optional[str], typer.Option("--model", metavar="PATH", help="Model to evaluate (default WORKDIR/model): a model or LoRA adapter folder, a checkpoint, or a hub id org/name[@revision]; the reference itself gives the neutral baseline.")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", metavar="NAME", help="Evaluate the named run's model, WORKDIR/runs/NAME/model (train --run).", show_default=False)] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", metavar="PATH", help="Evaluate these files instead of the cached eval split (reference log-probs computed once and cached in WORKDIR/extra/). Repeatable.")] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", "--output", "-o", metavar="PATH", help="Also write the metrics as JSON (stable key names) to this file.")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", metavar="FLOAT", help="β; default: MODEL/train_config.json's (required when there is none).")] = None,
@@ -249,12 +259,13 @@ def eval_cmd(
     dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Weights dtype the model is loaded and run in: float32, bfloat16, auto (default: the cache's, as train used).")] = None,
     packing: Annotated[Optional[str], typer.Option("--packing", metavar="MODE", help="auto, on or off (see precompute-ref); default: the reference cache's setting.", show_default=False)] = None,
     layout: Annotated[str, typer.Option("--layout", metavar="LAYOUT", help="--data layout: auto, grouped or flat.")] = "auto",
-    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN", help="Prompt column of --data.")] = None,
+    prompt_col: Annotated[Optional[str], typer.Option("--prompt-col", metavar="COLUMN", help="Prompt column of --data and field of --prompts (default: prompt).", show_default=False)] = None,
     response_col: Annotated[Optional[str], typer.Option("--response-col", metavar="COLUMN", help="Response column of --data: the list of responses (grouped) or one response (flat).")] = None,
     reward_col: Annotated[Optional[str], typer.Option("--reward-col", metavar="COLUMN", help="Reward column of --data: the list of rewards (grouped) or one reward (flat).")] = None,
     group_col: Annotated[Optional[str], typer.Option("--group-col", metavar="COLUMN", help="Group id column of --data (default: id for grouped, group_id for flat; else derived from the prompt).")] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="PATH", help="Generation eval: .txt (one prompt per line) or JSONL with a \"prompt\" field (data files work).")] = None,
-    reward: Annotated[Optional[str], typer.Option("--reward", metavar="MODULE:FUNCTION", help="Generation eval: module:function or file.py:function, (prompt, response) -> float.")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", metavar="PATH|eval", help="Generation eval: eval (the workdir's held-out prompts, with their rows' other fields, e.g. ground_truth), .txt (one prompt per line) or JSONL with a \"prompt\" field (or --prompt-col; data files work; the other fields go to the reward).")] = None,
+    reward: Annotated[Optional[str], typer.Option("--reward", metavar="MODULE:FUNCTION", help="Generation eval: module:function or file.py:function, called as fn(prompt, response, **fields) -> float with the prompt row's fields it names, e.g. def correct(prompt, response, ground_truth); checked against the rows' fields before any model work.")] = None,
+    samples_out: Annotated[Optional[str], typer.Option("--samples-out", metavar="FILE.jsonl", help="Generation eval: write every sample (prompt, model trained/reference, model_path, sample_index, sample, reward) to this JSONL.", show_default=False)] = None,
     samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", metavar="INT", help="Generation eval: responses sampled per prompt from each model.")] = 4,
     temperature: Annotated[float, typer.Option(metavar="FLOAT", help="Generation eval: sampling temperature (0 = greedy).")] = 1.0,
     top_p: Annotated[float, typer.Option("--top-p", metavar="FLOAT", help="Generation eval: nucleus sampling mass.")] = 1.0,
@@ -263,6 +274,8 @@ def eval_cmd(
     shard_model: Annotated[str, typer.Option("--shard-model", metavar="MODE", help="Under torchrun: on shards the model over the processes (FSDP forward passes, for a model too big for one device), off gives each process the whole model, auto shards when its weights (in the weights dtype) do not fit one device.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
+    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="Also log the metrics (eval/<metric>, eval/delta/<metric>, eval/generation/...) at the model's final training step to none, tensorboard, wandb, mlflow (as train --report-to; a model of WORKDIR logs into train's runs).")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", metavar="NAME", help="The tracker run's name when eval starts a new run [default: WANDB_NAME, else the workdir's folder name].", show_default=False)] = None,
 ) -> None:
     """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
     from rich.console import Console as _Console
@@ -270,15 +283,28 @@ def eval_cmd(
     from gvpo_offline.data import ColumnMap
     from gvpo_offline.model.threads import apply_threads
     from gvpo_offline.stages.evaluate.generation import GenerationEvalConfig
-    from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate, report_table
+    from pathlib import Path
+
+    from gvpo_offline.runtime import config_file, tracking
+    from gvpo_offline.stages.evaluate.heldout import EvalConfig, evaluate, model_step, report_table
     from gvpo_offline.stages.sample import SamplingConfig
+    from gvpo_offline.stages.train.config import run_dir
 
     if (prompts is None) != (reward is None):
         raise GvpoError("the generation eval needs both --prompts and --reward")
+    if samples_out and prompts is None:
+        raise GvpoError("--samples-out needs the generation eval (--prompts and --reward)")
     generation = None
     if prompts is not None:
         sampling = SamplingConfig(temperature, top_p, max_new_tokens, seed)
-        generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, sampling, reward_timeout)
+        generation = GenerationEvalConfig(prompts, reward, samples_per_prompt, sampling, reward_timeout, prompt_col,
+                                          samples_out)
+    if run is not None:
+        if model is not None:
+            raise GvpoError("give --run NAME or --model PATH, not both")
+        model = str(run_dir(workdir, run) / "model")
+        if not Path(model).is_dir():
+            raise GvpoError(f"{model}: no model here (run `gvpo-offline train --workdir {workdir} --run {run}` first)")
     columns = ColumnMap(prompt_col, response_col, reward_col, group_col)
     config = EvalConfig(
         workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,
@@ -287,9 +313,16 @@ def eval_cmd(
         shard_model=shard_model,
     )
     apply_threads(threads, device)
-    report = evaluate(config, console)
-    if report is None:  # not rank 0 of a torchrun launch: rank 0 reports
-        return
+    backends = tracking.parse_report_to(report_to)
+    config_file.set_resolved("report_to", list(backends) or None)
+    logdir = run_dir(workdir, run)  # where train of this run logged
+    own_run = model is None or Path(model).resolve().is_relative_to(logdir.resolve())  # log into train's runs
+    with tracking.Tracker(backends, logdir, config_file.resolved_options(), run_name or run, own_run) as tracker:
+        report = evaluate(config, console)
+        if report is None:  # not rank 0 of a torchrun launch: rank 0 reports
+            return
+        if backends:
+            tracker.log(tracking.eval_scalars(report.to_json()), model_step(Path(report.model_path)))
     table = report_table(report)
     out = _Console()
     if not out.is_terminal:  # a file or a pipe: the table at its natural width, not wrapped at 80 columns
@@ -399,14 +432,20 @@ def plot_cmd(
     workdir: Annotated[str, typer.Argument(metavar="WORKDIR", hidden=True)] = "gvpo-run",
     eval_json: Annotated[Optional[str], typer.Option("--eval", metavar="PATH", help="The `eval --json` file to plot [default: WORKDIR/eval.json if present].", show_default=False)] = None,
     out_dir: Annotated[Optional[str], typer.Option("--output-dir", "--out-dir", metavar="PATH", help="Where the PNGs go [default: WORKDIR/plots].", show_default=False)] = None,
+    run: Annotated[Optional[list[str]], typer.Option("--run", metavar="NAME", help="A named run (train --run): plot WORKDIR/runs/NAME/ alone; repeat to overlay several runs' loss and drift in WORKDIR/plots/runs_*.png.", show_default=False)] = None,
 ) -> None:
     """Plot a run: loss and its eq. 17 terms, drift per token, and the eval results (PNG, needs matplotlib).
 
     WORKDIR: the train workdir (reads metrics.jsonl, and eval.json when there is one) [default: gvpo-run].
     """
-    from gvpo_offline.stages.plot import plot_run
+    from gvpo_offline.stages.plot import plot_run, plot_runs
+    from gvpo_offline.stages.train.config import run_dir
 
-    for path in plot_run(workdir, eval_json, out_dir):
+    runs = list(dict.fromkeys(run or ()))
+    if len(runs) > 1 and eval_json:
+        raise GvpoError("--eval plots one run: give one --run (or none)")
+    paths = plot_runs(workdir, runs, out_dir) if len(runs) > 1 else plot_run(run_dir(workdir, runs[0] if runs else None), eval_json, out_dir)
+    for path in paths:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True, markup=False)
 
 

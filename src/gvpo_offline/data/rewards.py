@@ -1,4 +1,4 @@
-"""User reward callables: ``--reward module:function`` with signature ``(prompt, response) -> float``.
+"""User reward callables: ``--reward module:function`` with signature ``(prompt, response, **fields) -> float``.
 
 ``module`` is an importable module name or the path of a ``.py`` file (``sample_data/reward.py:score``).
 ``prompt`` is what the data holds: a string or a list of ``{"role", "content"}`` messages.
@@ -8,8 +8,9 @@ A reward may also take the prompt row's other fields as keyword arguments, e.g.
 (as ``convert gsm8k`` writes) then passes it. A field is passed when the function names it or has
 ``**kwargs``; ``id`` and the data-layout columns (responses, rewards, ...) are not passed. A field named
 like the parameter that receives the prompt or the response is refused up front
-(:func:`check_reward_fields`). The reward gets copies: whatever it does to the prompt or a field, what is
-written is what was read.
+(:func:`check_reward_fields`), and so is a parameter without a default that some prompt row lacks
+(:func:`check_reward_signature`), both before any model work. The reward gets copies: whatever it does
+to the prompt or a field, what is written is what was read.
 
 A reward that cannot score a row (its reference answer is missing) raises :class:`Unscorable`: ``sample``
 skips that prompt and counts it, the generation eval stops naming it.
@@ -150,6 +151,28 @@ def check_reward_fields(fn: RewardFn, rows) -> None:
 
 def _position(fn: RewardFn, name: str) -> int:
     return [p.name for p in inspect.signature(fn).parameters.values()].index(name)
+def check_reward_signature(fn: RewardFn, spec: str, rows: list[dict], where: str) -> None:
+    """Before any model work: ``fn`` must take ``(prompt, response)`` positionally, and every further
+    parameter without a default must be a field of every prompt row (``rows``: each row's other fields;
+    ``where``: the prompts' source, for the message). One GvpoError naming the parameter, the first row
+    without it and the fields the rows do have."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: trust it
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise GvpoError(f"--reward {spec}: it takes {inspect.signature(fn)}, but a reward is called as "
+                        "fn(prompt, response, **row fields)")
+    for p in params[2:]:
+        if p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        lacking = next((i for i, row in enumerate(rows) if p.name not in row or p.name in NOT_REWARD_FIELDS), None)
+        if p.kind is p.POSITIONAL_ONLY or lacking is not None:
+            have = sorted(set().union(*rows) - NOT_REWARD_FIELDS) if rows else []
+            raise GvpoError(f"--reward {spec}: its parameter {p.name!r} is not a field of prompt {(lacking or 0) + 1} "
+                            f"of {where} (row fields there: {', '.join(have) or 'none'}); a reward gets "
+                            "(prompt, response) and the row fields it names as keywords")
 
 
 def score(fn: RewardFn, prompt, response: str, fields: dict | None = None) -> float:

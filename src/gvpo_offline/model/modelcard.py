@@ -4,15 +4,20 @@ convention.
 Folder: weights (or a PEFT adapter), tokenizer files, generation_config.json, train_config.json (with
 :func:`provenance`: base model id, commit and fingerprint, data files) and README.md, the card:
 
-A YAML header (``huggingface_hub.ModelCardData``: base_model when the base is a hub id, the base card's
-license, library_name ``transformers`` or ``peft``, tags incl. the objective's name), then what was trained
-and by which objective (base model, full fine-tuning or LoRA, data files, β, steps, learning rate) read
-from the folder's ``train_config.json``, and the eval table (model, reference, Δ with 95% bootstrap
-intervals) once ``eval`` has run on the folder: ``eval`` rewrites the card with its latest report
-(:func:`update_card_with_eval`). A README.md not written by this tool is never touched.
+A YAML header (``huggingface_hub.ModelCardData``: base_model when the base is a hub id, library_name
+``transformers`` or ``peft``, tags incl. ``gvpo``), then what was trained (base model, full fine-tuning or
+LoRA, data files, β, steps, learning rate) read from the folder's ``train_config.json``, and the eval
+table (model, reference, Δ with 95% bootstrap intervals) once ``eval`` has run on the folder
+(:func:`update_card_with_eval`). The card's own eval table is only ever the model's own held-out data:
+a report whose rows came from the cache the model was trained on (its ``data_cache_key`` is
+train_config.json's ``cache_key``). A report on other data (``eval --data``, another workdir) gets a
+separate section labelled with its data and cache key, one per dataset, never replacing the own table.
+The latest report per dataset is kept in the folder's ``eval_reports.json`` ({data cache key: report}),
+from which the card is rebuilt. A README.md not written by this tool is never touched.
 
 The folder is ready to upload: the base is named by its hub id when it has one, and no file holds a
-local absolute path (:func:`portable`, :func:`provenance`).
+local absolute path (:func:`portable`, :func:`provenance`). The title and tags name the objective that
+trained it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gvpo_offline.math.metrics import format_interval, format_value
+from gvpo_offline.math.metrics import METRICS, format_interval, format_value
 from gvpo_offline.runtime.files import atomic_write_bytes
 
 CARD = "README.md"
+EVAL_REPORTS = "eval_reports.json"  # {data_cache_key: eval report}, the latest report per dataset
 MARK = "gvpo-offline"  # a tag; a card without it is not ours
 NOT_EVALUATED = "Not evaluated yet: `gvpo-offline eval --model THIS_FOLDER` adds the table here."
 
@@ -40,7 +46,9 @@ def eval_section(report: dict) -> str:
         "| metric | model | reference | Δ | model 95% CI | Δ 95% CI |",
         "|---|---|---|---|---|---|",
     ]
-    for name, value in report.get("model", {}).items():
+    model = report.get("model", {})  # rows in METRICS order (a report read back from JSON has sorted keys)
+    for name in sorted(model, key=lambda m: METRICS.index(m) if m in METRICS else len(METRICS)):
+        value = model[name]
         lines.append(f"| {name} | {format_value(value)} | {format_value(report['reference'].get(name))} | "
                      f"{format_value(report['delta'].get(name))} | {format_interval(iv.get('model', {}).get(name))} | "
                      f"{format_interval(iv.get('delta', {}).get(name))} |")
@@ -81,8 +89,27 @@ def base_license(folder: Path) -> dict:
     return {k: data[k] for k in LICENSE_FIELDS if isinstance(data.get(k), str) and data[k]}
 
 
-def card_text(train_config: dict, report: dict | None = None) -> str:
-    """The whole README.md for a folder whose train_config.json is ``train_config``."""
+def is_own_data(train_config: dict, report: dict) -> bool:
+    """Did the report score the model's own held-out data (the eval split of the cache it trained on)?"""
+    own = train_config.get("cache_key")
+    return own is not None and report.get("meta", {}).get("data_cache_key") == own
+
+
+def other_data_section(report: dict) -> str:
+    """A labelled section for a report on data other than the model's own held-out split."""
+    meta = report.get("meta", {})
+    key = str(meta.get("data_cache_key") or "?")[:12]
+    return "\n".join([
+        f"### On other data: {', '.join(f'`{d}`' for d in meta.get('data', [])) or '?'} (cache {key})", "",
+        "Not the data this model was trained and held out on; scored against the reference cache "
+        f"{str(meta.get('cache_key') or '?')[:12]}.", "",
+        eval_section(report),
+    ])
+
+
+def card_text(train_config: dict, report: dict | None = None, others: list[dict] = ()) -> str:
+    """The whole README.md for a folder whose train_config.json is ``train_config``: ``report`` is the
+    eval of its own held-out data, ``others`` reports on other data (each its own labelled section)."""
     from huggingface_hub import ModelCardData
 
     lora = train_config.get("lora")
@@ -138,13 +165,14 @@ def card_text(train_config: dict, report: dict | None = None) -> str:
         "## Training", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
         "## Evaluation", "",
         eval_section(report) if report else NOT_EVALUATED,
+        *(part for other in others for part in ("", other_data_section(other))),
         "", "## Use", "", use, "",
     ]
     return "\n".join(body)
 
 
-def write_card(folder: Path, train_config: dict, report: dict | None = None) -> None:
-    atomic_write_bytes(Path(folder) / CARD, card_text(train_config, report).encode())
+def write_card(folder: Path, train_config: dict, report: dict | None = None, others: list[dict] = ()) -> None:
+    atomic_write_bytes(Path(folder) / CARD, card_text(train_config, report, others).encode())
 
 
 def _is_ours(card: Path) -> bool:
@@ -157,8 +185,12 @@ def _is_ours(card: Path) -> bool:
 
 
 def update_card_with_eval(folder: Path, report: dict) -> bool:
-    """Rewrite ``folder``'s card with this eval report when the folder was written by ``train`` (its
-    train_config.json is there and README.md is absent or ours). Returns whether it did."""
+    """Add this eval report to ``folder``'s card when the folder was written by ``train`` (its
+    train_config.json is there and README.md is absent or ours): as the eval table when it scored the
+    model's own held-out data (:func:`is_own_data`), else as the labelled section of its dataset; the
+    other datasets' sections stay. Returns whether it did."""
+    from gvpo_offline.runtime.files import atomic_write_json
+
     folder = Path(folder)
     config_path, card = folder / "train_config.json", folder / CARD
     if not config_path.is_file():
@@ -167,7 +199,16 @@ def update_card_with_eval(folder: Path, report: dict) -> bool:
         return False
     try:
         train_config = json.loads(config_path.read_text())
-        write_card(folder, train_config, report)
+        try:
+            reports = json.loads((folder / EVAL_REPORTS).read_text())
+        except (OSError, ValueError):
+            reports = {}
+        reports = reports if isinstance(reports, dict) else {}
+        reports[str(report.get("meta", {}).get("data_cache_key"))] = report
+        own = next((r for r in reports.values() if is_own_data(train_config, r)), None)
+        others = [r for _, r in sorted(reports.items()) if not is_own_data(train_config, r)]
+        atomic_write_json(folder / EVAL_REPORTS, reports)
+        write_card(folder, train_config, own, others)
     except (OSError, ValueError):
         return False
     return True

@@ -367,6 +367,14 @@ def resolved_options() -> dict[str, Any]:
     return dict(resolved)
 
 
+def set_resolved(key: str, value: Any) -> None:
+    """Replace one resolved option with its parsed form (e.g. ``report_to`` split into backends)."""
+    resolved = _RESOLVED.get()
+    if resolved is None:
+        raise RuntimeError("set_resolved() is only available while a ConfigCommand runs")
+    resolved[key] = _jsonable(value)
+
+
 def write_resolved(path: str | Path) -> Path:
     """Write the running command's resolved options as JSON (a valid ``--config`` file), atomically."""
     from gvpo_offline.runtime.files import atomic_write_json

@@ -192,21 +192,33 @@ def _holder(folder: Path, name: str) -> str:
     return "another gvpo-offline process (an eval) is using this workdir"
 
 
+def run_folder(model: str | Path) -> Path | None:
+    """The run folder a model lies in: WORKDIR/runs/NAME for a named run's model or checkpoint, else
+    the workdir itself; None outside every workdir."""
+    owner = inside_workdir(model)
+    if owner is None:
+        return None
+    parts = Path(model).resolve().relative_to(owner).parts
+    return owner / parts[0] / parts[1] if len(parts) > 2 and parts[0] == "runs" else owner
+
+
 @contextmanager
-def stage_locks(folder: str | Path, stage: str, model: str | Path | None = None) -> Iterator[None]:
-    """The locks of one stage: ``precompute`` -> ref (exclusive); ``train`` -> train (exclusive) + ref
-    (shared); ``eval`` -> ref (shared) + train (shared) of the workdir that ``model`` lies in, if any
-    (``folder`` itself for WORKDIR/model; none for the reference or a model outside every workdir)."""
+def stage_locks(folder: str | Path, stage: str, model: str | Path | None = None,
+                run_dir: str | Path | None = None) -> Iterator[None]:
+    """The locks of one stage: ``precompute`` -> ref (exclusive); ``train`` -> train of its run folder
+    (``run_dir``: WORKDIR, or WORKDIR/runs/NAME; exclusive) + ref (shared); ``eval`` -> ref (shared) +
+    train (shared) of the run folder that ``model`` lies in, if any (:func:`run_folder`; none for the
+    reference or a model outside every workdir)."""
     with ExitStack() as stack:
         refuse_links(folder, STAGE_OUTPUTS.get(stage, ()))
         if stage == "precompute":
             stack.enter_context(lock(folder, "ref"))
         elif stage == "train":
-            stack.enter_context(lock(folder, "train"))
+            stack.enter_context(lock(run_dir or folder, "train"))
             stack.enter_context(lock(folder, "ref", shared=True))
         elif stage == "eval":
             stack.enter_context(lock(folder, "ref", shared=True))
-            owner = inside_workdir(model) if model is not None else None
+            owner = run_folder(model) if model is not None else None
             if owner is not None:
                 stack.enter_context(lock(owner, "train", shared=True))
         else:

@@ -12,6 +12,13 @@ carries the workdir marker: the tool never writes into a folder of the user's, s
                     and the Δ interval in each title                                     (eval JSON only)
     rewards.png     the rewards of generated samples, model vs reference        (eval JSON with generation)
 
+Several named runs (``plot WORKDIR --run A --run B``, train --run) are overlaid into WORKDIR/plots/:
+
+    runs_loss.png   each run's loss per step (its own objective's), one line per run
+    runs_drift.png  each run's mean ℓ per token per step
+
+One ``--run NAME`` plots that run alone, from and into WORKDIR/runs/NAME/.
+
 Raw per-step values are drawn thin, with a moving average (window ≈ steps/20) on top when there are
 more than 20 steps.
 """
@@ -259,10 +266,37 @@ def plot_eval(report: dict, out_dir: Path, plt) -> list[Path]:
     return written
 
 
+def plot_runs(workdir: str | Path, runs: list[str], out_dir: str | Path | None = None) -> list[Path]:
+    """Overlay the named runs' loss and drift (WORKDIR/runs/NAME/metrics.jsonl) into runs_loss.png and
+    runs_drift.png in ``out_dir`` (default WORKDIR/plots/)."""
+    workdir = Path(workdir)
+    records = {run: read_metrics(workdir / "runs" / run / "metrics.jsonl") for run in runs}
+    if out_dir is None:
+        _require_workdir(workdir)
+    out_dir = Path(out_dir) if out_dir is not None else workdir / "plots"
+    plt = _pyplot()
+    written = []
+    for name, key, fallback, title in (
+        ("runs_loss.png", "loss", "loss", "loss per step (each run's --loss)"),
+        ("runs_drift.png", "log_ratio_per_token", "log_ratio", "drift: mean ℓ = log πθ/πref per token"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n, (run, recs) in enumerate(records.items()):
+            field = key if key in recs[0] else fallback
+            _series(ax, [r["step"] for r in recs], [r[field] for r in recs], run, f"C{n % 10}")
+        ax.set(title=title, xlabel="optimizer step")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / name, plt))
+    return written
+
+
 def _require_workdir(workdir: Path) -> None:
-    """WORKDIR/plots is written only into a gvpo-offline workdir (it has the marker), else GvpoError."""
+    """WORKDIR/plots is written only into a gvpo-offline workdir (it has the marker; a named run's
+    folder WORKDIR/runs/NAME counts as its workdir's), else GvpoError."""
     from gvpo_offline.runtime import workdir as workdirs
 
+    if workdir.parent.name == "runs" and workdirs.is_marked(workdir.parent.parent):
+        workdir = workdir.parent.parent
     if not workdirs.is_marked(workdir):
         raise GvpoError(
             f"{workdir}: not a gvpo-offline workdir (no {workdirs.MARKER} marker); the tool never writes into a "

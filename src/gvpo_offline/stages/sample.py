@@ -286,6 +286,7 @@ class SampleResult:
     # fewer than two are not written)
     unscorable: int = 0  # prompts the reward could not score (rewards.Unscorable): skipped, not written
     first_unscorable: str = ""  # the first of them, and why
+    equal_rewards: int = 0  # groups written whose rewards are all equal (no signal for GVPO)
 
 
 def parse_k_range(value: str) -> tuple[int, int]:
@@ -335,7 +336,7 @@ def _deeper_than(value: object, limit: int) -> bool:
     return False
 
 
-def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord]:
+def read_prompts(path: str | Path, unique_ids: bool = True, prompt_field: str = "prompt") -> list[PromptRecord]:
     """Prompts from a ``.txt`` file (one per line, blank lines skipped) or JSONL with a ``prompt`` field
     (a string or chat messages) and an optional ``id``; other fields are kept in ``PromptRecord.fields``
     (grouped and flat data files work as they are). Ids default to the 1-based line number; with
@@ -362,15 +363,15 @@ def read_prompts(path: str | Path, unique_ids: bool = True) -> list[PromptRecord
             raise DataError(str(path), f"invalid JSON ({err.msg})", line=line_no) from None
         except RecursionError:
             raise DataError(str(path), TOO_DEEP, line=line_no) from None
-        if not isinstance(obj, dict) or "prompt" not in obj:
-            raise DataError(str(path), "expected an object with a \"prompt\" field", line=line_no)
+        if not isinstance(obj, dict) or prompt_field not in obj:
+            raise DataError(str(path), f"expected an object with a \"{prompt_field}\" field", line=line_no)
         if _deeper_than(obj, MAX_FIELD_DEPTH):  # copied for the reward and written back out: keep it shallow
             raise DataError(str(path), f"nested more than {MAX_FIELD_DEPTH} levels deep", line=line_no)
         raw_id = obj.get("id", line_no)
         if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
             raise DataError(str(path), f"expected a string or integer, got {raw_id!r}", line=line_no, field="id")
-        prompt = _check_prompt(str(path), line_no, obj["prompt"])
-        fields = {k: v for k, v in obj.items() if k not in ("prompt", "id")}
+        prompt = _check_prompt(str(path), line_no, obj[prompt_field])
+        fields = {k: v for k, v in obj.items() if k not in (prompt_field, "prompt", "id")}
         records.append(PromptRecord(str(raw_id), len(records), prompt, fields))
     if not records:
         raise GvpoError(f"{path}: no prompts")
@@ -444,6 +445,41 @@ def _append_block(out, text: str, journal: Path) -> None:
     out.flush()
     atomic_write_json(journal, {"size": os.fstat(out.fileno()).st_size, "pending": text})
     append_durably(out, text)
+def settings_path(output: str | Path) -> Path:
+    """The sidecar JSON next to a ``sample`` output that records what made it (``OUTPUT.settings.json``)."""
+    return Path(f"{output}.settings.json")
+
+
+def sample_settings(config: SampleConfig) -> dict:
+    """What decides a ``sample`` output's content: model, reward (and its file's sha256), k, decoding and
+    tokenization settings (not --batch-size: rows are seeded one by one)."""
+    from dataclasses import asdict
+
+    from gvpo_offline.runtime.files import sha256_file
+
+    module = config.reward.rpartition(":")[0]
+    return {"model": config.model_path, "reward": config.reward,
+            "reward_file_sha256": sha256_file(module) if module.endswith(".py") and Path(module).is_file() else None,
+            "k": config.k, "k_range": list(config.k_range) if config.k_range else None, "dtype": config.dtype,
+            **{k: v for k, v in asdict(config.sampling).items() if k != "batch_size"},
+            "tokenize": json.loads(json.dumps(asdict(config.tokenize), default=str))}
+
+
+def check_resume_settings(output: Path, settings: dict) -> None:
+    """Refuse to append to an output sampled with other settings (its sidecar differs); record them."""
+    from gvpo_offline.runtime.files import atomic_write_json
+
+    sidecar = settings_path(output)
+    if output.is_file() and output.stat().st_size and sidecar.is_file():
+        try:
+            old = json.loads(sidecar.read_text())
+        except ValueError:
+            old = {}
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise GvpoError(f"{output} was sampled with other settings ({'; '.join(changed)}; see {sidecar}): "
+                            "resuming would mix them. Use another --output, or delete both files to start over")
+    atomic_write_json(sidecar, settings)
 
 
 def sample(config: SampleConfig, progress_console=None) -> SampleResult:
@@ -453,14 +489,17 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
 
     Groups are appended in prompt order, one JSON line each, flushed and fsynced after every batch,
     so an interrupted run resumes where it stopped (prompts whose id is already in the output are
-    skipped; resuming assumes the same settings). Each prompt's samples are seeded by its position in
-    the prompts file, so a resumed run writes what an uninterrupted one would have.
+    skipped). Resuming needs the same settings: they are recorded in ``OUTPUT.settings.json``
+    (:func:`sample_settings`) and an output made with others is refused. Each prompt's samples are seeded
+    by its position in the prompts file, so a resumed run writes what an uninterrupted one would have.
+    The reward's signature is checked against the prompt rows' fields before the model loads.
     """
     from gvpo_offline.data.locate import chat_prompts_located
     from gvpo_offline.data.rewards import (
         NOT_REWARD_FIELDS,
         Unscorable,
         check_reward_fields,
+        check_reward_signature,
         load_reward_fn,
         score_responses,
     )
@@ -470,7 +509,9 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
     records = read_prompts(config.prompts_path)
     reward_fn = load_reward_fn(config.reward, config.reward_timeout)
     check_reward_fields(reward_fn, ((f"{config.prompts_path}: prompt id {r.id!r}", r.fields) for r in records))
+    check_reward_signature(reward_fn, config.reward, [r.fields for r in records], config.prompts_path)
     output = Path(config.output)
+    check_resume_settings(output, sample_settings(config))
     done = read_done_ids(output)
     todo = [r for r in records if r.id not in done]
     result = SampleResult(0, len(records) - len(todo), len(records), 0)
@@ -516,6 +557,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
                     result.unscorable += 1
                     result.first_unscorable = result.first_unscorable or str(err)
                     continue
+                result.equal_rewards += len(set(rewards)) == 1
                 extra = {k: v for k, v in record.fields.items() if k not in NOT_REWARD_FIELDS}
                 lines.append(json.dumps(
                     {"id": record.id, "prompt": record.prompt, **extra, "responses": kept, "rewards": rewards},

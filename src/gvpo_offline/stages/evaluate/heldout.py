@@ -38,7 +38,9 @@ model_mean_reward, reference_mean_reward, mean_reward_difference, difference_int
 prompts), and every sample's reward: model_rewards, reference_rewards ([prompt][sample]). The PROMPTS
 file is ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line with a ``prompt``
 field: a string or a list of {"role", "content"} messages; grouped and flat data files qualify, their
-repeated prompts are deduplicated in order).
+repeated prompts are deduplicated in order; ``--prompt-col`` names another field), or ``eval``: the
+workdir's held-out prompts with their rows' other fields (prompts.py). The reward's signature is checked
+against the rows' fields before any model loads; ``--samples-out FILE`` keeps every sample (generation.py).
 
 INPUTS. Data: the workdir's cached ``eval`` split, or ``--data FILE...`` whose reference log-probs are
 computed once with the manifest's reference model, tokenization and dtype (reference.precompute_extra)
@@ -50,7 +52,8 @@ else the ``beta`` of the model's ``train_config.json`` (a train checkpoint's ``t
 The policy's weights are loaded in the weights dtype of the cached reference log-probs (and run in it)
 unless ``--dtype`` says otherwise. A model whose train_config.json names another reference or
 tokenizer than the workdir's manifest is refused. A model folder written by ``train`` gets this report
-as the eval table of its README.md card (modelcard.update_card_with_eval).
+in its README.md card (modelcard.update_card_with_eval): as the eval table when it scored the model's
+own held-out data, else as a labelled section of its own.
 
 JSON (``--json FILE``, written atomically): {"model": {metric: value}, "reference": {...}, "delta":
 {...}, "intervals": {"model": {metric: [lo, hi]}, "delta": {...}}, "counts": {...}, "generation": {...}
@@ -80,14 +83,13 @@ from gvpo_offline.math.metrics import (
     aggregate_metrics,
     bootstrap_intervals,
     count_stats,
-    format_interval,
-    format_value,
     group_index,
     group_statistics,
 )
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import atomic_write_json
 from gvpo_offline.stages.evaluate.generation import GenerationEvalConfig, generation_eval
+from gvpo_offline.stages.evaluate.table import report_table  # noqa: F401 (re-exported: the display)
 
 # ---- the `eval` stage ----------------------------------------------------------------------------
 
@@ -259,6 +261,19 @@ def _read_train_config(model_path: Path) -> tuple[dict | None, Path | None]:
     return None, None
 
 
+def model_step(model_path: Path) -> int:
+    """The optimizer step a model was saved at: train_config.json's total_steps, a train checkpoint's
+    step; 0 for a model not saved by ``train`` (the reference)."""
+    for name, key in ((TRAIN_CONFIG, "total_steps"), (TRAINER_STATE, "step")):
+        try:
+            value = json.loads((Path(model_path) / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int):
+            return value
+    return 0
+
+
 def check_model_tokenizer(model_path: Path, manifest, trust_remote_code: bool = False) -> None:
     """Refuse a model whose tokenizer is not the one the cached token ids were made with."""
     from gvpo_offline.data.tokenize import tokenizer_fingerprint
@@ -339,6 +354,19 @@ def _load_rows(config: EvalConfig, console=None):
     return reference.load_split(sub, "eval"), [str(Path(p)) for p in config.data_paths], reference.read_manifest(sub).key
 
 
+def _generation_prompts(config: EvalConfig) -> list[tuple]:
+    """The generation eval's (prompt, row fields), with the reward's signature checked against the
+    fields, before any model work."""
+    from gvpo_offline.data.rewards import check_reward_signature, load_reward_fn
+    from gvpo_offline.stages.evaluate.prompts import generation_prompt_rows
+
+    gen = config.generation
+    rows = generation_prompt_rows(gen.prompts_path, config.workdir, gen.prompt_col)
+    check_reward_signature(load_reward_fn(gen.reward), gen.reward, [extra for _, extra in rows],
+                           f"--prompts {gen.prompts_path}")
+    return rows
+
+
 def evaluate(config: EvalConfig, console=None) -> EvalReport | None:
     """Run the ``eval`` stage (see the module docstring); ``console``: where progress and notes go.
 
@@ -397,6 +425,7 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
             markup=False, highlight=False, soft_wrap=True,
         )
 
+    prompt_rows = _generation_prompts(config) if config.generation is not None and ctx.is_main else None
     table, data_desc, data_cache_key = _load_rows(config, console)
     reference.check_reward_range(table, data_desc[0] if len(data_desc) == 1 else config.workdir)
     rewards = table.column("reward").to_numpy().astype(np.float64)
@@ -457,8 +486,8 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
         if model is None:
             model = load_model(model_path, device, dtype, config.trust_remote_code)
         generation = generation_eval(
-            config.generation, model, model_is_ref, manifest, device, dtype, config.seed, config.bootstrap,
-            console, config.trust_remote_code,
+            config.generation, prompt_rows, model, model_is_ref, manifest, device, dtype, config.seed,
+            config.bootstrap, console, config.trust_remote_code, model_path,
         )
     del model
     report = EvalReport(
@@ -473,52 +502,5 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
     from gvpo_offline.model.modelcard import update_card_with_eval
 
     if update_card_with_eval(model_path, report.to_json()):
-        console.print(f"note: the eval table is in {model_path / 'README.md'} (the model card)", highlight=False)
+        console.print(f"note: the eval results are in {model_path / 'README.md'} (the model card)", highlight=False)
     return report
-
-
-# ---- display -------------------------------------------------------------------------------------
-
-_LABELS = {
-    "gvpo_loss": "GVPO loss (eq. 16)",
-    "pairwise_accuracy": "pairwise ranking accuracy",
-    "spearman": "Spearman ρ (within groups)",
-    "top1_agreement": "top-1 agreement",
-    "mean_log_ratio": "mean ℓ per response",
-    "mean_log_ratio_per_token": "mean ℓ per token",
-    "implicit_reward_variance": "Var(β·ℓ) (eq. 17)",
-    "implicit_reward_covariance": "Cov(β·ℓ, R) (eq. 17)",
-    "reward_variance": "Var(R)",
-}
-
-
-def report_table(report: EvalReport):
-    """The report as a rich Table: metric, model, reference, Δ, and the 95% bootstrap intervals."""
-    from rich.table import Table
-    from rich.text import Text
-
-    c = report.counts
-    table = Table(
-        title=Text(f"eval of {report.model_path} (β = {report.beta:g}"  # Text: no markup, paths may hold []
-                   + (f", trained with --loss {report.objective})" if report.objective else ")")),
-        caption=(
-            f"{c['groups']} groups, {c['responses']} responses, {c['tokens']} tokens; "
-            f"{c['skipped_groups']} groups with all-equal rewards skipped by the ranking metrics "
-            f"({c['pairs']} pairs). Intervals: 95% bootstrap over groups"
-            + (f", {report.bootstrap} resamples." if report.bootstrap else " (off).")
-        ),
-    )
-    for name, justify in (("metric", "left"), ("model", "right"), ("reference", "right"), ("Δ", "right"),
-                          ("model 95% CI", "right"), ("Δ 95% CI", "right")):
-        table.add_column(name, justify=justify)
-    iv_m, iv_d = report.intervals.get("model", {}), report.intervals.get("delta", {})
-    for m in METRICS:
-        table.add_row(_LABELS[m], format_value(report.model[m]), format_value(report.reference[m]), format_value(report.delta[m]),
-                      format_interval(iv_m.get(m)), format_interval(iv_d.get(m)))
-    g = report.generation
-    if g:
-        table.add_section()
-        table.add_row(f"mean sampled reward ({g['prompts']} prompts × {g['samples_per_prompt']})",
-                      format_value(g["model_mean_reward"]), format_value(g["reference_mean_reward"]),
-                      format_value(g["mean_reward_difference"]), "", format_interval(g["difference_interval"]))
-    return table

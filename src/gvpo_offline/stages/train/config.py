@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class TrainConfig:
     base_dtype: str | None = None  # with LoRA: dtype of the frozen base weights; None = the cache's (the only one accepted)
     merge: bool = False  # with LoRA: also write WORKDIR/model-merged/, the adapter merged into the weights
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA), as precompute-ref's
+    run: str | None = None  # a named run: outputs in WORKDIR/runs/RUN/ (run_dir), sharing WORKDIR's cache
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -80,10 +82,33 @@ class TrainConfig:
             raise GvpoError("--merge with --load-in-4bit: the adapter cannot be merged into 4-bit weights without "
                             "dequantising them; drop --merge and load WORKDIR/model (the adapter) onto the "
                             "unquantised base, or merge it there with peft's merge_and_unload")
+        check_run_name(self.run)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's checkpoints/, metrics.jsonl, model/ and train_config.json go: WORKDIR, or
+        WORKDIR/runs/RUN/ for a named run (``--run``); the reference cache is always WORKDIR's."""
+        return run_dir(self.workdir, self.run)
 
     def to_json(self) -> dict:
         """The settings as JSON would give them back (tuples as lists)."""
         return json.loads(json.dumps({**asdict(self), "workdir": str(self.workdir)}))
+
+
+RUNS = "runs"  # WORKDIR/runs/NAME/: the named runs over the workdir's cache
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_name(name: str | None) -> None:
+    """A run name is one folder name: letters, digits, ``.``, ``_``, ``-`` (not starting with . _ -)."""
+    if name is not None and not _RUN_NAME.fullmatch(name):
+        raise GvpoError(f"--run {name!r}: use letters, digits, '.', '_' and '-' (one folder name, e.g. beta-0.1)")
+
+
+def run_dir(workdir: str | Path, run: str | None) -> Path:
+    """WORKDIR for the unnamed run, WORKDIR/runs/RUN for a named one."""
+    check_run_name(run)
+    return Path(workdir) / RUNS / run if run else Path(workdir)
 
 
 @dataclass

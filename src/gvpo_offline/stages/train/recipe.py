@@ -1,7 +1,8 @@
 """The `train` stage: GVPO (or, with ``--loss``, a baseline objective) on the cached `train` split,
 readable top to bottom.
 
-``train(TrainConfig) -> TrainResult`` does, in order:
+``train(TrainConfig) -> TrainResult`` does, in order (a named run, ``run``, reads WORKDIR's cache and writes
+everything below that says WORKDIR into WORKDIR/runs/RUN/ instead, under its own train lock):
 
 1. **Check** the workdir's reference cache (complete manifest) against the model we train from: the
    reference model must be unchanged since precompute-ref, the tokenizer must be the cached one.
@@ -169,13 +170,16 @@ def train(config: TrainConfig, log: Callable[[str], None] = print,
     one made by precompute-ref; it is locked for the run (one train at a time, no precompute-ref under it)."""
     ctx = distributed.context(config.device)  # one process, or one rank under torchrun (distributed.py)
     workdirs.require(config.workdir)
-    with distributed.main_only(ctx, workdirs.stage_locks(config.workdir, "train")):  # rank 0 locks for all
+    if config.run and ctx.is_main:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+    locks = workdirs.stage_locks(config.workdir, "train", run_dir=config.run_dir)  # one train per run
+    with distributed.main_only(ctx, locks):  # rank 0 locks for all
         return _train(config, ctx, log, on_step)
 
 
 def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None],
            on_step: Callable[[dict], None] | None) -> TrainResult:
-    cfg, workdir = config, config.workdir
+    cfg, workdir, out = config, config.workdir, config.run_dir  # reads the cache in workdir, writes in out
     if not ctx.is_main:  # only rank 0 prints and writes metrics.jsonl (it also holds the workdir's locks)
         log, on_step = _quiet, None
 
@@ -183,7 +187,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     manifest = reference.read_manifest(workdir)
     quantization.check_same_base(bool(manifest.inputs.get("load_in_4bit")), cfg.load_in_4bit)
     init_path, tokenizer, notes = check_start(manifest, cfg.init_model, cfg.trust_remote_code)
-    check_outputs(workdir, manifest, init_path, cfg)
+    check_outputs(out, manifest, init_path, cfg)
     base_name = modelcard.base_model_name(manifest, cfg.init_model, init_path)
     if cfg.lora is not None and (init_path / adapters.ADAPTER_CONFIG).is_file():
         raise GvpoError(f"the model to train from, {init_path}, is a LoRA adapter: a new adapter needs a full "
@@ -203,15 +207,15 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     steps_per_epoch = math.ceil(groups.n_groups / cfg.groups_per_step)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    checkpoints = checkpoint_dirs(workdir)
+    checkpoints = checkpoint_dirs(out)
     if checkpoints and not cfg.resume:
-        raise GvpoError(f"{workdir / CHECKPOINTS} holds checkpoints of an earlier run: pass --resume to "
+        raise GvpoError(f"{out / CHECKPOINTS} holds checkpoints of an earlier run: pass --resume to "
                         "continue it, or delete that folder to start over")
     if cfg.resume and not checkpoints:
-        log(f"note: --resume: no checkpoint in {workdir / CHECKPOINTS}, starting from step 0")
+        log(f"note: --resume: no checkpoint in {out / CHECKPOINTS}, starting from step 0")
     if ctx.is_main:
-        remove_stale(workdir / CHECKPOINTS)  # left by a crash mid-save
-        remove_stale(workdir)
+        remove_stale(out / CHECKPOINTS)  # left by a crash mid-save
+        remove_stale(out)
 
     # 3. the policy (in the cache's weights dtype, eval mode = no dropout), optimizer, schedule, state
     torch.manual_seed(cfg.seed)
@@ -312,7 +316,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         log(f"resuming from {path} (step {state.step}/{total_steps}{other})")
         break
     if checkpoints and resume_from is None:
-        raise GvpoError(f"--resume: no usable checkpoint in {workdir / CHECKPOINTS} (all are incomplete or "
+        raise GvpoError(f"--resume: no usable checkpoint in {out / CHECKPOINTS} (all are incomplete or "
                         "corrupt); delete that folder to start over")
     if resume_from is None:
         model, params, optimizer, scheduler, state, master = setup(None)
@@ -323,7 +327,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         log(f"note: {packing_note}")
     log(setting_line(device, weights_dtype, sum(p.numel() for p in params), groups, cfg, total_steps, warmup_steps,
                      micro_batch_tokens))
-    metrics_path = workdir / METRICS
+    metrics_path = out / METRICS
     if ctx.is_main:
         truncate_metrics(metrics_path, keep_through_step=state.step)
 
@@ -387,16 +391,17 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             signum = distributed.all_reduce_max(ctx, [stop_requested() or 0])[0] or None  # all ranks stop together
             if (cfg.save_every and state.step % cfg.save_every == 0) or signum:
                 check_finite_parameters(model, f"after step {state.step}", last_good, ctx)
-                with write_errors_as_os_errors(workdir / CHECKPOINTS):
+                with write_errors_as_os_errors(out / CHECKPOINTS):
                     if ctx.enabled:
-                        last_good = str(save_checkpoint_sharded(ctx, workdir, model, optimizer, scheduler, state, cfg,
+                        last_good = str(save_checkpoint_sharded(ctx, out, model, optimizer, scheduler, state, cfg,
                                                                 manifest.key))
                     else:
-                        last_good = str(save_checkpoint(workdir, model, optimizer, scheduler, state, cfg,
+                        last_good = str(save_checkpoint(out, model, optimizer, scheduler, state, cfg,
                                                         manifest.key, tokenizer, master))
             if signum:
+                run_flag = f" --run {cfg.run}" if cfg.run else ""
                 log(f"interrupted after step {state.step}/{total_steps}; checkpoint saved to {last_good}. "
-                    f"Continue with: gvpo-offline train --workdir {workdir} --resume (same options)")
+                    f"Continue with: gvpo-offline train --workdir {workdir}{run_flag} --resume (same options)")
                 raise interrupts.Interrupted(signum)
 
     # 5. the final model (never a non-finite one)
@@ -411,19 +416,19 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         **modelcard.provenance(manifest, init_path, base_name, groups.n_groups, groups.table.num_rows),
     }, base_name)
     full_weights = distributed.full_state_dict(model)  # sharded: gathered on every rank (a collective)
-    model_dir = workdir / FINAL_MODEL
+    model_dir = out / FINAL_MODEL
     if ctx.is_main:
-        remove_output(workdir, MERGED_MODEL)  # an earlier run's merge never stays beside this run's model
-        with write_errors_as_os_errors(workdir / FINAL_MODEL):
-            save_final(workdir, model, tokenizer, train_config, full_weights)
+        remove_output(out, MERGED_MODEL)  # an earlier run's merge never stays beside this run's model
+        with write_errors_as_os_errors(out / FINAL_MODEL):
+            save_final(out, model, tokenizer, train_config, full_weights)
     distributed.barrier(ctx)
     with distributed.together(ctx):  # rank 0 merges; its GvpoError (e.g. the base changed) stops every rank
         if cfg.merge and ctx.is_main:  # last: merging folds the LoRA layers into the base weights in place
             merged_model = (loading.load_merged(model_dir, torch.device("cpu"), weights_dtype,
                                                  cfg.trust_remote_code) if ctx.enabled else model.merge_and_unload())
             merged_model = adapters.in_checkpoint_dtype(merged_model, init_path)  # the base's own dtype
-            with write_errors_as_os_errors(workdir / MERGED_MODEL):
-                merged = save_final(workdir, merged_model, tokenizer, {**train_config, "merged": True},
+            with write_errors_as_os_errors(out / MERGED_MODEL):
+                merged = save_final(out, merged_model, tokenizer, {**train_config, "merged": True},
                                     name=MERGED_MODEL)
             log(f"saved the merged model to {merged}")
     steps_run, seconds = state.step - first_step, time.perf_counter() - started
@@ -486,7 +491,7 @@ def check_outputs(workdir: Path, manifest: reference.Manifest, init_path: Path, 
     if earlier and not (cfg.overwrite or cfg.resume):
         raise GvpoError(
             f"{workdir} holds an earlier training run ({', '.join(p.name for p in earlier)}); pass --overwrite "
-            "to replace it, --resume to continue it, or train into another --workdir"
+            "to replace it, --resume to continue it, or train a named run beside it (--run NAME)"
         )
 
 

@@ -67,7 +67,9 @@ def test_locks_are_per_run(workdir, run_cli):
         result = run_cli("train", "--workdir", workdir, "--run", "b", "--beta", 1.0, *TRAIN)
         assert result.code == 0, result.err  # another run over the same cache is not blocked
     with workdirs.lock(workdir / "runs" / "b", "train"):  # eval of run b's model waits for its train
-        result = run_cli("eval", "--workdir", workdir, "--run", "b", "--device", "cpu", "--data", "x.jsonl")
+        data = workdir.parent / "x.jsonl"  # a real file: a missing one is refused before any lock is taken
+        data.write_text(json.dumps({"prompt": "a", "responses": ["b", "c"], "rewards": [1, 0]}) + "\n")
+        result = run_cli("eval", "--workdir", workdir, "--run", "b", "--device", "cpu", "--data", data)
         assert result.code == 2 and "another gvpo-offline process" in result.err
     assert workdirs.run_folder(workdir / "runs" / "b" / "model") == workdir / "runs" / "b"
     assert workdirs.run_folder(workdir / "model") == workdir

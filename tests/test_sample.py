@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,25 +74,17 @@ def test_sample_is_deterministic_and_resumes_without_duplicates(run_cli, prompts
     assert run_cli("sample", prompts_txt, "--model", MODEL, "-o", full, *args).code == 0
     assert not sample.journal_path(full).exists()  # a finished run leaves no record behind
 
-    append, blocks = sample._append_block, []
+    append, blocks = sample.append_durably, []
 
-    class TornFile:  # half of what is written reaches the disk, then the run dies
-        def __init__(self, out):
-            self.out = out
-
-        def write(self, text):
-            self.out.write(text[: len(text) // 2])
-            self.out.flush()
-            raise KeyboardInterrupt
-
-        def __getattr__(self, name):
-            return getattr(self.out, name)
-
-    def killed_in_the_third_block(out, text, journal):  # one prompt (3 rows of 4) per block
+    def killed_in_the_third_block(out, text):  # one prompt (3 rows of 4) per block
         blocks.append(text)
-        append(TornFile(out) if len(blocks) == 3 else out, text, journal)
+        if len(blocks) < 3:
+            return append(out, text)
+        out.flush()  # half of what is written reaches the disk, then the run dies
+        os.write(out.fileno(), text[: len(text) // 2].encode())
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(sample, "_append_block", killed_in_the_third_block)
+    monkeypatch.setattr(sample, "append_durably", killed_in_the_third_block)
     assert run_cli("sample", prompts_txt, "--model", MODEL, "-o", part, *args).code == 130
     monkeypatch.undo()
     lines = full.read_text().splitlines(keepends=True)

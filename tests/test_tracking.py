@@ -46,6 +46,7 @@ def test_wandb_environment_and_run_name(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_PROJECT", "my-project")
     monkeypatch.setenv("WANDB_ENTITY", "my-team")
     monkeypatch.setenv("WANDB_NAME", "from-env")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # credentials (tracking._require_wandb_login)
     with Tracker(("wandb",), tmp_path, {"beta": 0.1}, record_ids=True) as tracker:
         tracker({"step": 1, "loss": 0.5})
     with Tracker(("wandb",), tmp_path, {}, run_name="from-flag", continue_run=True) as tracker:

@@ -118,7 +118,8 @@ def test_cycle_finder(cycle_edges, expected):
 
 def test_modules_stay_small():
     """A module past ~500 lines is split along its seams (cli.py, the command table, excepted up to 600)."""
-    long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > 520}
+    limit = {"gvpo_offline.cli": 600}
+    long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > limit.get(m, 520)}
     assert not long, long
 
 

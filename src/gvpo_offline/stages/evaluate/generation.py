@@ -12,7 +12,7 @@ import numpy as np
 
 from gvpo_offline.math.metrics import mean_difference_interval
 from gvpo_offline.runtime.errors import GvpoError
-from gvpo_offline.stages.sample import SamplingConfig
+from gvpo_offline.stages.generate import SamplingConfig
 
 GENERATION_KEYS = (
     "prompts",
@@ -98,7 +98,7 @@ def generation_eval(
     model_path: str | Path = "",
 ) -> dict:
     """Sample ``samples_per_prompt`` responses per prompt from ``model`` and from the reference with the
-    same seeds and decoding settings (sample.generate_responses: each (prompt, j) has its own seeded
+    same seeds and decoding settings (generate.generate_responses: each (prompt, j) has its own seeded
     generator, so both models see the same noise), score them, and compare mean rewards. ``rows``:
     (prompt, row fields) from prompts.generation_prompt_rows. With ``gen.samples_out`` every sample is
     written there (JSONL, atomically): prompt, model ("trained"/"reference"), model_path, sample_index,
@@ -109,7 +109,7 @@ def generation_eval(
     from gvpo_offline.data.rewards import check_reward_fields, load_reward_fn
     from gvpo_offline.model.loading import load_model, load_tokenizer
     from gvpo_offline.runtime.progress import progress
-    from gvpo_offline.stages.sample import generate_responses
+    from gvpo_offline.stages.generate import generate_responses
 
     prompts, fields = [prompt for prompt, _ in rows], [extra for _, extra in rows]
     reward_fn = load_reward_fn(gen.reward, gen.reward_timeout)

@@ -295,7 +295,7 @@ class _FakeWandb:
         if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
                 or (Path(os.environ["HOME"]) / ".netrc").is_file()):
             raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
-        run = type("Run", (), {"log": lambda self, values, step: None, "finish": lambda self: None})()
+        run = type("Run", (), {"id": "fake-run", "log": lambda self, values, step: None, "finish": lambda self: None})()
         self.runs.append(kwargs)
         return run
 

@@ -124,6 +124,11 @@ def load_model(
     return model.to(device).eval()
 
 
+class DamagedWeights(GvpoError):
+    """A weights file that cannot be read: one line for the user; a damaged checkpoint is skipped by
+    ``train --resume`` like any other corrupt checkpoint."""
+
+
 @contextlib.contextmanager
 def damaged_weights_named(folder: Path) -> Iterator[None]:
     """A weights file safetensors cannot read (cut short by a full disk, overwritten, not safetensors)
@@ -137,7 +142,7 @@ def damaged_weights_named(folder: Path) -> Iterator[None]:
         yield
     except SafetensorError as err:
         detail = " ".join(str(err).split())[:200]
-        raise GvpoError(f"{folder}: a damaged or incomplete weights file (safetensors: {detail})") from None
+        raise DamagedWeights(f"{folder}: a damaged or incomplete weights file (safetensors: {detail})") from None
 
 
 # ---- fingerprints --------------------------------------------------------------------------------

@@ -196,16 +196,20 @@ class RunShape:
 
 def plan_from_config(path: str | Path, dtype: torch.dtype, lora, run: RunShape, trust_remote_code: bool = False,
                      capacity_bytes: int | None = None, where: str | None = None,
-                     device: torch.device | None = None) -> MemoryPlan:
+                     device: torch.device | None = None, check_adapter=None) -> MemoryPlan:
     """The whole plan for training the model at ``path`` (its config.json; no weight is read): the model
     is built on ``meta`` (rank0_load.build_on_meta) and wrapped with ``lora`` (adapters.LoraSettings, or
     None) to count its parameters. ``capacity_bytes``/``where``: what to plan against (None: the
-    :func:`capacity` of ``device``, default this machine's GPU when ``run.on_gpu``, else its RAM)."""
+    :func:`capacity` of ``device``, default this machine's GPU when ``run.on_gpu``, else its RAM).
+    ``check_adapter(n)``: called with the adapter's parameter count (adapters.lora_param_count, from the
+    layer shapes) before peft builds it, e.g. :func:`check_adapter_fits` (peft draws A on CPU first)."""
     from gvpo_offline.model import adapters, loading, logprobs, rank0_load
 
     with torch.random.fork_rng(devices=[]):  # peft draws LoRA's A on CPU before moving it to meta: not from
         model = rank0_load.build_on_meta(path, dtype, trust_remote_code)  # the run's seeded RNG
         if lora is not None:
+            if check_adapter is not None:
+                check_adapter(adapters.lora_param_count(model, lora))
             model = adapters.add_lora(model, lora)
     shape = shape_of(model, run.world_size == 1)
     folder = loading.model_folder(path)

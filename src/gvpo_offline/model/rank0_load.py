@@ -114,7 +114,8 @@ def shard_and_broadcast(ctx: distributed.Dist, model, cpu_offload: bool = False,
 
     sliced = loading.unwrap_peft(model).__dict__.pop("gvpo_sliced_source", None)
     if sliced is not None:  # every rank reads its own shards' rows (sliced_load.py)
-        return sliced_load.shard_and_fill(ctx, model, *sliced, cpu_offload=cpu_offload)
+        return sliced_load.shard_and_fill(ctx, model, *sliced, cpu_offload=cpu_offload, param_dtype=param_dtype,
+                                          hsdp=hsdp)
     full_state = model.state_dict() if ctx.is_main else {}  # references to rank 0's full tensors, no copy
     stateless = _stateless_buffers(model)
     model = distributed.shard_model(ctx, model, cpu_offload, param_dtype, hsdp)  # hsdp: distributed.device_mesh

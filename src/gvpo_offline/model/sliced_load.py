@@ -188,7 +188,8 @@ def _from_rank0(ctx, tensors: list[Tensor]) -> None:
             t.copy_(moving)
 
 
-def shard_and_fill(ctx, model, entries, files: WeightFiles, cpu_offload: bool = False):
+def shard_and_fill(ctx, model, entries, files: WeightFiles, cpu_offload: bool = False,
+                   param_dtype: torch.dtype | None = None, hsdp: bool = False):
     """``distributed.shard_model`` of a :func:`build_empty` model (possibly wrapped since, e.g. by peft),
     each rank's shards then filled from ``files`` (``entries``: :func:`weight_keys` of the plain model) and
     from the real values the placeholders did not replace (LoRA weights, buffers). Returns the model."""
@@ -208,7 +209,7 @@ def shard_and_fill(ctx, model, entries, files: WeightFiles, cpu_offload: bool = 
                 real_params.append((module, name, param.detach()))
         buffers += [(module, name, b) for name, b in module._buffers.items() if b is not None]
     _from_rank0(ctx, [full for *_, full in real_params] + [b for *_, b in buffers])
-    model = distributed.shard_model(ctx, model, cpu_offload)
+    model = distributed.shard_model(ctx, model, cpu_offload, param_dtype, hsdp)
     model.to_empty(device="cpu" if cpu_offload else ctx.device)  # uninitialised shards and buffers
     with torch.no_grad():
         for module, name, full in real_params:

@@ -57,6 +57,7 @@ from torch import Tensor
 from gvpo_offline.math.loss import OBJECTIVES
 from gvpo_offline.model import adapters, distributed, loading, memory_plan, modelcard, packing, quantization, rank0_load
 from gvpo_offline.model.loading import (
+    DamagedWeights,
     load_model,
     resolve_device,
 )
@@ -254,7 +255,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     # the memory plan, from config.json before any weight is read: a run that cannot fit stops here
     plan = memory_plan.plan_from_config(init_path, torch.float32 if ctx.enabled and cfg.lora is None else weights_dtype,
                                         cfg.lora, run_shape(cfg, ctx, device, micro_batch_tokens), cfg.trust_remote_code,
-                                        device=device)
+                                        device=device, check_adapter=lambda n: memory_plan.check_adapter_fits(
+                                            ctx, n, device, cfg.cpu_offload))
     log(plan.describe())
     memory_plan.check_fits(ctx, plan)
 
@@ -264,8 +266,11 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             _check_resume_config(path, cfg, manifest.key)  # GvpoError: the user's settings differ
             _check_checkpoint_files(path)
             model, params, optimizer, scheduler, state, master = setup(path)
-        except GvpoError:
-            raise
+        except GvpoError as err:
+            if not isinstance(err, DamagedWeights):  # the user's settings or data: say so
+                raise
+            log(f"warning: checkpoint {path} is unusable ({err}); trying the one before it")
+            continue
         except Exception as err:  # noqa: BLE001 - truncated weights, missing files, bad pickles: all "corrupt"
             if launcher.lost_peer_message(err, ctx.rank, ctx.world_size):  # another rank died: not the checkpoint
                 raise

@@ -15,7 +15,7 @@ from gvpo_offline.runtime.errors import GvpoError
 
 GIB = 1 << 30
 
-# Llama-3.1-8B's published config.json shapes (the README's worked plans use these, and 70B's)
+# Llama-3.1-8B's published config.json shapes (docs/scale-out.md's worked plans use these, and 70B's)
 LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
                "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
@@ -203,9 +203,9 @@ def test_dry_run_needs_a_model_and_plan_options_need_dry_run(tmp_path, run_cli):
     assert result.code == 2 and "need --dry-run" in result.err
 
 
-# ---- the README's worked plans ----------------------------------------------------------------------------
+# ---- the worked plans of docs/scale-out.md ----------------------------------------------------------------------------
 
-WORKED = [  # (model, mode, GPUs, extra train options): README "Multiple GPUs and nodes", 80 GB GPUs
+WORKED = [  # (model, mode, GPUs, extra train options): docs/scale-out.md, 80 GB GPUs
     ("Llama-3.1-8B", "full", 1, []),
     ("Llama-3.1-8B", "full", 8, []),
     ("Llama-3.1-8B", "full", 8, ["--gradient-checkpointing"]),
@@ -219,7 +219,7 @@ WORKED = [  # (model, mode, GPUs, extra train options): README "Multiple GPUs an
 
 
 def worked_plans(folder: Path, run_cli=None) -> str:
-    """The README's table: ``train --dry-run`` (dry_run.dry_run, what the option runs) for each of WORKED
+    """docs/scale-out.md's table: ``train --dry-run`` (dry_run.dry_run, what the option runs) for each of WORKED
     on config.json folders of Llama-3.1-8B and 70B written into ``folder``, against 80 GB GPUs (79 GiB free)."""
     from gvpo_offline.stages.train.config import TrainConfig
     from gvpo_offline.stages.train.dry_run import dry_run
@@ -247,7 +247,7 @@ def test_the_readme_shows_the_dry_runs_own_plans(tmp_path):
     from conftest import REPO
 
     table = worked_plans(tmp_path)
-    assert table in (REPO / "README.md").read_text(), "README's worked plans differ; paste:\n" + table
+    assert table in (REPO / "docs" / "scale-out.md").read_text(), "docs/scale-out.md's worked plans differ; paste:\n" + table
 
 
 if __name__ == "__main__":  # print the table for the README

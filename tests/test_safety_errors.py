@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from cachefixture import STORIES
 from conftest import REPO, write_jsonl
 
 DATA = REPO / "sample_data"
@@ -31,11 +31,9 @@ def one_line(res, code: int, *needles: str) -> None:
 
 
 @pytest.fixture
-def cache(tmp_path):
-    """A complete stories260K cache built directly (4 groups, train split)."""
-    work = tmp_path / "run"
-    build_cache(work, STORIES, text_groups(STORIES, STORY_GROUPS))
-    return work
+def cache(workdir):
+    """A private copy of conftest's stories260K cache (4 groups, train split), built once per module."""
+    return workdir
 
 
 # ---- 1. files the tool reads: wrong encoding, shape or types ------------------------------------------------

@@ -93,7 +93,7 @@ def test_readme_template_file_puts_real_newlines_between_turns():
 
     root = Path(__file__).resolve().parents[1]
     path = root / "examples" / "chat_template.jinja"
-    assert f"--prompt-template {path.relative_to(root)}" in (root / "README.md").read_text()
+    assert f"--prompt-template {path.relative_to(root)}" in (root / "docs" / "data.md").read_text()
     tokenizer = AutoTokenizer.from_pretrained(root / "sample_data" / "stories260K")
     cfg = TokenizeConfig(max_length=256, max_prompt_length=128, prompt_template=load_prompt_template(str(path)))
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},

@@ -346,9 +346,11 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
     assert a.keys() == c.keys()
     for k in a:
         assert torch.allclose(a[k], c[k], rtol=0, atol=1e-4), k
-    for x, y in zip(_metrics(straight), _metrics(single)):  # 16 AdamW steps at lr 1e-3 from sums in another order
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=5e-4)  # 1.5e-4 seen since the LM head's own backward
+    # 16 AdamW steps at lr 1e-3 whose loss swings from 0.14 to 291: step 1 agrees to 4e-7, and the sums in
+    # another order drift to |Δloss| 2.5e-5 on a loss of 0.198 at step 10 (seen since the LM head's own backward)
+    for x, y in zip(_metrics(straight), _metrics(single)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-4)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=5e-4)
 
 
 # ---- an error on one rank only: every rank stops at once, with the same message -------------------------

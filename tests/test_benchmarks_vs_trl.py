@@ -1,0 +1,54 @@
+"""benchmarks/vs_trl.py: the pairs DPO gets, the token counts, and a smoke run of --small when TRL is installed."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+       "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def load_benchmark():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("vs_trl", ROOT / "benchmarks" / "vs_trl.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_dpo_pairs_all_and_best_vs_worst():
+    bench = load_benchmark()
+    groups = [{"prompt": "p", "responses": ["a", "b", "c", "d"], "rewards": [1.0, 3.0, 0.0, 1.0]}]
+    all_pairs = {(p["chosen"], p["rejected"]) for p in bench.dpo_pairs(groups, "all")}
+    # every pair with different rewards, higher reward chosen: a-b, b-c, b-d, a-c, d-c (a-d tie left out)
+    assert all_pairs == {("b", "a"), ("b", "c"), ("b", "d"), ("a", "c"), ("d", "c")}
+    assert [(p["chosen"], p["rejected"]) for p in bench.dpo_pairs(groups, "best-vs-worst")] == [("b", "c")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed (pip install -e '.[bench]')")
+def test_small_setting_runs_and_reports_every_row(tmp_path):
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--small", "--json", str(out)],
+                          env=ENV, cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    groups, k = 2, 4  # the --small setting
+    assert [r["tool"] for r in rows] == ["gvpo-offline", f"TRL DPO, all ({groups * k * (k - 1) // 2})",
+                                         f"TRL DPO, best-vs-worst ({groups})"]
+    assert [r["steps"] for r in rows][0] == groups  # one group per step, one epoch
+    for r in rows:
+        assert r["epoch"] == pytest.approx(r["precompute"] + r["train"]) and r["epoch"] > 0
+        assert r["tokens_per_cpu_s"] == pytest.approx(r["tokens"] / r["epoch"])
+        assert r["peak_mb"] > 0
+    # TRL's all-pairs input repeats each prompt twice per pair: more tokens than the groups hold once
+    assert rows[1]["tokens"] > rows[0]["tokens"] > rows[2]["tokens"] / 2
+    assert "| 4 | TRL DPO, best-vs-worst (2) |" in done.stdout and "one-epoch time" in done.stdout

@@ -182,7 +182,7 @@ def run_trl(model: str, pairs: list[dict], workdir: str, threads: int) -> dict:
 def table(rows: list[dict]) -> str:
     """The markdown table: one row per (k, tool), ratios against gvpo-offline at the same k."""
     lines = ["| k | tool (pairs) | tokens | tokens per CPU-s | precompute CPU s | train CPU s (steps) | one-epoch CPU s "
-             "| peak RSS MB | ours / it per token | its / our epoch CPU | our / its peak RSS |",
+             "| peak RSS MB | tokens per CPU-s, ours / TRL | one-epoch CPU s, TRL / ours | peak RSS, ours / TRL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = next(o for o in rows if o["k"] == r["k"] and o["tool"] == "gvpo-offline")

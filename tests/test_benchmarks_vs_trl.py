@@ -52,3 +52,19 @@ def test_small_setting_runs_and_reports_every_row(tmp_path):
     # TRL's all-pairs input repeats each prompt twice per pair: more tokens than the groups hold once
     assert rows[1]["tokens"] > rows[0]["tokens"] > rows[2]["tokens"] / 2
     assert "| 4 | TRL DPO, best-vs-worst (2) |" in done.stdout and "one-epoch time" in done.stdout
+
+
+def test_table_and_verdict_read_the_ratios_off_the_rows():
+    bench = load_benchmark()
+    row = lambda tool, tokens, epoch, mb: {"k": 4, "tool": tool, "tokens": tokens, "epoch": epoch,  # noqa: E731
+                                         "tokens_per_cpu_s": tokens / epoch, "precompute": epoch / 4,
+                                         "train": epoch * 3 / 4, "steps": 8, "peak_mb": mb}
+    rows = [row("gvpo-offline", 1000, 10.0, 500), row("TRL DPO, all (48)", 6000, 300.0, 2000),
+            row("TRL DPO, best-vs-worst (8)", 1200, 18.0, 1000)]
+    # per token: (1000/10) / (6000/300) = 5; epoch 300/10 = 30; RSS 500/2000 = 0.25 -> all met
+    # best-vs-worst: (1000/10) / (1200/18) = 1.5 (not met); epoch 1.8 (not met); RSS 0.5 (not met)
+    text = bench.table(rows)
+    assert "**5.00×** | **30.00×** | **0.25×** |" in text and "**1.50×** | **1.80×** | **0.50×** |" in text
+    all_pairs, best_worst = bench.verdict(rows)
+    assert "per token 5.00× (met" in all_pairs and "peak RSS 0.25× (met" in all_pairs and "one-epoch" not in all_pairs
+    assert "1.50× (NOT met" in best_worst and "one-epoch time 1.80× (NOT met" in best_worst

@@ -42,13 +42,14 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-from precompute import STORIES, WORDS  # the bundled model and the benchmark's story words
-from shared_prompt import spawn  # fn(*args) in a fresh process
+# the bundled model and the benchmark's story words; fn(*args) in a fresh process
+from precompute import STORIES, WORDS
+from shared_prompt import spawn
 
-FULL = dict(groups=8, ks=[4, 8], prompt_tokens_min=250, prompt_tokens_max=400, response_words=60,
-            hidden=256, layers=4, intermediate=768, vocab=32000)
-SMALL = dict(groups=2, ks=[4], prompt_tokens_min=20, prompt_tokens_max=40, response_words=5,
-             hidden=64, layers=1, intermediate=128, vocab=1000)
+FULL = {"groups": 8, "ks": [4, 8], "prompt_tokens_min": 250, "prompt_tokens_max": 400, "response_words": 60,
+        "hidden": 256, "layers": 4, "intermediate": 768, "vocab": 32000}
+SMALL = {"groups": 2, "ks": [4], "prompt_tokens_min": 20, "prompt_tokens_max": 40, "response_words": 5,
+         "hidden": 64, "layers": 1, "intermediate": 128, "vocab": 1000}
 TARGETS = "≥ 4× TRL per token, ≥ 2× on best-vs-worst one-epoch time at k = 4, ≤ 0.3× TRL's peak RSS"
 
 
@@ -92,7 +93,7 @@ def dpo_pairs(groups: list[dict], which: str) -> list[dict]:
 
 def count_tokens(tokenizer, groups: list[dict], pairs: list[dict]) -> tuple[int, int]:
     """(gvpo-offline's tokens: prompt once + each response, TRL's: prompt + chosen + prompt + rejected per pair)."""
-    n = lambda s, special=True: len(tokenizer(s, add_special_tokens=special)["input_ids"])  # noqa: E731
+    n = lambda s, special=True: len(tokenizer(s, add_special_tokens=special)["input_ids"])
     ours = sum(n(g["prompt"]) + sum(n(r, False) for r in g["responses"]) for g in groups)
     theirs = sum(2 * n(p["prompt"]) + n(p["chosen"], False) + n(p["rejected"], False) for p in pairs)
     return ours, theirs
@@ -181,8 +182,8 @@ def run_trl(model: str, pairs: list[dict], workdir: str, threads: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     """The markdown table: one row per (k, tool), ratios against gvpo-offline at the same k."""
-    lines = ["| k | tool (pairs) | tokens | tokens per CPU-s | precompute CPU s | train CPU s (steps) | one-epoch CPU s "
-             "| peak RSS MB | tokens per CPU-s, ours / TRL | one-epoch CPU s, TRL / ours | peak RSS, ours / TRL |",
+    lines = [("| k | tool (pairs) | tokens | tokens per CPU-s | precompute CPU s | train CPU s (steps) | one-epoch CPU s "
+              "| peak RSS MB | tokens per CPU-s, ours / TRL | one-epoch CPU s, TRL / ours | peak RSS, ours / TRL |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = next(o for o in rows if o["k"] == r["k"] and o["tool"] == "gvpo-offline")

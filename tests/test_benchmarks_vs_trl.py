@@ -38,13 +38,13 @@ def test_dpo_pairs_all_and_best_vs_worst():
 def test_small_setting_runs_and_reports_every_row(tmp_path):
     out = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--small", "--json", str(out)],
-                          env=ENV, cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300)
+                          env=ENV, cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     groups, k = 2, 4  # the --small setting
     assert [r["tool"] for r in rows] == ["gvpo-offline", f"TRL DPO, all ({groups * k * (k - 1) // 2})",
                                          f"TRL DPO, best-vs-worst ({groups})"]
-    assert [r["steps"] for r in rows][0] == groups  # one group per step, one epoch
+    assert rows[0]["steps"] == groups  # one group per step, one epoch
     for r in rows:
         assert r["epoch"] == pytest.approx(r["precompute"] + r["train"]) and r["epoch"] > 0
         assert r["tokens_per_cpu_s"] == pytest.approx(r["tokens"] / r["epoch"])
@@ -56,7 +56,7 @@ def test_small_setting_runs_and_reports_every_row(tmp_path):
 
 def test_table_and_verdict_read_the_ratios_off_the_rows():
     bench = load_benchmark()
-    row = lambda tool, tokens, epoch, mb: {"k": 4, "tool": tool, "tokens": tokens, "epoch": epoch,  # noqa: E731
+    row = lambda tool, tokens, epoch, mb: {"k": 4, "tool": tool, "tokens": tokens, "epoch": epoch,
                                          "tokens_per_cpu_s": tokens / epoch, "precompute": epoch / 4,
                                          "train": epoch * 3 / 4, "steps": 8, "peak_mb": mb}
     rows = [row("gvpo-offline", 1000, 10.0, 500), row("TRL DPO, all (48)", 6000, 300.0, 2000),

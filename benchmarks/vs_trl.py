@@ -1,23 +1,32 @@
-"""Benchmark: gvpo-offline against TRL's DPOTrainer on the same model, groups and token budget.
+"""Benchmark: gvpo-offline against TRL's DPOTrainer on the same model, groups and token budget (issue 23 item 3).
 
     pip install -e '.[bench]'          # TRL, only for this benchmark
-    python benchmarks/vs_trl.py [--groups 8] [--k 4] [--prompt-words 300] [--response-words 60]
-                                [--hidden 1024] [--layers 2] [--threads 1]
+    python benchmarks/vs_trl.py                 # the full comparison: k = 4 and 8, ~10-20 CPU minutes
+    python benchmarks/vs_trl.py --small         # smoke setting: a tiny model and 2 groups, seconds
 
-The same G groups of k scored text responses (long prompts) go to both tools. DPO takes pairs only, so
-it gets what a user would have to feed it for k > 2: every pair of a group's responses with different
-rewards (higher reward = chosen), k(k−1)/2 pairs per group. The model is a random-init Llama built from
-a config (default hidden 1024, 2 layers, 16/8 GQA heads) with stories260K's tokenizer (vocabulary 512),
-saved to a temp folder; both sides load it from there, float32 on CPU.
-  gvpo-offline  precompute-ref (reference.precompute, --packing auto: these long-prompt groups are packed, --batch-tokens 2048), then train
-                one epoch (train.train, --groups-per-step --step-groups, --micro-batch-tokens 2048)
+The same G groups of k scored text responses go to both tools, for each k in --ks. DPO takes pairs only, so
+it is run twice per k, on what a user would have to feed it for k > 2:
+  all pairs      every pair of a group's responses with different rewards (higher reward = chosen), k(k−1)/2
+  best-vs-worst  one pair per group: the highest-reward response against the lowest
+Data: GSM8K-style groups: a word-problem prompt of a target length drawn in [--prompt-tokens-min,
+--prompt-tokens-max] tokens (grown word by word until the tokenizer reaches it), k responses of
+--response-words + i words. Model: a random-init Llama built from a config (default hidden 256, 4 layers,
+intermediate 768, 4/2 GQA heads, vocabulary 32,000, untied head: 19.5M parameters) with stories260K's
+tokenizer (its ids are < 512; the LM head still scores all 32,000 logits, which is what costs), saved to a
+temp folder; both sides load it from there, float32 on CPU, --threads threads.
+  gvpo-offline  precompute-ref (reference.precompute, --packing auto, --batch-tokens 2048), then one epoch
+                of train (train.train, --groups-per-step --step-groups, --micro-batch-tokens 2048)
   TRL           DPOTrainer with precompute_ref_log_probs=True (its fastest CPU setting: the reference is
-                scored once, no second model in the loop), per_device_train_batch_size chosen so that a
-                step's padded tokens (2 × pairs × longest pair) are within the same 2048-token budget as
-                ours per pass (at least 1 pair), one epoch, no logging/saving, dataloader in-process.
-Reported: precompute seconds (TRL: the DPOTrainer constructor, which tokenizes and precomputes), train
-seconds per step and per processed group, one-epoch wall time (precompute + training) over the same
-groups, and peak RSS. Each tool runs in a fresh spawned process. Not a test; minutes on 2 CPU cores.
+                scored once), per_device_train_batch_size such that a step's padded tokens (2 × pairs ×
+                longest pair) fit the same 2048-token budget (at least 1 pair), one epoch, no logging/saving.
+Measured per tool in a fresh spawned process, after its imports: CPU seconds (user + system of that
+process, from getrusage: the machine is shared, so wall time is not the measure) of precompute (TRL: the
+DPOTrainer constructor, which tokenizes and precomputes) and of the training epoch; peak RSS (ru_maxrss of
+the process, imports included). Tokens: the non-padding tokens each tool runs through the model in one pass
+over its input, counted with the tokenizer: gvpo-offline the prompt once plus every response per group,
+TRL prompt + chosen and prompt + rejected per pair. tokens per CPU-second = those tokens / one-epoch
+(precompute + train) CPU seconds, each tool's own tokens: it says how fast each computes a token, apart
+from how many tokens it needs. Not a test (tests/test_benchmarks_vs_trl.py smoke-runs --small only).
 """
 
 from __future__ import annotations
@@ -33,37 +42,85 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-from precompute import STORIES, WORDS  # the bundled model and the benchmark's story words
-from shared_prompt import spawn  # fn(*args) in a fresh process
+# the bundled model and the benchmark's story words; fn(*args) in a fresh process
+from precompute import STORIES, WORDS
+from shared_prompt import spawn
+
+FULL = {"groups": 8, "ks": [4, 8], "prompt_tokens_min": 250, "prompt_tokens_max": 400, "response_words": 60,
+        "hidden": 256, "layers": 4, "intermediate": 768, "vocab": 32000}
+SMALL = {"groups": 2, "ks": [4], "prompt_tokens_min": 20, "prompt_tokens_max": 40, "response_words": 5,
+         "hidden": 64, "layers": 1, "intermediate": 128, "vocab": 1000}
+TARGETS = "≥ 4× TRL per token, ≥ 2× on best-vs-worst one-epoch time at k = 4, ≤ 0.3× TRL's peak RSS"
 
 
 def text(seed: int, n: int) -> str:
     return " ".join(WORDS[(seed * 7919 + i * 31 + i * i * 7) % len(WORDS)] for i in range(n))
 
 
-def write_groups(path: Path, n_groups: int, k: int, prompt_words: int, response_words: int) -> list[dict]:
+def word_problem(tokenizer, g: int, target_tokens: int) -> str:
+    """A GSM8K-style question of about ``target_tokens`` tokens: story words with numbers, then the ask."""
+    words, i = [f"Question {g}:"], 0
+    while len(tokenizer(" ".join(words) + " How many are left?")["input_ids"]) < target_tokens:
+        word = WORDS[(g * 7919 + i * 31 + i * i * 7) % len(WORDS)]
+        words.append(f"{(g * 13 + i) % 97} {word}" if i % 9 == 4 else word)
+        i += 1
+    return " ".join(words) + " How many are left?"
+
+
+def write_groups(path: Path, tokenizer, n_groups: int, k: int, lo: int, hi: int, response_words: int) -> list[dict]:
     groups = [{
-        "id": f"g{g}", "prompt": f"{g}. " + text(g, prompt_words),
-        "responses": [text(g * 100 + i, response_words + i) for i in range(k)],
+        "id": f"g{g}", "prompt": word_problem(tokenizer, g, lo + (g * 61) % (hi - lo + 1)),
+        "responses": [text(g * 100 + i, response_words + i) + f" The answer is {g + i}." for i in range(k)],
         "rewards": [float(i) for i in range(k)],
     } for g in range(n_groups)]
     path.write_text("".join(json.dumps(g) + "\n" for g in groups))
     return groups
 
 
-def make_model(path: Path, hidden: int, layers: int) -> None:
+def dpo_pairs(groups: list[dict], which: str) -> list[dict]:
+    """DPO's input from the groups: ``all`` pairs with different rewards, or ``best-vs-worst`` (one per group)."""
+    pairs = []
+    for g in groups:
+        r = g["rewards"]
+        if which == "best-vs-worst":
+            index = [(max(range(len(r)), key=r.__getitem__), min(range(len(r)), key=r.__getitem__))]
+        else:
+            index = [(i, j) if r[i] > r[j] else (j, i) for i, j in combinations(range(len(r)), 2) if r[i] != r[j]]
+        pairs += [{"prompt": g["prompt"], "chosen": g["responses"][hi], "rejected": g["responses"][lo]}
+                  for hi, lo in index]
+    return pairs
+
+
+def count_tokens(tokenizer, groups: list[dict], pairs: list[dict]) -> tuple[int, int]:
+    """(gvpo-offline's tokens: prompt once + each response, TRL's: prompt + chosen + prompt + rejected per pair)."""
+    n = lambda s, special=True: len(tokenizer(s, add_special_tokens=special)["input_ids"])
+    ours = sum(n(g["prompt"]) + sum(n(r, False) for r in g["responses"]) for g in groups)
+    theirs = sum(2 * n(p["prompt"]) + n(p["chosen"], False) + n(p["rejected"], False) for p in pairs)
+    return ours, theirs
+
+
+def make_model(path: Path, hidden: int, layers: int, intermediate: int, vocab: int) -> int:
+    """A random Llama saved to ``path`` with stories260K's tokenizer; returns its parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=512, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 8 * 8, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, max_position_embeddings=2048,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )).save_pretrained(path)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    ))
+    model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         if (STORIES / name).exists():
             shutil.copy(STORIES / name, path / name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_ours(model: str, data: str, workdir: str, step_groups: int, threads: int) -> dict:
@@ -79,23 +136,22 @@ def run_ours(model: str, data: str, workdir: str, step_groups: int, threads: int
     from gvpo_offline.stages.train.recipe import train
 
     torch.set_num_threads(threads)
-    start = time.perf_counter()
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
     reference.precompute(reference.PrecomputeConfig(
         data=DataConfig((data,), "grouped"), model=model, workdir=Path(workdir), eval_fraction=0.0,
         tokenize=TokenizeConfig(max_length=2048, max_prompt_length=1536), batch_tokens=2048, device="cpu",
         progress=False,
     ), Console(file=io.StringIO()))
-    precompute = time.perf_counter() - start
+    cpu1 = cpu_seconds()
     train(TrainConfig(workdir=Path(workdir), beta=0.1, groups_per_step=step_groups, micro_batch_tokens=2048,
                       save_every=0, progress=False, device="cpu", epochs=1), log=lambda _m: None)
-    total = time.perf_counter() - start
-    steps = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return {"precompute": precompute, "train": total - precompute, "steps": len(steps),
-            "step": sorted(s["seconds"] for s in steps)[len(steps) // 2], "total": total,
+    steps = len((Path(workdir) / "metrics.jsonl").read_text().splitlines())
+    return {"precompute": cpu1 - cpu0, "train": cpu_seconds() - cpu1, "steps": steps,
+            "wall": time.perf_counter() - wall0,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_trl(model: str, groups: list[dict], workdir: str, threads: int) -> dict:
+def run_trl(model: str, pairs: list[dict], workdir: str, threads: int) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,16 +161,10 @@ def run_trl(model: str, groups: list[dict], workdir: str, threads: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    pairs = []
-    for g in groups:
-        for i, j in combinations(range(len(g["responses"])), 2):
-            if g["rewards"][i] != g["rewards"][j]:
-                hi, lo = (i, j) if g["rewards"][i] > g["rewards"][j] else (j, i)
-                pairs.append({"prompt": g["prompt"], "chosen": g["responses"][hi], "rejected": g["responses"][lo]})
     longest = max(len(tokenizer(p["prompt"] + " " + max(p["chosen"], p["rejected"], key=len))["input_ids"])
                   for p in pairs)
     batch = max(1, 2048 // (2 * longest))  # padded tokens per step within our per-pass budget
-    start = time.perf_counter()
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     args = DPOConfig(
         output_dir=workdir, per_device_train_batch_size=batch, precompute_ref_log_probs=True,
@@ -123,49 +173,112 @@ def run_trl(model: str, groups: list[dict], workdir: str, threads: int) -> dict:
         bf16=False, fp16=False, seed=0,
     )
     trainer = DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
-    precompute = time.perf_counter() - start
+    cpu1 = cpu_seconds()
     out = trainer.train()
-    total = time.perf_counter() - start
-    steps = out.global_step
-    return {"precompute": precompute, "train": total - precompute, "steps": steps,
-            "step": (total - precompute) / max(1, steps), "total": total, "pairs": len(pairs), "batch": batch,
+    return {"precompute": cpu1 - cpu0, "train": cpu_seconds() - cpu1, "steps": out.global_step, "batch": batch,
+            "wall": time.perf_counter() - wall0,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table: one row per (k, tool), ratios against gvpo-offline at the same k."""
+    lines = [("| k | tool (pairs) | tokens | tokens per CPU-s | precompute CPU s | train CPU s (steps) | one-epoch CPU s "
+              "| peak RSS MB | tokens per CPU-s, ours / TRL | one-epoch CPU s, TRL / ours | peak RSS, ours / TRL |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours = next(o for o in rows if o["k"] == r["k"] and o["tool"] == "gvpo-offline")
+        is_ours = r is ours
+        lines.append(
+            f"| {r['k']} | {r['tool']} | {r['tokens']:,} | {r['tokens_per_cpu_s']:,.0f} | {r['precompute']:.1f} "
+            f"| {r['train']:.1f} ({r['steps']}) | {r['epoch']:.1f} | {r['peak_mb']:,.0f} | "
+            + ("— | — | — |" if is_ours else
+               f"**{ours['tokens_per_cpu_s'] / r['tokens_per_cpu_s']:.2f}×** | **{r['epoch'] / ours['epoch']:.2f}×** "
+               f"| **{ours['peak_mb'] / r['peak_mb']:.2f}×** |"))
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """Whether issue 23's targets are met, read off the rows (not tuned: reported as measured)."""
+    out = []
+    for r in rows:
+        if r["tool"] == "gvpo-offline":
+            continue
+        ours = next(o for o in rows if o["k"] == r["k"] and o["tool"] == "gvpo-offline")
+        per_token = ours["tokens_per_cpu_s"] / r["tokens_per_cpu_s"]
+        rss = ours["peak_mb"] / r["peak_mb"]
+        line = (f"k = {r['k']}, {r['tool']}: per token {per_token:.2f}× ({'met' if per_token >= 4 else 'NOT met'}: ≥ 4×), "
+                f"peak RSS {rss:.2f}× ({'met' if rss <= 0.3 else 'NOT met'}: ≤ 0.3×)")
+        if r["k"] == 4 and "best-vs-worst" in r["tool"]:
+            epoch = r["epoch"] / ours["epoch"]
+            line += f", one-epoch time {epoch:.2f}× ({'met' if epoch >= 2 else 'NOT met'}: ≥ 2×)"
+        out.append(line)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--prompt-words", type=int, default=300)
-    parser.add_argument("--response-words", type=int, default=60)
+    parser.add_argument("--small", action="store_true", help="smoke setting: tiny model, 2 groups, k = 4 (seconds)")
+    parser.add_argument("--groups", type=int)
+    parser.add_argument("--ks", type=int, nargs="+")
+    parser.add_argument("--prompt-tokens-min", type=int)
+    parser.add_argument("--prompt-tokens-max", type=int)
+    parser.add_argument("--response-words", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--vocab", type=int)
     parser.add_argument("--step-groups", type=int, default=1, help="our --groups-per-step")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="print the table of rows saved by --json (runs nothing)")
     args = parser.parse_args()
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.loads(path.read_text())]
+        print(table(rows) + f"\n\nTargets ({TARGETS}):\n" + "\n".join("  " + line for line in verdict(rows)))
+        return
+    for key, value in (SMALL if args.small else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    from transformers import AutoTokenizer
 
     load = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_model(tmp / "model", args.hidden, args.layers)
-        groups = write_groups(tmp / "data.jsonl", args.groups, args.k, args.prompt_words, args.response_words)
-        ours = spawn(run_ours, str(tmp / "model"), str(tmp / "data.jsonl"), str(tmp / "ours"), args.step_groups,
-                     args.threads)
-        trl = spawn(run_trl, str(tmp / "model"), groups, str(tmp / "trl"), args.threads)
-    print(f"{args.groups} groups × k = {args.k} (prompts {args.prompt_words} words, responses ~{args.response_words}); "
-          f"TRL: {trl['pairs']} pairs, batch {trl['batch']} pairs/step; Llama d={args.hidden} L={args.layers}; "
-          f"cpu, {args.threads} thread(s); load {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at the end")
-    print(f"{'':<30}{'gvpo-offline':>14}{'TRL DPO':>14}{'TRL / ours':>12}")
-    rows = (
-        ("precompute s", "precompute"), ("train s (one epoch)", "train"), ("epoch wall s (both)", "total"),
-    )
-    for label, key in rows:
-        print(f"{label:<30}{ours[key]:>14.1f}{trl[key]:>14.1f}{trl[key] / ours[key]:>11.2f}x")
-    per_group = {n: r["train"] / args.groups for n, r in (("ours", ours), ("trl", trl))}
-    print(f"{'train s per group':<30}{per_group['ours']:>14.2f}{per_group['trl']:>14.2f}"
-          f"{per_group['trl'] / per_group['ours']:>11.2f}x")
-    print(f"{'train s per step (steps)':<30}{ours['step']:>9.2f} ({ours['steps']:>2}){trl['step']:>9.2f} ({trl['steps']:>2})")
-    print(f"{'peak RSS MB':<30}{ours['peak_mb']:>14,.0f}{trl['peak_mb']:>14,.0f}{trl['peak_mb'] / ours['peak_mb']:>11.2f}x")
+        n_params = make_model(tmp / "model", args.hidden, args.layers, args.intermediate, args.vocab)
+        tokenizer = AutoTokenizer.from_pretrained(tmp / "model")
+        for k in args.ks:
+            data = tmp / f"data-k{k}.jsonl"
+            groups = write_groups(data, tokenizer, args.groups, k, args.prompt_tokens_min, args.prompt_tokens_max,
+                                  args.response_words)
+            prompt_lengths = [len(tokenizer(g["prompt"])["input_ids"]) for g in groups]
+            print(f"k = {k}: {args.groups} groups, prompts {min(prompt_lengths)}–{max(prompt_lengths)} tokens", flush=True)
+            runs = [("gvpo-offline", None, spawn(run_ours, str(tmp / "model"), str(data), str(tmp / f"ours-k{k}"),
+                                                 args.step_groups, args.threads))]
+            for which in ("all", "best-vs-worst"):
+                pairs = dpo_pairs(groups, which)
+                runs.append((f"TRL DPO, {which} ({len(pairs)})", pairs,
+                             spawn(run_trl, str(tmp / "model"), pairs, str(tmp / f"trl-{which}-k{k}"), args.threads)))
+            for tool, pairs, result in runs:
+                ours_tokens, trl_tokens = count_tokens(tokenizer, groups, pairs or [])
+                tokens = ours_tokens if pairs is None else trl_tokens
+                epoch = result["precompute"] + result["train"]
+                rows.append({"k": k, "tool": tool, "tokens": tokens, "epoch": epoch, "tokens_per_cpu_s": tokens / epoch,
+                             **result})
+                print(f"  {tool}: {epoch:.1f} CPU s, {result['wall']:.1f} wall s, peak {result['peak_mb']:,.0f} MB",
+                      flush=True)
+    print(f"\n{started}: Llama d={args.hidden} L={args.layers} ffn={args.intermediate} V={args.vocab:,} "
+          f"({n_params / 1e6:.1f}M parameters), {args.groups} groups per k, prompts {args.prompt_tokens_min}–"
+          f"{args.prompt_tokens_max} tokens, responses ~{args.response_words} words; fp32, cpu, {args.threads} "
+          f"thread(s); load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
+    print(table(rows))
+    print(f"\nTargets ({TARGETS}):")
+    for line in verdict(rows):
+        print("  " + line)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""benchmarks/vs_trl.py: the pairs DPO gets, the token counts, and a smoke run of --small when TRL is installed."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+       "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def load_benchmark():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("vs_trl", ROOT / "benchmarks" / "vs_trl.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_dpo_pairs_all_and_best_vs_worst():
+    bench = load_benchmark()
+    groups = [{"prompt": "p", "responses": ["a", "b", "c", "d"], "rewards": [1.0, 3.0, 0.0, 1.0]}]
+    all_pairs = {(p["chosen"], p["rejected"]) for p in bench.dpo_pairs(groups, "all")}
+    # every pair with different rewards, higher reward chosen: a-b, b-c, b-d, a-c, d-c (a-d tie left out)
+    assert all_pairs == {("b", "a"), ("b", "c"), ("b", "d"), ("a", "c"), ("d", "c")}
+    assert [(p["chosen"], p["rejected"]) for p in bench.dpo_pairs(groups, "best-vs-worst")] == [("b", "c")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed (pip install -e '.[bench]')")
+def test_small_setting_runs_and_reports_every_row(tmp_path):
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--small", "--json", str(out)],
+                          env=ENV, cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    groups, k = 2, 4  # the --small setting
+    assert [r["tool"] for r in rows] == ["gvpo-offline", f"TRL DPO, all ({groups * k * (k - 1) // 2})",
+                                         f"TRL DPO, best-vs-worst ({groups})"]
+    assert rows[0]["steps"] == groups  # one group per step, one epoch
+    for r in rows:
+        assert r["epoch"] == pytest.approx(r["precompute"] + r["train"]) and r["epoch"] > 0
+        assert r["tokens_per_cpu_s"] == pytest.approx(r["tokens"] / r["epoch"])
+        assert r["peak_mb"] > 0
+    # TRL's all-pairs input repeats each prompt twice per pair: more tokens than the groups hold once
+    assert rows[1]["tokens"] > rows[0]["tokens"] > rows[2]["tokens"] / 2
+    assert "| 4 | TRL DPO, best-vs-worst (2) |" in done.stdout and "one-epoch time" in done.stdout
+
+
+def test_table_and_verdict_read_the_ratios_off_the_rows():
+    bench = load_benchmark()
+    row = lambda tool, tokens, epoch, mb: {"k": 4, "tool": tool, "tokens": tokens, "epoch": epoch,
+                                         "tokens_per_cpu_s": tokens / epoch, "precompute": epoch / 4,
+                                         "train": epoch * 3 / 4, "steps": 8, "peak_mb": mb}
+    rows = [row("gvpo-offline", 1000, 10.0, 500), row("TRL DPO, all (48)", 6000, 300.0, 2000),
+            row("TRL DPO, best-vs-worst (8)", 1200, 18.0, 1000)]
+    # per token: (1000/10) / (6000/300) = 5; epoch 300/10 = 30; RSS 500/2000 = 0.25 -> all met
+    # best-vs-worst: (1000/10) / (1200/18) = 1.5 (not met); epoch 1.8 (not met); RSS 0.5 (not met)
+    text = bench.table(rows)
+    assert "**5.00×** | **30.00×** | **0.25×** |" in text and "**1.50×** | **1.80×** | **0.50×** |" in text
+    all_pairs, best_worst = bench.verdict(rows)
+    assert "per token 5.00× (met" in all_pairs and "peak RSS 0.25× (met" in all_pairs and "one-epoch" not in all_pairs
+    assert "1.50× (NOT met" in best_worst and "one-epoch time 1.80× (NOT met" in best_worst

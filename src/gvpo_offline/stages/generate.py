@@ -95,7 +95,7 @@ class _RowSampler(LogitsProcessor):
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' warnings (generation flags, pad tokens) and progress bars for the duration."""
     from transformers.utils import logging as hf_logging
 
@@ -168,7 +168,7 @@ def generate_responses(
     was_training = model.training
     model.eval()
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             for start in range(0, len(rows), cfg.batch_size):
                 batch = rows[start : start + cfg.batch_size]
                 texts = _generate_batch(model, tokenizer, [encoded[i] for i, _ in batch],

@@ -18,7 +18,7 @@ from gvpo_offline.runtime.errors import TOO_DEEP, DataError, GvpoError
 from gvpo_offline.runtime.files import append_durably
 from gvpo_offline.stages.generate import (  # noqa: F401 (SamplingConfig, generate_responses re-exported)
     SamplingConfig,
-    _quiet_transformers,
+    quiet_transformers,
     generate_responses,
     stable_int,
 )
@@ -311,7 +311,7 @@ def sample(config: SampleConfig, progress_console=None) -> SampleResult:
         return result
 
     device = resolve_device(config.device)
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
         model = load_model(config.model_path, device, resolve_dtype(config.dtype, device), config.trust_remote_code)
 

@@ -138,7 +138,10 @@ class EvalConfig:
 
         if self.packing is not None and self.packing not in PACKING_CHOICES:
             raise GvpoError(f"--packing must be one of {', '.join(PACKING_CHOICES)}, got {self.packing!r}")
-        __import__("gvpo_offline.model.sharded_scoring", fromlist=["x"]).check_choice(self.shard_model)
+        from gvpo_offline.stages.reference.config import SHARD_MODEL_CHOICES
+
+        if self.shard_model not in SHARD_MODEL_CHOICES:
+            raise GvpoError(f"--shard-model must be one of {', '.join(SHARD_MODEL_CHOICES)}, got {self.shard_model!r}")
 
 
 @dataclass

@@ -16,6 +16,9 @@ ROWS = [{"prompt": f"p{i // 2}", "response": f"r{i}", "reward": i % 2} for i in 
 
 def _no_model_work(monkeypatch):
     """Make any model or tokenizer loading fail loudly: a check that runs first never reaches them."""
+    import gvpo_offline.stages.evaluate.heldout  # noqa: F401 - imported first, so that the stages bind the real
+    import gvpo_offline.stages.reference.compute  # noqa: F401   functions by name, not the patched ones (the
+    import gvpo_offline.stages.train.recipe  # noqa: F401        patch is undone after the test; their names stay)
     from gvpo_offline.model import hub, loading
 
     def refuse(*_args, **_kwargs):

@@ -209,7 +209,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     key = _sha256_json(inputs)
     request = None  # the options as given, for a cache hit without torch next time (hit.py)
     if dtype_without_torch(config.device, config.dtype) == inputs["weights_dtype"]:
-        request = request_key(config, Path(model_path), *fingerprints)
+        request = request_key(config, Path(model_path), *fingerprints, inputs["model_fingerprint"])
 
     old = _read_any_manifest(workdir)
     changes: list[str] = []

@@ -67,8 +67,9 @@ def model_files_fingerprint(folder: Path) -> str | None:
 
 
 def request_key(config: PrecomputeConfig, model_path: Path, data_files: list[FileInfo],
-                eval_files: list[FileInfo]) -> str | None:
-    """The hash of the options as given (see the module docstring), or None when it needs torch."""
+                eval_files: list[FileInfo], model_fingerprint: str | None = None) -> str | None:
+    """The hash of the options as given (see the module docstring), or None when it needs torch.
+    ``model_fingerprint``: the model's, when the caller has it already (else computed here)."""
     dtype = dtype_without_torch(config.device, config.dtype)
     tokenizer_files = model_files_fingerprint(model_path)
     if dtype is None or tokenizer_files is None:
@@ -79,7 +80,7 @@ def request_key(config: PrecomputeConfig, model_path: Path, data_files: list[Fil
         "eval_data_files": [f.sha256 for f in eval_files],
         "layout": config.data.layout,
         "columns": asdict(config.data.columns),
-        "model_fingerprint": loading.model_fingerprint(model_path),
+        "model_fingerprint": model_fingerprint or loading.model_fingerprint(model_path),
         "model_files": tokenizer_files,
         "tokenize": config.tokenize.to_json(),
         "dtype": dtype,

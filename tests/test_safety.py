@@ -41,11 +41,9 @@ TRAIN = ["--beta", "0.1", "--device", "cpu", "--groups-per-step", "2", "--lr", "
 
 
 @pytest.fixture
-def cache(tmp_path):
-    """A complete stories260K cache built directly (4 groups, train split)."""
-    work = tmp_path / "run"
-    build_cache(work, STORIES, text_groups(STORIES, STORY_GROUPS))
-    return work
+def cache(workdir):
+    """A private copy of conftest's stories260K cache (built once per module)."""
+    return workdir
 
 
 # ---- 1. a folder of the user's is never written into ------------------------------------------------

@@ -85,7 +85,8 @@ class StepBatch:
 
     @property
     def tokens(self) -> int:
-        """Prompt + response token ids processed (unpadded)."""
+        """Σ over the responses of prompt + response token ids: the step as separate sequences (a packed
+        pass computes each prompt once, so it runs fewer). metrics.jsonl's ``tokens``."""
         return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids))
 
     @property

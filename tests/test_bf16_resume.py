@@ -34,8 +34,8 @@ from gvpo_offline.stages.train.config import TrainConfig
 from gvpo_offline.stages.train.recipe import train
 
 STEPS = 4  # 4 groups, 2 per step: the resumed steps 3 and 4 are the second epoch
-TRAIN = dict(beta=1, lr=1e-4, groups_per_step=2, max_steps=STEPS, save_every=2, keep_checkpoints=3,
-             micro_batch_tokens=60, device="cpu", seed=1)
+TRAIN = {"beta": 1, "lr": 1e-4, "groups_per_step": 2, "max_steps": STEPS, "save_every": 2, "keep_checkpoints": 3,
+         "micro_batch_tokens": 60, "device": "cpu", "seed": 1}
 # 1 and 2 processes sum the same bf16 micro-batch gradients in fp32 in other orders: 3e-8 apart after 6 steps
 # (measured); losing the master weights' fp32 digits or AdamW's moments moves them 1e-5 or more
 ATOL = 1e-6
@@ -140,7 +140,7 @@ def runs(tmp_path_factory):
            "old1to2": as_older_checkpoint(stopped_at_step_2(one, root / "old1to2"))}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "tests" / "bf16_resume_worker.py"), cli_options(), two, out["1to2"],
-                           out["old1to2"]], env=env(), capture_output=True, text=True, timeout=400)
+                           out["old1to2"]], env=env(), capture_output=True, text=True, timeout=400, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     out["launch"] = done.stdout + done.stderr
     out["2to1"] = stopped_at_step_2(two, root / "2to1")
@@ -204,3 +204,22 @@ def test_a_damaged_bf16_checkpoint_falls_back_and_other_settings_are_refused(run
     assert f"warning: checkpoint {run / 'checkpoints' / 'step-4'} is unusable" in log
     assert f"resuming from {run / 'checkpoints' / 'step-2'} (step 2/{STEPS})" in log
     assert_same_state(final_state(run), final_state(runs["one"]), atol=0)
+
+
+def test_a_failure_inside_torch_distributed_checkpoint_is_an_ordinary_exception(tmp_path):
+    # DCP raises CheckpointException, a BaseException: past the resume's fallback, a traceback instead
+    import torch.distributed.checkpoint as dcp
+
+    from gvpo_offline.model import distributed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP without a process group
+        dcp.save({"w": torch.ones(3)}, checkpoint_id=str(tmp_path), no_dist=True)
+        shard = tmp_path / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:100])  # cut
+        with pytest.raises(RuntimeError, match=r"^torch.distributed.checkpoint failed on rank 0: \w+"), \
+                distributed.checkpoint_errors():
+            dcp.load({"w": torch.zeros(3)}, checkpoint_id=str(tmp_path), no_dist=True)
+        (tmp_path / "__0_0.distcp").unlink()
+        with pytest.raises(FileNotFoundError), distributed.checkpoint_errors():  # an OSError stays one (exit 1)
+            dcp.load({"w": torch.zeros(3)}, checkpoint_id=str(tmp_path), no_dist=True)

@@ -453,7 +453,7 @@ def checkpoint_errors():
         failure = err.failures[rank][0]
         if isinstance(failure, OSError):
             raise failure from None
-        detail = f": {failure}" if str(failure) else ""
+        detail = f": {str(failure).splitlines()[0][:200]}" if str(failure).strip() else ""  # (torch.load's run on)
         raise RuntimeError(f"torch.distributed.checkpoint failed on rank {rank}: {type(failure).__name__}{detail}") \
             from None
 

@@ -177,7 +177,8 @@ def load_single_into_sharded(ctx: distributed.Dist, path: Path, model, optimizer
     """Resume a sharded run from a single-process checkpoint (:func:`save_checkpoint`; 1 -> N processes).
 
     ``build_plain() -> model``: on rank 0, the run's model unsharded on CPU with the checkpoint's weights (or
-    adapter; an older bf16 checkpoint's fp32 master weights, :data:`MASTER_WEIGHTS`, replace its bf16 ones). Rank 0 keys its trainable weights (all of its state, without a frozen base) and the checkpoint's
+    adapter; an older bf16 checkpoint's fp32 master weights, :data:`MASTER_WEIGHTS`, replace its bf16 ones).
+    Rank 0 keys its trainable weights (all of its state, without a frozen base) and the checkpoint's
     AdamW state by parameter name, and every rank copies its shards out of them
     (``set_state_dict(full_state_dict=True, broadcast_from_rank0=True)``, one tensor at a time). Costs rank 0
     one more full copy of the trainable weights and their AdamW state in CPU RAM while it converts. The

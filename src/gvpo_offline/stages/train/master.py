@@ -57,9 +57,6 @@ class MasterWeights:
         for p, m in zip(self.params, self.master):
             p.copy_(m)
 
-    def state(self) -> list[Tensor]:
-        return [m.detach().cpu() for m in self.master]
-
     def load(self, tensors: list[Tensor]) -> None:
         """The copies an older checkpoint saved (:meth:`state`, :data:`MASTER_WEIGHTS`), then rounded into the model."""
         copy_saved_masters(self.master, tensors)

@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -68,10 +69,10 @@ def saved_state(checkpoint: Path) -> dict:
     """{"model": fp32 master weights by name, "optimizer": AdamW's state by name} of a DCP checkpoint."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")  # DCP without a process group
-        dcp_to_torch_save(checkpoint, checkpoint.parent / f"{checkpoint.name}.pt")
-    return torch.load(checkpoint.parent / f"{checkpoint.name}.pt", weights_only=True)
+        dcp_to_torch_save(checkpoint, Path(tmp) / "state.pt")
+        return torch.load(Path(tmp) / "state.pt", weights_only=True)
 
 
 def as_older_checkpoint(workdir: Path, masters=lambda t: t, moments=lambda t: t) -> Path:
@@ -92,7 +93,6 @@ def as_older_checkpoint(workdir: Path, masters=lambda t: t, moments=lambda t: t)
     trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
     del trainer_state["dcp_state"]
     (checkpoint / "trainer_state.json").write_text(json.dumps(trainer_state))
-    (checkpoint.parent / "step-2.pt").unlink()
     return workdir
 
 

@@ -10,6 +10,7 @@ takes the fp32 values as its masters and a one-process run their bf16 rounding: 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -106,6 +107,7 @@ def metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@functools.cache  # read once per run (the tests only read it)
 def final_state(workdir: Path) -> dict:
     return saved_state(workdir / "checkpoints" / f"step-{STEPS}")
 

@@ -440,14 +440,19 @@ def _checkpoint_options(model):
 
 @contextlib.contextmanager
 def checkpoint_errors():
-    """torch.distributed.checkpoint raises a rank's failure (a cut shard file, a full disk) as CheckpointException,
-    a BaseException that ``except Exception`` lets through, so a damaged checkpoint ended in a traceback instead
-    of a resume falling back to the one before it: raise the lowest failing rank's OSError as it is, any other
-    failure as a RuntimeError naming it. DCP gathers the failures, so every rank raises alike."""
+    """Around a torch.distributed.checkpoint call. DCP raises a rank's failure (a cut shard file, a full disk) as
+    CheckpointException, a BaseException that ``except Exception`` lets through, so a damaged checkpoint ended in
+    a traceback instead of a resume falling back to the one before it: raise the lowest failing rank's OSError
+    as it is, any other failure as a RuntimeError naming it (DCP gathers the failures: every rank raises alike).
+    In one process (no process group) DCP warns that it assumes one process: meant here, not printed."""
+    import warnings
+
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            yield
     except CheckpointException as err:
         rank = min(err.failures)
         failure = err.failures[rank][0]

@@ -17,8 +17,6 @@ resumes on N processes and a sharded one on one process, DCP resharding either w
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
 
 import torch
@@ -88,7 +86,7 @@ class MasterWeights:
         import torch.distributed.checkpoint as dcp
 
         model_sd, optim_sd = self.state_dicts(model, optimizer)
-        with _one_process():
+        with distributed.checkpoint_errors():
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder), no_dist=True)
 
     @torch.no_grad()
@@ -100,7 +98,7 @@ class MasterWeights:
         _create_state(optimizer)  # tensors for DCP to load into
         model_sd, optim_sd = self.state_dicts(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        with _one_process():
+        with distributed.checkpoint_errors():
             dcp.load(state, checkpoint_id=str(folder), no_dist=True)
         index = {aliases[0]: i for i, aliases in enumerate(trainable_names(model, self.params))}
         loaded = state["optimizer"]  # its state tensors were loaded in place, its param groups replaced
@@ -147,12 +145,3 @@ def _create_state(optimizer: torch.optim.Optimizer) -> None:
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-
-
-@contextlib.contextmanager
-def _one_process():
-    """DCP in a process without a process group warns that it assumes one process (that is meant here); its
-    failures as ordinary exceptions (distributed.checkpoint_errors)."""
-    with warnings.catch_warnings(), distributed.checkpoint_errors():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield

@@ -127,6 +127,10 @@ def precompute_ref_cmd(
     shard_model: Annotated[str, typer.Option("--shard-model", metavar="MODE", help="Under torchrun: on shards the model over the processes (FSDP forward passes, for a model too big for one device), off gives each process the whole model, auto shards when its weights (in the weights dtype) do not fit one device.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help=THREADS, show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan of scoring the model whole and sharded over the processes (--shard-model), from config.json (no weight read, nothing written), and whether each fits, then exit. The weights dtype: --dtype.")] = False,
+    plan_processes: Annotated[Optional[int], typer.Option("--plan-processes", metavar="INT", help="With --dry-run: plan for a launch of this many processes (GPUs) in all [default: this launch's].", show_default=False)] = None,
+    plan_processes_per_node: Annotated[Optional[int], typer.Option("--plan-processes-per-node", metavar="INT", help="With --dry-run on CPU: processes sharing one machine's RAM [default: all].", show_default=False)] = None,
+    plan_gpu_memory: Annotated[Optional[float], typer.Option("--plan-gpu-memory", metavar="GIB", help="With --dry-run: plan for GPUs with this many GiB free each, instead of this machine's device.", show_default=False)] = None,
 ) -> None:
     """Compute log pi_ref(y|x) of every response once and cache it in WORKDIR (train and eval read it).
 
@@ -138,7 +142,11 @@ def precompute_ref_cmd(
     from gvpo_offline.data.tokenize import TokenizeConfig, load_prompt_template
     from gvpo_offline.stages.reference.config import PrecomputeConfig
     from gvpo_offline.stages.reference.hit import cache_hit
+    from gvpo_offline.stages.scoring_dry_run import planned
 
+    if planned("precompute-ref", dry_run, model, dtype, device, batch_tokens, plan_processes, plan_processes_per_node,
+               plan_gpu_memory, trust_remote_code):  # --dry-run: the plan printed, nothing else done
+        return
     config = PrecomputeConfig(
         data=DataConfig(tuple(data), layout, ColumnMap(prompt_col, response_col, reward_col, group_col)),
         model=model, workdir=Path(workdir),
@@ -276,6 +284,10 @@ def eval_cmd(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE)] = False,
     report_to: Annotated[Optional[list[str]], typer.Option("--report-to", metavar="TARGET", help="Also log the metrics (eval/<metric>, eval/delta/<metric>, eval/generation/...) at the model's final training step to none, tensorboard, wandb, mlflow (as train --report-to; a model of WORKDIR logs into train's runs).")] = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name", metavar="NAME", help="The tracker run's name when eval starts a new run [default: WANDB_NAME, else the workdir's folder name].", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan of scoring the model whole and sharded over the processes (--shard-model), from config.json (no weight read, nothing written), and whether each fits, then exit. The weights dtype: --dtype, else the cache's.")] = False,
+    plan_processes: Annotated[Optional[int], typer.Option("--plan-processes", metavar="INT", help="With --dry-run: plan for a launch of this many processes (GPUs) in all [default: this launch's].", show_default=False)] = None,
+    plan_processes_per_node: Annotated[Optional[int], typer.Option("--plan-processes-per-node", metavar="INT", help="With --dry-run on CPU: processes sharing one machine's RAM [default: all].", show_default=False)] = None,
+    plan_gpu_memory: Annotated[Optional[float], typer.Option("--plan-gpu-memory", metavar="GIB", help="With --dry-run: plan for GPUs with this many GiB free each, instead of this machine's device.", show_default=False)] = None,
 ) -> None:
     """How much closer is the trained model to the GVPO target than the reference, on held-out groups."""
     from rich.console import Console as _Console
@@ -305,6 +317,12 @@ def eval_cmd(
         model = str(run_dir(workdir, run) / "model")
         if not Path(model).is_dir():
             raise GvpoError(f"{model}: no model here (run `gvpo-offline train --workdir {workdir} --run {run}` first)")
+    from gvpo_offline.stages.scoring_dry_run import eval_model_and_dtype, planned
+
+    plan_model, plan_dtype = eval_model_and_dtype(Path(workdir), model, dtype) if dry_run else (model, dtype)
+    if planned("eval", dry_run, plan_model, plan_dtype, device, batch_tokens, plan_processes, plan_processes_per_node,
+               plan_gpu_memory, trust_remote_code):
+        return
     columns = ColumnMap(prompt_col, response_col, reward_col, group_col)
     config = EvalConfig(
         workdir=workdir, model_path=model, data_paths=tuple(data or ()), json_path=json_path, beta=beta,

@@ -438,13 +438,39 @@ def _checkpoint_options(model):
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
+@contextlib.contextmanager
+def checkpoint_errors():
+    """Around a torch.distributed.checkpoint call. DCP raises a rank's failure (a cut shard file, a full disk) as
+    CheckpointException, a BaseException that ``except Exception`` lets through, so a damaged checkpoint ended in
+    a traceback instead of a resume falling back to the one before it: raise the lowest failing rank's OSError
+    as it is, any other failure as a RuntimeError naming it (DCP gathers the failures: every rank raises alike).
+    In one process (no process group) DCP warns that it assumes one process: meant here, not printed."""
+    import warnings
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            yield
+    except CheckpointException as err:
+        rank = min(err.failures)
+        failure = err.failures[rank][0]
+        if isinstance(failure, OSError):
+            raise failure from None
+        detail = f": {str(failure).splitlines()[0][:200]}" if str(failure).strip() else ""  # (torch.load's run on)
+        raise RuntimeError(f"torch.distributed.checkpoint failed on rank {rank}: {type(failure).__name__}{detail}") \
+            from None
+
+
 def save_sharded(folder: Path, model, optimizer) -> None:
     """Model + optimizer state, each rank writing its own shards into ``folder`` (a collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_checkpoint_options(model))
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder))
+    with checkpoint_errors():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder))
 
 
 def load_sharded(folder: Path, model, optimizer) -> None:
@@ -455,7 +481,8 @@ def load_sharded(folder: Path, model, optimizer) -> None:
     options = _checkpoint_options(model)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(folder))
+    with checkpoint_errors():
+        dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=options)
 

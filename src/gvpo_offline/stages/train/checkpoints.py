@@ -4,8 +4,11 @@
   weights, optimizer, scheduler, RNG states and :class:`TrainState`, written atomically; only the newest
   ``keep_checkpoints`` stay. A resume checks the settings (:data:`TRAJECTORY_FIELDS`), the reference
   cache's key and the files before it loads one. A checkpoint resumes on any number of processes: the
-  sharded layout is resharded by torch.distributed.checkpoint, the single-process one is broadcast from rank 0
-  into the shards (:func:`load_single_into_sharded`).
+  sharded layout is resharded by torch.distributed.checkpoint (DCP), the single-process one is broadcast from
+  rank 0 into the shards (:func:`load_single_into_sharded`). A single-process run in bf16 (fp32 master
+  weights, master.py) writes its master weights and AdamW state with DCP in the sharded layout
+  (:func:`has_dcp_state`), so they reshard alike; its older checkpoints (``master_weights.pt``) are
+  broadcast like an fp32 one's.
 - ``metrics.jsonl``: one line per step (:func:`append_metrics`), cut back to the checkpoint on resume.
 - ``model/`` (and ``model-merged/``): :func:`save_final`.
 """
@@ -25,7 +28,7 @@ import torch
 from gvpo_offline.model import adapters, distributed, modelcard
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import OLD_PREFIX, append_durably, atomic_dir, atomic_write_bytes, atomic_write_json
-from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights
+from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights, copy_saved_masters
 
 if TYPE_CHECKING:
     from gvpo_offline.stages.train.config import TrainConfig
@@ -74,23 +77,25 @@ def save_checkpoint(
     """WORKDIR/checkpoints/step-N/: weights (safetensors; a LoRA adapter with --lora-r), tokenizer and
     generation_config.json (the folder loads with from_pretrained like the final model), optimizer,
     scheduler, torch RNG states, position, and the reference cache's key (a resume on another cache would
-    continue a different data order). ``master``: full fine-tuning in bf16 also saves the fp32 master
-    weights (master.py), so a resume continues them exactly.
+    continue a different data order). ``master``: full fine-tuning in bf16 saves the fp32 master weights and
+    AdamW's state by parameter name with torch.distributed.checkpoint instead of ``optimizer.pt``
+    (:meth:`MasterWeights.save`: the layout of :func:`save_checkpoint_sharded`), so a resume continues them
+    exactly, on any number of processes.
 
     Written into a temp dir, then renamed (atomic); only the newest ``config.keep_checkpoints`` stay.
     """
     final = workdir / CHECKPOINTS / f"step-{state.step}"
     with atomic_dir(final) as tmp:
         modelcard.write_model_folder(tmp, model, tokenizer)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if master is None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        else:
+            master.save(tmp, model, optimizer)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if master is not None:
-            torch.save(master.state(), tmp / MASTER_WEIGHTS)
-        rng = {"torch": torch.get_rng_state()}  # tensors only: loads with weights_only=True
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        atomic_write_json(tmp / STATE, {**asdict(state), "config": _portable(config), "cache_key": cache_key})
+        torch.save(_rng_states(), tmp / "rng.pt")
+        layout = {DCP_STATE: True} if master is not None else {}
+        atomic_write_json(tmp / STATE, {**asdict(state), "config": _portable(config), "cache_key": cache_key,
+                                        **layout})
     for _, old in checkpoint_dirs(workdir)[: -config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -100,11 +105,29 @@ def load_checkpoint(path: Path, optimizer, scheduler) -> TrainState:
     """Restore optimizer (unless None), scheduler and RNG states from ``path`` (the weights are loaded by the caller)."""
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return _load_schedule_and_position(distributed.Dist(), path, scheduler)
+
+
+def load_master_checkpoint(path: Path, model, master: MasterWeights, optimizer, scheduler) -> TrainState:
+    """One process with fp32 master weights: restore them and AdamW's state from a checkpoint that holds them by
+    name (:func:`has_dcp_state`: a bf16 run's of one process, or a sharded run's of any number, whose shards are
+    fp32 master weights too), round them into ``model``, and restore the scheduler, RNG and position."""
+    master.load_saved(path, model, optimizer)
+    return _load_schedule_and_position(distributed.Dist(), path, scheduler)
+
+
+def _load_schedule_and_position(ctx: distributed.Dist, path: Path, scheduler) -> TrainState:
+    """The scheduler, this rank's RNG (another world size: rank r takes rank (r mod old size)'s; training draws
+    no random numbers, eval mode = no dropout, so this only matters to user code) and the position."""
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    written_by = saved_world_size(path)
+    rng = torch.load(path / (f"rng-{ctx.rank % written_by}.pt" if written_by > 1 else "rng.pt"), weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        if written_by > 1:  # every device's state, as rank r saw them: this rank's device's
+            torch.cuda.set_rng_state(rng["cuda"][ctx.local_rank], ctx.device or "cuda")
+        else:
+            torch.cuda.set_rng_state_all(rng["cuda"])
     saved = json.loads((path / STATE).read_text())
     return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
 
@@ -141,17 +164,10 @@ def save_checkpoint_sharded(
 def load_checkpoint_sharded(ctx: distributed.Dist, path: Path, model, optimizer, scheduler) -> TrainState:
     """Restore :func:`save_checkpoint_sharded`'s model, optimizer, scheduler and this rank's RNG, on any number
     of processes (torch.distributed.checkpoint reshards the model and optimizer state to this run's shards;
-    with one process, ``model`` is a plain module and gets the whole tensors)."""
+    with one process, ``model`` is a plain module and gets the whole tensors). Also a one-process bf16 run's
+    checkpoint (:func:`has_dcp_state`): its master weights become this run's fp32 shards."""
     distributed.load_sharded(path, model, optimizer)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    # another world size (DCP reshards the model and optimizer): a new rank takes rank (r mod old size)'s RNG;
-    # training draws no random numbers (eval mode: no dropout), so this only matters to user code
-    rng = torch.load(path / f"rng-{ctx.rank % saved_world_size(path)}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"][ctx.local_rank], ctx.device)
-    saved = json.loads((path / STATE).read_text())
-    return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"])
+    return _load_schedule_and_position(ctx, path, scheduler)
 
 
 def _portable(config: TrainConfig) -> dict:
@@ -161,7 +177,8 @@ def load_single_into_sharded(ctx: distributed.Dist, path: Path, model, optimizer
     """Resume a sharded run from a single-process checkpoint (:func:`save_checkpoint`; 1 -> N processes).
 
     ``build_plain() -> model``: on rank 0, the run's model unsharded on CPU with the checkpoint's weights (or
-    adapter). Rank 0 keys its trainable weights (all of its state, without a frozen base) and the checkpoint's
+    adapter; an older bf16 checkpoint's fp32 master weights, :data:`MASTER_WEIGHTS`, replace its bf16 ones).
+    Rank 0 keys its trainable weights (all of its state, without a frozen base) and the checkpoint's
     AdamW state by parameter name, and every rank copies its shards out of them
     (``set_state_dict(full_state_dict=True, broadcast_from_rank0=True)``, one tensor at a time). Costs rank 0
     one more full copy of the trainable weights and their AdamW state in CPU RAM while it converts. The
@@ -177,6 +194,9 @@ def load_single_into_sharded(ctx: distributed.Dist, path: Path, model, optimizer
     if ctx.is_main:
         plain = build_plain()
         trainable = [name for name, p in plain.named_parameters() if p.requires_grad]  # AdamW's parameter order
+        if (path / MASTER_WEIGHTS).is_file():  # an older bf16 checkpoint: its fp32 master weights, not its bf16 ones
+            copy_saved_masters([p for p in plain.parameters() if p.requires_grad],
+                               torch.load(path / MASTER_WEIGHTS, weights_only=True))
         model_sd = {name: t for name, t in plain.state_dict().items() if not frozen or name in trainable}
         saved = torch.load(path / "optimizer.pt", weights_only=True)
         optim_sd = {"state": {trainable[i]: state for i, state in saved["state"].items()},
@@ -206,6 +226,15 @@ def saved_world_size(path: Path) -> int:
 def is_sharded_checkpoint(path: Path) -> bool:
     """True for :func:`save_checkpoint_sharded`'s layout (DCP shards), False for :func:`save_checkpoint`'s."""
     return saved_world_size(path) > 1
+
+
+DCP_STATE = "dcp_state"  # trainer_state.json of a one-process bf16 run: master weights + AdamW saved with DCP
+
+
+def has_dcp_state(path: Path) -> bool:
+    """Does ``path`` hold the trainable weights in fp32 and the optimizer state by name with DCP (a sharded
+    run's checkpoint, or a one-process bf16 run's fp32 master weights), rather than ``optimizer.pt``?"""
+    return is_sharded_checkpoint(path) or bool(json.loads((path / STATE).read_text()).get(DCP_STATE))
 
 
 def _check_resume_config(path: Path, config: TrainConfig, cache_key: str) -> None:
@@ -293,7 +322,9 @@ def _check_checkpoint_files(path: Path) -> None:
         names = [".metadata", "scheduler.pt", STATE, *(f"rng-{r}.pt" for r in range(world_size))]
         missing = [name for name in names if not (path / name).is_file()]
     else:
-        missing = [name for name in _CHECKPOINT_FILES if not (path / name).is_file()]
+        files = [".metadata", *(f for f in _CHECKPOINT_FILES if f != "optimizer.pt")] if has_dcp_state(path) \
+            else _CHECKPOINT_FILES
+        missing = [name for name in files if not (path / name).is_file()]
         if not any((path / name).is_file() for name in ("config.json", adapters.ADAPTER_CONFIG)):
             missing.append("config.json (or adapter_config.json)")
         if not any(path.glob("*.safetensors")):

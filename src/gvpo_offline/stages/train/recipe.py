@@ -77,9 +77,11 @@ from gvpo_offline.stages.train.checkpoints import (
     _check_resume_config,
     append_metrics,
     checkpoint_dirs,
+    has_dcp_state,
     is_sharded_checkpoint,
     load_checkpoint,
     load_checkpoint_sharded,
+    load_master_checkpoint,
     load_single_into_sharded,
     remove_output,
     save_checkpoint,
@@ -188,15 +190,14 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     def setup(checkpoint: Path | None):
         # several processes: each rank builds the model and reads its own shards' rows (sliced_load.py), or
         # rank 0 reads it and broadcasts (rank0_load.py); a checkpoint's state is loaded after that. A
-        # checkpoint resumes on any number of processes (checkpoints.py): sharded (DCP) ones are resharded, a
-        # single-process one is read by rank 0 and broadcast into the shards. Sharded full fine-tuning: FSDP
-        # keeps fp32 shards and gathers them in weights_dtype for the forward.
+        # checkpoint resumes on any number of processes (checkpoints.py): DCP ones (sharded, or a one-process
+        # bf16 run's fp32 master weights) are resharded, another single-process one is read by rank 0 and
+        # broadcast into the shards. Sharded full fine-tuning: FSDP keeps fp32 shards (the master weights) and
+        # gathers them in weights_dtype for the forward.
         dtype = torch.float32 if ctx.enabled and cfg.lora is None else weights_dtype
         sharded_checkpoint = checkpoint is not None and is_sharded_checkpoint(checkpoint)
-        plain_checkpoint = None if checkpoint is None or sharded_checkpoint else checkpoint
-        if plain_checkpoint is not None and ctx.enabled and (plain_checkpoint / MASTER_WEIGHTS).is_file():
-            raise GvpoError(f"{plain_checkpoint}: a one-process run with {weights_dtype} weights (fp32 master "
-                            "weights beside them) resumes on one process only")
+        dcp_checkpoint = checkpoint is not None and has_dcp_state(checkpoint)
+        plain_checkpoint = None if checkpoint is None or sharded_checkpoint else checkpoint  # HF weights inside
 
         def build(on: torch.device, lora_from: Path | None):  # the run's model, unsharded (1 -> N resume)
             model = load_model(plain_checkpoint if plain_checkpoint and cfg.lora is None else init_path, on, dtype,
@@ -233,17 +234,16 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         # one process, trainable weights in bf16 (full fine-tuning): AdamW steps fp32 copies of them
         master = None if ctx.enabled or all(p.dtype == torch.float32 for p in params) else MasterWeights(params)
         if master is not None:
-            if sharded_checkpoint:
-                raise GvpoError(f"{checkpoint}: a sharded checkpoint resumes on one process with float32 weights "
-                                f"only, not {weights_dtype} (fp32 master weights)")
             params = master.master
-            if plain_checkpoint is not None:
+            if plain_checkpoint is not None and not dcp_checkpoint:  # an older checkpoint: master_weights.pt
                 master.load(torch.load(plain_checkpoint / MASTER_WEIGHTS, weights_only=True))
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
         if checkpoint is None:
             state = TrainState()
-        elif sharded_checkpoint:  # any number of processes now, one included
+        elif dcp_checkpoint and master is not None:  # one process in bf16: the fp32 masters by name, resharded
+            state = load_master_checkpoint(checkpoint, model, master, optimizer, scheduler)
+        elif dcp_checkpoint:  # any number of processes now, one included
             state = load_checkpoint_sharded(ctx, checkpoint, model, optimizer, scheduler)
         elif ctx.enabled:  # 1 -> N processes
             state = load_single_into_sharded(ctx, checkpoint, model, optimizer, scheduler,

@@ -174,8 +174,10 @@ def test_a_bf16_checkpoint_resumes_on_another_number_of_processes(runs, case, wr
     assert_same_state(state, final_state(same_size), ATOL)
     assert_same_state(state, final_state(writer), ATOL)
     assert not [w for w in runs["warnings"] if "torch.distributed" in w]  # DCP in one process: no warning printed
-    weights = load_file(run / "model" / "model.safetensors")  # the final model: the masters, in its dtype
-    assert all(torch.equal(w, state["model"][name].to(w.dtype)) for name, w in weights.items())
+    weights = load_file(run / "model" / "model.safetensors")  # the final model: the masters, in bf16
+    assert all(w.dtype == torch.bfloat16 and torch.equal(w, state["model"][name].to(w.dtype))
+               for name, w in weights.items())
+    assert json.loads((run / "model" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 @pytest.mark.slow

@@ -398,10 +398,11 @@ def has_frozen(model) -> bool:
     return any(not p.requires_grad for p in model.parameters())
 
 
-def full_state_dict(model) -> dict[str, Tensor] | None:
+def full_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, Tensor] | None:
     """The full (unsharded) state dict on CPU, gathered on every rank (a collective); None when the
     model is not sharded. With frozen parameters (a peft LoRA model) only the trainable ones: the
-    adapter, which ``PeftModel.save_pretrained(state_dict=...)`` writes."""
+    adapter, which ``PeftModel.save_pretrained(state_dict=...)`` writes. ``dtype``: floating tensors
+    cast to it (a bf16 run's shards are its fp32 master weights; its model folder is bf16)."""
     if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -411,6 +412,11 @@ def full_state_dict(model) -> dict[str, Tensor] | None:
     for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if tied in state and source in state:  # gathered as two copies: one tensor again, saved once by HF
             state[tied] = state[source]
+    if dtype is not None:
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+        for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+            if tied in state and source in state:
+                state[tied] = state[source]
     return state
 
 
@@ -487,17 +493,19 @@ def load_sharded(folder: Path, model, optimizer) -> None:
                    options=options)
 
 
-def fix_saved_architecture(folder: Path) -> None:
+def fix_saved_architecture(folder: Path, dtype: torch.dtype | None = None) -> None:
     """save_pretrained of an FSDP-wrapped model records its wrapper class (``FSDPLlamaForCausalLM``) as the
-    architecture; put back the model's own class name so the folder is an ordinary HF model."""
+    architecture, and the dtype of its fp32 shards; put back the model's own class name (and ``dtype``,
+    the weights' dtype) so the folder is an ordinary HF model."""
     import json
 
     path = Path(folder) / "config.json"
     if not path.is_file():  # a LoRA adapter folder: adapter_config.json names no architecture
         return
     config = json.loads(path.read_text())
-    names = config.get("architectures") or []
-    fixed = [n.removeprefix("FSDP") for n in names]
-    if fixed != names:
-        config["architectures"] = fixed
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    fixed = dict(config, architectures=[n.removeprefix("FSDP") for n in config.get("architectures") or []])
+    for key in ("dtype", "torch_dtype") if dtype is not None else ():
+        if key in config:
+            fixed[key] = str(dtype).removeprefix("torch.")
+    if fixed != config:
+        path.write_text(json.dumps(fixed, indent=2, sort_keys=True) + "\n")

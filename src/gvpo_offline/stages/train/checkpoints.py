@@ -279,15 +279,16 @@ def append_metrics(path: Path, record: dict) -> None:
 
 
 def save_final(workdir: Path, model, tokenizer, train_config: dict, state_dict: dict | None = None,
-               name: str = FINAL_MODEL) -> Path:
+               name: str = FINAL_MODEL, dtype: torch.dtype | None = None) -> Path:
     """WORKDIR/model/ (or WORKDIR/``name``/): the model (or LoRA adapter), tokenizer,
     generation_config.json, train_config.json and README.md card (modelcard), swapped in by rename.
-    ``state_dict``: the gathered full weights of a sharded model (distributed.full_state_dict)."""
+    ``state_dict``: the gathered full weights of a sharded model (distributed.full_state_dict), in
+    ``dtype`` (recorded in config.json)."""
     final = workdir / name
     with atomic_dir(final) as tmp:
         modelcard.write_model_folder(tmp, model, tokenizer, train_config, state_dict)
         if state_dict is not None:
-            distributed.fix_saved_architecture(tmp)
+            distributed.fix_saved_architecture(tmp, dtype)
     return final
 
 

@@ -383,12 +383,14 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         "loss_formula": OBJECTIVES[cfg.loss].formula,  # "loss" (the --loss name) comes with cfg
         **modelcard.provenance(manifest, init_path, base_name, groups.n_groups, groups.table.num_rows),
     }, base_name)
-    full_weights = distributed.full_state_dict(model)  # sharded: gathered on every rank (a collective)
+    # sharded: gathered on every rank (a collective); a full fine-tuning's fp32 shards saved in the weights dtype
+    saved_dtype = weights_dtype if cfg.lora is None else None
+    full_weights = distributed.full_state_dict(model, saved_dtype)
     model_dir = out / FINAL_MODEL
     if ctx.is_main:
         remove_output(out, MERGED_MODEL)  # an earlier run's merge never stays beside this run's model
         with write_errors_as_os_errors(out / FINAL_MODEL):
-            save_final(out, model, tokenizer, train_config, full_weights)
+            save_final(out, model, tokenizer, train_config, full_weights, dtype=saved_dtype)
     distributed.barrier(ctx)
     with distributed.together(ctx):  # rank 0 merges; its GvpoError (e.g. the base changed) stops every rank
         if cfg.merge and ctx.is_main:  # last: merging folds the LoRA layers into the base weights in place

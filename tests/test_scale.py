@@ -429,6 +429,34 @@ def test_hsdp_is_on_by_default_when_the_job_spans_nodes(monkeypatch):
         distributed.use_hsdp(four, "yes")
 
 
+def test_the_memory_plan_of_an_hsdp_run_shards_the_state_over_a_node_not_the_job(monkeypatch):
+    from gvpo_offline.model import distributed, rank0_load
+    from gvpo_offline.stages.train.dry_run import dry_run
+
+    params = sum(p.numel() for p in rank0_load.build_on_meta(STORIES, torch.float32).parameters())
+
+    def planned(**options):
+        cfg = TrainConfig(workdir=Path("unused"), beta=1, init_model=str(STORIES), device="cpu", **options)
+        return dry_run(cfg, lambda _m: None, processes=8, processes_per_node=2)
+
+    hsdp = planned()  # 4 nodes × 2: --hsdp auto is on, each node holds one sharded copy of the state
+    assert (hsdp.world_size, hsdp.shard_size) == (8, 2)
+    assert (hsdp.params_bytes, hsdp.grads_bytes, hsdp.optimizer_bytes) == (4 * -(-params // 2), 4 * -(-params // 2),
+                                                                           8 * -(-params // 2))
+    assert "(HSDP: sharded over each node's 2, replicated across nodes)" in hsdp.describe()
+    flat = planned(hsdp="off")  # before, every plan was this one (1/8 of the state), also for an HSDP run
+    assert flat.shard_size == 8 and flat.params_bytes == 4 * -(-params // 8) and "HSDP" not in flat.describe()
+    assert hsdp.per_rank_bytes - flat.per_rank_bytes == 16 * (-(-params // 2) - -(-params // 8))
+
+    # the plan train prints before loading: the launch's own HSDP choice (torchrun's LOCAL_WORLD_SIZE)
+    from gvpo_offline.stages.train.recipe import run_shape
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    four = distributed.Dist(rank=0, world_size=4, device=torch.device("cpu"))
+    assert run_shape(TrainConfig(workdir=Path("unused"), beta=1), four, torch.device("cpu"), 60).hsdp
+    assert not run_shape(TrainConfig(workdir=Path("unused"), beta=1, hsdp="off"), four, torch.device("cpu"), 60).hsdp
+
+
 def test_cpu_offload_is_refused_on_cpu_in_one_line(tmp_path):
     from gvpo_offline.model import distributed
     from gvpo_offline.model.loading import load_model

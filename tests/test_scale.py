@@ -386,6 +386,7 @@ def test_a_whole_hsdp_run_equals_one_process_and_resumes_on_hsdp_exactly(runs):
 
     hsdp, one, log = runs["hsdp"], runs["one"], runs["logs"]["four"]
     assert log.count("HSDP: 2×2 (nodes × processes per node)") == 2  # the run and its resumption
+    assert log.count("on 4 process(es) (HSDP: sharded over each node's 2, replicated across nodes)") == 2  # plans
     step2 = hsdp / "checkpoints" / "step-2"
     assert saved_world_size(step2) == 4 and {f"rng-{r}.pt" for r in range(4)} <= {p.name for p in step2.iterdir()}
     rows = load_file(STORIES / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].shape[0]

@@ -1,6 +1,7 @@
 """torchrun --nproc_per_node 2 with gloo on CPU: the sharded step's gradient (full and LoRA), precompute-ref,
 eval and a LoRA train run equal their single-process results; kill -9 of torchrun's process group ends its ranks
-at once without writing, and --resume then equals the uninterrupted 2-process run; an error on one rank stops every rank at once with the same one-line message.
+at once without writing, and --resume then equals the uninterrupted 2-process run; an error on one rank stops
+every rank at once with the same one-line message.
 
 Each launch is a real ``python -m torch.distributed.run --standalone`` (OMP_NUM_THREADS=1 per process, a
 60 s process-group timeout, and a subprocess timeout)."""
@@ -327,6 +328,7 @@ def test_kill_9_of_torchrun_ends_its_ranks_at_once_without_writing_and_resume_eq
     while any(_alive(r) for r in ranks):  # before: they trained on, writing checkpoints and model/
         assert time.monotonic() < deadline and time.time() < killed_at + 10, "a rank outlived its launcher by 10 s"
         time.sleep(0.05)
+    assert max(p.stat().st_mtime for p in killed.rglob("*")) < killed_at + 0.5  # nothing written after the kill
     while True:  # their workdir lock goes with their last thread
         try:
             with workdirs.lock(killed, "train"):
@@ -336,7 +338,6 @@ def test_kill_9_of_torchrun_ends_its_ranks_at_once_without_writing_and_resume_eq
             time.sleep(0.05)
     log.close()
     assert not (killed / "model").exists()
-    assert max(p.stat().st_mtime for p in killed.rglob("*")) < killed_at + 0.5  # nothing written after the kill
     saved = sorted((killed / "checkpoints").glob("step-*"))[-1]
     assert {"rng-0.pt", "rng-1.pt", ".metadata"} <= {p.name for p in saved.iterdir()}  # DCP shards + each rank's RNG
     assert len(_metrics(killed)) < STEPS, "the run finished before it could be killed"

@@ -1,16 +1,19 @@
 """Run as 2 "nodes" × 2 processes by test_scale.py (two ``torchrun --nnodes 2 --node_rank N --nproc_per_node 2``
 launches on localhost, so LOCAL_WORLD_SIZE=2 and WORLD_SIZE=4):
 
-    hsdp_worker.py OUT.pt STEP_CACHE MICRO_TOKENS
+    hsdp_worker.py OUT.pt STEP_CACHE MICRO_TOKENS [COMMANDS.json]
 
 One GVPO step of STEP_CACHE's train groups on an HSDP model (--hsdp auto: on, since the job spans 2 nodes):
 every rank computes its token-balanced share of the groups. Rank 0 saves the mesh's shape and names, each
-parameter's placements, the gathered full gradients and the step's loss to OUT.pt."""
+parameter's placements, the gathered full gradients and the step's loss to OUT.pt. Then, in the same launch,
+the gvpo-offline commands of COMMANDS.json (cli_worker.py), e.g. a whole ``train --hsdp on`` run."""
 
+import json
 import sys
 from pathlib import Path
 
 import torch
+from cli_worker import run_commands
 
 from gvpo_offline.model import distributed, rank0_load
 from gvpo_offline.stages.train.step import gvpo_backward, load_train_groups, make_batch
@@ -33,3 +36,7 @@ if ctx.is_main:
                 "mesh_names": weight.device_mesh.mesh_dim_names, "placements": [str(p) for p in weight.placements],
                 "local_rows": weight.to_local().shape[0], "grads": grads, "loss": stats.loss}, out)
 distributed.barrier(ctx)
+if len(sys.argv) > 4:
+    del model, weight, grads  # the commands load their own models
+    with open(sys.argv[4]) as f:
+        run_commands(ctx, json.load(f))

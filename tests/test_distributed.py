@@ -1,6 +1,7 @@
 """torchrun --nproc_per_node 2 with gloo on CPU: the sharded step's gradient (full and LoRA), precompute-ref,
-eval and a LoRA train run equal their single-process results; kill -9 of a 2-process run + --resume equals the
-uninterrupted 2-process run; an error on one rank stops every rank at once with the same one-line message.
+eval and a LoRA train run equal their single-process results; kill -9 of torchrun's process group ends its ranks
+at once without writing, and --resume then equals the uninterrupted 2-process run; an error on one rank stops
+every rank at once with the same one-line message.
 
 Each launch is a real ``python -m torch.distributed.run --standalone`` (OMP_NUM_THREADS=1 per process, a
 60 s process-group timeout, and a subprocess timeout)."""
@@ -43,7 +44,7 @@ from gvpo_offline.stages.train.recipe import train
 from gvpo_offline.stages.train.step import gvpo_backward, load_train_groups, make_batch, pack_groups
 
 MICRO_TOKENS = 60  # small enough that some groups are cut across micro-batches
-STEPS = 16
+STEPS = 8  # a checkpoint every 2 steps: the kill test stops the run after its first, with 6 steps to go
 TRAIN_ARGS = ["--beta", "1", "--lr", "1e-3", "--groups-per-step", "3", "--max-steps", STEPS, "--save-every", "2",
               "--micro-batch-tokens", MICRO_TOKENS, "--device", "cpu", "--seed", "1"]
 
@@ -281,6 +282,13 @@ def _metrics(workdir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("seconds", "time", "elapsed")} for r in rows]  # wall clock
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (Linux /proc)."""
     found = []
@@ -295,7 +303,8 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(launch, tmp_path):
+def test_kill_9_of_torchrun_ends_its_ranks_at_once_without_writing_and_resume_equals_the_uninterrupted_run(
+        launch, tmp_path):
     args = [str(a) for a in TRAIN_ARGS]
     straight, killed, single = launch["straight"], tmp_path / "killed", tmp_path / "single"
     for workdir in (killed, single):
@@ -313,10 +322,14 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
         time.sleep(0.01)
     ranks = _children(proc.pid)  # torchrun starts each rank in a session of its own
     assert len(ranks) == 2
-    for pid in [*ranks, proc.pid]:
-        os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun's process group: its ranks get no signal from this
     proc.wait()
-    while True:  # until the ranks are gone: their workdir lock goes with their last thread
+    while any(_alive(r) for r in ranks):  # before: they trained on, writing checkpoints and model/
+        assert time.monotonic() < deadline and time.time() < killed_at + 10, "a rank outlived its launcher by 10 s"
+        time.sleep(0.05)
+    assert max(p.stat().st_mtime for p in killed.rglob("*")) < killed_at + 0.5  # nothing written after the kill
+    while True:  # their workdir lock goes with their last thread
         try:
             with workdirs.lock(killed, "train"):
                 break
@@ -346,8 +359,8 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
     assert a.keys() == c.keys()
     for k in a:
         assert torch.allclose(a[k], c[k], rtol=0, atol=1e-4), k
-    # 16 AdamW steps at lr 1e-3 whose loss swings from 0.14 to 291: step 1 agrees to 4e-7, and the sums in
-    # another order drift to |Δloss| 2.5e-5 on a loss of 0.198 at step 10 (seen since the LM head's own backward)
+    # AdamW steps at lr 1e-3 whose loss swings by orders of magnitude: step 1 agrees to 4e-7, and the sums in
+    # another order drift (|Δloss| 2.5e-5 on a loss of 0.198 was seen at step 10 of a 16-step run)
     for x, y in zip(_metrics(straight), _metrics(single)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-4)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=5e-4)
@@ -356,7 +369,12 @@ def test_kill_9_of_a_two_process_run_then_resume_equals_the_uninterrupted_run(la
 # ---- an error on one rank only: every rank stops at once, with the same message -------------------------
 
 
-def two_ranks(*args, limit: float = 90) -> tuple[list[tuple[int, str]], float]:
+# well under the ranks' 300 s process-group timeout, well over their start-up (up to 70 s was seen on the shared
+# 2-core test machine: torch's import and the model's load, twice at once)
+PATIENCE = 200
+
+
+def two_ranks(*args, limit: float = PATIENCE) -> tuple[list[tuple[int, str]], float]:
     """``gvpo-offline *args`` as 2 ranks with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT; a
     300 s process-group timeout), each a process of its own. torchrun would SIGTERM the other ranks as soon as
     one exits (hiding a rank that waits; on other nodes nobody does), so here nothing ends a rank before
@@ -424,7 +442,7 @@ def test_a_non_finite_loss_on_one_rank_stops_both_ranks_at_once_with_its_message
     assert line.startswith("error: step 1 (epoch 0): ")
 
     results, seconds = two_ranks(*args)
-    assert seconds < 60  # not the 300 s process-group timeout
+    assert seconds < PATIENCE  # not the 300 s process-group timeout
     # both ranks: rank 1's message, one line, and the exit code of the 1-process run
     assert _outcomes(results) == [(2, [line.replace("error: ", "error: rank 1: ", 1)])] * 2, results
     assert not (workdir / "model").exists() and not (workdir / "checkpoints").exists()
@@ -450,7 +468,7 @@ def test_eval_refused_by_rank_0_s_locks_stops_the_other_rank_too(tmp_path, run_c
         assert one.code == 2 and "is using this workdir" in one.err
         line = one.err.strip().splitlines()[-1]
         results, seconds = two_ranks(*args)
-    assert seconds < 60
+    assert seconds < PATIENCE
     assert _outcomes(results) == [(2, [line.replace("error: ", "error: rank 0: ", 1)])] * 2, results
 
 

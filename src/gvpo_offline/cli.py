@@ -205,7 +205,7 @@ def train_cmd(
     base_dtype: Annotated[Optional[str], typer.Option("--base-dtype", metavar="TEXT", help="With --lora-r: the frozen base weights' dtype, float32 or bfloat16; it must be the cache's weights dtype (precompute-ref --dtype), the default. The adapter and its optimizer state stay float32.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan (from config.json: no weight read, nothing written) and whether it fits, then exit. The model: --init-model (a folder with only a config.json will do) or WORKDIR's reference.")] = False,
     plan_processes: Annotated[Optional[int], typer.Option("--plan-processes", metavar="INT", help="With --dry-run: plan for a launch of this many processes (GPUs) in all [default: this launch's].", show_default=False)] = None,
-    plan_processes_per_node: Annotated[Optional[int], typer.Option("--plan-processes-per-node", metavar="INT", help="With --dry-run on CPU: processes sharing one machine's RAM [default: all].", show_default=False)] = None,
+    plan_processes_per_node: Annotated[Optional[int], typer.Option("--plan-processes-per-node", metavar="INT", help="With --dry-run: processes per node (machine): on CPU they share its RAM; fewer than --plan-processes plans the several nodes' HSDP run (--hsdp auto), each node holding the whole training state [default: all].", show_default=False)] = None,
     plan_gpu_memory: Annotated[Optional[float], typer.Option("--plan-gpu-memory", metavar="GIB", help="With --dry-run: plan for GPUs with this many GiB free each, instead of this machine's device.", show_default=False)] = None,
 ) -> None:
     """Train the policy with GVPO (or --loss) on the cached train split; the final model goes to WORKDIR/model/.

@@ -323,14 +323,18 @@ def nodes(ctx: Dist) -> tuple[int, int]:
 
 def use_hsdp(ctx: Dist, mode: str) -> bool:
     """``--hsdp``: on, off, or auto = on when the job spans several nodes (LOCAL_WORLD_SIZE < WORLD_SIZE)."""
+    return hsdp_for(mode, ctx.world_size if ctx.enabled else 1, nodes(ctx)[1])
+
+
+def hsdp_for(mode: str, world_size: int, per_node: int) -> bool:
+    """:func:`use_hsdp` for a launch of ``world_size`` processes, ``per_node`` on each node (also for a plan)."""
     if mode not in HSDP_CHOICES:
         raise GvpoError(f"--hsdp must be one of {', '.join(HSDP_CHOICES)}, got {mode!r}")
-    if not ctx.enabled or mode == "off":
+    if world_size <= 1 or mode == "off":
         return False
-    n_nodes, local = nodes(ctx)
-    if mode == "on" and ctx.world_size % local:
-        raise GvpoError(f"--hsdp on: {ctx.world_size} processes are not whole nodes of LOCAL_WORLD_SIZE={local}")
-    return mode == "on" or n_nodes > 1
+    if mode == "on" and world_size % per_node:
+        raise GvpoError(f"--hsdp on: {world_size} processes are not whole nodes of LOCAL_WORLD_SIZE={per_node}")
+    return mode == "on" or (world_size % per_node == 0 and world_size > per_node)
 
 
 def device_mesh(ctx: Dist, hsdp: bool = False):

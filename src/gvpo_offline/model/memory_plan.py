@@ -81,6 +81,7 @@ class MemoryPlan:
     activation_bytes: int = 0  # the largest micro-batch's activations (estimate)
     loading_bytes: int = 0  # one tensor in flight while loading (sliced loading)
     on_gpu: bool = False
+    shard_size: int = 0  # the processes the state is sharded over: HSDP's processes per node; 0: all of them
 
     @property
     def per_rank_bytes(self) -> int:
@@ -109,7 +110,9 @@ class MemoryPlan:
                        f"{self.loading_bytes / GIB:.2f} GiB)")
         else:
             loading = ""
-        return (f"memory plan: {self.params / 1e6:,.1f}M trainable parameters on {self.world_size} process(es): per process "
+        hsdp = (f" (HSDP: sharded over each node's {self.shard_size}, replicated across nodes)"
+                if self.shard_size and self.shard_size != self.world_size else "")
+        return (f"memory plan: {self.params / 1e6:,.1f}M trainable parameters on {self.world_size} process(es){hsdp}: per process "
                 f"weights {self.params_bytes / GIB:.2f} GiB + gradients {self.grads_bytes / GIB:.2f} GiB + AdamW "
                 f"state {self.optimizer_bytes / GIB:.2f} GiB + gathered by FSDP "
                 f"{self.gathered_layer_bytes / GIB:.2f} GiB + activations {self.activation_bytes / GIB:.2f} GiB = "
@@ -141,22 +144,25 @@ def activation_bytes(shape: ModelShape, micro_batch_tokens: int, logits_chunk_to
 def plan_for(params: int, layer_params: int, world_size: int, on_gpu: bool, device: str = "",
              capacity_bytes: int | None = None, frozen_bytes: int = 0, *, rank0_reads_all: bool = False,
              activations: int = 0, largest_tensor_bytes: int = 0, root_params: int = 0,
-             layer_trainable: int | None = None) -> MemoryPlan:
+             layer_trainable: int | None = None, shard_size: int | None = None) -> MemoryPlan:
     """:class:`MemoryPlan` from parameter counts: fp32 weights + grads (4 + 4 B) and AdamW (8 B) per
     trainable parameter, each rank holding 1/world_size; under FSDP the root's ``root_params`` and two
     decoder layers are gathered at a time (bf16 on GPU, fp32 on CPU), and one layer's gradient
     (``layer_trainable`` parameters, default all of ``layer_params``) waits unsharded in fp32. ``frozen_bytes``: weights without gradients (a LoRA base), in the weights;
     FSDP shards them too (1/world_size each). ``rank0_reads_all``: rank 0 reads the whole model (fp32
     trainable weights + frozen ones) into CPU RAM before sharding (rank0_load.py); otherwise each rank reads
-    its own rows, ``largest_tensor_bytes`` at a time. ``activations``: :func:`activation_bytes`."""
-    share = -(-params // world_size)
-    frozen_share = -(-frozen_bytes // world_size)
+    its own rows, ``largest_tensor_bytes`` at a time. ``activations``: :func:`activation_bytes`.
+    ``shard_size``: under HSDP the processes of one node, over which the state is sharded (each node holds a
+    whole copy); default all ``world_size``."""
+    shard = shard_size or world_size
+    share = -(-params // shard)
+    frozen_share = -(-frozen_bytes // shard)
     trainable = layer_params if layer_trainable is None else layer_trainable
     gathered = 0 if world_size == 1 else (root_params + 2 * layer_params) * (2 if on_gpu else 4) + 4 * trainable
     rank0_load = 4 * params + frozen_bytes if world_size > 1 and rank0_reads_all else 0
     in_flight = largest_tensor_bytes if world_size > 1 else 0
     return MemoryPlan(params, world_size, 4 * share + frozen_share, 4 * share, 8 * share, gathered, device,
-                      capacity_bytes, rank0_load, activations, in_flight, on_gpu)
+                      capacity_bytes, rank0_load, activations, in_flight, on_gpu, shard)
 
 
 def capacity(device: torch.device, cpu_offload: bool, local_world_size: int) -> tuple[int | None, str]:
@@ -192,6 +198,7 @@ class RunShape:
     micro_batch_tokens: int = 2048
     logits_chunk_tokens: int | None = None  # None: logprobs.logits_chunk_for(vocab)
     gradient_checkpointing: bool = False
+    hsdp: bool = False  # the state sharded over each node's local_world_size processes, not over all of them
 
 
 def plan_from_config(path: str | Path, dtype: torch.dtype, lora, run: RunShape, trust_remote_code: bool = False,
@@ -227,7 +234,8 @@ def plan_from_config(path: str | Path, dtype: torch.dtype, lora, run: RunShape, 
     return plan_for(shape.params, shape.layer_params, run.world_size, run.on_gpu, where or "", capacity_bytes,
                     shape.frozen_bytes, rank0_reads_all=not sliced, activations=activations,
                     largest_tensor_bytes=shape.largest_tensor_bytes, root_params=shape.root_params,
-                    layer_trainable=shape.layer_trainable)
+                    layer_trainable=shape.layer_trainable,
+                    shard_size=run.local_world_size if run.hsdp else run.world_size)
 
 
 def _sliced_ok(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> bool:

@@ -409,11 +409,13 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
 
 def run_shape(cfg: TrainConfig, ctx: distributed.Dist, device: torch.device, micro_batch_tokens: int,
               world_size: int | None = None, local_world_size: int | None = None) -> memory_plan.RunShape:
-    """What the memory plan needs of this run's settings (``world_size``: this launch's unless given)."""
+    """What the memory plan needs of this run's settings (``world_size``: this launch's unless given; HSDP
+    as ``--hsdp`` chooses it for that many processes, ``local_world_size`` per node)."""
     world = world_size or ctx.world_size
     local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return memory_plan.RunShape(world, local, device.type == "cuda", cfg.cpu_offload, micro_batch_tokens,
-                                cfg.logits_chunk_tokens, cfg.gradient_checkpointing)
+                                cfg.logits_chunk_tokens, cfg.gradient_checkpointing,
+                                distributed.hsdp_for(cfg.hsdp, world, local))
 
 
 def _quiet(_message: str) -> None:

@@ -258,8 +258,15 @@ def test_fused_adamw_steps_the_weights_of_torchs_default_adamw():
         assert moved > 1e-4, name  # the steps changed every weight tensor
         rounding = 4 * torch.finfo(torch.float32).eps * old[name].abs().max().item()  # a few float32 ulps
         assert (new[name] - old[name]).abs().max().item() <= rounding, name
-    # sharded (DTensor) parameters keep torch's default
-    assert adamw(list(tiny_llama().parameters()), 1e-3, 0.0, sharded=True).param_groups[0]["fused"] in (None, False)
+    # sharded (DTensor) parameters keep torch's default, also after loading a fused run's state
+    from gvpo_offline.stages.train.optimizer import keep_implementation
+
+    sharded = adamw(list(tiny_llama().parameters()), 1e-3, 0.0, sharded=True)
+    sharded.load_state_dict(fused.state_dict())
+    assert sharded.param_groups[0]["fused"] is True  # what torch's load_state_dict brings
+    keep_implementation(sharded)
+    assert sharded.param_groups[0]["fused"] in (None, False)
+    assert torch.equal(sharded.state_dict()["state"][0]["exp_avg"], fused.state_dict()["state"][0]["exp_avg"])
 
 
 def test_train_uses_fused_adamw_and_frees_gradients_before_a_checkpoint(workdir, monkeypatch):

@@ -12,7 +12,9 @@ torch ≥ 2.4 has the fused kernel for CPU and CUDA, float32/bfloat16/float16.
 Where: one process (CPU or CUDA). Sharded runs (FSDP's DTensor parameters under torchrun) keep torch's
 default: the fused kernel over DTensors is not exercised by this project's tests. The optimizer state
 (``exp_avg``, ``exp_avg_sq``, ``step``) has the same layout either way, so checkpoints resume across
-the two; a checkpoint's param_groups carry its ``fused`` flag, and resuming keeps the flag it was saved with.
+the two. A checkpoint's param_groups carry the ``fused``/``foreach`` flags of the run that saved it;
+:func:`keep_implementation` puts back the ones this run chose (a one-process checkpoint resumed sharded
+must not bring ``fused=True`` to DTensors).
 """
 
 from __future__ import annotations
@@ -36,3 +38,12 @@ def adamw(params: list[Tensor], lr: float, weight_decay: float, sharded: bool) -
     when :func:`can_fuse`, torch's default otherwise (``sharded``: FSDP runs)."""
     fused = not sharded and bool(params) and can_fuse(params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """After a checkpoint's state was loaded into ``optimizer``: step with the implementation it was built
+    with (its ``defaults``), not the one the checkpoint's param_groups brought."""
+    for group in optimizer.param_groups:
+        for flag in ("fused", "foreach"):
+            if flag in optimizer.defaults:
+                group[flag] = optimizer.defaults[flag]

@@ -97,7 +97,7 @@ from gvpo_offline.stages.train.checks import (
 )
 from gvpo_offline.stages.train.config import TrainConfig, TrainResult
 from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights
-from gvpo_offline.stages.train.optimizer import adamw
+from gvpo_offline.stages.train.optimizer import adamw, keep_implementation
 from gvpo_offline.stages.train.report import describe_step, setting_line, summary_line
 from gvpo_offline.stages.train.step import (
     NonFiniteError,
@@ -251,6 +251,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                                              lambda: build(torch.device("cpu"), checkpoint))
         else:
             state = load_checkpoint(checkpoint, optimizer, scheduler)
+        keep_implementation(optimizer)  # not the saving run's fused/foreach flags
         return model, params, optimizer, scheduler, state, master
 
     # the memory plan, from config.json before any weight is read: a run that cannot fit stops here

@@ -16,7 +16,9 @@ steps of gvpo_backward + clipping + AdamW, in a fresh spawned process per varian
         right after the step (what recipe.py does now)
 Printed per variant: VmRSS before the first step (model loaded, imports done), peak RSS (ru_maxrss), the
 rise (peak − before), CPU seconds per step; and new / old for each; and the largest difference between
-the two variants' weights after the steps, in float32 ulps of the weights (the same steps to rounding).
+the two variants' weights (saved after the peak is read), after the --steps steps and, from one more
+fresh process per variant, after one step (the same gradients into both AdamWs), in float32 ulps of
+the tensor's largest weight and as a fraction of its largest change.
 
 --pipeline: vs_trl.run_ours (precompute-ref, then one epoch of train on 8 groups, one process: what
 benchmarks/vs_trl.py measures) with the package at --old-rev (extracted with git archive) and with
@@ -83,7 +85,7 @@ def train_steps(model_path: str, variant: str, args: dict, weights_out: str) -> 
     else:
         optimizer = adamw(params, args["lr"], 0.0, sharded=False)
     batches = synthetic_batches(args["steps"], args["k"], args["prompt_min"], args["prompt_max"])
-    before, cpu0, first = rss_mb(), cpu_seconds(), None
+    before, cpu0 = rss_mb(), cpu_seconds()
     for batch in batches:
         if variant == "old":
             optimizer.zero_grad(set_to_none=True)  # freed at the start of the next step
@@ -92,12 +94,9 @@ def train_steps(model_path: str, variant: str, args: dict, weights_out: str) -> 
         optimizer.step()
         if variant == "new":
             optimizer.zero_grad(set_to_none=True)  # freed right after the step
-        if first is None:  # after the first step: the same gradients went into both variants' AdamW
-            first = {n: p.detach().clone() for n, p in model.named_parameters()}
     cpu = (cpu_seconds() - cpu0) / len(batches)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, weights_out)
-    save_file(first, weights_out.replace(".safetensors", "-step1.safetensors"))
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, weights_out)  # after the peak
     return {"before_mb": before, "peak_mb": peak, "rise_mb": peak - before, "cpu_s_per_step": cpu,
             "fused": bool(optimizer.param_groups[0]["fused"])}
 
@@ -168,6 +167,8 @@ def main() -> None:
               f"parameters), fp32, {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}", flush=True)
         step = {v: spawn(train_steps, str(tmp / "model"), v, settings, str(tmp / f"{v}.safetensors"))
                 for v in ("old", "new")}
+        for v in ("old", "new"):  # one step only: the same gradients go into both variants' AdamW
+            spawn(train_steps, str(tmp / "model"), v, {**settings, "steps": 1}, str(tmp / f"{v}-step1.safetensors"))
         start = tmp / "model" / "model.safetensors"
         diff = {name: weight_difference(tmp / f"old{name}.safetensors", tmp / f"new{name}.safetensors", start)
                 for name in ("-step1", "")}

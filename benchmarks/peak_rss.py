@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from vs_trl import FULL, cpu_seconds, make_model, rss_mb, write_groups  # noqa: E402
+from vs_trl import FULL, cpu_seconds, make_model, rss_mb, write_groups
 
 
 def synthetic_batches(steps: int, k: int, prompt_min: int, prompt_max: int, seed: int = 0) -> list:

@@ -60,7 +60,7 @@ def test_small_setting_runs_and_reports_every_row(tmp_path):
 
 def test_table_and_verdict_read_the_ratios_off_the_rows():
     bench = load_benchmark()
-    row = lambda tool, tokens, epoch, mb, base: {"k": 4, "tool": tool, "tokens": tokens, "epoch": epoch,  # noqa: E731
+    row = lambda tool, tokens, epoch, mb, base: {"k": 4, "tool": tool, "tokens": tokens, "epoch": epoch,
                                                "tokens_per_cpu_s": tokens / epoch, "precompute": epoch / 4,
                                                "train": epoch * 3 / 4, "steps": 8, "peak_mb": mb, "base_mb": base,
                                                "rise_mb": mb - base}

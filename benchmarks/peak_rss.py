@@ -23,6 +23,10 @@ the tensor's largest weight and as a fraction of its largest change.
 --pipeline: vs_trl.run_ours (precompute-ref, then one epoch of train on 8 groups, one process: what
 benchmarks/vs_trl.py measures) with the package at --old-rev (extracted with git archive) and with
 this working tree's src/, each in a fresh process: peak RSS and its rise above the post-import VmRSS.
+--timeline: where the peak goes. vs_trl.run_ours' work with this working tree in a fresh process, printing
+VmRSS and VmHWM (the peak so far) at each stage boundary: after the imports, after precompute-ref, around
+train's model load and its first gvpo_backward and AdamW steps; then, in another fresh process, the VmRSS
+that importing alone the modules precompute-ref imported (transformers' model loading) adds.
 Not a test: tests/test_train.py checks the weights of fused against default AdamW.
 """
 
@@ -131,6 +135,94 @@ def pipeline(src: Path, model: Path, data: Path, workdir: Path, threads: int) ->
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
+def status_mb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process, MB."""
+    with open("/proc/self/status") as f:
+        values = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in f if line.startswith(("VmRSS", "VmHWM"))}
+    return values["VmRSS"], values["VmHWM"]
+
+
+def timeline(model: str, data: str, workdir: str, threads: int, modules_out: str) -> None:
+    """In a fresh process: run_ours' precompute-ref + train, printing VmRSS/VmHWM at each stage boundary."""
+    import io
+
+    import datasets  # noqa: F401 - the imports run_ours makes before its clock
+    import torch
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    from gvpo_offline.data import DataConfig
+    from gvpo_offline.data.tokenize import TokenizeConfig
+    from gvpo_offline.stages import reference
+    from gvpo_offline.stages.train import recipe
+    from gvpo_offline.stages.train.config import TrainConfig
+
+    def mark(label: str) -> None:
+        rss, hwm = status_mb()
+        print(f"  {label:<40} VmRSS {rss:7.0f} MB   VmHWM {hwm:7.0f} MB", flush=True)
+
+    def around(module, name: str, times: int) -> None:
+        inner, seen = getattr(module, name), [0]
+
+        def wrapped(*args, **kw):
+            if seen[0] >= times:
+                return inner(*args, **kw)
+            mark(f"> {name} {seen[0] + 1}")
+            out = inner(*args, **kw)
+            mark(f"< {name} {seen[0] + 1}")
+            seen[0] += 1
+            return out
+        setattr(module, name, wrapped)
+
+    torch.set_num_threads(threads)
+    mark("after imports")
+    before = set(sys.modules)
+    reference.precompute(reference.PrecomputeConfig(
+        data=DataConfig((data,), "grouped"), model=model, workdir=Path(workdir), eval_fraction=0.0,
+        tokenize=TokenizeConfig(max_length=2048, max_prompt_length=1536), batch_tokens=2048, device="cpu",
+        progress=False), Console(file=io.StringIO()))
+    mark("after precompute-ref")
+    Path(modules_out).write_text("\n".join(sorted(set(sys.modules) - before)))
+    around(recipe, "load_model", 1)
+    around(recipe, "gvpo_backward", 2)
+    step = torch.optim.AdamW.step
+    count = [0]
+
+    def adamw_step(self, *args, **kw):
+        count[0] += 1
+        if count[0] > 2:
+            return step(self, *args, **kw)
+        mark(f"> AdamW step {count[0]}")
+        out = step(self, *args, **kw)
+        mark(f"< AdamW step {count[0]}")
+        return out
+    torch.optim.AdamW.step = adamw_step
+    recipe.train(TrainConfig(workdir=Path(workdir), beta=0.1, groups_per_step=1, micro_batch_tokens=2048,
+                             save_every=0, progress=False, device="cpu", epochs=1), log=lambda _m: None)
+    mark("after train (peak = VmHWM)")
+
+
+def import_cost(modules_file: str) -> tuple[float, int]:
+    """In a fresh process, after run_ours' imports: the VmRSS that importing the listed modules adds (MB)."""
+    import importlib
+
+    import datasets  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    from gvpo_offline.stages import reference  # noqa: F401
+    from gvpo_offline.stages.train import recipe  # noqa: F401
+
+    names = Path(modules_file).read_text().split()
+    before = status_mb()[0]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module that only imports in its own context: skipped
+            pass
+    return status_mb()[0] - before, len(names)
+
+
 def ratio_rows(rows: list[tuple[str, dict, dict]]) -> list[str]:
     lines = ["| measure | old | new | new / old |", "|---|---|---|---|"]
     for name, old, new in rows:
@@ -153,6 +245,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="a tiny model (vocabulary 1,000): seconds, to check it runs")
     parser.add_argument("--pipeline", action="store_true", help="also precompute + one epoch, --old-rev against now")
+    parser.add_argument("--timeline", action="store_true", help="only: VmRSS at each stage of precompute + train")
     parser.add_argument("--old-rev", default="59b08a1", help="the git revision whose src/ is 'old' in --pipeline")
     args = parser.parse_args()
     shape = dict(FULL, hidden=64, layers=1, intermediate=128, vocab=1000) if args.small else FULL
@@ -165,6 +258,22 @@ def main() -> None:
         n = make_model(tmp / "model", shape["hidden"], shape["layers"], shape["intermediate"], shape["vocab"])
         print(f"{started}: Llama d={shape['hidden']} L={shape['layers']} V={shape['vocab']:,} ({n / 1e6:.1f}M "
               f"parameters), fp32, {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}", flush=True)
+        if args.timeline:
+            from transformers import AutoTokenizer
+
+            data = tmp / "data.jsonl"
+            groups = 2 if args.small else 8
+            write_groups(data, AutoTokenizer.from_pretrained(tmp / "model"), groups, args.k,
+                         args.prompt_min, args.prompt_max, 5 if args.small else 60)
+            print(f"precompute-ref + one epoch of train, {groups} groups of k = {args.k}, this working tree:")
+            spawn(timeline, str(tmp / "model"), str(data), str(tmp / "workdir"), args.threads, str(tmp / "modules"))
+            added, count = spawn(import_cost, str(tmp / "modules"))
+            from collections import Counter
+
+            packages = Counter(".".join(m.split(".")[:2]) for m in (tmp / "modules").read_text().split())
+            print(f"the {count} modules precompute-ref imported, imported alone after the same imports: "
+                  f"+{added:.0f} MB VmRSS; most: " + ", ".join(f"{p} ({n})" for p, n in packages.most_common(8)))
+            return
         step = {v: spawn(train_steps, str(tmp / "model"), v, settings, str(tmp / f"{v}.safetensors"))
                 for v in ("old", "new")}
         for v in ("old", "new"):  # one step only: the same gradients go into both variants' AdamW

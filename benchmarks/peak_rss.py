@@ -204,6 +204,7 @@ def timeline(model: str, data: str, workdir: str, threads: int, modules_out: str
 
 def import_cost(modules_file: str) -> tuple[float, int]:
     """In a fresh process, after run_ours' imports: the VmRSS that importing the listed modules adds (MB)."""
+    import contextlib
     import importlib
 
     import datasets  # noqa: F401
@@ -216,10 +217,8 @@ def import_cost(modules_file: str) -> tuple[float, int]:
     names = Path(modules_file).read_text().split()
     before = status_mb()[0]
     for name in names:
-        try:
+        with contextlib.suppress(Exception):  # a module that only imports in its own context: skipped
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a module that only imports in its own context: skipped
-            pass
     return status_mb()[0] - before, len(names)
 
 

@@ -3,6 +3,7 @@
     pip install -e '.[bench]'          # TRL, only for this benchmark
     python benchmarks/vs_trl.py                 # the full comparison: k = 4 and 8, ~10-20 CPU minutes
     python benchmarks/vs_trl.py --small         # smoke setting: a tiny model and 2 groups, seconds
+    python benchmarks/vs_trl.py --ks 4 --pairs best-vs-worst   # TRL on best-vs-worst pairs only: minutes
 
 The same G groups of k scored text responses go to both tools, for each k in --ks. DPO takes pairs only, so
 it is run twice per k, on what a user would have to feed it for k > 2:

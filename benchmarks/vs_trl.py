@@ -3,6 +3,7 @@
     pip install -e '.[bench]'          # TRL, only for this benchmark
     python benchmarks/vs_trl.py                 # the full comparison: k = 4 and 8, ~10-20 CPU minutes
     python benchmarks/vs_trl.py --small         # smoke setting: a tiny model and 2 groups, seconds
+    python benchmarks/vs_trl.py --ks 4 --pairs best-vs-worst   # TRL on best-vs-worst pairs only: minutes
 
 The same G groups of k scored text responses go to both tools, for each k in --ks. DPO takes pairs only, so
 it is run twice per k, on what a user would have to feed it for k > 2:
@@ -22,11 +23,14 @@ temp folder; both sides load it from there, float32 on CPU, --threads threads.
 Measured per tool in a fresh spawned process, after its imports: CPU seconds (user + system of that
 process, from getrusage: the machine is shared, so wall time is not the measure) of precompute (TRL: the
 DPOTrainer constructor, which tokenizes and precomputes) and of the training epoch; peak RSS (ru_maxrss of
-the process, imports included). Tokens: the non-padding tokens each tool runs through the model in one pass
+the process, imports included) and the RSS rise: that peak minus the process's VmRSS just before the clock
+starts (after its imports: what the tool's own work adds, apart from the ~0.35-0.45 GB that importing torch,
+transformers and datasets holds in both). Tokens: the non-padding tokens each tool runs through the model in one pass
 over its input, counted with the tokenizer: gvpo-offline the prompt once plus every response per group,
 TRL prompt + chosen and prompt + rejected per pair. tokens per CPU-second = those tokens / one-epoch
 (precompute + train) CPU seconds, each tool's own tokens: it says how fast each computes a token, apart
-from how many tokens it needs. Not a test (tests/test_benchmarks_vs_trl.py smoke-runs --small only).
+from how many tokens it needs. --pairs picks TRL's runs: both (default), all or best-vs-worst (the
+all-pairs runs take ~20 CPU minutes at k = 8, and TRL's per-token rate is the same either way). Not a test (tests/test_benchmarks_vs_trl.py smoke-runs --small only).
 """
 
 from __future__ import annotations
@@ -117,6 +121,21 @@ def make_model(path: Path, hidden: int, layers: int, intermediate: int, vocab: i
     return sum(p.numel() for p in model.parameters())
 
 
+def rss_mb() -> float:
+    """This process's resident set now (VmRSS), in MB; its peak (ru_maxrss) where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory(base_mb: float) -> dict:
+    """Peak RSS (ru_maxrss, imports included) and its rise above ``base_mb`` (VmRSS after the imports), MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_mb": peak, "base_mb": base_mb, "rise_mb": peak - base_mb}
+
+
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process so far (all its threads)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -136,6 +155,7 @@ def run_ours(model: str, data: str, workdir: str, step_groups: int, threads: int
     from gvpo_offline.stages.train.recipe import train
 
     torch.set_num_threads(threads)
+    base = rss_mb()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     reference.precompute(reference.PrecomputeConfig(
         data=DataConfig((data,), "grouped"), model=model, workdir=Path(workdir), eval_fraction=0.0,
@@ -147,8 +167,7 @@ def run_ours(model: str, data: str, workdir: str, step_groups: int, threads: int
                       save_every=0, progress=False, device="cpu", epochs=1), log=lambda _m: None)
     steps = len((Path(workdir) / "metrics.jsonl").read_text().splitlines())
     return {"precompute": cpu1 - cpu0, "train": cpu_seconds() - cpu1, "steps": steps,
-            "wall": time.perf_counter() - wall0,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "wall": time.perf_counter() - wall0, **memory(base)}
 
 
 def run_trl(model: str, pairs: list[dict], workdir: str, threads: int) -> dict:
@@ -164,6 +183,7 @@ def run_trl(model: str, pairs: list[dict], workdir: str, threads: int) -> dict:
     longest = max(len(tokenizer(p["prompt"] + " " + max(p["chosen"], p["rejected"], key=len))["input_ids"])
                   for p in pairs)
     batch = max(1, 2048 // (2 * longest))  # padded tokens per step within our per-pass budget
+    base = rss_mb()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     args = DPOConfig(
@@ -176,24 +196,34 @@ def run_trl(model: str, pairs: list[dict], workdir: str, threads: int) -> dict:
     cpu1 = cpu_seconds()
     out = trainer.train()
     return {"precompute": cpu1 - cpu0, "train": cpu_seconds() - cpu1, "steps": out.global_step, "batch": batch,
-            "wall": time.perf_counter() - wall0,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "wall": time.perf_counter() - wall0, **memory(base)}
+
+
+def rise_ratio(ours: dict, theirs: dict) -> float | None:
+    """Our RSS rise over TRL's, or None for rows saved before the rise was measured."""
+    if ours.get("rise_mb") is None or theirs.get("rise_mb") is None:
+        return None
+    return ours["rise_mb"] / theirs["rise_mb"]
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table: one row per (k, tool), ratios against gvpo-offline at the same k."""
+    """The markdown table: one row per (k, tool), ratios against gvpo-offline at the same k. Rows saved by
+    an earlier version (no RSS rise) show — in the rise columns."""
     lines = [("| k | tool (pairs) | tokens | tokens per CPU-s | precompute CPU s | train CPU s (steps) | one-epoch CPU s "
-              "| peak RSS MB | tokens per CPU-s, ours / TRL | one-epoch CPU s, TRL / ours | peak RSS, ours / TRL |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| peak RSS MB | RSS rise MB (base) | tokens per CPU-s, ours / TRL | one-epoch CPU s, TRL / ours "
+              "| peak RSS, ours / TRL | RSS rise, ours / TRL |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = next(o for o in rows if o["k"] == r["k"] and o["tool"] == "gvpo-offline")
         is_ours = r is ours
+        rise = "—" if r.get("rise_mb") is None else f"{r['rise_mb']:,.0f} ({r['base_mb']:,.0f})"
+        ratio = rise_ratio(ours, r)
         lines.append(
             f"| {r['k']} | {r['tool']} | {r['tokens']:,} | {r['tokens_per_cpu_s']:,.0f} | {r['precompute']:.1f} "
-            f"| {r['train']:.1f} ({r['steps']}) | {r['epoch']:.1f} | {r['peak_mb']:,.0f} | "
-            + ("— | — | — |" if is_ours else
+            f"| {r['train']:.1f} ({r['steps']}) | {r['epoch']:.1f} | {r['peak_mb']:,.0f} | {rise} | "
+            + ("— | — | — | — |" if is_ours else
                f"**{ours['tokens_per_cpu_s'] / r['tokens_per_cpu_s']:.2f}×** | **{r['epoch'] / ours['epoch']:.2f}×** "
-               f"| **{ours['peak_mb'] / r['peak_mb']:.2f}×** |"))
+               f"| **{ours['peak_mb'] / r['peak_mb']:.2f}×** | " + ("— |" if ratio is None else f"**{ratio:.2f}×** |")))
     return "\n".join(lines)
 
 
@@ -208,6 +238,9 @@ def verdict(rows: list[dict]) -> list[str]:
         rss = ours["peak_mb"] / r["peak_mb"]
         line = (f"k = {r['k']}, {r['tool']}: per token {per_token:.2f}× ({'met' if per_token >= 4 else 'NOT met'}: ≥ 4×), "
                 f"peak RSS {rss:.2f}× ({'met' if rss <= 0.3 else 'NOT met'}: ≤ 0.3×)")
+        rise = rise_ratio(ours, r)
+        if rise is not None:
+            line += f", RSS rise above the imports {rise:.2f}×"
         if r["k"] == 4 and "best-vs-worst" in r["tool"]:
             epoch = r["epoch"] / ours["epoch"]
             line += f", one-epoch time {epoch:.2f}× ({'met' if epoch >= 2 else 'NOT met'}: ≥ 2×)"
@@ -227,6 +260,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int)
     parser.add_argument("--intermediate", type=int)
     parser.add_argument("--vocab", type=int)
+    parser.add_argument("--pairs", choices=("both", "all", "best-vs-worst"), default="both",
+                        help="TRL's runs: every pair of a group, best-vs-worst only, or both (all pairs take "
+                             "~20 CPU minutes at k = 8; TRL's per-token rate is the same either way)")
     parser.add_argument("--step-groups", type=int, default=1, help="our --groups-per-step")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -257,7 +293,7 @@ def main() -> None:
             print(f"k = {k}: {args.groups} groups, prompts {min(prompt_lengths)}–{max(prompt_lengths)} tokens", flush=True)
             runs = [("gvpo-offline", None, spawn(run_ours, str(tmp / "model"), str(data), str(tmp / f"ours-k{k}"),
                                                  args.step_groups, args.threads))]
-            for which in ("all", "best-vs-worst"):
+            for which in ("all", "best-vs-worst") if args.pairs == "both" else (args.pairs,):
                 pairs = dpo_pairs(groups, which)
                 runs.append((f"TRL DPO, {which} ({len(pairs)})", pairs,
                              spawn(run_trl, str(tmp / "model"), pairs, str(tmp / f"trl-{which}-k{k}"), args.threads)))
@@ -267,8 +303,8 @@ def main() -> None:
                 epoch = result["precompute"] + result["train"]
                 rows.append({"k": k, "tool": tool, "tokens": tokens, "epoch": epoch, "tokens_per_cpu_s": tokens / epoch,
                              **result})
-                print(f"  {tool}: {epoch:.1f} CPU s, {result['wall']:.1f} wall s, peak {result['peak_mb']:,.0f} MB",
-                      flush=True)
+                print(f"  {tool}: {epoch:.1f} CPU s, {result['wall']:.1f} wall s, peak {result['peak_mb']:,.0f} MB "
+                      f"(rise {result['rise_mb']:,.0f} MB above {result['base_mb']:,.0f} MB after imports)", flush=True)
     print(f"\n{started}: Llama d={args.hidden} L={args.layers} ffn={args.intermediate} V={args.vocab:,} "
           f"({n_params / 1e6:.1f}M parameters), {args.groups} groups per k, prompts {args.prompt_tokens_min}–"
           f"{args.prompt_tokens_max} tokens, responses ~{args.response_words} words; fp32, cpu, {args.threads} "

@@ -37,34 +37,47 @@ def test_dpo_pairs_all_and_best_vs_worst():
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed (pip install -e '.[bench]')")
 def test_small_setting_runs_and_reports_every_row(tmp_path):
     out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--small", "--json", str(out)],
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--small", "--pairs", "all",
+                           "--json", str(out)],
                           env=ENV, cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     groups, k = 2, 4  # the --small setting
-    assert [r["tool"] for r in rows] == ["gvpo-offline", f"TRL DPO, all ({groups * k * (k - 1) // 2})",
-                                         f"TRL DPO, best-vs-worst ({groups})"]
+    # --pairs all: TRL's all-pairs run only (best-vs-worst left out)
+    assert [r["tool"] for r in rows] == ["gvpo-offline", f"TRL DPO, all ({groups * k * (k - 1) // 2})"]
     assert rows[0]["steps"] == groups  # one group per step, one epoch
     for r in rows:
         assert r["epoch"] == pytest.approx(r["precompute"] + r["train"]) and r["epoch"] > 0
         assert r["tokens_per_cpu_s"] == pytest.approx(r["tokens"] / r["epoch"])
-        assert r["peak_mb"] > 0
+        # the rise is the peak above the VmRSS after the imports, which hold torch + transformers (> 100 MB)
+        assert r["base_mb"] > 100 and 0 < r["rise_mb"] < r["peak_mb"]
+        assert r["rise_mb"] == pytest.approx(r["peak_mb"] - r["base_mb"])
     # TRL's all-pairs input repeats each prompt twice per pair: more tokens than the groups hold once
-    assert rows[1]["tokens"] > rows[0]["tokens"] > rows[2]["tokens"] / 2
-    assert "| 4 | TRL DPO, best-vs-worst (2) |" in done.stdout and "one-epoch time" in done.stdout
+    assert rows[1]["tokens"] > rows[0]["tokens"]
+    assert f"| 4 | TRL DPO, all ({groups * k * (k - 1) // 2}) |" in done.stdout and "best-vs-worst (" not in done.stdout
+    assert "RSS rise above the imports" in done.stdout
 
 
 def test_table_and_verdict_read_the_ratios_off_the_rows():
     bench = load_benchmark()
-    row = lambda tool, tokens, epoch, mb: {"k": 4, "tool": tool, "tokens": tokens, "epoch": epoch,
-                                         "tokens_per_cpu_s": tokens / epoch, "precompute": epoch / 4,
-                                         "train": epoch * 3 / 4, "steps": 8, "peak_mb": mb}
-    rows = [row("gvpo-offline", 1000, 10.0, 500), row("TRL DPO, all (48)", 6000, 300.0, 2000),
-            row("TRL DPO, best-vs-worst (8)", 1200, 18.0, 1000)]
-    # per token: (1000/10) / (6000/300) = 5; epoch 300/10 = 30; RSS 500/2000 = 0.25 -> all met
-    # best-vs-worst: (1000/10) / (1200/18) = 1.5 (not met); epoch 1.8 (not met); RSS 0.5 (not met)
+    row = lambda tool, tokens, epoch, mb, base: {"k": 4, "tool": tool, "tokens": tokens, "epoch": epoch,
+                                               "tokens_per_cpu_s": tokens / epoch, "precompute": epoch / 4,
+                                               "train": epoch * 3 / 4, "steps": 8, "peak_mb": mb, "base_mb": base,
+                                               "rise_mb": mb - base}
+    rows = [row("gvpo-offline", 1000, 10.0, 500, 300), row("TRL DPO, all (48)", 6000, 300.0, 2000, 400),
+            row("TRL DPO, best-vs-worst (8)", 1200, 18.0, 1000, 500)]
+    # per token: (1000/10) / (6000/300) = 5; epoch 300/10 = 30; RSS 500/2000 = 0.25 -> all met; rise 200/1600
+    # best-vs-worst: (1000/10) / (1200/18) = 1.5 (not met); epoch 1.8 (not met); RSS 0.5 (not met); rise 200/500
     text = bench.table(rows)
-    assert "**5.00×** | **30.00×** | **0.25×** |" in text and "**1.50×** | **1.80×** | **0.50×** |" in text
+    assert "| 500 | 200 (300) | — | — | — | — |" in text  # ours: peak, rise (base), no ratios
+    assert "| 2,000 | 1,600 (400) | **5.00×** | **30.00×** | **0.25×** | **0.12×** |" in text
+    assert "**1.50×** | **1.80×** | **0.50×** | **0.40×** |" in text
     all_pairs, best_worst = bench.verdict(rows)
     assert "per token 5.00× (met" in all_pairs and "peak RSS 0.25× (met" in all_pairs and "one-epoch" not in all_pairs
+    assert "RSS rise above the imports 0.12×" in all_pairs
     assert "1.50× (NOT met" in best_worst and "one-epoch time 1.80× (NOT met" in best_worst
+
+    # rows saved before the rise was measured (--from-json of an older run): the rise columns read —
+    old = [{k: v for k, v in r.items() if k not in ("base_mb", "rise_mb")} for r in rows]
+    assert "| 2,000 | — | **5.00×** | **30.00×** | **0.25×** | — |" in bench.table(old)
+    assert "RSS rise" not in bench.verdict(old)[0]

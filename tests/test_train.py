@@ -230,6 +230,63 @@ def test_training_reaches_the_gvpo_optimum(workdir):
     assert losses[-1] < 1e-4 * losses[0]
 
 
+
+# ---- the optimizer -----------------------------------------------------------------------------------
+
+
+def test_fused_adamw_steps_the_weights_of_torchs_default_adamw():
+    """optimizer.adamw (fused in one process) against torch's default AdamW (on CPU: its per-tensor loop),
+    5 GVPO steps with clipping and weight decay on the same model: the same weights to float rounding."""
+    from gvpo_offline.stages.train.optimizer import adamw
+
+    batch, runs = random_batch(), []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1), lambda ps: adamw(ps, 1e-3, 0.1, False)):
+        model = tiny_llama()
+        params = list(model.parameters())
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = make(params)
+        for _ in range(5):
+            gvpo_backward(model, batch, 0.3, micro_batch_tokens=100_000)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        runs.append(({n: p.detach().clone() for n, p in model.named_parameters()}, start, optimizer))
+    (old, start, default), (new, _, fused) = runs
+    assert fused.param_groups[0]["fused"] and not default.param_groups[0]["fused"]
+    for name in old:
+        moved = (old[name] - start[name]).abs().max().item()
+        assert moved > 1e-4, name  # the steps changed every weight tensor
+        rounding = 4 * torch.finfo(torch.float32).eps * old[name].abs().max().item()  # a few float32 ulps
+        assert (new[name] - old[name]).abs().max().item() <= rounding, name
+    # sharded (DTensor) parameters keep torch's default, also after loading a fused run's state
+    from gvpo_offline.stages.train.optimizer import keep_implementation
+
+    sharded = adamw(list(tiny_llama().parameters()), 1e-3, 0.0, sharded=True)
+    sharded.load_state_dict(fused.state_dict())
+    assert sharded.param_groups[0]["fused"] is True  # what torch's load_state_dict brings
+    keep_implementation(sharded)
+    assert sharded.param_groups[0]["fused"] in (None, False)
+    assert torch.equal(sharded.state_dict()["state"][0]["exp_avg"], fused.state_dict()["state"][0]["exp_avg"])
+
+
+def test_train_uses_fused_adamw_and_frees_gradients_before_a_checkpoint(workdir, monkeypatch):
+    from gvpo_offline.stages.train import recipe
+
+    seen = []
+
+    def save(out, model, optimizer, *args, **kw):
+        seen.append((optimizer.param_groups[0]["fused"], [p.grad for p in model.parameters()]))
+        return real_save(out, model, optimizer, *args, **kw)
+
+    real_save = recipe.save_checkpoint
+    monkeypatch.setattr(recipe, "save_checkpoint", save)
+    train(config(workdir, max_steps=2, save_every=1), log=quiet)
+    assert len(seen) == 2
+    for fused, grads_at_save in seen:
+        assert fused is True
+        assert all(g is None for g in grads_at_save)  # freed right after the step, not at the next one
+
+
 # ---- kill -9 and resume --------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from gvpo_offline.model import distributed, hub, loading, logprobs, packing, qua
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
+from gvpo_offline.runtime.memory import release_freed_memory
 from gvpo_offline.runtime.progress import progress
 from gvpo_offline.stages.reference.config import PrecomputeConfig, auto_shard_bytes  # noqa: F401  (re-exported)
 from gvpo_offline.stages.reference.hit import dtype_without_torch, request_key
@@ -132,11 +133,13 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
     inputs = (*config.data.paths, *config.eval_data)
     try:  # rank 0 claims, locks and reports for all ranks
         with distributed.main_only(ctx, _claimed(workdir)), chat_prompts_located(inputs, config.data.columns.prompt):
-            return _precompute(config, workdir, console if ctx.is_main else Console(quiet=True), ctx)
+            manifest = _precompute(config, workdir, console if ctx.is_main else Console(quiet=True), ctx)
     except BaseException:
         if created:  # nothing of the user's is in a folder we made: leave no trace of a failed first run
             _remove_if_only_ours(workdir)
         raise
+    release_freed_memory()  # the reference model and tokenized groups are gone: a train in this process reuses none
+    return manifest
 
 
 @contextlib.contextmanager

@@ -99,6 +99,7 @@ from gvpo_offline.stages.train.checks import (
 )
 from gvpo_offline.stages.train.config import TrainConfig, TrainResult
 from gvpo_offline.stages.train.master import MASTER_WEIGHTS, MasterWeights
+from gvpo_offline.stages.train.optimizer import adamw, keep_implementation
 from gvpo_offline.stages.train.report import describe_step, setting_line, summary_line
 from gvpo_offline.stages.train.step import (
     NonFiniteError,
@@ -237,7 +238,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             params = master.master
             if plain_checkpoint is not None and not dcp_checkpoint:  # an older checkpoint: master_weights.pt
                 master.load(torch.load(plain_checkpoint / MASTER_WEIGHTS, weights_only=True))
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = adamw(params, cfg.lr, cfg.weight_decay, sharded=ctx.enabled)  # fused in one process
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
         if checkpoint is None:
             state = TrainState()
@@ -250,6 +251,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                                              lambda: build(torch.device("cpu"), checkpoint))
         else:
             state = load_checkpoint(checkpoint, optimizer, scheduler)
+        keep_implementation(optimizer)  # not the saving run's fused/foreach flags
         return model, params, optimizer, scheduler, state, master
 
     # the memory plan, from config.json before any weight is read: a run that cannot fit stops here
@@ -331,7 +333,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
                 raise GvpoError(f"{where}: the gradient is not finite (norm {grad_norm}); {stop}. Lower --lr")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
-            if master is not None:
+            optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step: a checkpoint
+            if master is not None:                 # saved below never has them beside its copies
                 master.to_model()
             scheduler.step()
             state.step += 1

@@ -264,3 +264,20 @@ def test_planning_a_lora_run_leaves_the_seeded_rng_alone(tmp_path):
     run = memory_plan.RunShape(world_size=1, micro_batch_tokens=16)
     memory_plan.plan_from_config(STORIES, torch.float32, adapters.LoraSettings(r=4), run, capacity_bytes=GIB, where="t")
     assert torch.equal(torch.rand(4), expected)  # LoRA's A, drawn after the plan, is the one a seeded run draws
+
+
+def test_the_lora_adapter_check_shards_its_state_over_a_node_under_hsdp(monkeypatch):
+    from gvpo_offline.model.distributed import Dist
+
+    params = 100_000_000  # 16 B per trainable parameter; rank 0 also holds the fp32 weights
+    four = Dist(rank=0, world_size=4, device=torch.device("cpu"))
+    monkeypatch.setattr(memory_plan, "all_reduce_max", lambda ctx, values: values)  # no process group here
+    flat = memory_plan.plan_for(params, 0, 4, False)
+    node = memory_plan.plan_for(params, 0, 4, False, shard_size=2)  # 2 nodes × 2: each node holds a copy
+    free = (flat.per_rank_bytes + node.per_rank_bytes) // 2 + flat.rank0_load_bytes  # fits 1/4, not 1/2
+    monkeypatch.setattr(memory_plan, "available_ram_bytes", lambda: free)
+    memory_plan.check_adapter_fits(four, params, torch.device("cpu"))
+    with pytest.raises(GvpoError, match=r"does not fit: the LoRA adapter has 100\.0M trainable parameters"):
+        memory_plan.check_adapter_fits(four, params, torch.device("cpu"), shard_size=2)
+    assert node.per_rank_bytes - flat.per_rank_bytes == 16 * (params // 2 - params // 4)
+    assert node.rank0_load_bytes == flat.rank0_load_bytes

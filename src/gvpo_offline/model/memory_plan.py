@@ -275,15 +275,17 @@ def check_fits(ctx: Dist, plan: MemoryPlan) -> None:
         raise GvpoError(does_not_fit(plan))
 
 
-def check_adapter_fits(ctx: Dist, adapter_params: int, device: torch.device, cpu_offload: bool = False) -> None:
+def check_adapter_fits(ctx: Dist, adapter_params: int, device: torch.device, cpu_offload: bool = False,
+                       shard_size: int | None = None) -> None:
     """Refuse, before peft allocates it, a LoRA adapter (``adapter_params``: adapters.lora_param_count)
     whose training state alone (fp32 weights, gradients and AdamW moments: 16 B per parameter, plus the
     full fp32 weights on rank 0 while they are broadcast) exceeds the memory free now, with the base model
     loaded: available RAM on CPU (or with --cpu-offload), the GPU's free memory on GPU. On CPU too: an
-    oversized --lora-r would otherwise be killed by the kernel's OOM killer, with no message."""
+    oversized --lora-r would otherwise be killed by the kernel's OOM killer, with no message.
+    ``shard_size``: under HSDP the processes of one node, over which the state is sharded (default all)."""
     on_gpu = device.type == "cuda" and not cpu_offload
     free = torch.cuda.mem_get_info(device)[0] if on_gpu else available_ram_bytes()
-    plan = plan_for(adapter_params, 0, ctx.world_size, on_gpu)
+    plan = plan_for(adapter_params, 0, ctx.world_size, on_gpu, shard_size=shard_size)
     need = plan.per_rank_bytes + plan.rank0_load_bytes
     too_big = free is not None and need > free
     if all_reduce_max(ctx, [int(too_big)])[0]:

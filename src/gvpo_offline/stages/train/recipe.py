@@ -216,7 +216,8 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
             model = load_model(plain_checkpoint if plain_checkpoint and cfg.lora is None else init_path, device, dtype,
                                cfg.trust_remote_code)
         if cfg.lora is not None:  # frozen base + float32 LoRA layers (B = 0: the base's function)
-            memory_plan.check_adapter_fits(ctx, adapters.lora_param_count(model, cfg.lora), device, cfg.cpu_offload)
+            memory_plan.check_adapter_fits(ctx, adapters.lora_param_count(model, cfg.lora), device, cfg.cpu_offload,
+                                           adapter_shard)
             model = adapters.add_lora(model, cfg.lora, None if ctx.enabled else plain_checkpoint)  # sharded: below
             adapters.set_base_name(model, *base_name)
         if cfg.gradient_checkpointing:
@@ -255,10 +256,11 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
         return model, params, optimizer, scheduler, state, master
 
     # the memory plan, from config.json before any weight is read: a run that cannot fit stops here
+    adapter_shard = distributed.nodes(ctx)[1] if distributed.use_hsdp(ctx, cfg.hsdp) else None  # HSDP: a node's
     plan = memory_plan.plan_from_config(init_path, torch.float32 if ctx.enabled and cfg.lora is None else weights_dtype,
                                         cfg.lora, run_shape(cfg, ctx, device, micro_batch_tokens), cfg.trust_remote_code,
                                         device=device, check_adapter=lambda n: memory_plan.check_adapter_fits(
-                                            ctx, n, device, cfg.cpu_offload))
+                                            ctx, n, device, cfg.cpu_offload, adapter_shard))
     log(plan.describe())
     memory_plan.check_fits(ctx, plan)
 

@@ -31,6 +31,7 @@ from gvpo_offline.data.tokenize import (
     truncation_warning,
 )
 from gvpo_offline.model import distributed, hub, loading, logprobs, packing, quantization, scoring, sharded_scoring
+from gvpo_offline.runtime import allocator
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
@@ -266,6 +267,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     if todo:
         import transformers
 
+        allocator.keep_freed_memory()  # freed large blocks reused, not page-faulted afresh (runtime/allocator.py)
         transformers.utils.logging.disable_progress_bar()
         # the weights loaded directly in ``dtype`` and run in it: train's policy and eval run the same
         # weights dtype (train refuses another), so ℓ = 0 at step 0 to rounding

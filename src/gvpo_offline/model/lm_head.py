@@ -49,11 +49,11 @@ from torch.autograd.function import once_differentiable
 CPU_CHUNK_BYTES = 30 << 20
 CUDA_CHUNK_BYTES = 256 << 20
 KERNEL_ENV = "GVPO_OFFLINE_LM_HEAD"  # 'chunked' forces the chunked path where a fused kernel would run
-# Bytes of exp(z − max) chunks a pass with gradients may keep from forward for backward (saving the
-# backward's logits matmul: 1.2× on a CPU train step at vocabulary 32k, benchmarks/lm_head.py). It adds
-# to the step's peak memory (up to this much), so it is a budget, not all of [M, V]. CUDA: 0 (the
-# recompute is cheap there and memory is not; not measured on a GPU). KEEP_ENV overrides it (MiB;
-# 0 = always recompute, the previous behaviour, for comparisons).
+# Bytes of exp(z − max) chunks a pass with gradients may keep from forward for backward, saving the
+# backward's logits matmul (vs_trl's workload, vocabulary 32k, all kept: the head's backward 4.6 → 2.4 CPU s
+# with runtime/allocator.py, benchmarks/where_time_goes.py; benchmarks/lm_head.py's larger steps keep
+# about half: 1.04×). It adds to the step's peak memory (up to this much), so it is a budget, not all of
+# [M, V]. CUDA: 0 (not measured on a GPU). KEEP_ENV overrides it (MiB; 0 = always recompute, as before).
 CPU_KEEP_BYTES = 128 << 20
 CUDA_KEEP_BYTES = 0
 KEEP_ENV = "GVPO_OFFLINE_LM_HEAD_KEEP_MIB"

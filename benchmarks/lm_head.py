@@ -1,4 +1,4 @@
-"""Benchmark: the LM-head path of a train step, old (checkpointed log-softmax) vs new (lm_head.TargetLogprob).
+"""Benchmark: the LM-head path of a train step, old (checkpointed log-softmax) vs recompute vs new (kept exp chunks).
 
     python benchmarks/lm_head.py [--vocab 32000] [--hidden 384] [--steps 3] [--groups 4] [--k 4] [--threads 1]
 
@@ -7,18 +7,22 @@ untied head, --hidden, --vocab) and synthetic groups (prompts 16..64 tokens, res
 benchmarks/train.make_batch). Each variant runs in its own spawned process (one warm-up step, then --steps
 timed steps), so its peak RSS and CPU times are its own:
 
-old: what the code did before: per chunk of 32M logits (1048 rows at vocab 32k), log_softmax(lm_head(h)) then
-     gather, under activation checkpointing (the chunk recomputed in backward, then log-softmax's backward).
-new: lm_head.target_logps: target logit − logsumexp in one reused buffer of ≤ 30 MiB, backward forms
-     softmax − one-hot in place (one matmul recomputed, no log-softmax).
+old:       what the code did before: per chunk of 32M logits (1048 rows at vocab 32k), log_softmax(lm_head(h))
+           then gather, under activation checkpointing (the chunk recomputed in backward, then log-softmax's backward).
+recompute: lm_head.target_logps with GVPO_OFFLINE_LM_HEAD_KEEP_MIB=0: target logit − logsumexp in one reused
+           buffer of ≤ 30 MiB, backward recomputes the chunk's logits (one matmul) and forms softmax − one-hot in place.
+new:       lm_head.target_logps as it runs by default: the forward's exp(z − max) chunks kept for backward within
+           lm_head.CPU_KEEP_BYTES (no logits matmul in backward).
 
 Prints per variant: seconds per step (wall), CPU seconds per step (user + system, and each), peak RSS; then new/old
-ratios. Also checks that both give the same log-probs and gradients (max relative difference). Not a test.
+and new/recompute ratios. Also checks that all give the same log-probs and gradients (max relative difference).
+Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -58,11 +62,13 @@ def run(variant: str, model_dir: str, args: dict) -> dict:
     from train import make_batch
     from transformers import LlamaForCausalLM
 
-    from gvpo_offline.model import logprobs
+    from gvpo_offline.model import lm_head, logprobs
     from gvpo_offline.stages.train.step import gvpo_backward
 
     if variant == "old":
         logprobs.target_logps = old_target_logps
+    if variant == "recompute":
+        os.environ[lm_head.KEEP_ENV] = "0"
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -111,7 +117,7 @@ def main() -> None:
                           tie_word_embeddings=False)
         LlamaForCausalLM(cfg).save_pretrained(tmp)
         rows = []
-        for variant in ("old", "new", "old", "new"):  # alternated, twice: drift on a shared machine shows
+        for variant in ("old", "recompute", "new") * 2:  # alternated, twice: drift on a shared machine shows
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
                 rows.append(pool.submit(run, variant, tmp, args).result())
     print(f"vocab {args['vocab']}, hidden {h}, 2 layers, {args['groups']} groups × k={args['k']}, "
@@ -122,12 +128,14 @@ def main() -> None:
     print(f"{'variant':8}" + "".join(f"{k:>14}" for k in keys))
     for r in rows:
         print(f"{r['variant']:8}" + "".join(f"{r[k]:14.3f}" for k in keys))
-    best = {v: {k: min(r[k] for r in rows if r["variant"] == v) for k in keys} for v in ("old", "new")}
-    print("new/old (best of 2)" + "".join(f"{best['new'][k] / best['old'][k]:14.3f}" for k in keys))
-    old, new = rows[0], rows[1]
+    best = {v: {k: min(r[k] for r in rows if r["variant"] == v) for k in keys} for v in ("old", "recompute", "new")}
+    for base in ("old", "recompute"):
+        print(f"new/{base} (best of 2)".ljust(8) + "".join(f"{best['new'][k] / best[base][k]:14.3f}" for k in keys))
+    old = rows[0]
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
-    print(f"same values: log-probs max rel diff {rel(new['logps'], old['logps']):.2e}, "
-          f"LM-head weight gradient max rel diff {rel(new['head_grad'], old['head_grad']):.2e}")
+    for r in rows[1:3]:
+        print(f"same values, {r['variant']} vs old: log-probs max rel diff {rel(r['logps'], old['logps']):.2e}, "
+              f"LM-head weight gradient max rel diff {rel(r['head_grad'], old['head_grad']):.2e}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,57 @@ def test_values_and_gradients_equal_todays_path(tied, transform):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep_chunks", [0, 3, 8], ids=["recompute", "part-kept", "all-kept"])
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(scale=0.7)], ids=["plain", "scaled"])
+def test_kept_softmax_gives_the_recompute_paths_values_and_gradients(monkeypatch, keep_chunks, transform):
+    """Backward from the forward's kept exp(z − max) chunks (all, the first few within the byte budget, or
+    none) = the recomputing backward = today's log-softmax path; the kept chunks are left unchanged, so a
+    retained graph's second backward gives the same gradients."""
+    g = torch.Generator().manual_seed(2)
+    vocab, d, m, chunk = 301, 24, 37, 5  # 37 rows: 7 full chunks and a short one
+    hidden = torch.randn(m, d, generator=g).requires_grad_()
+    weight, bias = torch.randn(vocab, d, generator=g).requires_grad_(), (0.1 * torch.randn(vocab, generator=g)).requires_grad_()
+    targets, weights = torch.randint(0, vocab, (m,), generator=g), torch.randn(m, generator=g)
+    inputs = [hidden, weight, bias]
+
+    def run(fn):
+        logps = fn(hidden, weight, bias, targets, transform)
+        return logps, torch.autograd.grad((weights * logps).sum(), inputs)
+
+    monkeypatch.setenv(lm_head.KEEP_ENV, str(keep_chunks * chunk * vocab * 4 / (1 << 20)))
+    kept_bytes = []
+    real_save = torch.autograd.function.FunctionCtx.save_for_backward
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward", lambda ctx, *ts: (
+        kept_bytes.append(sum(t.numel() * 4 for t in ts[6:] if t is not None)), real_save(ctx, *ts))[1])
+    new, new_grads = run(lambda *a: target_logps(*a, chunk=chunk))
+    assert kept_bytes == [min(keep_chunks * chunk, m) * vocab * 4]  # the budget, in whole chunks
+    old, old_grads = run(todays_token_logps)
+    torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+    for a, b in zip(new_grads, old_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    logps = target_logps(hidden, weight, bias, targets, transform, chunk=chunk)
+    first = torch.autograd.grad((weights * logps).sum(), inputs, retain_graph=True)
+    second = torch.autograd.grad((weights * logps).sum(), inputs)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_nothing_is_kept_without_gradients_or_with_a_softcap(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(12, 8, generator=g), torch.randn(50, 8, generator=g).requires_grad_()
+    targets = torch.randint(0, 50, (12,), generator=g)
+    saved = []
+    real_save = torch.autograd.function.FunctionCtx.save_for_backward
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward", lambda ctx, *ts: (
+        saved.append([t for t in ts[6:] if t is not None]), real_save(ctx, *ts))[1])
+    with torch.no_grad():
+        target_logps(hidden, weight, None, targets, chunk=4)
+    target_logps(hidden, weight, None, targets, LogitTransform(softcap=5.0), chunk=4)
+    target_logps(hidden, weight, None, targets, chunk=4)
+    assert [len(s) for s in saved] == [0, 0, 3]
+
+
 def test_bf16_autocast_matches_todays_path_under_autocast():
     g = torch.Generator().manual_seed(1)
     hidden, weight = torch.randn(20, 16, generator=g), torch.randn(200, 16, generator=g)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from gvpo_offline import cli
 from gvpo_offline.data.tokenize import tokenizer_fingerprint
 from gvpo_offline.math.loss import gvpo_loss
+from gvpo_offline.model import lm_head
 from gvpo_offline.model.loading import load_model, load_tokenizer
 from gvpo_offline.model.logprobs import sequence_logps
 from gvpo_offline.runtime.errors import GvpoError
@@ -111,7 +112,11 @@ def grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_split_micro_batches_give_the_one_pass_gradient():
+@pytest.mark.parametrize("keep_mib", [None, "0"], ids=["lm-head-kept", "lm-head-recompute"])
+def test_split_micro_batches_give_the_one_pass_gradient(keep_mib, monkeypatch):
+    """Both LM-head backwards (the forward's exp chunks kept, the default on CPU; the logits recomputed)."""
+    if keep_mib is not None:
+        monkeypatch.setenv(lm_head.KEEP_ENV, keep_mib)
     model, batch, beta = tiny_llama(), random_batch(), 0.3
 
     one = gvpo_backward(model, batch, beta, micro_batch_tokens=100_000)

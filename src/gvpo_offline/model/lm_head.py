@@ -8,10 +8,18 @@ verified (``logprobs.FAST_PATH_FAMILIES``). It is a custom autograd function (:c
 * **forward**, chunk by chunk of rows: the logits in one reused float32 buffer, the target logit picked,
   then the buffer turned in place into exp(z − max) for the logsumexp. Saved for backward: the hidden
   states, the targets and lse [M] — no logits, no log-softmax.
-* **backward**, chunk by chunk: the logits once more (the one matmul that must be redone unless [M, V]
-  is kept), then in place p = exp(z − lse), p_t −= 1, times −g (and the transform's derivative):
-  ∂L/∂z. Then ∂L/∂h = ∂L/∂z·W and ∂L/∂W += ∂L/∂zᵀ·h. Compared with the activation-checkpointed
-  log-softmax it replaces, no log-softmax is recomputed, nor its [M, V] output and gradient allocated.
+* **backward**, chunk by chunk: ∂L/∂z = −g·(p − onehot) (times the transform's derivative), then
+  ∂L/∂h = ∂L/∂z·W and ∂L/∂W += ∂L/∂zᵀ·h. p comes one of two ways:
+
+  - **kept**: when the pass needs gradients and its chunks' exp(z − max) fit :func:`keep_bytes_for`
+    (128 MiB on CPU), the forward keeps them (a fresh buffer per chunk instead of the reused one) with
+    1/Σexp per row, and backward forms p = exp(z − max)/Σ in one pass: one of the head's four
+    M×d×V matmuls saved (the recompute), and the exp pass with it. Chunks past the budget take the
+    other way; so does a soft-capped head (its derivative needs the logits).
+  - **recomputed**: the logits once more (one matmul), then in place p = exp(z − lse).
+
+  Compared with the activation-checkpointed log-softmax this replaced, no log-softmax is recomputed,
+  nor its [M, V] output and gradient allocated.
 
 Chunks are sized in bytes (:func:`chunk_rows_for`): on CPU one [rows, V] float32 buffer stays under
 glibc's 32 MiB mmap threshold, so freed blocks go back to the heap and are reused rather than being
@@ -41,6 +49,14 @@ from torch.autograd.function import once_differentiable
 CPU_CHUNK_BYTES = 30 << 20
 CUDA_CHUNK_BYTES = 256 << 20
 KERNEL_ENV = "GVPO_OFFLINE_LM_HEAD"  # 'chunked' forces the chunked path where a fused kernel would run
+# Bytes of exp(z − max) chunks a pass with gradients may keep from forward for backward, saving the
+# backward's logits matmul (vs_trl's workload, vocabulary 32k, all kept: the head's backward 4.6 → 2.4 CPU s
+# with runtime/memory.py, benchmarks/where_time_goes.py; benchmarks/lm_head.py's larger steps keep
+# about half: 1.04×). It adds to the step's peak memory (up to this much), so it is a budget, not all of
+# [M, V]. CUDA: 0 (not measured on a GPU). KEEP_ENV overrides it (MiB; 0 = always recompute, as before).
+CPU_KEEP_BYTES = 128 << 20
+CUDA_KEEP_BYTES = 0
+KEEP_ENV = "GVPO_OFFLINE_LM_HEAD_KEEP_MIB"
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,15 @@ def chunk_rows_for(vocab_size: int, device: torch.device | str = "cpu", budget_b
     device = torch.device(device)
     budget = budget_bytes or (CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES)
     return max(1, min(4096, budget // (4 * vocab_size)))
+
+
+def keep_bytes_for(device: torch.device | str = "cpu") -> int:
+    """Bytes of exp(z − max) chunks a pass with gradients keeps for its backward: ``GVPO_OFFLINE_LM_HEAD_KEEP_MIB``
+    (MiB) when set, else :data:`CPU_KEEP_BYTES` / :data:`CUDA_KEEP_BYTES`."""
+    value = os.environ.get(KEEP_ENV)
+    if value is not None:
+        return max(0, int(float(value) * (1 << 20)))
+    return CUDA_KEEP_BYTES if torch.device(device).type == "cuda" else CPU_KEEP_BYTES
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -85,69 +110,92 @@ class TargetLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                transform: LogitTransform, chunk: int) -> Tensor:
+                transform: LogitTransform, chunk: int, keep_bytes: int = 0) -> Tensor:
+        """``keep_bytes``: up to this many bytes of exp(z − max) chunks are kept for backward (0: none;
+        never with a soft-cap)."""
         dtype = _compute_dtype(hidden, weight)
         m, vocab = hidden.shape[0], weight.shape[0]
         logps = torch.empty(m, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
+        inv_sum = torch.empty_like(logps)  # 1 / Σ exp(z − max) per row: p = exp(z − max) · inv_sum
+        keep_rows = 0 if transform.softcap else keep_bytes // (4 * vocab)
+        kept: list[Tensor | None] = []
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            buffer = torch.empty(min(chunk, m), vocab, dtype=torch.float32, device=hidden.device)
+            buffer = None
             for s in range(0, m, chunk):
                 h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk, None]
-                z = _raw_logits(h, w, b, transform.scale, buffer[: h.shape[0]])
+                n = h.shape[0]
+                if s + n <= keep_rows:  # this chunk's buffer stays alive for backward
+                    out = torch.empty(n, vocab, dtype=torch.float32, device=hidden.device)
+                else:
+                    if buffer is None:
+                        buffer = torch.empty(min(chunk, m), vocab, dtype=torch.float32, device=hidden.device)
+                    out = buffer[:n]
+                z = _raw_logits(h, w, b, transform.scale, out)
                 if transform.softcap:
                     z.div_(transform.softcap).tanh_().mul_(transform.softcap)
                 top = z.amax(dim=1, keepdim=True)
                 picked = z.gather(1, t)
                 z.sub_(top).exp_()  # the buffer now holds exp(z − max): logsumexp without a temporary
-                lse[s : s + chunk] = (z.sum(dim=1, keepdim=True).log_() + top).squeeze(1)
-                logps[s : s + chunk] = picked.squeeze(1) - lse[s : s + chunk]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+                total = z.sum(dim=1, keepdim=True)
+                torch.reciprocal(total, out=inv_sum[s : s + n, None])
+                lse[s : s + n] = (total.log_() + top).squeeze(1)
+                logps[s : s + n] = picked.squeeze(1) - lse[s : s + n]
+                kept.append(z if s + n <= keep_rows else None)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, inv_sum, *kept)
         ctx.transform, ctx.chunk, ctx.dtype = transform, chunk, dtype
         return logps
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, inv_sum, *kept = ctx.saved_tensors
         transform, chunk, dtype = ctx.transform, ctx.chunk, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         m, vocab = hidden.shape[0], weight.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None  # the first chunk's product, then accumulated into (no zero-filled [V, d] first)
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b and bias is not None else None
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         rows = min(chunk, m)
         buffer = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
         slope = torch.empty_like(buffer) if transform.softcap else None  # d softcap·tanh(x/softcap) / dx
-        for s in range(0, m, chunk):
+        for c, s in enumerate(range(0, m, chunk)):
             h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk, None]
             n = h.shape[0]
-            z = _raw_logits(h, w, b, transform.scale, buffer[:n])
-            if transform.softcap:
-                z.div_(transform.softcap).tanh_()
-                torch.mul(z, z, out=slope[:n]).neg_().add_(1.0)  # 1 − tanh²
-                z.mul_(transform.softcap)
-            z.sub_(lse[s : s + n, None]).exp_()  # softmax p, in place
-            z.scatter_add_(1, t, z.new_full((n, 1), -1.0))  # p − onehot
-            z.mul_(grad_out[s : s + n, None].neg())  # ∂L/∂z = −g·(p − onehot)
-            if transform.softcap:
-                z.mul_(slope[:n])
-            if transform.scale != 1.0:
-                z.mul_(transform.scale)
+            g_rows = grad_out[s : s + n, None]
+            if kept[c] is not None:  # ∂L/∂z = −g·(p − onehot) with p = kept · inv_sum, in one pass
+                z = torch.mul(kept[c], (g_rows * inv_sum[s : s + n, None]).neg_().mul_(transform.scale),
+                              out=buffer[:n])  # the kept chunk stays as it was (a retained graph reuses it)
+                z.scatter_add_(1, t, g_rows * transform.scale)
+            else:
+                z = _raw_logits(h, w, b, transform.scale, buffer[:n])
+                if transform.softcap:
+                    z.div_(transform.softcap).tanh_()
+                    torch.mul(z, z, out=slope[:n]).neg_().add_(1.0)  # 1 − tanh²
+                    z.mul_(transform.softcap)
+                z.sub_(lse[s : s + n, None]).exp_()  # softmax p, in place
+                z.scatter_add_(1, t, z.new_full((n, 1), -1.0))  # p − onehot
+                z.mul_(g_rows.neg())  # ∂L/∂z = −g·(p − onehot)
+                if transform.softcap:
+                    z.mul_(slope[:n])
+                if transform.scale != 1.0:
+                    z.mul_(transform.scale)
             g = z.to(dtype)
             if need_h:
                 grad_h[s : s + n] = g @ w
             if need_w:
-                if dtype == torch.float32:
+                if grad_w is None:
+                    grad_w = (g.t() @ h).float()
+                elif dtype == torch.float32:
                     grad_w.addmm_(g.t(), h)
                 else:
                     grad_w += (g.t() @ h).float()
             if grad_b is not None:
                 grad_b += z.sum(dim=0)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def fused_kernel(hidden: Tensor, bias: Tensor | None):
@@ -178,4 +226,6 @@ def target_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
         loss = kernel(e, weight.to(dtype), targets, softcap=transform.softcap, reduction="none", filter_eps=None)
         return -loss.float()
     chunk = chunk or chunk_rows_for(weight.shape[0], hidden.device)
-    return TargetLogprob.apply(hidden, weight, bias, targets, transform, chunk)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    keep = keep_bytes_for(hidden.device) if needs_grad else 0
+    return TargetLogprob.apply(hidden, weight, bias, targets, transform, chunk, keep)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from gvpo_offline.model import lm_head
 from gvpo_offline.model.capacity import available_ram_bytes  # noqa: F401 (tests patch it here)
 from gvpo_offline.model.distributed import Dist, all_reduce_max, decoder_layers
 from gvpo_offline.runtime.errors import GvpoError
@@ -129,7 +130,8 @@ def activation_bytes(shape: ModelShape, micro_batch_tokens: int, logits_chunk_to
     as h), o_proj's input (h), the MLP's gate, up, activation and product (4i): ``(9h + 4i)``. With gradient
     checkpointing only each layer's input (h) is kept, plus one layer's whole set while it is recomputed.
     Plus the LM head: one chunk of ``logits_chunk_tokens`` × vocab fp32 logits, their log-softmax and its
-    gradient (3 × 4 B), recomputed chunk by chunk (logprobs.response_logps)."""
+    gradient (3 × 4 B), recomputed chunk by chunk (logprobs.response_logps), and the exp(z − max) chunks
+    its forward keeps for backward: 4 B per position × vocab, up to ``lm_head.keep_bytes_for``."""
     width = 2 if on_gpu else 4
     per_layer = (9 * shape.hidden + 4 * shape.intermediate) * width
     if gradient_checkpointing:
@@ -138,6 +140,7 @@ def activation_bytes(shape: ModelShape, micro_batch_tokens: int, logits_chunk_to
         layers = shape.layers * per_layer
     embeddings = 2 * shape.hidden * width  # the embedding output and the final norm
     logits = 3 * 4 * min(logits_chunk_tokens, micro_batch_tokens) * shape.vocab
+    logits += min(lm_head.keep_bytes_for("cuda" if on_gpu else "cpu"), 4 * micro_batch_tokens * shape.vocab)
     return micro_batch_tokens * (layers + embeddings) + logits
 
 

@@ -31,10 +31,10 @@ from gvpo_offline.data.tokenize import (
     truncation_warning,
 )
 from gvpo_offline.model import distributed, hub, loading, logprobs, packing, quantization, scoring, sharded_scoring
+from gvpo_offline.runtime import memory
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import TMP_PREFIX, atomic_write_json, atomic_write_table, sha256_file
-from gvpo_offline.runtime.memory import release_freed_memory
 from gvpo_offline.runtime.progress import progress
 from gvpo_offline.stages.reference.config import PrecomputeConfig, auto_shard_bytes  # noqa: F401  (re-exported)
 from gvpo_offline.stages.reference.hit import dtype_without_torch, request_key
@@ -138,7 +138,7 @@ def precompute(config: PrecomputeConfig, console: Console | None = None) -> Mani
         if created:  # nothing of the user's is in a folder we made: leave no trace of a failed first run
             _remove_if_only_ours(workdir)
         raise
-    release_freed_memory()  # the reference model and tokenized groups are gone: a train in this process reuses none
+    memory.release_freed_memory()  # the reference model and tokenized groups are gone: a train in this process reuses none
     return manifest
 
 
@@ -269,6 +269,7 @@ def _precompute(config: PrecomputeConfig, workdir: Path, console: Console,
     if todo:
         import transformers
 
+        memory.keep_freed_memory()  # freed large blocks reused, not page-faulted afresh (runtime/memory.py)
         transformers.utils.logging.disable_progress_bar()
         # the weights loaded directly in ``dtype`` and run in it: train's policy and eval run the same
         # weights dtype (train refuses another), so ℓ = 0 at step 0 to rounding

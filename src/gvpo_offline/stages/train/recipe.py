@@ -61,7 +61,7 @@ from gvpo_offline.model.loading import (
     load_model,
     resolve_device,
 )
-from gvpo_offline.runtime import interrupts, launcher
+from gvpo_offline.runtime import interrupts, launcher, memory
 from gvpo_offline.runtime import workdir as workdirs
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.runtime.files import remove_stale, write_errors_as_os_errors
@@ -187,6 +187,7 @@ def _train(config: TrainConfig, ctx: distributed.Dist, log: Callable[[str], None
     # 3. the policy (in the cache's weights dtype, eval mode = no dropout), optimizer, schedule, state
     torch.manual_seed(cfg.seed)
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one on stderr
+    memory.keep_freed_memory()  # each step's freed gradients and temporaries reused (runtime/memory.py)
 
     def setup(checkpoint: Path | None):
         # several processes: each rank builds the model and reads its own shards' rows (sliced_load.py), or

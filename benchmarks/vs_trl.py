@@ -20,11 +20,12 @@ temp folder; both sides load it from there, float32 on CPU, --threads threads.
   TRL           DPOTrainer with precompute_ref_log_probs=True (its fastest CPU setting: the reference is
                 scored once), per_device_train_batch_size such that a step's padded tokens (2 × pairs ×
                 longest pair) fit the same 2048-token budget (at least 1 pair), one epoch, no logging/saving.
-Measured per tool in a fresh spawned process, after its imports: CPU seconds (user + system of that
+Measured per tool in a fresh spawned process, after its imports and a warm-up (warm_up: the tokenizer and the
+model loaded once and dropped, so that neither clock counts transformers' first-use imports): CPU seconds (user + system of that
 process, from getrusage: the machine is shared, so wall time is not the measure) of precompute (TRL: the
 DPOTrainer constructor, which tokenizes and precomputes) and of the training epoch; peak RSS (ru_maxrss of
 the process, imports included) and the RSS rise: that peak minus the process's VmRSS just before the clock
-starts (after its imports: what the tool's own work adds, apart from the ~0.35-0.45 GB that importing torch,
+starts (after its imports and the warm-up: what the tool's own work adds, apart from the ~0.35-0.45 GB that importing torch,
 transformers and datasets holds in both). Tokens: the non-padding tokens each tool runs through the model in one pass
 over its input, counted with the tokenizer: gvpo-offline the prompt once plus every response per group,
 TRL prompt + chosen and prompt + rejected per pair. tokens per CPU-second = those tokens / one-epoch
@@ -142,6 +143,22 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def warm_up(model: str) -> None:
+    """Load the tokenizer and the model once, and drop them, before either tool's clock starts.
+
+    transformers imports ~1,000 modules on its first ``from_pretrained`` (torch.distributed.tensor,
+    torch._dynamo, its quantizers): ~2.4 CPU s. ``from trl import DPOTrainer`` imports most of them before
+    TRL's clock; without this, our clock would count them and TRL's would not."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model)
+    AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    gc.collect()
+
+
 def run_ours(model: str, data: str, workdir: str, step_groups: int, threads: int) -> dict:
     import datasets  # noqa: F401 - imported before the clock starts, as TRL's are
     import torch
@@ -155,6 +172,7 @@ def run_ours(model: str, data: str, workdir: str, step_groups: int, threads: int
     from gvpo_offline.stages.train.recipe import train
 
     torch.set_num_threads(threads)
+    warm_up(model)
     base = rss_mb()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     reference.precompute(reference.PrecomputeConfig(
@@ -183,6 +201,7 @@ def run_trl(model: str, pairs: list[dict], workdir: str, threads: int) -> dict:
     longest = max(len(tokenizer(p["prompt"] + " " + max(p["chosen"], p["rejected"], key=len))["input_ids"])
                   for p in pairs)
     batch = max(1, 2048 // (2 * longest))  # padded tokens per step within our per-pass budget
+    warm_up(model)
     base = rss_mb()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)

@@ -30,7 +30,10 @@ transformers and datasets holds in both). Tokens: the non-padding tokens each to
 over its input, counted with the tokenizer: gvpo-offline the prompt once plus every response per group,
 TRL prompt + chosen and prompt + rejected per pair. tokens per CPU-second = those tokens / one-epoch
 (precompute + train) CPU seconds, each tool's own tokens: it says how fast each computes a token, apart
-from how many tokens it needs. --pairs picks TRL's runs: both (default), all or best-vs-worst (the
+from how many tokens it needs. Both tools spend the same model FLOPs per token (epoch_flops_per_token:
+the reference's forward, the policy's forward and backward), so the per-token ratio is a ratio of FLOP
+rates, bounded by the machine's own float32 matmul rate (matmul_gflops, measured in the run): the verdict
+prints each tool's rate and that ceiling. --pairs picks TRL's runs: both (default), all or best-vs-worst (the
 all-pairs runs take ~20 CPU minutes at k = 8, and TRL's per-token rate is the same either way). Not a test (tests/test_benchmarks_vs_trl.py smoke-runs --small only).
 """
 
@@ -218,6 +221,42 @@ def run_trl(model: str, pairs: list[dict], workdir: str, threads: int) -> dict:
             "wall": time.perf_counter() - wall0, **memory(base)}
 
 
+def epoch_flops_per_token(n_params: int, hidden: int, vocab: int) -> float:
+    """Model FLOPs one epoch spends per token, the same for both tools: 4 forward-equivalents (the reference's
+    forward, then the policy's forward and its backward, 2×) of 2 FLOPs per weight that multiplies (all but the
+    input embedding, a lookup; attention scores left out: a few % here)."""
+    return 4 * 2 * (n_params - vocab * hidden)
+
+
+def matmul_gflops(hidden: int, vocab: int, threads: int) -> float:
+    """This machine's float32 rate on the model's largest matmul ([1024, hidden] × [hidden, vocab], the LM
+    head), best of 5, in GFLOP per CPU-second: the most any tool's epoch could run at."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, hidden), torch.randn(hidden, vocab)
+    out = torch.empty(1024, vocab)
+    best = float("inf")
+    for _ in range(6):
+        cpu0 = cpu_seconds()
+        torch.mm(a, b, out=out)
+        best = min(best, cpu_seconds() - cpu0)
+    torch.set_num_threads(before)
+    return 2 * 1024 * hidden * vocab / best / 1e9
+
+
+def ceiling(ours: dict, theirs: dict) -> str | None:
+    """What the rows' FLOPs say: each tool's GFLOP per CPU-second, and the per-token ratio ours / TRL could
+    reach if ours ran every FLOP at the machine's matmul rate (None for rows saved without them)."""
+    if not all(r.get("flops_per_token") and r.get("matmul_gflops") for r in (ours, theirs)):
+        return None
+    rate = lambda r: r["tokens_per_cpu_s"] * r["flops_per_token"] / 1e9  # noqa: E731
+    return (f"GFLOP per CPU-s: ours {rate(ours):.1f}, TRL {rate(theirs):.1f}, the machine's matmul "
+            f"{ours['matmul_gflops']:.1f}: per token ours / TRL ≤ {ours['matmul_gflops'] / rate(theirs):.2f}× at "
+            f"100% of it (now {rate(ours) / ours['matmul_gflops']:.0%})")
+
+
 def rise_ratio(ours: dict, theirs: dict) -> float | None:
     """Our RSS rise over TRL's, or None for rows saved before the rise was measured."""
     if ours.get("rise_mb") is None or theirs.get("rise_mb") is None:
@@ -263,6 +302,8 @@ def verdict(rows: list[dict]) -> list[str]:
         if r["k"] == 4 and "best-vs-worst" in r["tool"]:
             epoch = r["epoch"] / ours["epoch"]
             line += f", one-epoch time {epoch:.2f}× ({'met' if epoch >= 2 else 'NOT met'}: ≥ 2×)"
+        if (bound := ceiling(ours, r)) is not None:
+            line += f"; {bound}"
         out.append(line)
     return out
 
@@ -303,6 +344,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n_params = make_model(tmp / "model", args.hidden, args.layers, args.intermediate, args.vocab)
+        flops = {"flops_per_token": epoch_flops_per_token(n_params, args.hidden, args.vocab),
+                 "matmul_gflops": matmul_gflops(args.hidden, args.vocab, args.threads)}
         tokenizer = AutoTokenizer.from_pretrained(tmp / "model")
         for k in args.ks:
             data = tmp / f"data-k{k}.jsonl"
@@ -321,7 +364,7 @@ def main() -> None:
                 tokens = ours_tokens if pairs is None else trl_tokens
                 epoch = result["precompute"] + result["train"]
                 rows.append({"k": k, "tool": tool, "tokens": tokens, "epoch": epoch, "tokens_per_cpu_s": tokens / epoch,
-                             **result})
+                             **result, **flops})
                 print(f"  {tool}: {epoch:.1f} CPU s, {result['wall']:.1f} wall s, peak {result['peak_mb']:,.0f} MB "
                       f"(rise {result['rise_mb']:,.0f} MB above {result['base_mb']:,.0f} MB after imports)", flush=True)
     print(f"\n{started}: Llama d={args.hidden} L={args.layers} ffn={args.intermediate} V={args.vocab:,} "

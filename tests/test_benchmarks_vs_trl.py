@@ -81,3 +81,18 @@ def test_table_and_verdict_read_the_ratios_off_the_rows():
     old = [{k: v for k, v in r.items() if k not in ("base_mb", "rise_mb")} for r in rows]
     assert "| 2,000 | — | **5.00×** | **30.00×** | **0.25×** | — |" in bench.table(old)
     assert "RSS rise" not in bench.verdict(old)[0]
+
+
+def test_the_verdict_gives_the_flop_ceiling_of_the_per_token_ratio():
+    bench = load_benchmark()
+    assert bench.epoch_flops_per_token(1000, 10, 50) == 4 * 2 * (1000 - 500)  # the input embedding is a lookup
+    flops = {"flops_per_token": 1e9, "matmul_gflops": 40.0}  # 1 GFLOP per token; the machine: 40 GFLOP per CPU-s
+    row = lambda tool, tokens, epoch: {"k": 8, "tool": tool, "tokens": tokens, "epoch": epoch, "peak_mb": 1.0,  # noqa: E731
+                                      "tokens_per_cpu_s": tokens / epoch, **flops}
+    ours, trl = row("gvpo-offline", 300, 10.0), row("TRL DPO, all (4)", 100, 10.0)  # 30 and 10 GFLOP per CPU-s
+    (line,) = bench.verdict([ours, trl])
+    assert "per token 3.00×" in line
+    assert "GFLOP per CPU-s: ours 30.0, TRL 10.0, the machine's matmul 40.0: per token ours / TRL ≤ 4.00×" in line
+    assert "(now 75%)" in line
+    (old,) = bench.verdict([{**ours, "flops_per_token": None}, trl])  # rows saved without the FLOPs
+    assert "GFLOP" not in old

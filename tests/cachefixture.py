@@ -100,3 +100,14 @@ def set_lora_weights(model) -> None:
         for n, (name, p) in enumerate(sorted(model.named_parameters())):
             if "lora_A" in name or "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(n)))
+
+
+def save_perturbed_policy(folder: Path, scale: float = 0.02) -> Path:
+    """stories260K with seeded noise (``scale``·N(0, 1), one seed per parameter) added to every weight, saved to
+    ``folder``: a policy away from the reference, for eval tests."""
+    policy = load_model(STORIES, torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in enumerate(policy.parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(n)))
+    policy.save_pretrained(folder)
+    return folder

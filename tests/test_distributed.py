@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cachefixture import STORIES, STORY_GROUPS, build_cache, set_lora_weights, text_groups
+from cachefixture import STORIES, STORY_GROUPS, build_cache, save_perturbed_policy, set_lora_weights, text_groups
 from conftest import REPO, write_jsonl
 from rich.console import Console
 from safetensors.torch import load_file
@@ -67,11 +67,7 @@ def launch(tmp_path_factory):
     build_cache(step_cache, STORIES, text_groups(STORIES, STORY_GROUPS))
     lines = (REPO / "sample_data" / "groups.jsonl").read_text().splitlines()[:8]
     data = write_jsonl(root / "data.jsonl", [json.loads(line) for line in lines])
-    policy = load_model(STORIES, torch.device("cpu"))  # a policy away from the reference, for eval
-    with torch.no_grad():
-        for n, p in enumerate(policy.parameters()):
-            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(n)))
-    policy.save_pretrained(root / "policy")
+    save_perturbed_policy(root / "policy")  # a policy away from the reference, for eval
     out, straight = root / "out.pt", root / "straight"
     shutil.copytree(step_cache, straight)
     done = subprocess.run(

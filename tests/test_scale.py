@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cachefixture import STORIES, STORY_GROUPS, build_cache, text_groups
+from cachefixture import STORIES, STORY_GROUPS, build_cache, save_perturbed_policy, text_groups
 from conftest import REPO
 from safetensors.torch import load_file
 from test_distributed import env
@@ -117,7 +117,6 @@ def runs(tmp_path_factory):
     from conftest import write_jsonl
 
     from gvpo_offline.cli import main
-    from gvpo_offline.model.loading import load_model
 
     root = tmp_path_factory.mktemp("scale")
     torch.set_num_threads(1)
@@ -125,11 +124,7 @@ def runs(tmp_path_factory):
     build_cache(cache, STORIES, text_groups(STORIES, STORY_GROUPS))
     lines = (REPO / "sample_data" / "groups.jsonl").read_text().splitlines()[:8]
     data = write_jsonl(root / "data.jsonl", [json.loads(line) for line in lines])
-    policy = load_model(STORIES, torch.device("cpu"))  # a policy away from the reference, for eval
-    with torch.no_grad():
-        for n, p in enumerate(policy.parameters()):
-            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(n)))
-    policy.save_pretrained(root / "policy")
+    save_perturbed_policy(root / "policy")  # a policy away from the reference, for eval
     out = {"root": root, "cache": cache, "logs": {}}
     for name in ("one", "two", "hsdp"):
         out[name] = root / name

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gvpo_offline.model import distributed, loading, rank0_load
+from gvpo_offline.model.scoring_plan import SHARD_WHEN
 from gvpo_offline.runtime.errors import GvpoError
 
 SHARD_CHOICES = ("auto", "on", "off")
@@ -54,7 +55,8 @@ def device_capacity(device: torch.device) -> int | None:
 def should_shard(mode: str, ctx: distributed.Dist, path: str | Path, device: torch.device,
                  trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> bool:
     """Whether to shard: ``on``/``off`` as said (only under a launcher); ``auto``: when the weights in ``dtype``
-    take more than 80% of one device (the rest is for activations and the LM head's logits). The ranks agree
+    take more than :data:`SHARD_WHEN` (80%) of one device (the rest is for activations and the LM head's
+    logits; the dry run's plan, scoring_plan.py, applies the same rule). The ranks agree
     (the largest need wins), so that all of them shard or none."""
     check_choice(mode)
     if not ctx.enabled or mode == "off":
@@ -62,7 +64,7 @@ def should_shard(mode: str, ctx: distributed.Dist, path: str | Path, device: tor
     if mode == "on":
         return True
     capacity = device_capacity(device)
-    too_big = capacity is not None and weights_bytes(path, dtype, trust_remote_code) > 0.8 * capacity
+    too_big = capacity is not None and weights_bytes(path, dtype, trust_remote_code) > SHARD_WHEN * capacity
     return bool(distributed.all_reduce_max(ctx, [int(too_big)])[0])
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: the LM-head path of a train step, old (checkpointed log-softmax) vs recompute vs new (kept exp chunks).
+"""Benchmark: the LM-head path of a train step, old (checkpointed log-softmax) vs recompute vs narrow vs new.
 
     python benchmarks/lm_head.py [--vocab 32000] [--hidden 384] [--steps 3] [--groups 4] [--k 4] [--threads 1]
 
@@ -11,8 +11,13 @@ old:       what the code did before: per chunk of 32M logits (1048 rows at vocab
            then gather, under activation checkpointing (the chunk recomputed in backward, then log-softmax's backward).
 recompute: lm_head.target_logps with GVPO_OFFLINE_LM_HEAD_KEEP_MIB=0: target logit − logsumexp in one reused
            buffer of ≤ 30 MiB, backward recomputes the chunk's logits (one matmul) and forms softmax − one-hot in place.
-new:       lm_head.target_logps as it runs by default: the forward's exp(z − max) chunks kept for backward within
-           lm_head.CPU_KEEP_BYTES (no logits matmul in backward).
+narrow:    kept exp(z − max) chunks as below, but in chunks of ≤ 30 MiB (245 rows at vocab 32k) and with backward
+           writing ∂L/∂z into a separate [rows, V] buffer (the defaults before chunks were widened).
+new:       lm_head.target_logps as it runs by default in the stages: the forward's exp(z − max) chunks kept for
+           backward within lm_head.CPU_KEEP_BYTES (no logits matmul in backward), chunks of ≤ 128 MiB (1,048 rows
+           at vocab 32k) since the heap keeps freed blocks, and backward writing ∂L/∂z into the kept chunk itself.
+
+Every variant runs after runtime/memory.keep_freed_memory(), as the train stage does.
 
 Prints per variant: seconds per step (wall), CPU seconds per step (user + system, and each), peak RSS; then new/old
 and new/recompute ratios. Also checks that all give the same log-probs and gradients (max relative difference).
@@ -32,6 +37,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = ("old", "recompute", "narrow", "new")
 
 
 def old_target_logps(hidden, weight, bias, targets, transform, chunk=None):
@@ -67,8 +74,15 @@ def run(variant: str, model_dir: str, args: dict) -> dict:
 
     if variant == "old":
         logprobs.target_logps = old_target_logps
+    from gvpo_offline.runtime import memory
+
+    memory.keep_freed_memory()
     if variant == "recompute":
         os.environ[lm_head.KEEP_ENV] = "0"
+    if variant in ("old", "recompute", "narrow"):
+        lm_head.CPU_CHUNK_BYTES = lm_head.CPU_MMAP_CHUNK_BYTES
+    if variant == "narrow":
+        lm_head._graph_kept = lambda: True  # backward into a separate buffer, as before
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -117,7 +131,7 @@ def main() -> None:
                           tie_word_embeddings=False)
         LlamaForCausalLM(cfg).save_pretrained(tmp)
         rows = []
-        for variant in ("old", "recompute", "new") * 2:  # alternated, twice: drift on a shared machine shows
+        for variant in VARIANTS * 2:  # alternated, twice: drift on a shared machine shows
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
                 rows.append(pool.submit(run, variant, tmp, args).result())
     print(f"vocab {args['vocab']}, hidden {h}, 2 layers, {args['groups']} groups × k={args['k']}, "
@@ -128,12 +142,12 @@ def main() -> None:
     print(f"{'variant':8}" + "".join(f"{k:>14}" for k in keys))
     for r in rows:
         print(f"{r['variant']:8}" + "".join(f"{r[k]:14.3f}" for k in keys))
-    best = {v: {k: min(r[k] for r in rows if r["variant"] == v) for k in keys} for v in ("old", "recompute", "new")}
-    for base in ("old", "recompute"):
+    best = {v: {k: min(r[k] for r in rows if r["variant"] == v) for k in keys} for v in VARIANTS}
+    for base in ("old", "recompute", "narrow"):
         print(f"new/{base} (best of 2)".ljust(8) + "".join(f"{best['new'][k] / best[base][k]:14.3f}" for k in keys))
     old = rows[0]
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
-    for r in rows[1:3]:
+    for r in rows[1 : len(VARIANTS)]:
         print(f"same values, {r['variant']} vs old: log-probs max rel diff {rel(r['logps'], old['logps']):.2e}, "
               f"LM-head weight gradient max rel diff {rel(r['head_grad'], old['head_grad']):.2e}")
 

@@ -4,6 +4,7 @@
     python benchmarks/vs_trl.py                 # the full comparison: k = 4 and 8, ~10-20 CPU minutes
     python benchmarks/vs_trl.py --small         # smoke setting: a tiny model and 2 groups, seconds
     python benchmarks/vs_trl.py --ks 4 --pairs best-vs-worst   # TRL on best-vs-worst pairs only: minutes
+    python benchmarks/vs_trl.py --ks 4 --pairs best-vs-worst --readme README.md   # and write the table there
 
 The same G groups of k scored text responses go to both tools, for each k in --ks. DPO takes pairs only, so
 it is run twice per k, on what a user would have to feed it for k > 2:
@@ -318,6 +319,28 @@ def verdict(rows: list[dict]) -> list[str]:
     return out
 
 
+README_BEGIN, README_END = "<!-- benchmarks/vs_trl.py: begin -->", "<!-- benchmarks/vs_trl.py: end -->"
+
+
+def report(header: str, rows: list[dict]) -> str:
+    """The header line, the table and the targets' verdict, as printed and as written into the README."""
+    return (f"{header}\n\n{table(rows)}\n\nTargets ({TARGETS}):\n\n"
+            + "\n".join(f"- {line}" for line in verdict(rows)))
+
+
+def write_readme(path: Path, text: str) -> None:
+    """Replace what lies between the README's two markers (README_BEGIN, README_END) with ``text``;
+    atomically (a temporary file, then a rename)."""
+    readme = path.read_text()
+    if README_BEGIN not in readme or README_END not in readme:
+        raise SystemExit(f"{path}: no {README_BEGIN} ... {README_END} markers to write the table between")
+    head, rest = readme.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}")
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="smoke setting: tiny model, 2 groups, k = 4 (seconds)")
@@ -337,10 +360,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--from-json", type=Path, nargs="+", help="print the table of rows saved by --json (runs nothing)")
+    parser.add_argument("--readme", type=Path, help="also write the table and the verdict into this README, "
+                        f"between its lines {README_BEGIN} and {README_END}")
     args = parser.parse_args()
     if args.from_json:
         rows = [row for path in args.from_json for row in json.loads(path.read_text())]
-        print(table(rows) + f"\n\nTargets ({TARGETS}):\n" + "\n".join("  " + line for line in verdict(rows)))
+        header = "Rows of " + ", ".join(f"`{path.name}`" for path in args.from_json) + "."
+        print(report(header, rows))
+        if args.readme:
+            write_readme(args.readme, report(header, rows))
         return
     for key, value in (SMALL if args.small else FULL).items():
         if getattr(args, key) is None:
@@ -377,16 +405,16 @@ def main() -> None:
                              **result, **flops})
                 print(f"  {tool}: {epoch:.1f} CPU s, {result['wall']:.1f} wall s, peak {result['peak_mb']:,.0f} MB "
                       f"(rise {result['rise_mb']:,.0f} MB above {result['base_mb']:,.0f} MB after imports)", flush=True)
-    print(f"\n{started}: Llama d={args.hidden} L={args.layers} ffn={args.intermediate} V={args.vocab:,} "
-          f"({n_params / 1e6:.1f}M parameters), {args.groups} groups per k, prompts {args.prompt_tokens_min}–"
-          f"{args.prompt_tokens_max} tokens, responses ~{args.response_words} words; fp32, cpu, {args.threads} "
-          f"thread(s); load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
-    print(table(rows))
-    print(f"\nTargets ({TARGETS}):")
-    for line in verdict(rows):
-        print("  " + line)
+    header = (f"`python benchmarks/vs_trl.py {' '.join(sys.argv[1:])}`, {started}: Llama d={args.hidden} L={args.layers} "
+              f"ffn={args.intermediate} V={args.vocab:,} ({n_params / 1e6:.1f}M parameters), {args.groups} groups per k, "
+              f"prompts {args.prompt_tokens_min}–{args.prompt_tokens_max} tokens, responses ~{args.response_words} "
+              f"words; fp32, cpu, {args.threads} thread(s); load average {load[0]:.1f} at the start, "
+              f"{os.getloadavg()[0]:.1f} at the end")
+    print("\n" + report(header, rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.readme:
+        write_readme(args.readme, report(header, rows))
 
 
 if __name__ == "__main__":

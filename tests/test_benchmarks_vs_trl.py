@@ -100,3 +100,26 @@ def test_the_verdict_gives_each_tools_flop_rate_and_the_models_matmul_rate(tmp_p
               "num_key_value_heads": 1, "num_hidden_layers": 2}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert 0.1 < bench.matmul_gflops(tmp_path, threads=1, rows=64) < 10_000  # GFLOP per CPU-second, measured
+
+
+def test_readme_gets_the_table_between_its_markers(tmp_path):
+    bench = load_benchmark()
+    rows = [{"k": 4, "tool": "gvpo-offline", "tokens": 600, "tokens_per_cpu_s": 500.0, "precompute": 0.3, "train": 0.9,
+             "steps": 2, "epoch": 1.2, "peak_mb": 900.0, "base_mb": 400.0, "rise_mb": 500.0},
+            {"k": 4, "tool": "TRL DPO, best-vs-worst (2)", "tokens": 700, "tokens_per_cpu_s": 100.0, "precompute": 2.0,
+             "train": 5.0, "steps": 2, "epoch": 7.0, "peak_mb": 2000.0, "base_mb": 450.0, "rise_mb": 1550.0}]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{bench.README_BEGIN}\nold table\n{bench.README_END}\nafter\n")
+    bench.write_readme(readme, bench.report("header", rows))
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n") and text.endswith(f"{bench.README_END}\nafter\n")
+    assert "old table" not in text and "| 4 | TRL DPO, best-vs-worst (2) |" in text
+    assert "per token 5.00× (met: ≥ 4×)" in text and "one-epoch time 5.83× (met: ≥ 2×)" in text
+    bench.write_readme(readme, bench.report("header", rows))  # again: the same file, nothing doubled
+    assert readme.read_text() == text
+    other = tmp_path / "other.md"
+    other.write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- benchmarks/vs_trl.py: begin -->"):
+        bench.write_readme(other, "x")
+    assert other.read_text() == "no markers"
+    assert bench.README_BEGIN in (ROOT / "README.md").read_text()  # the project's README has its place

@@ -86,11 +86,18 @@ def test_kept_softmax_gives_the_recompute_paths_values_and_gradients(monkeypatch
     for a, b in zip(new_grads, old_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
+    kept = []  # the kept chunks: unchanged by a retained graph's backward, the gradient after the last one
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward", lambda ctx, *ts: (
+        kept.extend(t.clone() for t in ts[6:] if t is not None), kept.extend(t for t in ts[6:] if t is not None),
+        real_save(ctx, *ts))[2])
     logps = target_logps(hidden, weight, bias, targets, transform, chunk=chunk)
     first = torch.autograd.grad((weights * logps).sum(), inputs, retain_graph=True)
+    copies, chunks = kept[: len(kept) // 2], kept[len(kept) // 2 :]
+    assert all(torch.equal(a, b) for a, b in zip(copies, chunks))
     second = torch.autograd.grad((weights * logps).sum(), inputs)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(not torch.equal(a, b) for a, b in zip(copies, chunks))  # consumed in place: no extra buffer
 
 
 def test_nothing_is_kept_without_gradients_or_with_a_softcap(monkeypatch):
@@ -119,12 +126,18 @@ def test_bf16_autocast_matches_todays_path_under_autocast():
     torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)  # the same bf16 logits, then fp32
 
 
-def test_chunk_rows_fit_the_byte_budget():
-    for vocab in (1000, 32000, 151936, 262144):
-        rows = chunk_rows_for(vocab)
-        assert rows * vocab * 4 <= lm_head.CPU_CHUNK_BYTES < (rows + 1) * vocab * 4 or rows in (1, 4096)
-        assert rows * vocab * 4 < 32 << 20  # under glibc's mmap threshold: freed chunks are reused
-    assert chunk_rows_for(32000, "cuda") > chunk_rows_for(32000, "cpu")
+def test_chunk_rows_fit_the_byte_budget(monkeypatch):
+    from gvpo_offline.runtime import memory
+
+    for kept, budget in ((True, lm_head.CPU_CHUNK_BYTES), (False, lm_head.CPU_MMAP_CHUNK_BYTES)):
+        monkeypatch.setattr(memory, "freed_memory_kept", lambda kept=kept: kept)
+        for vocab in (1000, 32000, 151936, 262144):
+            rows = chunk_rows_for(vocab)
+            assert rows * vocab * 4 <= budget < (rows + 1) * vocab * 4 or rows in (1, 4096)
+            if not kept:  # glibc's default settings: under its mmap threshold, so freed chunks are reused
+                assert rows * vocab * 4 < 32 << 20
+        assert chunk_rows_for(32000, "cuda") > chunk_rows_for(32000, "cpu")
+    assert lm_head.CPU_CHUNK_BYTES <= memory.MMAP_THRESHOLD  # kept heap blocks, never a fresh mapping
 
 
 # ---- families ------------------------------------------------------------------------------------

@@ -14,16 +14,20 @@ verified (``logprobs.FAST_PATH_FAMILIES``). It is a custom autograd function (:c
   - **kept**: when the pass needs gradients and its chunks' exp(z − max) fit :func:`keep_bytes_for`
     (128 MiB on CPU), the forward keeps them (a fresh buffer per chunk instead of the reused one) with
     1/Σexp per row, and backward forms p = exp(z − max)/Σ in one pass: one of the head's four
-    M×d×V matmuls saved (the recompute), and the exp pass with it. Chunks past the budget take the
-    other way; so does a soft-capped head (its derivative needs the logits).
+    M×d×V matmuls saved (the recompute), and the exp pass with it. Unless the graph is retained for
+    another backward, that pass writes ∂L/∂z into the kept chunk itself (no [rows, V] buffer). Chunks
+    past the budget take the other way; so does a soft-capped head (its derivative needs the logits).
   - **recomputed**: the logits once more (one matmul), then in place p = exp(z − lse).
 
   Compared with the activation-checkpointed log-softmax this replaced, no log-softmax is recomputed,
   nor its [M, V] output and gradient allocated.
 
-Chunks are sized in bytes (:func:`chunk_rows_for`): on CPU one [rows, V] float32 buffer stays under
-glibc's 32 MiB mmap threshold, so freed blocks go back to the heap and are reused rather than being
-mapped and page-faulted afresh each chunk (system time, measured: benchmarks/lm_head.py).
+Chunks are sized in bytes (:func:`chunk_rows_for`). On CPU, where the stage keeps freed blocks in
+the heap (runtime/memory.py's ``keep_freed_memory``, as precompute-ref, train and eval do), one [rows, V]
+float32 buffer may take 128 MiB (1,048 rows at vocabulary 32k): the head's matmuls run faster on wider
+chunks (vs_trl's workload, 245 → 1,048 rows: 1.10–1.15× on the head, benchmarks/lm_head.py --chunks).
+Elsewhere a chunk stays under glibc's default 32 MiB mmap threshold, so that freed blocks go back to the
+heap and are reused rather than mapped and page-faulted afresh each chunk.
 
 The transform (:class:`LogitTransform`) is the family's logit post-processing: a scale (Cohere ×
 logit_scale, Granite ÷ logits_scaling, HyperCLOVA X × logits_scaling) then a soft-cap (Gemma 2/3).
@@ -43,10 +47,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Bytes of one [rows, V] float32 logits buffer. CPU: under glibc's largest mmap threshold (32 MiB), so
-# a freed buffer returns to the heap and the next chunk's comes from there. CUDA: the caching allocator
-# reuses blocks anyway; larger chunks keep the matmuls wide.
-CPU_CHUNK_BYTES = 30 << 20
+from gvpo_offline.runtime import memory
+
+# Bytes of one [rows, V] float32 logits buffer. CPU with freed blocks kept in the heap (runtime/memory.py):
+# wide chunks keep the head's matmuls efficient. CPU otherwise: under glibc's default mmap threshold
+# (32 MiB), so a freed buffer returns to the heap and the next chunk's comes from there. CUDA: the caching
+# allocator reuses blocks anyway; larger chunks keep the matmuls wide.
+CPU_CHUNK_BYTES = 128 << 20
+CPU_MMAP_CHUNK_BYTES = 30 << 20
 CUDA_CHUNK_BYTES = 256 << 20
 KERNEL_ENV = "GVPO_OFFLINE_LM_HEAD"  # 'chunked' forces the chunked path where a fused kernel would run
 # Bytes of exp(z − max) chunks a pass with gradients may keep from forward for backward, saving the
@@ -70,9 +78,14 @@ class LogitTransform:
 
 def chunk_rows_for(vocab_size: int, device: torch.device | str = "cpu", budget_bytes: int | None = None) -> int:
     """Rows per LM-head chunk so that one [rows, vocab] float32 buffer is ≤ ``budget_bytes``
-    (default :data:`CPU_CHUNK_BYTES` / :data:`CUDA_CHUNK_BYTES`); 1 to 4096."""
+    (default: :data:`CUDA_CHUNK_BYTES` on CUDA; on CPU :data:`CPU_CHUNK_BYTES` where freed blocks are kept
+    in the heap, else :data:`CPU_MMAP_CHUNK_BYTES`); 1 to 4096."""
     device = torch.device(device)
-    budget = budget_bytes or (CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES)
+    if device.type == "cuda":
+        default = CUDA_CHUNK_BYTES
+    else:
+        default = CPU_CHUNK_BYTES if memory.freed_memory_kept() else CPU_MMAP_CHUNK_BYTES
+    budget = budget_bytes or default
     return max(1, min(4096, budget // (4 * vocab_size)))
 
 
@@ -159,15 +172,21 @@ class TargetLogprob(torch.autograd.Function):
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b and bias is not None else None
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         rows = min(chunk, m)
-        buffer = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
-        slope = torch.empty_like(buffer) if transform.softcap else None  # d softcap·tanh(x/softcap) / dx
+        buffer = None  # [rows, V] float32, made when a chunk needs it
+        slope = torch.empty(rows, vocab, device=hidden.device) if transform.softcap else None  # d softcap·tanh(x/softcap) / dx
+        consume = not _graph_kept()  # no second backward: a kept chunk may become its own gradient
         for c, s in enumerate(range(0, m, chunk)):
             h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk, None]
             n = h.shape[0]
             g_rows = grad_out[s : s + n, None]
+            if kept[c] is None or not consume:
+                if buffer is None:
+                    buffer = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
             if kept[c] is not None:  # ∂L/∂z = −g·(p − onehot) with p = kept · inv_sum, in one pass
-                z = torch.mul(kept[c], (g_rows * inv_sum[s : s + n, None]).neg_().mul_(transform.scale),
-                              out=buffer[:n])  # the kept chunk stays as it was (a retained graph reuses it)
+                row_scale = (g_rows * inv_sum[s : s + n, None]).neg_().mul_(transform.scale)
+                # in place when the graph is not retained (no [rows, V] buffer); else the kept chunk
+                # stays as it was for the retained graph's next backward
+                z = kept[c].mul_(row_scale) if consume else torch.mul(kept[c], row_scale, out=buffer[:n])
                 z.scatter_add_(1, t, g_rows * transform.scale)
             else:
                 z = _raw_logits(h, w, b, transform.scale, buffer[:n])
@@ -196,6 +215,13 @@ class TargetLogprob(torch.autograd.Function):
                 grad_b += z.sum(dim=0)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward was asked to keep the graph (``retain_graph=True``); True where this
+    torch cannot tell (the safe answer: saved tensors are left as they are)."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
 
 
 def fused_kernel(hidden: Tensor, bias: Tensor | None):

@@ -1,7 +1,7 @@
 """The glibc heap of the compute stages: freed large blocks kept for reuse within a stage, handed back
 to the operating system between stages.
 
-**Within a stage** (:func:`keep_freed_memory`, called by precompute-ref and train).
+**Within a stage** (:func:`keep_freed_memory`, called by precompute-ref, train and eval).
 
 On Linux, PyTorch's CPU tensors come from glibc malloc. By default a block over the dynamic mmap threshold
 (at most 32 MiB) gets its own mapping, and freed memory at the top of the heap is given back to the OS
@@ -27,6 +27,10 @@ process — precompute-ref then train in a notebook or a benchmark — the first
 activations and tokenization stay resident (RSS) although nothing references them.
 ``malloc_trim(0)`` returns the free pages at the top of the heap and inside it (``madvise``) to the OS;
 it frees nothing that is still in use, so it changes no result. Elsewhere than glibc it does nothing.
+No garbage collection first: the stage's model and tensors are freed by reference counting when the stage
+returns (vs_trl's workload: the same RSS after the trim with or without ``gc.collect()``), and a full
+collection scans every object the imports made — 0.28–0.33 CPU s with transformers loaded, 8% of that
+workload's precompute (benchmarks/where_time_goes.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import gc
 import os
 import sys
 
@@ -82,13 +85,18 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` has set glibc's thresholds in this process (so blocks up to
+    :data:`MMAP_THRESHOLD` come from the heap and freed ones are reused)."""
+    return bool(_applied)
+
+
 def release_freed_memory() -> bool:
-    """Collect garbage cycles, then return the C heap's free pages to the OS (glibc ``malloc_trim(0)``).
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``).
 
     Call it where a stage has dropped its large objects (a model, a cache table). Returns whether the
     heap was trimmed (False where malloc_trim does not exist). Costs a few milliseconds.
     """
-    gc.collect()
     trim = _glibc("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
     if trim is None:
         return False

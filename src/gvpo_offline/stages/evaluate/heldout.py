@@ -406,8 +406,10 @@ def _evaluate(config: EvalConfig, console, ctx, model_path: Path) -> EvalReport 
     from gvpo_offline.model import distributed
     from gvpo_offline.model.loading import load_model, resolve_device, resolve_dtype
     from gvpo_offline.model.logprobs import default_batch_tokens
+    from gvpo_offline.runtime import memory
     from gvpo_offline.stages import reference
 
+    memory.keep_freed_memory()  # each pass's freed logits and activations reused (runtime/memory.py)
     manifest = reference.read_manifest(config.workdir)
     if not config.model_path:
         if not any((model_path / name).is_file() for name in ("config.json", "adapter_config.json")):

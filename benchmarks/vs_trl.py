@@ -405,7 +405,8 @@ def main() -> None:
                              **result, **flops})
                 print(f"  {tool}: {epoch:.1f} CPU s, {result['wall']:.1f} wall s, peak {result['peak_mb']:,.0f} MB "
                       f"(rise {result['rise_mb']:,.0f} MB above {result['base_mb']:,.0f} MB after imports)", flush=True)
-    header = (f"`python benchmarks/vs_trl.py {' '.join(sys.argv[1:])}`, {started}: Llama d={args.hidden} L={args.layers} "
+    command = f"python benchmarks/vs_trl.py --ks {' '.join(map(str, args.ks))} --pairs {args.pairs}" + (" --small" if args.small else "")
+    header = (f"`{command}`, {started}: Llama d={args.hidden} L={args.layers} "
               f"ffn={args.intermediate} V={args.vocab:,} ({n_params / 1e6:.1f}M parameters), {args.groups} groups per k, "
               f"prompts {args.prompt_tokens_min}–{args.prompt_tokens_max} tokens, responses ~{args.response_words} "
               f"words; fp32, cpu, {args.threads} thread(s); load average {load[0]:.1f} at the start, "

@@ -26,6 +26,7 @@ from conftest import REPO
 from safetensors.torch import load_file
 from test_distributed import env
 
+from gvpo_offline.model.adapters import LoraSettings
 from gvpo_offline.runtime.errors import GvpoError
 from gvpo_offline.stages.train.config import TrainConfig
 from gvpo_offline.stages.train.recipe import train
@@ -106,9 +107,11 @@ def runs(tmp_path_factory):
     """Every run of this module's scale-out tests, in three launches (a launch's start-up is most of its time here):
 
     - in this process: a 1-process train run (``one``), precompute-ref (``ref1``) and eval (``one.json``);
+    - in this process, too: the same run with a LoRA adapter (``one-lora``);
     - 4 processes as 2 "nodes" × 2 (tests/hsdp_worker.py): one HSDP step's gradient (``out.pt``), a whole
       ``train --hsdp on`` run (``hsdp``), the same resumed from its step-2 checkpoint on HSDP again
-      (``hsdp-resumed``), and ``precompute-ref --shard-model on`` (``ref4``, flat over the 4 processes);
+      (``hsdp-resumed``), ``precompute-ref --shard-model on`` (``ref4``, flat over the 4 processes) and a LoRA
+      run on HSDP (``hsdp-lora``);
     - 2 processes (tests/cli_worker.py): an uninterrupted run (``two``), ``one``'s step-2 checkpoint resumed
       (``1to2``), ``hsdp``'s (``4to2``, on a flat mesh), ``precompute-ref --shard-model on`` (``ref2``) and a sharded
       eval on it (``two.json``);
@@ -126,11 +129,12 @@ def runs(tmp_path_factory):
     data = write_jsonl(root / "data.jsonl", [json.loads(line) for line in lines])
     save_perturbed_policy(root / "policy")  # a policy away from the reference, for eval
     out = {"root": root, "cache": cache, "logs": {}}
-    for name in ("one", "two", "hsdp"):
+    for name in ("one", "two", "hsdp", "one-lora", "hsdp-lora"):
         out[name] = root / name
         shutil.copytree(cache, out[name])
 
     train(TrainConfig(workdir=out["one"], progress=False, **TRAIN), log=lambda _m: None)
+    train(TrainConfig(workdir=out["one-lora"], progress=False, lora=LoraSettings(r=4), **TRAIN), log=lambda _m: None)
     precompute = ["precompute-ref", data, "--model", STORIES, *SCORE]
     evaluate = ["eval", "--model", root / "policy", *EVAL]
     for args in ([*precompute, "--workdir", root / "ref1"], [*evaluate, "--workdir", root / "ref1", "--json",
@@ -145,7 +149,8 @@ def runs(tmp_path_factory):
         cli_args(out["hsdp"], hsdp="on"),
         ["copy", out["hsdp"], out["hsdp-resumed"], *STOPPED],
         cli_args(out["hsdp-resumed"], hsdp="on", resume=True),
-        [*precompute, "--workdir", root / "ref4", "--shard-model", "on"]]))
+        [*precompute, "--workdir", root / "ref4", "--shard-model", "on"],
+        cli_args(out["hsdp-lora"], hsdp="on", lora_r=4)]))
     out["hsdp_step"] = torch.load(root / "out.pt", weights_only=False)
 
     out["1to2"] = stopped_at_step_2(out["one"], root / "1to2")
@@ -209,6 +214,31 @@ def test_a_resharded_run_is_the_run_it_continues_and_a_fresh_optimizer_would_not
     train(TrainConfig(workdir=reset, resume=True, progress=False, **TRAIN), log=lambda _m: None)
     c = weights(reset)
     assert max((c[k] - a[k]).abs().max().item() for k in a) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_hsdp_equals_the_one_process_run(runs):
+    """LoRA over 2 "nodes" × 2 (the base sharded within a node, the adapter trained on all 4, checkpoints on the
+    way) = the one-process LoRA run: the same losses and adapter, to float rounding."""
+    from safetensors.torch import load_file
+
+    from gvpo_offline.model.adapters import ADAPTER_WEIGHTS
+
+    assert runs["logs"]["four"].count("HSDP: 2×2 (nodes × processes per node)") == 3  # hsdp, its resume, hsdp-lora
+    hsdp, one = runs["hsdp-lora"], runs["one-lora"]
+    state = json.loads((hsdp / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 4 and len(list((hsdp / "checkpoints" / "step-2").glob("__*.distcp"))) == 4
+    assert not (hsdp / "model" / "model.safetensors").exists()  # an adapter folder, no full model
+    a, b = load_file(hsdp / "model" / ADAPTER_WEIGHTS), load_file(one / "model" / ADAPTER_WEIGHTS)
+    assert a.keys() == b.keys() and len(a) == 70  # LoRA A and B of 7 linear layers × 5 decoder layers
+    for k in a:  # AdamW's g / sqrt(v) turns rounding in a near-0 gradient into up to a step (lr = 1e-3): 1e-4
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-4), k
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)  # it trained
+    got, want = metrics(hsdp), metrics(one)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for x, y in zip(got, want, strict=True):
+        assert (x["groups"], x["responses"], x["tokens"]) == (y["groups"], y["responses"], y["tokens"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -380,8 +410,8 @@ def test_a_whole_hsdp_run_equals_one_process_and_resumes_on_hsdp_exactly(runs):
     from gvpo_offline.stages.train.checkpoints import saved_world_size
 
     hsdp, one, log = runs["hsdp"], runs["one"], runs["logs"]["four"]
-    assert log.count("HSDP: 2×2 (nodes × processes per node)") == 2  # the run and its resumption
-    assert log.count("on 4 process(es) (HSDP: sharded over each node's 2, replicated across nodes)") == 2  # plans
+    assert log.count("HSDP: 2×2 (nodes × processes per node)") == 3  # the run, its resumption, the LoRA run
+    assert log.count("on 4 process(es) (HSDP: sharded over each node's 2, replicated across nodes)") == 3  # plans
     step2 = hsdp / "checkpoints" / "step-2"
     assert saved_world_size(step2) == 4 and {f"rng-{r}.pt" for r in range(4)} <= {p.name for p in step2.iterdir()}
     rows = load_file(STORIES / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].shape[0]

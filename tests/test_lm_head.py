@@ -137,6 +137,7 @@ def test_chunk_rows_fit_the_byte_budget(monkeypatch):
             if not kept:  # glibc's default settings: under its mmap threshold, so freed chunks are reused
                 assert rows * vocab * 4 < 32 << 20
         assert chunk_rows_for(32000, "cuda") > chunk_rows_for(32000, "cpu")
+        assert chunk_rows_for(32000, heap_keeps_freed=not kept) != chunk_rows_for(32000)  # told, not asked
     assert lm_head.CPU_CHUNK_BYTES <= memory.MMAP_THRESHOLD  # kept heap blocks, never a fresh mapping
 
 

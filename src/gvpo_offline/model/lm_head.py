@@ -76,15 +76,19 @@ class LogitTransform:
     softcap: float | None = None
 
 
-def chunk_rows_for(vocab_size: int, device: torch.device | str = "cpu", budget_bytes: int | None = None) -> int:
+def chunk_rows_for(vocab_size: int, device: torch.device | str = "cpu", budget_bytes: int | None = None,
+                   heap_keeps_freed: bool | None = None) -> int:
     """Rows per LM-head chunk so that one [rows, vocab] float32 buffer is ≤ ``budget_bytes``
     (default: :data:`CUDA_CHUNK_BYTES` on CUDA; on CPU :data:`CPU_CHUNK_BYTES` where freed blocks are kept
-    in the heap, else :data:`CPU_MMAP_CHUNK_BYTES`); 1 to 4096."""
+    in the heap, else :data:`CPU_MMAP_CHUNK_BYTES`); 1 to 4096. ``heap_keeps_freed``: whether they are kept
+    (None: whether runtime/memory.py's keep_freed_memory has set glibc up in this process)."""
     device = torch.device(device)
+    if heap_keeps_freed is None:
+        heap_keeps_freed = memory.freed_memory_kept()
     if device.type == "cuda":
         default = CUDA_CHUNK_BYTES
     else:
-        default = CPU_CHUNK_BYTES if memory.freed_memory_kept() else CPU_MMAP_CHUNK_BYTES
+        default = CPU_CHUNK_BYTES if heap_keeps_freed else CPU_MMAP_CHUNK_BYTES
     budget = budget_bytes or default
     return max(1, min(4096, budget // (4 * vocab_size)))
 

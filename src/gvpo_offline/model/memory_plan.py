@@ -199,7 +199,7 @@ class RunShape:
     on_gpu: bool = False
     cpu_offload: bool = False
     micro_batch_tokens: int = 2048
-    logits_chunk_tokens: int | None = None  # None: logprobs.logits_chunk_for(vocab)
+    logits_chunk_tokens: int | None = None  # None: the run's own (lm_head.chunk_rows_for)
     gradient_checkpointing: bool = False
     hsdp: bool = False  # the state sharded over each node's local_world_size processes, not over all of them
 
@@ -213,7 +213,7 @@ def plan_from_config(path: str | Path, dtype: torch.dtype, lora, run: RunShape, 
     :func:`capacity` of ``device``, default this machine's GPU when ``run.on_gpu``, else its RAM).
     ``check_adapter(n)``: called with the adapter's parameter count (adapters.lora_param_count, from the
     layer shapes) before peft builds it, e.g. :func:`check_adapter_fits` (peft draws A on CPU first)."""
-    from gvpo_offline.model import adapters, loading, logprobs, rank0_load
+    from gvpo_offline.model import adapters, loading, rank0_load
 
     with torch.random.fork_rng(devices=[]):  # peft draws LoRA's A on CPU before moving it to meta: not from
         model = rank0_load.build_on_meta(path, dtype, trust_remote_code)  # the run's seeded RNG
@@ -232,7 +232,10 @@ def plan_from_config(path: str | Path, dtype: torch.dtype, lora, run: RunShape, 
     if capacity_bytes is None and where is None:
         device = device or torch.device("cuda" if run.on_gpu else "cpu")
         capacity_bytes, where = capacity(device, run.cpu_offload, run.local_world_size)
-    chunk = run.logits_chunk_tokens or logprobs.logits_chunk_for(shape.vocab or 1)
+    # the chunk the run will use: CUDA's on a GPU; on CPU the wide one of a stage that keeps freed blocks
+    # (the larger: a plan that does not depend on what this process has set up)
+    chunk = run.logits_chunk_tokens or lm_head.chunk_rows_for(shape.vocab or 1, "cuda" if run.on_gpu else "cpu",
+                                                              heap_keeps_freed=True)
     activations = activation_bytes(shape, run.micro_batch_tokens, chunk, run.on_gpu, run.gradient_checkpointing)
     return plan_for(shape.params, shape.layer_params, run.world_size, run.on_gpu, where or "", capacity_bytes,
                     shape.frozen_bytes, rank0_reads_all=not sliced, activations=activations,

@@ -25,7 +25,8 @@ verified (``logprobs.FAST_PATH_FAMILIES``). It is a custom autograd function (:c
 Chunks are sized in bytes (:func:`chunk_rows_for`). On CPU, where the stage keeps freed blocks in
 the heap (runtime/memory.py's ``keep_freed_memory``, as precompute-ref, train and eval do), one [rows, V]
 float32 buffer may take 128 MiB (1,048 rows at vocabulary 32k): the head's matmuls run faster on wider
-chunks (vs_trl's workload, 245 → 1,048 rows: 1.10–1.15× on the head, benchmarks/lm_head.py --chunks).
+chunks (d = 256, vocabulary 32k, 245 → 1,048 rows: 1.07–1.17× on the head alone; benchmarks/lm_head.py,
+`narrow` against `new`).
 Elsewhere a chunk stays under glibc's default 32 MiB mmap threshold, so that freed blocks go back to the
 heap and are reused rather than mapped and page-faulted afresh each chunk.
 
@@ -177,15 +178,15 @@ class TargetLogprob(torch.autograd.Function):
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         rows = min(chunk, m)
         buffer = None  # [rows, V] float32, made when a chunk needs it
-        slope = torch.empty(rows, vocab, device=hidden.device) if transform.softcap else None  # d softcap·tanh(x/softcap) / dx
+        # d softcap·tanh(x/softcap) / dx
+        slope = torch.empty(rows, vocab, device=hidden.device) if transform.softcap else None
         consume = not _graph_kept()  # no second backward: a kept chunk may become its own gradient
         for c, s in enumerate(range(0, m, chunk)):
             h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk, None]
             n = h.shape[0]
             g_rows = grad_out[s : s + n, None]
-            if kept[c] is None or not consume:
-                if buffer is None:
-                    buffer = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+            if buffer is None and (kept[c] is None or not consume):
+                buffer = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
             if kept[c] is not None:  # ∂L/∂z = −g·(p − onehot) with p = kept · inv_sum, in one pass
                 row_scale = (g_rows * inv_sum[s : s + n, None]).neg_().mul_(transform.scale)
                 # in place when the graph is not retained (no [rows, V] buffer); else the kept chunk

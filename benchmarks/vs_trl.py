@@ -330,15 +330,15 @@ def report(header: str, rows: list[dict]) -> str:
 
 def write_readme(path: Path, text: str) -> None:
     """Replace what lies between the README's two markers (README_BEGIN, README_END) with ``text``;
-    atomically (a temporary file, then a rename)."""
+    atomically (runtime/files.py)."""
+    from gvpo_offline.runtime.files import atomic_write_bytes
+
     readme = path.read_text()
     if README_BEGIN not in readme or README_END not in readme:
         raise SystemExit(f"{path}: no {README_BEGIN} ... {README_END} markers to write the table between")
     head, rest = readme.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}".encode())
 
 
 def main() -> None:
